@@ -1,0 +1,77 @@
+//! Command line: one file per verb under `cli/`, each with an `execute` returning
+//! `anyhow::Result`. Doc comments are the `--help` text.
+
+mod auth;
+mod run;
+mod status;
+mod uninstall;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{self, Config};
+
+/// portcullis: mutual-TLS service authentication, enforced in the kernel.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+pub struct Cli {
+    /// The agent's admin socket (for status, auth). Defaults to the one named by --config, else
+    /// /run/portcullis/admin.sock.
+    #[arg(long, global = true, env = "PORTCULLIS_ADMIN_SOCKET")]
+    admin_socket: Option<PathBuf>,
+    /// The agent's configuration file; other verbs read the admin socket and bpffs directory
+    /// from it.
+    #[arg(long, short, global = true, env = "PORTCULLIS_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    Run(run::Args),
+    Status(status::Args),
+    #[command(subcommand)]
+    Auth(auth::Command),
+    Uninstall(uninstall::Args),
+}
+
+/// What the client verbs need to find the agent.
+pub struct Target {
+    pub admin_socket: PathBuf,
+    pub bpffs_dir: PathBuf,
+    pub config: Option<Config>,
+}
+
+impl Cli {
+    fn target(&self) -> anyhow::Result<Target> {
+        let config = self.config.as_deref().map(Config::load).transpose()?;
+        Ok(Target {
+            admin_socket: self
+                .admin_socket
+                .clone()
+                .or_else(|| config.as_ref().map(|c| c.admin_socket.clone()))
+                .unwrap_or_else(|| PathBuf::from(config::DEFAULT_ADMIN_SOCKET)),
+            bpffs_dir: config.as_ref().map_or_else(|| PathBuf::from(config::DEFAULT_BPFFS_DIR), |c| c.bpffs_dir.clone()),
+            config,
+        })
+    }
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Run(args) => run::execute(&cli, args),
+        Command::Status(args) => cli.target().and_then(|t| status::execute(&t, args)),
+        Command::Auth(cmd) => cli.target().and_then(|t| auth::execute(&t, cmd)),
+        Command::Uninstall(args) => cli.target().and_then(|t| uninstall::execute(&t, args)),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("portcullis: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

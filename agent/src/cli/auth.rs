@@ -1,0 +1,61 @@
+use std::process::ExitCode;
+
+use anyhow::bail;
+
+use super::Target;
+use crate::admin::{self, Request, Response};
+
+/// Write or remove auth entries by hand, through the running agent (debugging and tests;
+/// handshakes write them in normal operation).
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Admit new connections from REMOTE (on REMOTE_NODE) to LOCAL for --ttl seconds.
+    Allow {
+        /// SPIFFE ID of the local workload.
+        #[arg(long)]
+        local: String,
+        /// SPIFFE ID of the remote workload.
+        #[arg(long)]
+        remote: String,
+        /// Node name of the remote workload.
+        #[arg(long)]
+        remote_node: String,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+    },
+    /// Remove the pair's auth entry and cut its established connections.
+    Revoke {
+        #[arg(long)]
+        local: String,
+        #[arg(long)]
+        remote: String,
+        #[arg(long)]
+        remote_node: String,
+    },
+}
+
+pub fn execute(target: &Target, cmd: &Command) -> anyhow::Result<ExitCode> {
+    let req = match cmd {
+        Command::Allow { local, remote, remote_node, ttl } => Request::AuthAllow {
+            local: local.clone(),
+            remote: remote.clone(),
+            remote_node: remote_node.clone(),
+            ttl_secs: *ttl,
+        },
+        Command::Revoke { local, remote, remote_node } => Request::AuthRevoke {
+            local: local.clone(),
+            remote: remote.clone(),
+            remote_node: remote_node.clone(),
+        },
+    };
+    match admin::call(&target.admin_socket, &req)? {
+        Response::Allowed { expires_in_secs } => println!("allowed for {expires_in_secs}s"),
+        Response::Revoked { entry_removed, flows_cut } => {
+            println!("{} entry; {flows_cut} flow(s) cut", if entry_removed { "removed the" } else { "there was no" });
+        }
+        Response::Error { message } => bail!("{message}"),
+        other => bail!("unexpected answer: {other:?}"),
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,26 @@
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+
+use crate::config::Config;
+
+/// Run the agent: load and attach the kernel programs, enforce cluster state, serve the admin
+/// API. Exiting leaves enforcement in place; a restart adopts it without a gap.
+#[derive(Debug, clap::Args)]
+pub struct Args {}
+
+pub fn execute(cli: &super::Cli, _args: &Args) -> anyhow::Result<ExitCode> {
+    let path = cli.config.as_deref().context("`run` needs --config FILE")?;
+    let config = Config::load(path)?;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PORTCULLIS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log_level));
+    // Also installs the `log` bridge, through which the kernel programs' aya-log records arrive.
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(crate::agent::run(config))?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,112 @@
+use std::{fmt::Write as _, process::ExitCode};
+
+use super::Target;
+use crate::{
+    admin::{self, Request, Response},
+    datapath::PinnedView,
+    registry::Registry,
+    status::{self, AgentInfo, Status},
+};
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+/// Show what the agent enforces: interfaces, auth entries, flows with both identities,
+/// counters and recent events. When the agent is down, reads the pinned maps, says so, and
+/// exits non-zero.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[arg(long, short, value_enum, default_value_t = Output::Text)]
+    output: Output,
+}
+
+pub fn execute(target: &Target, args: &Args) -> anyhow::Result<ExitCode> {
+    let (status, code) = match admin::call(&target.admin_socket, &Request::Status) {
+        Ok(Response::Status(s)) => (*s, ExitCode::SUCCESS),
+        Ok(Response::Error { message }) => anyhow::bail!("the agent answered: {message}"),
+        Ok(other) => anyhow::bail!("unexpected answer: {other:?}"),
+        Err(e) => {
+            eprintln!("portcullis: the agent is not answering ({e}); reading the pinned maps");
+            (offline(target)?, ExitCode::FAILURE)
+        }
+    };
+    match args.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&status)?),
+        Output::Text => print!("{}", render(&status)),
+    }
+    Ok(code)
+}
+
+fn offline(target: &Target) -> anyhow::Result<Status> {
+    let view = PinnedView::open(&target.bpffs_dir)?;
+    let registry = Registry::load(view.names()?);
+    let now = status::boot_ns();
+    Ok(Status {
+        agent: AgentInfo {
+            running: false,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            node: target.config.as_ref().map(|c| c.node.clone()),
+            pid: None,
+            uptime_secs: None,
+            config: target.config.as_ref().map(|c| c.source.display().to_string()),
+            cluster_state: target.config.as_ref().map(|c| c.cluster_state.display().to_string()),
+            cluster_error: None,
+            bpffs_dir: target.bpffs_dir.display().to_string(),
+        },
+        interfaces: Vec::new(),
+        pending: Vec::new(),
+        counters: status::counters(view.counters()?),
+        auth: status::auth_entries(&registry, view.auth_entries()?, now),
+        flows: status::flows(&registry, view.flows()?, now),
+        events: Vec::new(),
+        events_total: 0,
+    })
+}
+
+fn render(s: &Status) -> String {
+    let mut o = String::new();
+    let a = &s.agent;
+    let state = if a.running { "running" } else { "DOWN (read from pinned maps; enforcement continues)" };
+    let _ = writeln!(o, "agent      {state}");
+    let _ = writeln!(o, "node       {}", a.node.as_deref().unwrap_or("?"));
+    if let Some(up) = a.uptime_secs {
+        let _ = writeln!(o, "uptime     {up}s (pid {})", a.pid.unwrap_or(0));
+    }
+    let _ = writeln!(o, "bpffs      {}", a.bpffs_dir);
+    if let Some(err) = &a.cluster_error {
+        let _ = writeln!(o, "cluster    LAST EDIT REJECTED: {err}");
+    }
+    let _ = writeln!(o, "\ninterfaces ({})", s.interfaces.len());
+    for i in &s.interfaces {
+        let addrs: Vec<String> = i.addresses.iter().map(ToString::to_string).collect();
+        let _ = writeln!(o, "  {:<12} #{:<4} {:<24} {} [{}] ({})", i.interface, i.ifindex, i.workload, i.identity, addrs.join(", "), i.attached);
+    }
+    for p in &s.pending {
+        let _ = writeln!(o, "  (waiting for the interface of {p})");
+    }
+    let _ = writeln!(o, "\nauth entries ({})", s.auth.len());
+    for e in &s.auth {
+        let _ = writeln!(o, "  {} <- {} @ {}   age {}s, expires in {}s", e.local, e.remote, e.remote_node, e.age_secs, e.expires_in_secs);
+    }
+    let _ = writeln!(o, "\nflows ({})", s.flows.len());
+    for f in &s.flows {
+        let arrow = if f.direction == "inbound" { "<-" } else { "->" };
+        let _ = writeln!(o, "  {} {} {arrow} {}   {} {arrow} {} @ {}", f.proto, f.local, f.remote, f.local_identity, f.remote_identity, f.remote_node);
+    }
+    let _ = writeln!(o, "\ncounters");
+    for (name, value) in &s.counters {
+        if *value > 0 {
+            let _ = writeln!(o, "  {name:<22} {value}");
+        }
+    }
+    if !s.events.is_empty() {
+        let _ = writeln!(o, "\nrecent events ({} in total)", s.events_total);
+        for e in s.events.iter().rev().take(10) {
+            let _ = writeln!(o, "  {} {}: {} {} -> {} ({} <- {} @ {})", e.kind, e.reason, e.proto, e.remote_addr, e.local_addr, e.local, e.remote, e.remote_node);
+        }
+    }
+    o
+}

@@ -1,0 +1,299 @@
+//! Cluster state: nodes, workloads, their addresses and identities.
+//!
+//! Source today: a YAML file (the testbed, clusters without a Kubernetes API), re-read when it
+//! changes. A bad edit is reported with file, line and field and the last good state stays.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+};
+
+use marked_yaml::Spanned;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    identity::{self, SpiffeId},
+    input::{self, InputError},
+};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    trust_domain: Spanned<String>,
+    #[serde(default)]
+    nodes: Vec<NodeEntry>,
+    #[serde(default)]
+    workloads: Vec<WorkloadEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodeEntry {
+    name: Spanned<String>,
+    address: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WorkloadEntry {
+    name: Spanned<String>,
+    namespace: Option<Spanned<String>>,
+    service_account: Option<Spanned<String>>,
+    spiffe_id: Option<Spanned<String>>,
+    node: Spanned<String>,
+    addresses: Vec<Spanned<String>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Node {
+    pub name: String,
+    /// Where this node's agent accepts handshakes.
+    pub address: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Workload {
+    pub name: String,
+    pub namespace: String,
+    #[serde(serialize_with = "as_str")]
+    pub identity: SpiffeId,
+    pub node: String,
+    pub addresses: Vec<IpAddr>,
+}
+
+fn as_str<S: serde::Serializer>(id: &SpiffeId, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(id.as_str())
+}
+
+/// A validated, self-consistent view of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct ClusterState {
+    pub trust_domain: String,
+    pub nodes: BTreeMap<String, Node>,
+    pub workloads: Vec<Workload>,
+}
+
+impl ClusterState {
+    pub fn parse(file: &Path, text: &str) -> Result<Self, InputError> {
+        Self::validate(file, input::parse(file, text)?)
+    }
+
+    /// Workloads scheduled on `node`.
+    pub fn local_workloads<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Workload> + 'a {
+        self.workloads.iter().filter(move |w| w.node == node)
+    }
+
+    fn validate(path: &Path, f: File) -> Result<Self, InputError> {
+        identity::validate_trust_domain(&f.trust_domain)
+            .map_err(|e| InputError::value(path, &f.trust_domain, "trust_domain", format!("`{}`: {e}", *f.trust_domain)))?;
+        let mut nodes = BTreeMap::new();
+        for (i, n) in f.nodes.iter().enumerate() {
+            let field = |name: &str| format!("nodes[{i}].{name}");
+            check_dns_name(path, &n.name, &field("name"))?;
+            let address: SocketAddr = n.address.parse().map_err(|_| {
+                InputError::value(path, &n.address, field("address"), format!("`{}` is not an address:port such as 198.18.0.1:4181 or [fd00::1]:4181", *n.address))
+            })?;
+            let node = Node { name: n.name.to_string(), address };
+            if nodes.insert(node.name.clone(), node).is_some() {
+                return Err(InputError::value(path, &n.name, field("name"), format!("node `{}` is listed twice", *n.name)));
+            }
+        }
+        let mut owners: HashMap<IpAddr, String> = HashMap::new();
+        let mut names: HashMap<(String, String), usize> = HashMap::new();
+        let mut workloads = Vec::with_capacity(f.workloads.len());
+        for (i, w) in f.workloads.iter().enumerate() {
+            let field = |name: &str| format!("workloads[{i}].{name}");
+            check_dns_name(path, &w.name, &field("name"))?;
+            let namespace = match &w.namespace {
+                Some(ns) => {
+                    check_dns_name(path, ns, &field("namespace"))?;
+                    ns.to_string()
+                }
+                None => "default".to_owned(),
+            };
+            if let Some(prev) = names.insert((namespace.clone(), w.name.to_string()), i) {
+                return Err(InputError::value(path, &w.name, field("name"), format!("workload `{namespace}/{}` is also workloads[{prev}]", *w.name)));
+            }
+            let identity = match (&w.service_account, &w.spiffe_id) {
+                (Some(sa), Some(_)) => {
+                    return Err(InputError::value(path, sa, field("service_account"), "give service_account or spiffe_id, not both"));
+                }
+                (_, Some(id)) => {
+                    let parsed = SpiffeId::parse(id).map_err(|e| InputError::value(path, id, field("spiffe_id"), format!("`{}`: {e}", **id)))?;
+                    if parsed.trust_domain() != *f.trust_domain {
+                        return Err(InputError::value(path, id, field("spiffe_id"), format!("`{}` is not in trust domain `{}`", **id, *f.trust_domain)));
+                    }
+                    parsed
+                }
+                (Some(sa), None) => {
+                    check_dns_name(path, sa, &field("service_account"))?;
+                    SpiffeId::for_service_account(&f.trust_domain, &namespace, sa)
+                        .map_err(|e| InputError::value(path, sa, field("service_account"), e))?
+                }
+                (None, None) => SpiffeId::for_service_account(&f.trust_domain, &namespace, "default")
+                    .map_err(|e| InputError::value(path, &w.name, field("name"), e))?,
+            };
+            if !nodes.contains_key(w.node.as_str()) {
+                return Err(InputError::value(path, &w.node, field("node"), format!("no node named `{}` in `nodes`", *w.node)));
+            }
+            if w.addresses.is_empty() {
+                return Err(InputError::value(path, &w.name, field("addresses"), "a workload needs at least one address"));
+            }
+            let mut addresses = Vec::with_capacity(w.addresses.len());
+            for (j, a) in w.addresses.iter().enumerate() {
+                let f_addr = field(&format!("addresses[{j}]"));
+                let ip: IpAddr = a.parse().map_err(|_| InputError::value(path, a, f_addr.clone(), format!("`{}` is not an IPv4 or IPv6 address", **a)))?;
+                if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() {
+                    return Err(InputError::value(path, a, f_addr, format!("`{ip}` cannot be a pod address")));
+                }
+                let me = format!("{namespace}/{}", *w.name);
+                if let Some(owner) = owners.insert(ip, me) {
+                    return Err(InputError::value(path, a, f_addr, format!("`{ip}` already belongs to workload `{owner}`")));
+                }
+                addresses.push(ip);
+            }
+            workloads.push(Workload { name: w.name.to_string(), namespace, identity, node: w.node.to_string(), addresses });
+        }
+        Ok(Self { trust_domain: f.trust_domain.to_string(), nodes, workloads })
+    }
+}
+
+/// Kubernetes object names: lowercase alphanumerics, `-` and `.`, starting and ending with an
+/// alphanumeric, at most 253 characters.
+fn check_dns_name(path: &Path, v: &Spanned<String>, field: &str) -> Result<(), InputError> {
+    let s = v.as_str();
+    let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.';
+    let edge = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    if s.is_empty() || s.len() > 253 || !s.chars().all(ok_char) || !edge(s.chars().next()) || !edge(s.chars().last()) {
+        return Err(InputError::value(path, v, field, format!("`{s}` is not a valid name (lowercase letters, digits, `-` and `.`, at most 253, starting and ending with a letter or digit)")));
+    }
+    Ok(())
+}
+
+/// The cluster-state file, re-read on every [`FileSource::poll`]. Comparing contents rather
+/// than watching inodes also follows Kubernetes ConfigMap mounts, which swap a symlink.
+#[derive(Debug)]
+pub struct FileSource {
+    path: PathBuf,
+    last_text: Option<String>,
+}
+
+impl FileSource {
+    #[must_use]
+    pub fn new(path: PathBuf) -> Self {
+        Self { path, last_text: None }
+    }
+
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// `None` when the file is unchanged since the last call; otherwise the new state or why
+    /// it was rejected. A rejected text is remembered too, so an error is reported once per
+    /// edit rather than once per poll.
+    pub fn poll(&mut self) -> Option<Result<ClusterState, InputError>> {
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(e) => {
+                let marker = format!("\0unreadable: {e}");
+                if self.last_text.as_deref() == Some(marker.as_str()) {
+                    return None;
+                }
+                self.last_text = Some(marker);
+                return Some(Err(InputError::file(&self.path, format!("cannot read: {e}"))));
+            }
+        };
+        if self.last_text.as_deref() == Some(text.as_str()) {
+            return None;
+        }
+        let result = ClusterState::parse(&self.path, &text);
+        self.last_text = Some(text);
+        Some(result)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "\
+trust_domain: cluster.local
+nodes:
+  - name: node-1
+    address: 198.18.0.1:4181
+  - name: node-2
+    address: \"[fd00:18::2]:4181\"
+workloads:
+  - name: client
+    service_account: client-sa
+    node: node-1
+    addresses: [198.18.1.2, fd00:18:1::2]
+  - name: server
+    namespace: shop
+    spiffe_id: spiffe://cluster.local/custom/server
+    node: node-2
+    addresses: [198.18.2.2]
+  - name: plain
+    node: node-2
+    addresses: [198.18.2.3]
+";
+
+    fn parse(text: &str) -> Result<ClusterState, InputError> {
+        ClusterState::parse(Path::new("cluster.yaml"), text)
+    }
+
+    #[test]
+    fn parses_nodes_workloads_and_identities() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.trust_domain, "cluster.local");
+        assert_eq!(c.nodes["node-2"].address, "[fd00:18::2]:4181".parse().unwrap());
+        assert_eq!(c.workloads[0].identity.as_str(), "spiffe://cluster.local/ns/default/sa/client-sa");
+        assert_eq!(c.workloads[0].addresses.len(), 2);
+        assert_eq!(c.workloads[1].identity.as_str(), "spiffe://cluster.local/custom/server");
+        assert_eq!(c.workloads[2].identity.as_str(), "spiffe://cluster.local/ns/default/sa/default");
+        assert_eq!(c.local_workloads("node-2").count(), 2);
+    }
+
+    /// Each edit: (replace this, with that) → expected line, field, and a message fragment.
+    #[test]
+    fn bad_edits_name_line_field_and_value() {
+        let cases: &[(&str, &str, usize, &str, &str)] = &[
+            ("trust_domain: cluster.local", "trust_domain: Cluster", 1, "trust_domain", "Cluster"),
+            ("address: 198.18.0.1:4181", "address: 198.18.0.1", 4, "nodes[0].address", "198.18.0.1"),
+            ("- name: node-2", "- name: node-1", 5, "nodes[1].name", "listed twice"),
+            ("node: node-1\n    addresses", "node: node-9\n    addresses", 10, "workloads[0].node", "node-9"),
+            ("[198.18.1.2, fd00", "[198.18.1.999, fd00", 11, "workloads[0].addresses[0]", "198.18.1.999"),
+            ("[198.18.2.3]", "[198.18.2.2]", 19, "workloads[2].addresses[0]", "already belongs to workload `shop/server`"),
+            ("spiffe://cluster.local/custom/server", "spiffe://other.td/x", 14, "workloads[1].spiffe_id", "not in trust domain"),
+            ("spiffe://cluster.local/custom/server", "spiffe://cluster.local/a//b", 14, "workloads[1].spiffe_id", "empty segment"),
+            ("service_account: client-sa", "service_account: Client", 9, "workloads[0].service_account", "Client"),
+            ("name: plain", "name: plain\n    colour: red", 18, "workloads[2].colour", "Unknown field `colour`"),
+        ];
+        for (from, to, line, field, fragment) in cases {
+            assert!(GOOD.contains(from), "{from}");
+            let text = GOOD.replacen(from, to, 1);
+            let e = parse(&text).unwrap_err();
+            assert!(e.to_string().starts_with("cluster.yaml:"), "{e}");
+            assert!(e.field.as_deref().is_some_and(|f| f.starts_with(field)), "edit {to:?}: {e}");
+            assert!(e.message.contains(fragment) || e.to_string().contains(fragment), "edit {to:?}: {e}");
+            assert_eq!(e.line, Some(*line), "edit {to:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn file_source_reports_changes_once_and_keeps_errors_distinct() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cluster.yaml");
+        std::fs::write(&path, GOOD).unwrap();
+        let mut src = FileSource::new(path.clone());
+        assert!(src.poll().unwrap().is_ok());
+        assert!(src.poll().is_none());
+        std::fs::write(&path, "trust_domain: [").unwrap();
+        assert!(src.poll().unwrap().is_err());
+        assert!(src.poll().is_none(), "the same bad text is reported once");
+        std::fs::write(&path, GOOD.replace("198.18.2.3", "198.18.2.4")).unwrap();
+        assert_eq!(src.poll().unwrap().unwrap().workloads[2].addresses[0], "198.18.2.4".parse::<IpAddr>().unwrap());
+    }
+}

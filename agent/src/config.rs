@@ -1,0 +1,179 @@
+//! The agent's configuration file, validated once at start-up into an immutable [`Config`].
+
+use std::{path::{Path, PathBuf}, time::Duration};
+
+use marked_yaml::Spanned;
+use serde::{Deserialize, Serialize};
+
+use crate::input::{self, InputError};
+
+/// Defaults, also documented in the README's configuration reference.
+pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/portcullis";
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/portcullis/admin.sock";
+pub const DEFAULT_POLL_INTERVAL_MS: u64 = 500;
+
+/// The file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    node: Spanned<String>,
+    cluster_state: Spanned<String>,
+    bpffs_dir: Option<Spanned<String>>,
+    admin_socket: Option<Spanned<String>>,
+    log_level: Option<Spanned<String>>,
+    #[serde(default)]
+    datapath_log: bool,
+    poll_interval_ms: Option<Spanned<u64>>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Config {
+    /// The file it was read from.
+    pub source: PathBuf,
+    /// This agent's node: the name its entry has in cluster state.
+    pub node: String,
+    /// The cluster-state file; relative paths are resolved against the config file's directory.
+    pub cluster_state: PathBuf,
+    /// This agent's directory in bpffs: maps under `maps/`, links under `links/`. Agents that
+    /// share a kernel (the testbed) need distinct directories.
+    pub bpffs_dir: PathBuf,
+    /// The admin API's Unix socket.
+    pub admin_socket: PathBuf,
+    /// `error`, `warn`, `info`, `debug` or `trace`, or a tracing filter directive.
+    pub log_level: String,
+    /// Forward the kernel programs' debug log (aya-log) into the agent's log. Off by default:
+    /// it is on the packet path.
+    pub datapath_log: bool,
+    /// How often cluster state is re-read and interfaces are re-resolved.
+    #[serde(with = "millis")]
+    pub poll_interval: Duration,
+}
+
+mod millis {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u128(d.as_millis())
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, InputError> {
+        let (file, _) = input::read::<File>(path)?;
+        Self::validate(path, file)
+    }
+
+    #[cfg(test)]
+    pub fn parse(path: &Path, text: &str) -> Result<Self, InputError> {
+        Self::validate(path, input::parse(path, text)?)
+    }
+
+    fn validate(path: &Path, f: File) -> Result<Self, InputError> {
+        let base = path.parent().unwrap_or(Path::new("."));
+        if f.node.trim().is_empty() {
+            return Err(InputError::value(path, &f.node, "node", "must not be empty"));
+        }
+        let cluster_state = non_empty_path(path, &f.cluster_state, "cluster_state")?;
+        let cluster_state = if cluster_state.is_relative() { base.join(cluster_state) } else { cluster_state };
+        let bpffs_dir = match &f.bpffs_dir {
+            Some(v) => {
+                let p = non_empty_path(path, v, "bpffs_dir")?;
+                if !p.is_absolute() {
+                    return Err(InputError::value(path, v, "bpffs_dir", format!("`{}` must be an absolute path", v.as_str())));
+                }
+                p
+            }
+            None => PathBuf::from(DEFAULT_BPFFS_DIR),
+        };
+        let admin_socket = match &f.admin_socket {
+            Some(v) => {
+                let p = non_empty_path(path, v, "admin_socket")?;
+                if !p.is_absolute() {
+                    return Err(InputError::value(path, v, "admin_socket", format!("`{}` must be an absolute path", v.as_str())));
+                }
+                p
+            }
+            None => PathBuf::from(DEFAULT_ADMIN_SOCKET),
+        };
+        let log_level = match &f.log_level {
+            Some(v) => {
+                tracing_subscriber::EnvFilter::try_new(v.as_str()).map_err(|e| {
+                    InputError::value(path, v, "log_level", format!("`{}` is not a level or filter: {e}", v.as_str()))
+                })?;
+                v.to_string()
+            }
+            None => "info".to_owned(),
+        };
+        let poll_interval_ms = match &f.poll_interval_ms {
+            Some(v) if !(50..=60_000).contains(&**v) => {
+                return Err(InputError::value(path, v, "poll_interval_ms", format!("{} is out of range 50..=60000", **v)));
+            }
+            Some(v) => **v,
+            None => DEFAULT_POLL_INTERVAL_MS,
+        };
+        Ok(Self {
+            source: path.to_owned(),
+            node: f.node.to_string(),
+            cluster_state,
+            bpffs_dir,
+            admin_socket,
+            log_level,
+            datapath_log: f.datapath_log,
+            poll_interval: Duration::from_millis(poll_interval_ms),
+        })
+    }
+}
+
+fn non_empty_path(file: &Path, v: &Spanned<String>, field: &str) -> Result<PathBuf, InputError> {
+    if v.trim().is_empty() {
+        return Err(InputError::value(file, v, field, "must not be empty"));
+    }
+    Ok(PathBuf::from(v.as_str()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, InputError> {
+        Config::parse(Path::new("/etc/portcullis/agent.yaml"), text)
+    }
+
+    #[test]
+    fn minimal_file_gets_documented_defaults() {
+        let c = parse("node: n1\ncluster_state: cluster.yaml\n").unwrap();
+        assert_eq!(c.node, "n1");
+        assert_eq!(c.cluster_state, Path::new("/etc/portcullis/cluster.yaml"));
+        assert_eq!(c.bpffs_dir, Path::new(DEFAULT_BPFFS_DIR));
+        assert_eq!(c.admin_socket, Path::new(DEFAULT_ADMIN_SOCKET));
+        assert_eq!(c.log_level, "info");
+        assert!(!c.datapath_log);
+        assert_eq!(c.poll_interval, Duration::from_millis(DEFAULT_POLL_INTERVAL_MS));
+    }
+
+    #[test]
+    fn bad_input_names_file_line_and_field() {
+        let e = parse("node: n1\ncluster_state: c.yaml\npoll_interval_ms: 5\n").unwrap_err();
+        assert_eq!(e.line, Some(3));
+        assert_eq!(e.field.as_deref(), Some("poll_interval_ms"));
+        assert!(e.to_string().starts_with("/etc/portcullis/agent.yaml:3:"), "{e}");
+        assert!(e.message.contains("out of range"), "{e}");
+
+        let e = parse("node: n1\ncluster_state: c.yaml\nbpffs_dir: rel/dir\n").unwrap_err();
+        assert_eq!((e.line, e.field.as_deref()), (Some(3), Some("bpffs_dir")));
+
+        let e = parse("node: n1\ncluster_state: c.yaml\nlog_levl: info\n").unwrap_err();
+        assert!(e.message.contains("log_levl"), "{e}");
+
+        let e = parse("cluster_state: c.yaml\n").unwrap_err();
+        assert!(e.message.contains("node"), "{e}");
+
+        let e = parse("node: n1\ncluster_state: c.yaml\npoll_interval_ms: soon\n").unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("poll_interval_ms"), "{e}");
+        assert_eq!(e.line, Some(3), "{e}");
+
+        let e = parse("node: [n1\n").unwrap_err();
+        assert!(e.to_string().starts_with("/etc/portcullis/agent.yaml: "), "{e}");
+    }
+}

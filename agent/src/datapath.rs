@@ -1,0 +1,563 @@
+//! The kernel side: loading, attaching, pinning and adopting the programs, and typed access to
+//! every map. The only module that touches aya.
+//!
+//! Lifecycle. Maps are pinned by name under `<bpffs_dir>/maps/` and TCX links under
+//! `<bpffs_dir>/links/`. Pinned links keep the programs attached after the agent exits, so
+//! enforcement has no gap while it is down. A restarted agent loads its programs against the
+//! same pinned maps (state survives: auth entries, flows, counters) and *replaces the program
+//! inside each pinned link* with `bpf_link_update`, an atomic swap: no packet ever meets an
+//! interface without a program, and no established flow is reset.
+
+pub mod route;
+
+use std::{
+    collections::HashMap as StdHashMap,
+    fs, io,
+    net::IpAddr,
+    os::unix::fs::DirBuilderExt,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf, lpm_trie::Key},
+    programs::{
+        LinkOrder, ProgramError, SchedClassifier, TcAttach, TcAttachType,
+        links::{FdLink, PinnedLink},
+        tc::SchedClassifierLink,
+    },
+};
+use portcullis_common::{
+    AuthKey, AuthValue, Counter, Endpoint, FlowKey, FlowValue, NAME_MAX, Name, NameKey, map, program,
+};
+use serde::Serialize;
+
+pub use self::route::Interface;
+
+/// The kernel programs, built by `build.rs`.
+static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portcullis"));
+
+/// `statfs(2)` magic of bpffs.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+/// Where bpffs is conventionally mounted, and where the agent mounts it if nothing is.
+const BPFFS_MOUNT: &str = "/sys/fs/bpf";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{path} is not on a bpffs mount, and only {BPFFS_MOUNT} is mounted automatically; mount one with `mount -t bpf bpffs <dir>`")]
+    NotBpffs { path: PathBuf },
+    #[error("mounting bpffs on {BPFFS_MOUNT}: {source}")]
+    Mount { source: io::Error },
+    #[error("loading the kernel programs: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program { name: &'static str, source: ProgramError },
+    #[error("map {name}: {source}")]
+    Map { name: &'static str, source: MapError },
+    #[error("map {name} is missing from the kernel object")]
+    MissingMap { name: &'static str },
+    #[error("attaching to {iface} (index {ifindex}) at {hook}: {source}")]
+    Attach { iface: String, ifindex: u32, hook: Hook, source: Box<dyn std::error::Error + Send + Sync> },
+    #[error("name `{name}` is {len} bytes; the limit is {NAME_MAX}")]
+    NameTooLong { name: String, len: usize },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DatapathError + '_ {
+    move |source| DatapathError::Io { path: path.to_owned(), source }
+}
+
+/// Where a program attaches on a pod's host-side interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Hook {
+    /// tc egress of the host-side interface: traffic entering the pod.
+    ToPod,
+    /// tc ingress of the host-side interface: traffic the pod sends.
+    FromPod,
+}
+
+impl Hook {
+    pub const ALL: [Self; 2] = [Self::ToPod, Self::FromPod];
+
+    const fn program(self) -> &'static str {
+        match self {
+            Self::ToPod => program::TO_POD,
+            Self::FromPod => program::FROM_POD,
+        }
+    }
+
+    const fn attach_type(self) -> TcAttachType {
+        match self {
+            Self::ToPod => TcAttachType::Egress,
+            Self::FromPod => TcAttachType::Ingress,
+        }
+    }
+
+    const fn pin_suffix(self) -> &'static str {
+        match self {
+            Self::ToPod => "to_pod",
+            Self::FromPod => "from_pod",
+        }
+    }
+}
+
+impl std::fmt::Display for Hook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::ToPod => "tc egress (to pod)",
+            Self::FromPod => "tc ingress (from pod)",
+        })
+    }
+}
+
+/// Every bpffs path the agent uses, derived from its one configured directory.
+#[derive(Debug, Clone)]
+pub struct PinDirs {
+    pub root: PathBuf,
+    pub maps: PathBuf,
+    pub links: PathBuf,
+}
+
+impl PinDirs {
+    #[must_use]
+    pub fn new(root: &Path) -> Self {
+        Self { root: root.to_owned(), maps: root.join("maps"), links: root.join("links") }
+    }
+
+    #[must_use]
+    pub fn link(&self, ifindex: u32, hook: Hook) -> PathBuf {
+        self.links.join(format!("{ifindex}-{}", hook.pin_suffix()))
+    }
+
+    /// Interfaces that have pinned links, from the pins' names.
+    pub fn pinned_interfaces(&self) -> Result<Vec<u32>, DatapathError> {
+        let mut out = Vec::new();
+        let entries = match fs::read_dir(&self.links) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(io_err(&self.links)(e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(io_err(&self.links))?;
+            let name = entry.file_name();
+            if let Some(index) = name.to_str().and_then(|n| n.split('-').next()).and_then(|i| i.parse().ok()) {
+                if !out.contains(&index) {
+                    out.push(index);
+                }
+            }
+        }
+        out.sort_unstable();
+        Ok(out)
+    }
+}
+
+/// How an interface got its programs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Attached {
+    /// A pinned link existed: its program was replaced atomically.
+    Adopted,
+    /// A new link was created and pinned.
+    New,
+}
+
+pub struct Datapath {
+    dirs: PinDirs,
+    ebpf: Ebpf,
+    ep_v4: LpmTrie<MapData, [u8; 4], Endpoint>,
+    ep_v6: LpmTrie<MapData, [u8; 16], Endpoint>,
+    auth: HashMap<MapData, AuthKey, AuthValue>,
+    flows: HashMap<MapData, FlowKey, FlowValue>,
+    counters: PerCpuArray<MapData, u64>,
+    names: HashMap<MapData, NameKey, Name>,
+}
+
+/// Things the caller runs on its own tasks.
+pub struct Channels {
+    pub events: RingBuf<MapData>,
+    pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+}
+
+impl Datapath {
+    /// Loads the programs against the pinned maps under `root` (creating them on first start).
+    pub fn open(root: &Path, datapath_log: bool) -> Result<(Self, Channels), DatapathError> {
+        ensure_bpffs(root)?;
+        let dirs = PinDirs::new(root);
+        for dir in [&dirs.root, &dirs.maps, &dirs.links] {
+            fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io_err(dir))?;
+        }
+        // aya-log's level is a global in the object: 0 compiles every log statement out of the
+        // verifier's view at load time, so the packet path pays nothing when logging is off.
+        let level: u8 = if datapath_log { 4 /* debug */ } else { 0 };
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&dirs.maps)
+            .override_global("AYA_LOG_LEVEL", &level, true)
+            .load(PROGRAMS)?;
+        let logger = if datapath_log {
+            match aya_log::EbpfLogger::init(&mut ebpf) {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    tracing::warn!(error = %e, "datapath log unavailable");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        for hook in Hook::ALL {
+            let name = hook.program();
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::Program { name, source: ProgramError::NotLoaded })?
+                .try_into()
+                .map_err(|source| DatapathError::Program { name, source })?;
+            prog.load().map_err(|source| DatapathError::Program { name, source })?;
+        }
+        let events = RingBuf::try_from(take(&mut ebpf, map::EVENTS)?)
+            .map_err(|source| DatapathError::Map { name: map::EVENTS, source })?;
+        let dp = Self {
+            ep_v4: typed(&mut ebpf, map::ENDPOINTS_V4)?,
+            ep_v6: typed(&mut ebpf, map::ENDPOINTS_V6)?,
+            auth: typed(&mut ebpf, map::AUTH)?,
+            flows: typed(&mut ebpf, map::FLOWS)?,
+            counters: typed(&mut ebpf, map::COUNTERS)?,
+            names: typed(&mut ebpf, map::NAMES)?,
+            dirs,
+            ebpf,
+        };
+        Ok((dp, Channels { events, logger }))
+    }
+
+    #[must_use]
+    pub fn dirs(&self) -> &PinDirs {
+        &self.dirs
+    }
+
+    /// Attaches both programs to a pod's host-side interface, adopting pinned links.
+    pub fn attach(&mut self, iface: &Interface) -> Result<Attached, DatapathError> {
+        let mut outcome = Attached::Adopted;
+        for hook in Hook::ALL {
+            if self.attach_hook(iface, hook)? == Attached::New {
+                outcome = Attached::New;
+            }
+        }
+        Ok(outcome)
+    }
+
+    fn attach_hook(&mut self, iface: &Interface, hook: Hook) -> Result<Attached, DatapathError> {
+        let err = |source: Box<dyn std::error::Error + Send + Sync>| DatapathError::Attach {
+            iface: iface.name.clone(),
+            ifindex: iface.index,
+            hook,
+            source,
+        };
+        let path = self.dirs.link(iface.index, hook);
+        let name = hook.program();
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::Program { name, source: ProgramError::NotLoaded })?
+            .try_into()
+            .map_err(|source| DatapathError::Program { name, source })?;
+        if path.exists() {
+            let adopted = PinnedLink::from_pin(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|pinned| SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|e| e.to_string()))
+                .and_then(|link| prog.attach_to_link(link).map_err(|e| e.to_string()));
+            match adopted {
+                Ok(id) => {
+                    // The link stays pinned; release the program's handle on it without
+                    // detaching (dropping an `FdLink` only closes our descriptor).
+                    let link = prog.take_link(id).map_err(|e| err(e.into()))?;
+                    drop(FdLink::try_from(link).map_err(|e| err(e.into()))?);
+                    return Ok(Attached::Adopted);
+                }
+                Err(reason) => {
+                    // A link whose interface is gone (the pod was deleted while we were down,
+                    // and its index reused) cannot be updated: replace it.
+                    tracing::info!(pin = %path.display(), %reason, "replacing stale pinned link");
+                    fs::remove_file(&path).map_err(io_err(&path))?;
+                }
+            }
+        }
+        let id = prog
+            .attach(iface.index, TcAttach::Tcx { attach_type: hook.attach_type(), order: LinkOrder::default() })
+            .map_err(|e| err(e.into()))?;
+        let link = prog.take_link(id).map_err(|e| err(e.into()))?;
+        let fd = FdLink::try_from(link).map_err(|e| err(e.into()))?;
+        fd.pin(&path).map_err(|e| err(e.into()))?;
+        Ok(Attached::New)
+    }
+
+    /// Detaches from an interface by removing its pins (the kernel releases a link when its
+    /// last reference goes). Missing pins are not an error: the interface may be gone.
+    pub fn detach(&mut self, ifindex: u32) -> Result<(), DatapathError> {
+        for hook in Hook::ALL {
+            let path = self.dirs.link(ifindex, hook);
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(&path)(e)),
+            }
+        }
+        Ok(())
+    }
+
+    pub fn endpoints(&self) -> Result<StdHashMap<IpAddr, Endpoint>, DatapathError> {
+        let mut out = StdHashMap::new();
+        for entry in self.ep_v4.iter() {
+            let (k, v) = entry.map_err(|source| DatapathError::Map { name: map::ENDPOINTS_V4, source })?;
+            out.insert(IpAddr::from(k.data()), v);
+        }
+        for entry in self.ep_v6.iter() {
+            let (k, v) = entry.map_err(|source| DatapathError::Map { name: map::ENDPOINTS_V6, source })?;
+            out.insert(IpAddr::from(k.data()), v);
+        }
+        Ok(out)
+    }
+
+    pub fn set_endpoint(&mut self, addr: IpAddr, ep: &Endpoint) -> Result<(), DatapathError> {
+        match addr {
+            IpAddr::V4(a) => self.ep_v4.insert(&Key::new(32, a.octets()), ep, 0).map_err(|source| DatapathError::Map { name: map::ENDPOINTS_V4, source }),
+            IpAddr::V6(a) => self.ep_v6.insert(&Key::new(128, a.octets()), ep, 0).map_err(|source| DatapathError::Map { name: map::ENDPOINTS_V6, source }),
+        }
+    }
+
+    pub fn remove_endpoint(&mut self, addr: IpAddr) -> Result<(), DatapathError> {
+        let r = match addr {
+            IpAddr::V4(a) => self.ep_v4.remove(&Key::new(32, a.octets())).map_err(|source| DatapathError::Map { name: map::ENDPOINTS_V4, source }),
+            IpAddr::V6(a) => self.ep_v6.remove(&Key::new(128, a.octets())).map_err(|source| DatapathError::Map { name: map::ENDPOINTS_V6, source }),
+        };
+        ignore_missing(r)
+    }
+
+    /// Writes (or renews) an auth entry: new connections of the pair are admitted until
+    /// `value.expires_ns`.
+    pub fn allow_pair(&mut self, key: &AuthKey, value: &AuthValue) -> Result<(), DatapathError> {
+        self.auth.insert(key, value, 0).map_err(|source| DatapathError::Map { name: map::AUTH, source })
+    }
+
+    /// Removes an auth entry; `false` when there was none.
+    pub fn revoke_pair(&mut self, key: &AuthKey) -> Result<bool, DatapathError> {
+        match self.auth.remove(key) {
+            Ok(()) => Ok(true),
+            Err(e) if is_missing(&e) => Ok(false),
+            Err(source) => Err(DatapathError::Map { name: map::AUTH, source }),
+        }
+    }
+
+    pub fn auth_entries(&self) -> Result<Vec<(AuthKey, AuthValue)>, DatapathError> {
+        collect(self.auth.iter(), map::AUTH)
+    }
+
+    pub fn flows(&self) -> Result<Vec<(FlowKey, FlowValue)>, DatapathError> {
+        collect(self.flows.iter(), map::FLOWS)
+    }
+
+    /// Deletes every flow `cut` selects: their next packet in either direction is dropped.
+    pub fn cut_flows(&mut self, mut cut: impl FnMut(&FlowKey, &FlowValue) -> bool) -> Result<usize, DatapathError> {
+        let doomed: Vec<FlowKey> = self.flows()?.into_iter().filter(|(k, v)| cut(k, v)).map(|(k, _)| k).collect();
+        for key in &doomed {
+            ignore_missing(self.flows.remove(key).map_err(|source| DatapathError::Map { name: map::FLOWS, source }))?;
+        }
+        Ok(doomed.len())
+    }
+
+    /// Packet counters summed over CPUs, in [`Counter::ALL`] order.
+    pub fn counters(&self) -> Result<Vec<(Counter, u64)>, DatapathError> {
+        read_counters(&self.counters)
+    }
+
+    pub fn names(&self) -> Result<Vec<(NameKey, String)>, DatapathError> {
+        let mut out = Vec::new();
+        for entry in self.names.iter() {
+            let (k, v) = entry.map_err(|source| DatapathError::Map { name: map::NAMES, source })?;
+            out.push((k, name_str(&v)));
+        }
+        Ok(out)
+    }
+
+    pub fn set_name(&mut self, key: &NameKey, name: &str) -> Result<(), DatapathError> {
+        if name.len() > NAME_MAX {
+            return Err(DatapathError::NameTooLong { name: name.chars().take(64).collect(), len: name.len() });
+        }
+        let mut value = Name { len: name.len() as u32, bytes: [0; NAME_MAX] };
+        value.bytes[..name.len()].copy_from_slice(name.as_bytes());
+        self.names.insert(key, &value, 0).map_err(|source| DatapathError::Map { name: map::NAMES, source })
+    }
+}
+
+fn name_str(v: &Name) -> String {
+    let len = (v.len as usize).min(NAME_MAX);
+    String::from_utf8_lossy(&v.bytes[..len]).into_owned()
+}
+
+fn read_counters(map: &PerCpuArray<MapData, u64>) -> Result<Vec<(Counter, u64)>, DatapathError> {
+    let mut out = Vec::with_capacity(Counter::ALL.len());
+    for c in Counter::ALL {
+        let values = map.get(&(c as u32), 0).map_err(|source| DatapathError::Map { name: map::COUNTERS, source })?;
+        out.push((c, values.iter().sum()));
+    }
+    Ok(out)
+}
+
+fn collect<K, V>(iter: impl Iterator<Item = Result<(K, V), MapError>>, name: &'static str) -> Result<Vec<(K, V)>, DatapathError> {
+    iter.collect::<Result<Vec<_>, _>>().map_err(|source| DatapathError::Map { name, source })
+}
+
+fn is_missing(e: &MapError) -> bool {
+    matches!(e, MapError::KeyNotFound)
+        || matches!(e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::ENOENT))
+}
+
+fn ignore_missing(r: Result<(), DatapathError>) -> Result<(), DatapathError> {
+    match r {
+        Err(DatapathError::Map { source, .. }) if is_missing(&source) => Ok(()),
+        other => other,
+    }
+}
+
+fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, DatapathError> {
+    ebpf.take_map(name).ok_or(DatapathError::MissingMap { name })
+}
+
+fn typed<T: TryFrom<aya::maps::Map, Error = MapError>>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError> {
+    T::try_from(take(ebpf, name)?).map_err(|source| DatapathError::Map { name, source })
+}
+
+/// Makes sure `dir` is (or will be created) on a bpffs, mounting one on `/sys/fs/bpf` when the
+/// directory lies below it and nothing is mounted there yet (as on a fresh node).
+pub fn ensure_bpffs(dir: &Path) -> Result<(), DatapathError> {
+    let mut existing = dir;
+    while !existing.exists() {
+        existing = existing.parent().unwrap_or(Path::new("/"));
+    }
+    if is_bpffs(existing)? {
+        return Ok(());
+    }
+    let mount = Path::new(BPFFS_MOUNT);
+    if dir.starts_with(mount) && (existing == mount || mount.starts_with(existing)) {
+        fs::create_dir_all(mount).map_err(io_err(mount))?;
+        mount_bpffs(mount)?;
+        tracing::info!(path = BPFFS_MOUNT, "mounted bpffs");
+        return Ok(());
+    }
+    Err(DatapathError::NotBpffs { path: dir.to_owned() })
+}
+
+fn is_bpffs(path: &Path) -> Result<bool, DatapathError> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|e| io_err(path)(io::Error::other(e)))?;
+    // SAFETY: `st` is plain data the kernel fills in; `c` is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io_err(path)(io::Error::last_os_error()));
+    }
+    #[expect(clippy::unnecessary_cast, reason = "f_type's width differs between architectures")]
+    Ok(st.f_type as i64 == BPF_FS_MAGIC)
+}
+
+fn mount_bpffs(at: &Path) -> Result<(), DatapathError> {
+    let target = std::ffi::CString::new(at.as_os_str().as_encoded_bytes()).map_err(|e| DatapathError::Mount { source: io::Error::other(e) })?;
+    // SAFETY: all pointers are NUL-terminated strings that outlive the call.
+    let rc = unsafe { libc::mount(c"bpffs".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, c"mode=0700".as_ptr().cast()) };
+    if rc != 0 {
+        return Err(DatapathError::Mount { source: io::Error::last_os_error() });
+    }
+    Ok(())
+}
+
+/// What `uninstall` removed.
+#[derive(Debug, Default, Serialize)]
+pub struct Removed {
+    pub links: usize,
+    pub maps: usize,
+}
+
+/// Removes everything under an agent's bpffs directory: links first (detaching the
+/// programs, which the kernel then unloads), then maps, then the directories. Carries on past
+/// individual failures and reports the first one at the end, so a partial failure leaves as
+/// little behind as possible.
+pub fn uninstall(root: &Path) -> Result<Removed, DatapathError> {
+    let dirs = PinDirs::new(root);
+    let mut removed = Removed::default();
+    let mut first_err = None;
+    for (dir, count) in [(&dirs.links, &mut removed.links), (&dirs.maps, &mut removed.maps)] {
+        let entries = match fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                first_err.get_or_insert(io_err(dir)(e));
+                continue;
+            }
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            match fs::remove_file(&path) {
+                Ok(()) => *count += 1,
+                Err(e) => {
+                    first_err.get_or_insert(io_err(&path)(e));
+                }
+            }
+        }
+    }
+    for dir in [&dirs.links, &dirs.maps, &dirs.root] {
+        match fs::remove_dir(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                first_err.get_or_insert(io_err(dir)(e));
+            }
+        }
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(removed),
+    }
+}
+
+/// Read-only access to the pinned maps, for `status` when the agent is down.
+pub struct PinnedView {
+    counters: PerCpuArray<MapData, u64>,
+    auth: HashMap<MapData, AuthKey, AuthValue>,
+    flows: HashMap<MapData, FlowKey, FlowValue>,
+    names: HashMap<MapData, NameKey, Name>,
+}
+
+impl PinnedView {
+    pub fn open(root: &Path) -> Result<Self, DatapathError> {
+        let dirs = PinDirs::new(root);
+        fn open<T: TryFrom<aya::maps::Map, Error = MapError>>(dirs: &PinDirs, name: &'static str, wrap: fn(MapData) -> aya::maps::Map) -> Result<T, DatapathError> {
+            let data = MapData::from_pin(dirs.maps.join(name)).map_err(|source| DatapathError::Map { name, source })?;
+            T::try_from(wrap(data)).map_err(|source| DatapathError::Map { name, source })
+        }
+        Ok(Self {
+            counters: open(&dirs, map::COUNTERS, aya::maps::Map::PerCpuArray)?,
+            auth: open(&dirs, map::AUTH, aya::maps::Map::HashMap)?,
+            flows: open(&dirs, map::FLOWS, aya::maps::Map::LruHashMap)?,
+            names: open(&dirs, map::NAMES, aya::maps::Map::HashMap)?,
+        })
+    }
+
+    pub fn counters(&self) -> Result<Vec<(Counter, u64)>, DatapathError> {
+        read_counters(&self.counters)
+    }
+
+    pub fn auth_entries(&self) -> Result<Vec<(AuthKey, AuthValue)>, DatapathError> {
+        collect(self.auth.iter(), map::AUTH)
+    }
+
+    pub fn flows(&self) -> Result<Vec<(FlowKey, FlowValue)>, DatapathError> {
+        collect(self.flows.iter(), map::FLOWS)
+    }
+
+    pub fn names(&self) -> Result<Vec<(NameKey, String)>, DatapathError> {
+        let mut out = Vec::new();
+        for entry in self.names.iter() {
+            let (k, v) = entry.map_err(|source| DatapathError::Map { name: map::NAMES, source })?;
+            out.push((k, name_str(&v)));
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,17 @@
+//! portcullis: a node agent that makes every cross-pod connection between enrolled workloads
+//! prove mutual authentication, enforced by eBPF programs in the kernel.
+
+mod admin;
+mod agent;
+mod cli;
+mod cluster;
+mod config;
+mod datapath;
+mod identity;
+mod input;
+mod registry;
+mod status;
+
+fn main() -> std::process::ExitCode {
+    cli::main()
+}

@@ -1,0 +1,175 @@
+//! What `portcullis status` shows, as served by the admin API and, when the agent is down,
+//! rebuilt from the pinned maps alone.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use portcullis_common::{
+    AF_INET, AuthKey, AuthValue, Counter, FLOW_INBOUND, FlowKey, FlowValue, IPPROTO_TCP, IPPROTO_UDP,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::registry::{Kind, Registry};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub agent: AgentInfo,
+    /// Pod interfaces the programs are attached to.
+    pub interfaces: Vec<InterfaceInfo>,
+    /// Local workloads whose interface was not found (yet).
+    pub pending: Vec<String>,
+    pub counters: BTreeMap<String, u64>,
+    pub auth: Vec<AuthEntry>,
+    pub flows: Vec<Flow>,
+    /// Most recent datapath events, newest last.
+    pub events: Vec<EventRecord>,
+    pub events_total: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentInfo {
+    /// False when the agent did not answer and this was read from the pinned maps.
+    pub running: bool,
+    pub version: String,
+    pub node: Option<String>,
+    pub pid: Option<u32>,
+    pub uptime_secs: Option<u64>,
+    pub config: Option<String>,
+    pub cluster_state: Option<String>,
+    /// Why the latest edit of the cluster state was rejected (the last good one stays).
+    pub cluster_error: Option<String>,
+    pub bpffs_dir: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InterfaceInfo {
+    pub workload: String,
+    pub identity: String,
+    pub interface: String,
+    pub ifindex: u32,
+    pub addresses: Vec<IpAddr>,
+    /// `adopted` (a pinned link kept, its program replaced) or `new`.
+    pub attached: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuthEntry {
+    pub local: String,
+    pub remote: String,
+    pub remote_node: String,
+    pub age_secs: u64,
+    /// Negative once expired (the kernel no longer admits new connections with it).
+    pub expires_in_secs: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Flow {
+    pub proto: String,
+    /// `inbound` (the peer connected to the pod) or `outbound`.
+    pub direction: String,
+    pub local: String,
+    pub remote: String,
+    pub local_identity: String,
+    pub remote_identity: String,
+    pub remote_node: String,
+    pub age_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EventRecord {
+    /// `denied` or `auth_wanted`.
+    pub kind: String,
+    /// The counter name that explains it, such as `drop_no_auth`.
+    pub reason: String,
+    pub local: String,
+    pub remote: String,
+    pub remote_node: String,
+    pub proto: String,
+    pub local_addr: String,
+    pub remote_addr: String,
+    /// Seconds since boot (`CLOCK_BOOTTIME`), comparable with other events.
+    pub boot_time_secs: f64,
+}
+
+/// `CLOCK_BOOTTIME` now, in nanoseconds: the clock the kernel programs use.
+#[must_use]
+pub fn boot_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid out-pointer; CLOCK_BOOTTIME always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+#[must_use]
+pub fn counters(values: Vec<(Counter, u64)>) -> BTreeMap<String, u64> {
+    values.into_iter().map(|(c, v)| (c.name().to_owned(), v)).collect()
+}
+
+#[must_use]
+pub fn auth_entries(reg: &Registry, entries: Vec<(AuthKey, AuthValue)>, now: u64) -> Vec<AuthEntry> {
+    let mut out: Vec<AuthEntry> = entries
+        .into_iter()
+        .map(|(k, v)| AuthEntry {
+            local: reg.name(Kind::Identity, k.local_identity),
+            remote: reg.name(Kind::Identity, k.remote_identity),
+            remote_node: reg.name(Kind::Node, k.remote_node),
+            age_secs: now.saturating_sub(v.created_ns) / 1_000_000_000,
+            expires_in_secs: secs_signed(v.expires_ns, now),
+        })
+        .collect();
+    out.sort_by(|a, b| (&a.local, &a.remote, &a.remote_node).cmp(&(&b.local, &b.remote, &b.remote_node)));
+    out
+}
+
+fn secs_signed(at: u64, now: u64) -> i64 {
+    let d = i128::from(at) - i128::from(now);
+    i64::try_from(d / 1_000_000_000).unwrap_or(if d < 0 { i64::MIN } else { i64::MAX })
+}
+
+#[must_use]
+pub fn flows(reg: &Registry, entries: Vec<(FlowKey, FlowValue)>, now: u64) -> Vec<Flow> {
+    let mut out: Vec<Flow> = entries
+        .into_iter()
+        .map(|(k, v)| Flow {
+            proto: proto_name(k.proto),
+            direction: if v.flags & FLOW_INBOUND != 0 { "inbound" } else { "outbound" }.to_owned(),
+            local: sock(flow_addr(k.family, &k.local_addr), k.local_port),
+            remote: sock(flow_addr(k.family, &k.remote_addr), k.remote_port),
+            local_identity: reg.name(Kind::Identity, v.local_identity),
+            remote_identity: reg.name(Kind::Identity, v.remote_identity),
+            remote_node: reg.name(Kind::Node, v.remote_node),
+            age_secs: now.saturating_sub(v.created_ns) / 1_000_000_000,
+        })
+        .collect();
+    out.sort_by(|a, b| (&a.local, &a.remote).cmp(&(&b.local, &b.remote)));
+    out
+}
+
+/// The address a flow key stores in 16 bytes.
+#[must_use]
+pub fn flow_addr(family: u8, bytes: &[u8; 16]) -> IpAddr {
+    if family == AF_INET {
+        IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(*bytes))
+    }
+}
+
+#[must_use]
+pub fn sock(addr: IpAddr, port: u16) -> String {
+    match addr {
+        IpAddr::V4(a) => format!("{a}:{port}"),
+        IpAddr::V6(a) => format!("[{a}]:{port}"),
+    }
+}
+
+#[must_use]
+pub fn proto_name(proto: u8) -> String {
+    match proto {
+        IPPROTO_TCP => "tcp".to_owned(),
+        IPPROTO_UDP => "udp".to_owned(),
+        p => format!("ip-{p}"),
+    }
+}

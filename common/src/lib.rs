@@ -1,0 +1,357 @@
+//! The ABI between portcullis's kernel programs (`ebpf/`) and its agent (`agent/`).
+//!
+//! Every type that crosses the boundary is `#[repr(C)]`, `Copy`, and free of implicit padding
+//! (padding bytes are explicit `_pad` fields, always zero), so that a key built in user space
+//! hashes to the same bucket as the key the kernel builds. A `const` assertion next to each type
+//! pins its size: changing a layout is a deliberate ABI change, and it also changes the pinned
+//! maps an upgraded agent adopts (see `agent/src/datapath.rs`).
+#![no_std]
+
+use core::mem::size_of;
+
+/// Map names, shared by both sides. Maps are pinned by name under `<bpffs_dir>/maps/`.
+pub mod map {
+    /// LPM trie, IPv4 address → [`super::Endpoint`].
+    pub const ENDPOINTS_V4: &str = "PC_EP_V4";
+    /// LPM trie, IPv6 address → [`super::Endpoint`].
+    pub const ENDPOINTS_V6: &str = "PC_EP_V6";
+    /// Hash, [`super::AuthKey`] → [`super::AuthValue`].
+    pub const AUTH: &str = "PC_AUTH";
+    /// LRU hash, [`super::FlowKey`] → [`super::FlowValue`].
+    pub const FLOWS: &str = "PC_FLOWS";
+    /// LRU hash, [`super::AuthKey`] → last event time (boot ns): per-pair event rate limit.
+    pub const EVENT_RATE: &str = "PC_EV_RATE";
+    /// Ring buffer of [`super::Event`].
+    pub const EVENTS: &str = "PC_EVENTS";
+    /// Per-CPU array of `u64`, indexed by [`super::Counter`].
+    pub const COUNTERS: &str = "PC_COUNTERS";
+    /// Hash, [`super::NameKey`] → [`super::Name`]: the agent's numbering of identities and
+    /// nodes. The kernel never reads it; it lives in bpffs so that the numbering survives an
+    /// agent restart together with the maps that use the numbers.
+    pub const NAMES: &str = "PC_NAMES";
+}
+
+/// Program names (the function names in `ebpf/src/main.rs`).
+pub mod program {
+    /// tc egress of a pod's host-side interface: packets going *to* the pod.
+    pub const TO_POD: &str = "pc_to_pod";
+    /// tc ingress of a pod's host-side interface: packets coming *from* the pod.
+    pub const FROM_POD: &str = "pc_from_pod";
+}
+
+/// Map capacities.
+pub mod capacity {
+    pub const ENDPOINTS: u32 = 262_144;
+    pub const AUTH: u32 = 131_072;
+    pub const FLOWS: u32 = 262_144;
+    pub const EVENT_RATE: u32 = 65_536;
+    /// Bytes; a power of two and a multiple of the page size.
+    pub const EVENTS_BYTES: u32 = 1 << 20;
+    pub const NAMES: u32 = 131_072;
+}
+
+/// Minimum interval between two events for the same pair and kind, in nanoseconds. A SYN
+/// flood for one pair therefore costs the agent at most 10 events per second per pair.
+pub const EVENT_INTERVAL_NS: u64 = 100_000_000;
+
+/// Identity number 0: no identity (the address is not in cluster state).
+pub const IDENTITY_NONE: u32 = 0;
+
+/// [`Endpoint::flags`]: the endpoint is a pod on this node, behind `ifindex`.
+pub const EP_LOCAL: u32 = 1;
+
+/// Where an address belongs: value of the endpoint LPM tries.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Endpoint {
+    /// Agent-local identity number (see [`map::NAMES`]); never [`IDENTITY_NONE`].
+    pub identity: u32,
+    /// Agent-local node number.
+    pub node: u32,
+    /// Host-side interface index of a local pod; 0 for remote endpoints.
+    pub ifindex: u32,
+    /// `EP_*` bits.
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<Endpoint>() == 16);
+
+/// An authenticated pair: the auth map's key, also the event rate-limit key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct AuthKey {
+    pub local_identity: u32,
+    pub remote_identity: u32,
+    pub remote_node: u32,
+    /// The event kind for [`map::EVENT_RATE`]; always 0 in [`map::AUTH`].
+    pub kind: u32,
+}
+const _: () = assert!(size_of::<AuthKey>() == 16);
+
+/// An auth entry's value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AuthValue {
+    /// `CLOCK_BOOTTIME` nanoseconds (`bpf_ktime_get_boot_ns`) after which the entry no longer
+    /// admits new connections.
+    pub expires_ns: u64,
+    /// `CLOCK_BOOTTIME` nanoseconds when it was written.
+    pub created_ns: u64,
+}
+const _: () = assert!(size_of::<AuthValue>() == 16);
+
+pub const AF_INET: u8 = 4;
+pub const AF_INET6: u8 = 6;
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMPV6: u8 = 58;
+
+/// A connection seen from the local pod: the same key for both directions of the flow.
+/// IPv4 addresses occupy the first four bytes; the rest is zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+    /// Host byte order.
+    pub local_port: u16,
+    /// Host byte order.
+    pub remote_port: u16,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub proto: u8,
+    /// `AF_INET` (4) or `AF_INET6` (6).
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<FlowKey>() == 40);
+
+/// [`FlowValue::flags`]: the remote peer opened the connection.
+pub const FLOW_INBOUND: u32 = 1;
+/// [`FlowValue::flags`]: the local pod opened the connection.
+pub const FLOW_OUTBOUND: u32 = 2;
+
+/// The identity pair a connection was admitted under.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowValue {
+    pub local_identity: u32,
+    /// [`IDENTITY_NONE`] for an outbound connection to an address outside cluster state.
+    pub remote_identity: u32,
+    pub remote_node: u32,
+    /// `FLOW_*` bits.
+    pub flags: u32,
+    /// `CLOCK_BOOTTIME` nanoseconds.
+    pub created_ns: u64,
+}
+const _: () = assert!(size_of::<FlowValue>() == 24);
+
+impl FlowValue {
+    /// The auth entry this flow depends on.
+    #[must_use]
+    pub const fn pair(&self) -> AuthKey {
+        AuthKey {
+            local_identity: self.local_identity,
+            remote_identity: self.remote_identity,
+            remote_node: self.remote_node,
+            kind: 0,
+        }
+    }
+}
+
+/// [`Event::kind`]: a new inbound connection was dropped for want of a valid auth entry.
+pub const EVENT_DENIED: u32 = 1;
+/// [`Event::kind`]: a local pod opened a connection to an enrolled peer with no valid auth
+/// entry: the agent should authenticate the pair now, before the peer drops the SYN.
+pub const EVENT_AUTH_WANTED: u32 = 2;
+
+/// One ring-buffer record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Event {
+    /// `EVENT_*`.
+    pub kind: u32,
+    /// The [`Counter`] that explains it (for `EVENT_DENIED`, the drop reason).
+    pub reason: u32,
+    pub local_identity: u32,
+    pub remote_identity: u32,
+    pub remote_node: u32,
+    pub _pad: u32,
+    /// `CLOCK_BOOTTIME` nanoseconds.
+    pub time_ns: u64,
+    pub flow: FlowKey,
+}
+const _: () = assert!(size_of::<Event>() == 72);
+
+/// Per-reason packet counters, the index into [`map::COUNTERS`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// New inbound connection admitted by a valid auth entry.
+    PassAuthenticated = 0,
+    /// Packet of a tracked flow.
+    PassFlow = 1,
+    /// New outbound connection opened by the pod (recorded as a flow).
+    PassOutbound = 2,
+    /// ARP, ICMP, ICMPv6: not subject to authentication.
+    PassControl = 3,
+    /// New inbound connection without an auth entry for the pair.
+    DropNoAuth = 4,
+    /// New inbound connection whose pair's auth entry has expired.
+    DropExpired = 5,
+    /// Mid-connection packet without a flow entry (revoked, or never admitted).
+    DropNoFlow = 6,
+    /// From a pod, with a source address that is not that pod's.
+    DropSpoofed = 7,
+    /// New inbound connection from an address outside cluster state.
+    DropUnknownPeer = 8,
+    /// Could not be parsed (truncated, fragment, IPv6 extension header).
+    DropMalformed = 9,
+    /// An IP protocol or ethertype that is neither authenticated nor control traffic.
+    DropUnsupported = 10,
+    /// To a pod's interface, but not addressed to an enrolled local pod.
+    DropNotLocal = 11,
+    /// An event was suppressed by the per-pair rate limit.
+    EventRateLimited = 12,
+    /// An event was lost because the ring buffer was full.
+    EventLost = 13,
+    /// A flow could not be recorded (map update failed): the packet was dropped.
+    DropFlowTableFull = 14,
+}
+
+impl Counter {
+    pub const COUNT: u32 = 15;
+    pub const ALL: [Self; Self::COUNT as usize] = [
+        Self::PassAuthenticated,
+        Self::PassFlow,
+        Self::PassOutbound,
+        Self::PassControl,
+        Self::DropNoAuth,
+        Self::DropExpired,
+        Self::DropNoFlow,
+        Self::DropSpoofed,
+        Self::DropUnknownPeer,
+        Self::DropMalformed,
+        Self::DropUnsupported,
+        Self::DropNotLocal,
+        Self::EventRateLimited,
+        Self::EventLost,
+        Self::DropFlowTableFull,
+    ];
+
+    /// The stable name used in status output and metrics.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::PassAuthenticated => "pass_authenticated",
+            Self::PassFlow => "pass_flow",
+            Self::PassOutbound => "pass_outbound",
+            Self::PassControl => "pass_control",
+            Self::DropNoAuth => "drop_no_auth",
+            Self::DropExpired => "drop_expired",
+            Self::DropNoFlow => "drop_no_flow",
+            Self::DropSpoofed => "drop_spoofed",
+            Self::DropUnknownPeer => "drop_unknown_peer",
+            Self::DropMalformed => "drop_malformed",
+            Self::DropUnsupported => "drop_unsupported",
+            Self::DropNotLocal => "drop_not_local",
+            Self::EventRateLimited => "event_rate_limited",
+            Self::EventLost => "event_lost",
+            Self::DropFlowTableFull => "drop_flow_table_full",
+        }
+    }
+
+    #[must_use]
+    pub const fn from_u32(v: u32) -> Option<Self> {
+        if v < Self::COUNT {
+            Some(Self::ALL[v as usize])
+        } else {
+            None
+        }
+    }
+
+    #[must_use]
+    pub const fn is_drop(self) -> bool {
+        matches!(
+            self,
+            Self::DropNoAuth
+                | Self::DropExpired
+                | Self::DropNoFlow
+                | Self::DropSpoofed
+                | Self::DropUnknownPeer
+                | Self::DropMalformed
+                | Self::DropUnsupported
+                | Self::DropNotLocal
+                | Self::DropFlowTableFull
+        )
+    }
+}
+
+/// [`NameKey::kind`] of an identity number.
+pub const NAME_IDENTITY: u32 = 1;
+/// [`NameKey::kind`] of a node number.
+pub const NAME_NODE: u32 = 2;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct NameKey {
+    pub kind: u32,
+    pub id: u32,
+}
+const _: () = assert!(size_of::<NameKey>() == 8);
+
+/// Longest name stored: 2048 bytes is the SPIFFE ID limit.
+pub const NAME_MAX: usize = 2048;
+
+/// A UTF-8 name, `len` bytes of `bytes`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Name {
+    pub len: u32,
+    pub bytes: [u8; NAME_MAX],
+}
+const _: () = assert!(size_of::<Name>() == 4 + NAME_MAX);
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY (all impls): `#[repr(C)]`, `Copy`, no implicit padding (checked by the size
+    // assertions above), and every bit pattern is a valid value.
+    unsafe impl aya::Pod for super::Endpoint {}
+    unsafe impl aya::Pod for super::AuthKey {}
+    unsafe impl aya::Pod for super::AuthValue {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowValue {}
+    unsafe impl aya::Pod for super::Event {}
+    unsafe impl aya::Pod for super::NameKey {}
+    unsafe impl aya::Pod for super::Name {}
+}
+
+#[cfg(test)]
+mod tests {
+    use core::mem::{align_of, offset_of};
+
+    use super::*;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(offset_of!(FlowKey, local_port), 32);
+        assert_eq!(offset_of!(FlowKey, proto), 36);
+        assert_eq!(offset_of!(FlowKey, _pad), 38);
+        assert_eq!(offset_of!(Event, time_ns), 24);
+        assert_eq!(offset_of!(Event, flow), 32);
+        assert_eq!(offset_of!(FlowValue, created_ns), 16);
+        assert_eq!(align_of::<Event>(), 8);
+        assert_eq!(offset_of!(Name, bytes), 4);
+    }
+
+    #[test]
+    fn counters_round_trip_and_names_are_unique() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as u32, i as u32);
+            assert_eq!(Counter::from_u32(i as u32), Some(*c));
+            for other in &Counter::ALL[i + 1..] {
+                assert_ne!(c.name(), other.name());
+            }
+        }
+        assert_eq!(Counter::from_u32(Counter::COUNT), None);
+    }
+}

@@ -1,0 +1,275 @@
+//! portcullis's kernel programs, attached with TCX links to the host-side interface of every
+//! enrolled local pod:
+//!
+//! - `pc_to_pod` (tc egress of that interface, i.e. packets on their way *into* the pod):
+//!   a new connection is admitted only if the pair `(local identity, remote identity, remote
+//!   node)` has a valid auth entry; later packets only while the connection's flow entry exists.
+//! - `pc_from_pod` (tc ingress, packets the pod sends): anti-spoofing, and flow bookkeeping for
+//!   connections the pod opens.
+//!
+//! Fail closed: whatever cannot be classified is dropped and counted, never passed.
+#![no_std]
+#![no_main]
+
+mod packet;
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, __sk_buff},
+    helpers::bpf_ktime_get_boot_ns,
+    macros::{classifier, map},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
+    programs::TcContext,
+};
+use aya_log_ebpf::debug;
+use portcullis_common::{
+    AuthKey, AuthValue, Counter, EP_LOCAL, EVENT_AUTH_WANTED, EVENT_DENIED, EVENT_INTERVAL_NS,
+    Endpoint, Event, FLOW_INBOUND, FLOW_OUTBOUND, FlowKey, FlowValue, IDENTITY_NONE, IPPROTO_TCP,
+    IPPROTO_UDP, Name, NameKey, capacity,
+};
+
+use crate::packet::{Packet, Parsed};
+
+#[map(name = "PC_EP_V4")]
+static EP_V4: LpmTrie<[u8; 4], Endpoint> = LpmTrie::pinned(capacity::ENDPOINTS, 0);
+#[map(name = "PC_EP_V6")]
+static EP_V6: LpmTrie<[u8; 16], Endpoint> = LpmTrie::pinned(capacity::ENDPOINTS, 0);
+#[map(name = "PC_AUTH")]
+static AUTH: HashMap<AuthKey, AuthValue> = HashMap::pinned(capacity::AUTH, 0);
+#[map(name = "PC_FLOWS")]
+static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::pinned(capacity::FLOWS, 0);
+#[map(name = "PC_EV_RATE")]
+static EVENT_RATE: LruHashMap<AuthKey, u64> = LruHashMap::pinned(capacity::EVENT_RATE, 0);
+#[map(name = "PC_EVENTS")]
+static EVENTS: RingBuf = RingBuf::pinned(capacity::EVENTS_BYTES, 0);
+#[map(name = "PC_COUNTERS")]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::COUNT, 0);
+/// Not used by the programs: declared here so that it is created and pinned with the others
+/// (`BPF_F_NO_PREALLOC`: entries are 2 KiB, allocate only what is used).
+#[map(name = "PC_NAMES")]
+static NAMES: HashMap<NameKey, Name> = HashMap::pinned(capacity::NAMES, BPF_F_NO_PREALLOC);
+
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+/// tc verdicts. With TCX, `TC_ACT_OK` ends processing with "pass" and `TC_ACT_SHOT` drops.
+const PASS: i32 = TC_ACT_OK as i32;
+const DROP: i32 = TC_ACT_SHOT as i32;
+
+#[classifier]
+pub fn pc_to_pod(ctx: TcContext) -> i32 {
+    let verdict = match Packet::parse(&ctx) {
+        Ok(Parsed::Ip(pkt)) => to_pod(&ctx, &pkt),
+        Ok(Parsed::Control) => Counter::PassControl,
+        Ok(Parsed::Unsupported) => Counter::DropUnsupported,
+        // Fail closed: a packet towards an enrolled pod that cannot be parsed is dropped.
+        Err(()) => Counter::DropMalformed,
+    };
+    finish(&ctx, verdict)
+}
+
+#[classifier]
+pub fn pc_from_pod(ctx: TcContext) -> i32 {
+    let verdict = match Packet::parse(&ctx) {
+        Ok(Parsed::Ip(pkt)) => from_pod(&ctx, &pkt),
+        Ok(Parsed::Control) => Counter::PassControl,
+        Ok(Parsed::Unsupported) => Counter::DropUnsupported,
+        Err(()) => Counter::DropMalformed,
+    };
+    finish(&ctx, verdict)
+}
+
+/// Counts the verdict and turns it into a tc action: the one place a verdict becomes an action.
+#[inline(always)]
+fn finish(ctx: &TcContext, verdict: Counter) -> i32 {
+    count(verdict);
+    if verdict.is_drop() {
+        debug!(ctx, "portcullis: drop, reason {}", verdict as u32);
+        DROP
+    } else {
+        PASS
+    }
+}
+
+#[inline(always)]
+fn count(counter: Counter) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: a per-CPU slot, written only by this CPU while the program runs.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+fn endpoint(pkt: &Packet, addr: &[u8; 16]) -> Option<Endpoint> {
+    if pkt.is_v6() {
+        EP_V6.get(&Key::new(128, *addr)).copied()
+    } else {
+        EP_V4.get(&Key::new(32, [addr[0], addr[1], addr[2], addr[3]])).copied()
+    }
+}
+
+#[inline(always)]
+fn ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: the context of a tc program is a `__sk_buff`; `ifindex` is readable.
+    unsafe { (*ctx.as_ptr().cast::<__sk_buff>()).ifindex }
+}
+
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: helper without preconditions. BOOTTIME keeps counting across suspend, like the
+    // wall clock the agent derives expiries from.
+    unsafe { bpf_ktime_get_boot_ns() }
+}
+
+/// A packet on its way into a local pod: `dst` is the pod, `src` the remote peer.
+#[inline(always)]
+fn to_pod(ctx: &TcContext, pkt: &Packet) -> Counter {
+    let local = match endpoint(pkt, &pkt.dst) {
+        Some(ep) if ep.flags & EP_LOCAL != 0 && ep.ifindex == ifindex(ctx) => ep,
+        _ => return Counter::DropNotLocal,
+    };
+    if pkt.proto != IPPROTO_TCP && pkt.proto != IPPROTO_UDP {
+        return Counter::DropUnsupported;
+    }
+    let key = pkt.flow_key(false);
+    // A TCP SYN always goes through admission, even when a flow entry with the same 5-tuple
+    // survives from an earlier connection: a reused port must not inherit an old admission.
+    let new = if pkt.proto == IPPROTO_TCP {
+        pkt.is_syn()
+    } else {
+        FLOWS.get_ptr(&key).is_none()
+    };
+    if !new {
+        return if FLOWS.get_ptr(&key).is_some() {
+            Counter::PassFlow
+        } else {
+            Counter::DropNoFlow
+        };
+    }
+    let Some(remote) = endpoint(pkt, &pkt.src) else {
+        return Counter::DropUnknownPeer;
+    };
+    let pair = AuthKey {
+        local_identity: local.identity,
+        remote_identity: remote.identity,
+        remote_node: remote.node,
+        kind: 0,
+    };
+    let now = now();
+    let verdict = match unsafe { AUTH.get(&pair) } {
+        Some(auth) if auth.expires_ns > now => Counter::PassAuthenticated,
+        Some(_) => Counter::DropExpired,
+        None => Counter::DropNoAuth,
+    };
+    if verdict.is_drop() {
+        signal(EVENT_DENIED, verdict, &pair, &key, now);
+        return verdict;
+    }
+    let flow = FlowValue {
+        local_identity: local.identity,
+        remote_identity: remote.identity,
+        remote_node: remote.node,
+        flags: FLOW_INBOUND,
+        created_ns: now,
+    };
+    if FLOWS.insert(&key, &flow, 0).is_err() {
+        return Counter::DropFlowTableFull;
+    }
+    verdict
+}
+
+/// A packet the pod sends: `src` must be the pod, `dst` is the remote peer.
+#[inline(always)]
+fn from_pod(ctx: &TcContext, pkt: &Packet) -> Counter {
+    let local = match endpoint(pkt, &pkt.src) {
+        Some(ep) if ep.flags & EP_LOCAL != 0 && ep.ifindex == ifindex(ctx) => ep,
+        _ => return Counter::DropSpoofed,
+    };
+    if pkt.proto != IPPROTO_TCP && pkt.proto != IPPROTO_UDP {
+        return Counter::DropUnsupported;
+    }
+    let key = pkt.flow_key(true);
+    let new = if pkt.proto == IPPROTO_TCP {
+        pkt.is_syn()
+    } else {
+        FLOWS.get_ptr(&key).is_none()
+    };
+    if !new {
+        // Only a SYN (or a first datagram) creates an entry here: a flow whose entry was
+        // deleted (revoked) stays cut in both directions.
+        return if FLOWS.get_ptr(&key).is_some() {
+            Counter::PassFlow
+        } else {
+            Counter::DropNoFlow
+        };
+    }
+    let now = now();
+    let (remote_identity, remote_node) = match endpoint(pkt, &pkt.dst) {
+        Some(remote) => (remote.identity, remote.node),
+        None => (IDENTITY_NONE, 0),
+    };
+    let flow = FlowValue {
+        local_identity: local.identity,
+        remote_identity,
+        remote_node,
+        flags: FLOW_OUTBOUND,
+        created_ns: now,
+    };
+    if FLOWS.insert(&key, &flow, 0).is_err() {
+        return Counter::DropFlowTableFull;
+    }
+    if remote_identity != IDENTITY_NONE {
+        let pair = flow.pair();
+        let valid = matches!(unsafe { AUTH.get(&pair) }, Some(a) if a.expires_ns > now);
+        if !valid {
+            // The peer's agent will drop this SYN until the pair is authenticated: tell ours
+            // now, so the handshake starts at connect() time rather than after a drop.
+            signal(EVENT_AUTH_WANTED, Counter::PassOutbound, &pair, &key, now);
+        }
+    }
+    Counter::PassOutbound
+}
+
+/// Sends an event to the agent, at most one per pair and kind every `EVENT_INTERVAL_NS`.
+#[inline(always)]
+fn signal(kind: u32, reason: Counter, pair: &AuthKey, flow: &FlowKey, now: u64) {
+    let rate_key = AuthKey { kind, ..*pair };
+    if let Some(last) = EVENT_RATE.get_ptr_mut(&rate_key) {
+        // SAFETY: a valid map value pointer; a racing writer on another CPU at worst lets one
+        // extra event through.
+        unsafe {
+            if now.wrapping_sub(*last) < EVENT_INTERVAL_NS {
+                count(Counter::EventRateLimited);
+                return;
+            }
+            *last = now;
+        }
+    } else if EVENT_RATE.insert(&rate_key, &now, 0).is_err() {
+        // The rate table is an LRU: insertion only fails on allocation failure. Do not let
+        // that turn into an unlimited stream of events.
+        count(Counter::EventRateLimited);
+        return;
+    }
+    let event = Event {
+        kind,
+        reason: reason as u32,
+        local_identity: pair.local_identity,
+        remote_identity: pair.remote_identity,
+        remote_node: pair.remote_node,
+        _pad: 0,
+        time_ns: now,
+        flow: *flow,
+    };
+    if EVENTS.output(&event, 0).is_err() {
+        count(Counter::EventLost);
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

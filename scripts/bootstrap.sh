@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Brings a bare Debian 12 machine to the point where `cargo xtask …` works:
+# LLVM 22 (bpf-linker must link against the same LLVM major as rustc), the pinned
+# toolchain with rust-src (eBPF needs build-std=core), bpf-linker, iproute2, iperf3.
+# Idempotent: every step checks first, so a rerun on a ready machine takes seconds.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+toolchain="$(sed -n 's/^channel *= *"\(.*\)"/\1/p' "$here/rust-toolchain.toml")"
+llvm_major=22
+log() { printf '[bootstrap] %s\n' "$*" >&2; }
+
+need_pkgs=()
+for p in "llvm-${llvm_major}-dev" "clang-${llvm_major}" bpftool iproute2 iperf3 libpolly-${llvm_major}-dev zlib1g-dev libzstd-dev; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$p")
+done
+if ((${#need_pkgs[@]})); then
+  log "installing Debian packages: ${need_pkgs[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+else
+  log "Debian packages present"
+fi
+
+if ! command -v rustup >/dev/null; then
+  log "rustup is missing; install it from your distribution or rustup.rs first" ; exit 1
+fi
+if ! rustup toolchain list | grep -q "^${toolchain}-"; then
+  log "installing Rust toolchain ${toolchain} with rust-src"
+  rustup toolchain install "$toolchain" --profile minimal -c rust-src -c rustfmt -c clippy --no-self-update
+elif ! rustup component list --toolchain "$toolchain" --installed | grep -q '^rust-src'; then
+  rustup component add --toolchain "$toolchain" rust-src
+else
+  log "toolchain ${toolchain} present"
+fi
+
+cargo_bin="${CARGO_HOME:-$HOME/.cargo}/bin"
+if ! "$cargo_bin/bpf-linker" --version 2>/dev/null | grep -q .; then
+  log "building bpf-linker against LLVM ${llvm_major} (about a minute)"
+  PATH="/usr/lib/llvm-${llvm_major}/bin:$PATH" cargo "+${toolchain}" install bpf-linker --locked \
+    --no-default-features --features "llvm-${llvm_major}"
+else
+  log "bpf-linker present"
+fi
+log "ready"

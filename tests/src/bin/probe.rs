@@ -1,0 +1,503 @@
+//! `probe`: a tiny traffic tool run inside testbed pods by tests and benchmarks.
+//!
+//! Every mode is bounded in time and reports with JSON lines on stdout; failures exit 1, usage
+//! errors exit 2. Threads only, no async runtime: it must start fast and stay predictable.
+//!
+//! ```text
+//! probe serve --port P [--bind ADDR] [--echo] [--seconds S] [--idle-ms N]
+//!     TCP server, dual-stack on [::] unless --bind. Prints {"ok":true,"listening":…} once
+//!     ready, then one line per finished connection ({"peer":…,"local":…,"bytes":…}).
+//!     Count mode (default), one thread per connection: read and discard everything; when the
+//!     client half-closes, reply with the byte count as 8 bytes big-endian, then close.
+//!     --echo: write back everything read (for `probe rr`), close at EOF.
+//!     Exits after --seconds (default 3600); idle connections are dropped after --idle-ms.
+//! probe connect --to ADDR:PORT [--from ADDR] [--timeout-ms N]
+//!     {"ok":true,"connect_ms":…} or {"ok":false,"kind":…,"error":…}.
+//! probe send --to ADDR:PORT --bytes N [--seconds S] [--from ADDR] [--timeout-ms N] [--chunk B]
+//!     Connect, send N bytes (paced evenly over S seconds if given), half-close, read the
+//!     server's count and check it equals N. "kind" of a failure: refused, reset, timeout,
+//!     unreachable, short-count (server saw fewer bytes), no-reply (closed before the count),
+//!     io.
+//! probe rr --to ADDR:PORT [--count N] [--size B] [--from ADDR] [--timeout-ms N]
+//!     N request/response round trips of B bytes against an --echo server; latency stats.
+//! probe udp-serve --port P [--seconds S]       echo every datagram back to its sender.
+//! probe udp-send --to ADDR:PORT [--count N] [--size B] [--timeout-ms N]
+//!     N datagrams one at a time, each waiting for its echo; ok when all came back.
+//! ```
+//! `--timeout-ms` (default 10000) bounds each connect, read and write.
+
+use std::collections::HashMap;
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::{IpAddr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use socket2::{Domain, Protocol, Socket, Type};
+
+struct Args {
+    mode: String,
+    opts: HashMap<String, String>,
+    flags: Vec<String>,
+}
+
+const FLAGS: &[&str] = &["echo"];
+
+impl Args {
+    fn parse() -> Result<Args, String> {
+        let mut it = std::env::args().skip(1);
+        let mode = it.next().ok_or("missing mode")?;
+        let (mut opts, mut flags) = (HashMap::new(), Vec::new());
+        while let Some(a) = it.next() {
+            let key = a
+                .strip_prefix("--")
+                .ok_or_else(|| format!("unexpected argument {a:?}"))?;
+            if FLAGS.contains(&key) {
+                flags.push(key.to_string());
+            } else {
+                let v = it.next().ok_or_else(|| format!("--{key} needs a value"))?;
+                opts.insert(key.to_string(), v);
+            }
+        }
+        Ok(Args { mode, opts, flags })
+    }
+
+    fn get<T: std::str::FromStr>(&self, key: &str) -> Result<Option<T>, String> {
+        self.opts
+            .get(key)
+            .map(|v| {
+                v.parse::<T>()
+                    .map_err(|_| format!("invalid value for --{key}: {v:?}"))
+            })
+            .transpose()
+    }
+
+    fn req<T: std::str::FromStr>(&self, key: &str) -> Result<T, String> {
+        self.get(key)?.ok_or_else(|| format!("--{key} is required"))
+    }
+
+    fn timeout(&self) -> Result<Duration, String> {
+        Ok(Duration::from_millis(
+            self.get("timeout-ms")?.unwrap_or(10_000),
+        ))
+    }
+}
+
+fn main() -> ExitCode {
+    let args = match Args::parse() {
+        Ok(a) => a,
+        Err(e) => return usage(&e),
+    };
+    let result = match args.mode.as_str() {
+        "serve" => serve(&args),
+        "connect" => connect_mode(&args),
+        "send" => send(&args),
+        "rr" => rr(&args),
+        "udp-serve" => udp_serve(&args),
+        "udp-send" => udp_send(&args),
+        m => return usage(&format!("unknown mode {m:?}")),
+    };
+    match result {
+        Ok(Outcome(v)) => {
+            let ok = v.get("ok").and_then(Value::as_bool).unwrap_or(false);
+            println!("{v}");
+            if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(Usage(e)) => usage(&e),
+    }
+}
+
+struct Outcome(Value);
+struct Usage(String);
+
+impl From<String> for Usage {
+    fn from(s: String) -> Self {
+        Usage(s)
+    }
+}
+
+fn usage(msg: &str) -> ExitCode {
+    eprintln!(
+        "probe: {msg}\nusage: probe serve|connect|send|rr|udp-serve|udp-send [--opt value]… (see the source header)"
+    );
+    ExitCode::from(2)
+}
+
+fn fail(kind: &str, error: impl std::fmt::Display, extra: Value) -> Outcome {
+    let mut v = json!({"ok": false, "kind": kind, "error": format!("{kind}: {error}")});
+    if let (Some(m), Value::Object(e)) = (v.as_object_mut(), extra) {
+        m.extend(e);
+    }
+    Outcome(v)
+}
+
+/// Names the failure classes tests care about.
+fn kind(e: &io::Error) -> &'static str {
+    match e.kind() {
+        ErrorKind::ConnectionRefused => "refused",
+        ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe => {
+            "reset"
+        }
+        ErrorKind::TimedOut | ErrorKind::WouldBlock => "timeout",
+        ErrorKind::HostUnreachable | ErrorKind::NetworkUnreachable => "unreachable",
+        ErrorKind::UnexpectedEof => "no-reply",
+        _ => "io",
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+/// Connects to `to`, from `from` (an address of this pod) if given, within `timeout`; the
+/// returned stream has `timeout` as read and write timeout too.
+fn dial(to: SocketAddr, from: Option<IpAddr>, timeout: Duration) -> io::Result<TcpStream> {
+    let s = Socket::new(Domain::for_address(to), Type::STREAM, Some(Protocol::TCP))?;
+    if let Some(ip) = from {
+        s.bind(&SocketAddr::new(ip, 0).into())?;
+    }
+    s.connect_timeout(&to.into(), timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    s.set_tcp_nodelay(true)?;
+    Ok(s.into())
+}
+
+fn serve(a: &Args) -> Result<Outcome, Usage> {
+    let port: u16 = a.req("port")?;
+    let bind: IpAddr = a.get("bind")?.unwrap_or(IpAddr::V6(Ipv6Addr::UNSPECIFIED));
+    let seconds: u64 = a.get("seconds")?.unwrap_or(3600);
+    let idle = Duration::from_millis(a.get("idle-ms")?.unwrap_or(120_000));
+    let echo = a.flags.iter().any(|f| f == "echo");
+    let addr = SocketAddr::new(bind, port);
+    let listener = match listen(addr) {
+        Ok(l) => l,
+        Err(e) => {
+            return Ok(fail(
+                kind(&e),
+                format!("cannot listen on {addr}: {e}"),
+                json!({}),
+            ));
+        }
+    };
+    exit_after(Duration::from_secs(seconds));
+    println!(
+        "{}",
+        json!({"ok": true, "listening": addr.to_string(), "echo": echo})
+    );
+    loop {
+        let (stream, peer) = match listener.accept() {
+            Ok(x) => x,
+            Err(e) => {
+                eprintln!("probe serve: accept: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        std::thread::spawn(move || {
+            let local = stream
+                .local_addr()
+                .map(canonical)
+                .map(|l| l.to_string())
+                .unwrap_or_default();
+            let started = Instant::now();
+            let (bytes, err) = handle(stream, echo, idle);
+            let mut v = json!({"peer": canonical(peer).to_string(), "local": local, "bytes": bytes, "ms": ms(started.elapsed())});
+            if let Some(e) = err {
+                v["error"] = json!(format!("{}: {e}", kind(&e)));
+            }
+            println!("{v}");
+        });
+    }
+}
+
+/// `[::ffff:1.2.3.4]:p` (an IPv4 client of a dual-stack socket) shown as `1.2.3.4:p`.
+fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
+fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        // Dual stack on [::]: IPv4 clients arrive as ::ffff:a.b.c.d.
+        s.set_only_v6(false)?;
+    }
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    Ok(s.into())
+}
+
+/// One server connection: returns the bytes received and the error that ended it, if any.
+fn handle(mut s: TcpStream, echo: bool, idle: Duration) -> (u64, Option<io::Error>) {
+    let _ = s.set_read_timeout(Some(idle));
+    let _ = s.set_write_timeout(Some(idle));
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                total += n as u64;
+                if echo && let Err(e) = s.write_all(&buf[..n]) {
+                    return (total, Some(e));
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return (total, Some(e)),
+        }
+    }
+    if !echo && let Err(e) = s.write_all(&total.to_be_bytes()) {
+        return (total, Some(e));
+    }
+    let _ = s.shutdown(Shutdown::Write);
+    (total, None)
+}
+
+fn exit_after(d: Duration) {
+    std::thread::spawn(move || {
+        std::thread::sleep(d);
+        std::process::exit(0);
+    });
+}
+
+fn connect_mode(a: &Args) -> Result<Outcome, Usage> {
+    let to: SocketAddr = a.req("to")?;
+    let from: Option<IpAddr> = a.get("from")?;
+    let t = Instant::now();
+    Ok(match dial(to, from, a.timeout()?) {
+        Ok(s) => json_ok(
+            json!({"to": to.to_string(), "local": s.local_addr().map(|l| l.to_string()).unwrap_or_default(), "connect_ms": ms(t.elapsed())}),
+        ),
+        Err(e) => fail(
+            kind(&e),
+            e,
+            json!({"to": to.to_string(), "elapsed_ms": ms(t.elapsed())}),
+        ),
+    })
+}
+
+fn json_ok(extra: Value) -> Outcome {
+    let mut v = json!({"ok": true});
+    if let (Some(m), Value::Object(e)) = (v.as_object_mut(), extra) {
+        m.extend(e);
+    }
+    Outcome(v)
+}
+
+fn send(a: &Args) -> Result<Outcome, Usage> {
+    let to: SocketAddr = a.req("to")?;
+    let bytes: u64 = a.req("bytes")?;
+    let seconds: f64 = a.get("seconds")?.unwrap_or(0.0);
+    let chunk: usize =
+        a.get("chunk")?
+            .unwrap_or(if seconds > 0.0 { 16 * 1024 } else { 256 * 1024 });
+    let from: Option<IpAddr> = a.get("from")?;
+    let timeout = a.timeout()?;
+    if chunk == 0 || !seconds.is_finite() || seconds < 0.0 {
+        return Err(Usage("--chunk must be > 0 and --seconds >= 0".into()));
+    }
+    let start = Instant::now();
+    let mut s = match dial(to, from, timeout) {
+        Ok(s) => s,
+        Err(e) => {
+            return Ok(fail(
+                kind(&e),
+                format!("connect to {to}: {e}"),
+                json!({"bytes_sent": 0}),
+            ));
+        }
+    };
+    let connect_ms = ms(start.elapsed());
+    let buf = vec![0x5au8; chunk];
+    let mut sent = 0u64;
+    while sent < bytes {
+        let n = (bytes - sent).min(chunk as u64) as usize;
+        if let Err(e) = s.write_all(&buf[..n]) {
+            return Ok(fail(
+                kind(&e),
+                format!("after {sent} of {bytes} bytes: {e}"),
+                json!({"bytes_sent": sent, "elapsed_ms": ms(start.elapsed())}),
+            ));
+        }
+        sent += n as u64;
+        if seconds > 0.0 {
+            // Pace: byte k is due at k/bytes of the way through `seconds`.
+            let due = Duration::from_secs_f64(seconds * sent as f64 / bytes as f64);
+            if let Some(wait) = due.checked_sub(start.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+    }
+    if let Err(e) = s.shutdown(Shutdown::Write) {
+        return Ok(fail(
+            kind(&e),
+            format!("half-close: {e}"),
+            json!({"bytes_sent": sent}),
+        ));
+    }
+    let mut reply = [0u8; 8];
+    if let Err(e) = s.read_exact(&mut reply) {
+        let msg = if e.kind() == ErrorKind::UnexpectedEof {
+            "connection closed before the byte count".to_string()
+        } else {
+            e.to_string()
+        };
+        return Ok(fail(
+            kind(&e),
+            format!("reading the count after sending {sent} bytes: {msg}"),
+            json!({"bytes_sent": sent, "elapsed_ms": ms(start.elapsed())}),
+        ));
+    }
+    let counted = u64::from_be_bytes(reply);
+    let elapsed = start.elapsed();
+    let stats = json!({"bytes": bytes, "bytes_sent": sent, "server_bytes": counted, "connect_ms": connect_ms, "elapsed_ms": ms(elapsed), "mbit_per_s": (bytes as f64 * 8.0 / elapsed.as_secs_f64() / 1e6 * 100.0).round() / 100.0});
+    Ok(if counted == bytes {
+        json_ok(stats)
+    } else {
+        fail(
+            "short-count",
+            format!("server received {counted} of {bytes} bytes"),
+            stats,
+        )
+    })
+}
+
+fn rr(a: &Args) -> Result<Outcome, Usage> {
+    let to: SocketAddr = a.req("to")?;
+    let count: usize = a.get("count")?.unwrap_or(1000);
+    let size: usize = a.get("size")?.unwrap_or(64);
+    let timeout = a.timeout()?;
+    let mut s = match dial(to, a.get("from")?, timeout) {
+        Ok(s) => s,
+        Err(e) => return Ok(fail(kind(&e), format!("connect to {to}: {e}"), json!({}))),
+    };
+    let (req, mut resp) = (vec![0x42u8; size.max(1)], vec![0u8; size.max(1)]);
+    let mut rtts = Vec::with_capacity(count);
+    for i in 0..count {
+        let t = Instant::now();
+        if let Err(e) = s.write_all(&req).and_then(|()| s.read_exact(&mut resp)) {
+            return Ok(fail(
+                kind(&e),
+                format!("round trip {i}: {e}"),
+                json!({"done": i}),
+            ));
+        }
+        rtts.push(t.elapsed());
+    }
+    rtts.sort();
+    let pct = |p: f64| {
+        rtts.get(((rtts.len() as f64 - 1.0) * p).round() as usize)
+            .map(|d| d.as_secs_f64() * 1e6)
+            .unwrap_or(0.0)
+    };
+    let mean = rtts.iter().map(Duration::as_secs_f64).sum::<f64>() / rtts.len().max(1) as f64 * 1e6;
+    Ok(json_ok(
+        json!({"count": count, "size": size, "mean_us": mean.round(), "p50_us": pct(0.5).round(), "p99_us": pct(0.99).round(), "max_us": pct(1.0).round()}),
+    ))
+}
+
+fn udp_serve(a: &Args) -> Result<Outcome, Usage> {
+    let port: u16 = a.req("port")?;
+    let seconds: u64 = a.get("seconds")?.unwrap_or(3600);
+    let addr = SocketAddr::new(
+        a.get("bind")?.unwrap_or(IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
+        port,
+    );
+    let sock = match udp_bind(addr) {
+        Ok(s) => s,
+        Err(e) => {
+            return Ok(fail(
+                kind(&e),
+                format!("cannot bind {addr}: {e}"),
+                json!({}),
+            ));
+        }
+    };
+    exit_after(Duration::from_secs(seconds));
+    println!(
+        "{}",
+        json!({"ok": true, "listening": addr.to_string(), "udp": true})
+    );
+    let mut buf = vec![0u8; 65536];
+    loop {
+        match sock.recv_from(&mut buf) {
+            Ok((n, peer)) => {
+                let _ = sock.send_to(&buf[..n], peer);
+            }
+            Err(e) => {
+                eprintln!("probe udp-serve: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+fn udp_bind(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        s.set_only_v6(false)?;
+    }
+    s.bind(&addr.into())?;
+    Ok(s.into())
+}
+
+fn udp_send(a: &Args) -> Result<Outcome, Usage> {
+    let to: SocketAddr = a.req("to")?;
+    let count: u32 = a.get("count")?.unwrap_or(10);
+    let size: usize = a.get::<usize>("size")?.unwrap_or(64).clamp(4, 65000);
+    let timeout = a.timeout()?;
+    let local = SocketAddr::new(
+        if to.is_ipv6() {
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+        } else {
+            IpAddr::V4([0, 0, 0, 0].into())
+        },
+        0,
+    );
+    let sock = match UdpSocket::bind(local).and_then(|s| s.connect(to).map(|()| s)) {
+        Ok(s) => s,
+        Err(e) => return Ok(fail(kind(&e), e, json!({}))),
+    };
+    if let Err(e) = sock.set_read_timeout(Some(timeout)) {
+        return Ok(fail(kind(&e), e, json!({})));
+    }
+    let (mut received, mut buf) = (0u32, vec![0u8; 65536]);
+    let start = Instant::now();
+    for seq in 0..count {
+        let mut msg = vec![0u8; size];
+        msg[..4].copy_from_slice(&seq.to_be_bytes());
+        if let Err(e) = sock.send(&msg) {
+            return Ok(fail(
+                kind(&e),
+                e,
+                json!({"sent": seq, "received": received}),
+            ));
+        }
+        // Skip stale echoes of earlier (timed-out) datagrams; bounded by the read timeout.
+        loop {
+            match sock.recv(&mut buf) {
+                Ok(n) if n >= 4 && buf[..4] == seq.to_be_bytes() => {
+                    received += 1;
+                    break;
+                }
+                Ok(_) => continue,
+                Err(_) => break,
+            }
+        }
+    }
+    let stats = json!({"sent": count, "received": received, "elapsed_ms": ms(start.elapsed())});
+    Ok(if received == count {
+        json_ok(stats)
+    } else {
+        fail(
+            "timeout",
+            format!("{} of {count} datagrams got no echo", count - received),
+            stats,
+        )
+    })
+}

@@ -1,0 +1,495 @@
+//! The `Testbed`: a simulated cluster of nodes and pods in network namespaces.
+//!
+//! Layout (id `1a2b`, so prefix `pc1a2b`):
+//! - netns `pc1a2b-fabric` holds bridge `br0`; each node's eth0 is a veth whose other end
+//!   (`pc1a2bn<i>`) is a port of the bridge. Nodes are 198.18.0.i/24 and fd00:18::i/64.
+//! - netns `pc1a2b-<node>`: forwarding on, routes to the other nodes' pod subnets
+//!   (198.18.k.0/24, fd00:18:k::/64) via their node address.
+//! - netns `pc1a2b-<pod>`: eth0 with 198.18.i.(j+1)/32 and fd00:18:i::(j+1)/128, default routes
+//!   `dev eth0` (v4, answered by proxy ARP on the host end) and `via fe80::1` (v6); the host end
+//!   `pc1a2bp<N>` lives in the node namespace with a /32 and a /128 route to the pod — the
+//!   layout of a Calico-style CNI.
+//! - cgroups `<cg2>/pc1a2b/<node>/{agent,host,pods/<pod>}`; state in
+//!   `/run/portcullis-testbed/pc1a2b/`.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+use crate::cluster::{AgentConfig, ClusterFile, ClusterNode};
+use crate::info::{self, BPFFS_ROOT, NodeInfo, PodInfo, TestbedInfo};
+use crate::spec::Spec;
+use crate::{cgroup, cmd, netns, process, teardown};
+
+/// The port every agent listens on (on its node address) for peer agents.
+pub const AGENT_PORT: u16 = 4181;
+/// Name of the bridge inside the fabric namespace.
+pub const BRIDGE: &str = "br0";
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Start one agent per node (default true).
+    pub agents: bool,
+    /// The `portcullis` binary; falls back to env `PORTCULLIS_BIN`.
+    pub agent_bin: Option<PathBuf>,
+    /// `log_level` in the agent configs.
+    pub log_level: String,
+    pub trust_domain: String,
+    /// Start agents in a session of their own (setsid), for testbeds that outlive their
+    /// creator (`cargo xtask testbed up`).
+    pub detach_agents: bool,
+    /// How long to wait for an agent's admin socket to appear.
+    pub agent_ready_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            agents: true,
+            agent_bin: None,
+            log_level: "debug".into(),
+            trust_domain: "cluster.local".into(),
+            detach_agents: false,
+            agent_ready_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+impl Options {
+    /// Options for a testbed with no agents (plain connectivity).
+    pub fn without_agents() -> Self {
+        Options {
+            agents: false,
+            ..Options::default()
+        }
+    }
+}
+
+/// A running testbed. Dropping it tears everything down (best effort, errors to stderr),
+/// unless it was made persistent with [`Testbed::into_persistent`] or obtained with
+/// [`Testbed::attach`].
+pub struct Testbed {
+    pub(crate) info: TestbedInfo,
+    pub(crate) children: HashMap<String, Child>,
+    pub(crate) log_level: String,
+    pub(crate) detach_agents: bool,
+    pub(crate) ready_timeout: Duration,
+    persistent: bool,
+}
+
+impl Testbed {
+    /// Builds the testbed described by `spec` and, if `opts.agents`, starts its agents. On
+    /// failure everything built so far is removed again.
+    pub fn up(spec: &Spec, opts: &Options) -> Result<Testbed> {
+        if !process::is_root() {
+            bail!("the testbed needs root (network namespaces, cgroups, bpffs); run as root");
+        }
+        spec.validate()?;
+        let agent_bin = match (&opts.agent_bin, std::env::var_os("PORTCULLIS_BIN")) {
+            (Some(p), _) => Some(p.clone()),
+            (None, Some(p)) if !p.is_empty() => Some(PathBuf::from(p)),
+            _ => None,
+        };
+        if opts.agents {
+            let Some(bin) = &agent_bin else {
+                bail!(
+                    "agents requested but no agent binary: set Options::agent_bin or env PORTCULLIS_BIN"
+                );
+            };
+            if !bin.is_file() {
+                bail!("agent binary {} does not exist", bin.display());
+            }
+        }
+        cmd::run(Command::new("ip").arg("-V")).context("`ip` (iproute2) is required")?;
+
+        let cg2 = cgroup::mount_point()?;
+        let id = info::claim_new_id()?;
+        let prefix = info::prefix(&id);
+        let state_dir = info::state_dir(&id);
+        // The struct exists before anything is created, so that an error below (an early
+        // return) drops it and so removes whatever was made.
+        let mut tb = Testbed {
+            info: TestbedInfo {
+                id: id.clone(),
+                prefix: prefix.clone(),
+                creator_pid: std::process::id(),
+                cluster_file: state_dir.join("cluster.yaml"),
+                state_dir: state_dir.clone(),
+                cgroup_root: cg2.join(&prefix),
+                bpffs_root: Path::new(BPFFS_ROOT).join(&prefix),
+                fabric_netns: format!("{prefix}-fabric"),
+                bridge: BRIDGE.into(),
+                agent_bin,
+                agents: opts.agents,
+                trust_domain: opts.trust_domain.clone(),
+                next_pod_index: 1,
+                nodes: Vec::new(),
+                pods: Vec::new(),
+            },
+            children: HashMap::new(),
+            log_level: opts.log_level.clone(),
+            detach_agents: opts.detach_agents,
+            ready_timeout: opts.agent_ready_timeout,
+            persistent: false,
+        };
+        tb.info.save()?;
+        cgroup::create(&tb.info.cgroup_root)?;
+
+        let fabric = tb.info.fabric_netns.clone();
+        netns::add(&fabric)?;
+        cmd::ip_in_str(&fabric, "link add br0 type bridge mcast_snooping 0")?;
+        cmd::ip_in_str(&fabric, "link set br0 up")?;
+
+        for (i, node) in spec.nodes.iter().enumerate() {
+            tb.add_node(&node.name, u32::try_from(i + 1).context("too many nodes")?)?;
+        }
+        tb.add_node_routes()?;
+        for node in &spec.nodes {
+            for pod in &node.pods {
+                tb.setup_pod(&node.name, pod)?;
+            }
+        }
+        tb.info.save()?;
+        tb.write_initial_files()?;
+        if opts.agents {
+            let names: Vec<String> = tb.info.nodes.iter().map(|n| n.name.clone()).collect();
+            for name in names {
+                tb.start_agent(&name)?;
+            }
+        }
+        Ok(tb)
+    }
+
+    /// A handle on a testbed built by another process (from its testbed.json). Dropping it
+    /// leaves the testbed alone; [`Testbed::down`] removes it.
+    pub fn attach(id: &str) -> Result<Testbed> {
+        let info = TestbedInfo::load(id)?;
+        Ok(Testbed {
+            info,
+            children: HashMap::new(),
+            log_level: "debug".into(),
+            detach_agents: true,
+            ready_timeout: Options::default().agent_ready_timeout,
+            persistent: true,
+        })
+    }
+
+    /// Keeps the testbed (and its agents) after this handle is gone; returns its description.
+    pub fn into_persistent(mut self) -> TestbedInfo {
+        self.persistent = true;
+        // Dropping a `Child` neither kills nor waits for it: the agents keep running.
+        self.children.clear();
+        self.info.clone()
+    }
+
+    /// Same as [`Testbed::into_persistent`], returning only the id.
+    pub fn leak(self) -> String {
+        self.into_persistent().id
+    }
+
+    /// Tears the testbed down now, reporting errors instead of printing them.
+    pub fn down(mut self) -> Result<()> {
+        self.persistent = true; // Drop must not do it a second time.
+        let errors = self.teardown();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            bail!("teardown of {}: {}", self.info.prefix, errors.join("; "))
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.info.id
+    }
+
+    pub fn info(&self) -> &TestbedInfo {
+        &self.info
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        &self.info.state_dir
+    }
+
+    /// Panics (with the list of nodes) if there is no such node: meant for tests.
+    pub fn node(&self, name: &str) -> &NodeInfo {
+        self.info.node(name).unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// Panics (with the list of pods) if there is no such pod: meant for tests.
+    pub fn pod(&self, name: &str) -> &PodInfo {
+        self.info.pod(name).unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    fn add_node(&mut self, name: &str, index: u32) -> Result<()> {
+        let p = &self.info.prefix;
+        let ns = format!("{p}-{name}");
+        let node_cg = self.info.cgroup_root.join(name);
+        let sd = &self.info.state_dir;
+        let ipv4 = Ipv4Addr::new(198, 18, 0, u8::try_from(index).context("node index")?);
+        let ipv6: Ipv6Addr = format!("fd00:18::{index:x}")
+            .parse()
+            .context("node address")?;
+        let node = NodeInfo {
+            name: name.to_string(),
+            index,
+            netns: ns.clone(),
+            ipv4,
+            ipv6,
+            pod_cidr_v4: format!("198.18.{index}.0/24"),
+            pod_cidr_v6: format!("fd00:18:{index:x}::/64"),
+            fabric_veth: format!("{p}n{index}"),
+            agent_cgroup: node_cg.join("agent"),
+            pods_cgroup: node_cg.join("pods"),
+            host_cgroup: node_cg.join("host"),
+            cgroup: node_cg,
+            agent_config: sd.join(format!("{name}.yaml")),
+            admin_socket: sd.join(format!("{name}.sock")),
+            log_file: sd.join(format!("{name}.log")),
+            pid_file: sd.join(format!("{name}.pid")),
+            bpffs_dir: self.info.bpffs_root.join(name),
+            agent_address: SocketAddr::new(ipv4.into(), AGENT_PORT),
+        };
+        netns::check_ifname(&node.fabric_veth)?;
+        // Recorded before creation so that a failure halfway is still torn down by name.
+        self.info.nodes.push(node.clone());
+        netns::add(&ns)?;
+        // Forwarding must be on before the pod veths exist: new interfaces copy the namespace
+        // default, and proxy ARP only answers on interfaces that forward.
+        netns::sysctl(
+            &ns,
+            &[
+                ("net.ipv4.ip_forward".into(), "1".into()),
+                ("net.ipv6.conf.all.forwarding".into(), "1".into()),
+                ("net.ipv6.conf.default.forwarding".into(), "1".into()),
+            ],
+        )?;
+        let fabric = &self.info.fabric_netns;
+        // Both ends are created inside namespaces (fabric and node): nothing ever appears in
+        // the root namespace, not even for a moment.
+        cmd::ip_in(
+            fabric,
+            [
+                "link",
+                "add",
+                &node.fabric_veth,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &ns,
+            ],
+        )?;
+        cmd::ip_in(
+            fabric,
+            ["link", "set", &node.fabric_veth, "master", BRIDGE, "up"],
+        )?;
+        cmd::ip_in(&ns, ["addr", "add", &format!("{ipv4}/24"), "dev", "eth0"])?;
+        cmd::ip_in(
+            &ns,
+            ["addr", "add", &format!("{ipv6}/64"), "dev", "eth0", "nodad"],
+        )?;
+        cmd::ip_in_str(&ns, "link set eth0 up")?;
+        for cg in [&node.agent_cgroup, &node.pods_cgroup, &node.host_cgroup] {
+            cgroup::create(cg)?;
+        }
+        Ok(())
+    }
+
+    /// Every node routes every other node's pod subnets to that node (a flat L2 fabric with
+    /// static routes, like Calico without BGP). One `ip -batch` per node keeps it fast.
+    fn add_node_routes(&self) -> Result<()> {
+        for node in &self.info.nodes {
+            let mut batch = String::new();
+            for other in self.info.nodes.iter().filter(|o| o.name != node.name) {
+                batch.push_str(&format!(
+                    "route add {} via {}\n",
+                    other.pod_cidr_v4, other.ipv4
+                ));
+                // No `-6` in batch lines: the family follows from the addresses.
+                batch.push_str(&format!(
+                    "route add {} via {}\n",
+                    other.pod_cidr_v6, other.ipv6
+                ));
+            }
+            ip_batch(&node.netns, &batch)?;
+        }
+        Ok(())
+    }
+
+    fn write_initial_files(&self) -> Result<()> {
+        let cluster = ClusterFile {
+            trust_domain: self.info.trust_domain.clone(),
+            nodes: self
+                .info
+                .nodes
+                .iter()
+                .map(|n| ClusterNode {
+                    name: n.name.clone(),
+                    address: n.agent_address,
+                    extra: Default::default(),
+                })
+                .collect(),
+            workloads: self
+                .info
+                .pods
+                .iter()
+                .filter(|p| p.enroll)
+                .map(PodInfo::workload)
+                .collect(),
+            extra: Default::default(),
+        };
+        cluster.store(&self.info.cluster_file)?;
+        for n in &self.info.nodes {
+            AgentConfig {
+                node: n.name.clone(),
+                cluster_state: self.info.cluster_file.clone(),
+                bpffs_dir: n.bpffs_dir.clone(),
+                admin_socket: n.admin_socket.clone(),
+                log_level: self.log_level.clone(),
+                extra: Default::default(),
+            }
+            .store(&n.agent_config)?;
+        }
+        Ok(())
+    }
+
+    /// Rewrites cluster.yaml atomically after `edit` changed it (agents watch the file).
+    pub fn write_cluster(&self, edit: impl FnOnce(&mut ClusterFile)) -> Result<()> {
+        let mut cluster = self.cluster()?;
+        edit(&mut cluster);
+        cluster.store(&self.info.cluster_file)
+    }
+
+    /// The current content of cluster.yaml.
+    pub fn cluster(&self) -> Result<ClusterFile> {
+        ClusterFile::load(&self.info.cluster_file)
+    }
+
+    /// Rewrites a node's agent config (takes effect at the agent's next start).
+    pub fn write_agent_config(
+        &self,
+        node: &str,
+        edit: impl FnOnce(&mut AgentConfig),
+    ) -> Result<()> {
+        let path = &self.info.node(node)?.agent_config;
+        let mut cfg = AgentConfig::load(path)?;
+        edit(&mut cfg);
+        cfg.store(path)
+    }
+
+    /// A command that runs in pod `pod`'s network namespace and cgroup. Panics if there is no
+    /// such pod (see [`Testbed::try_exec`]).
+    pub fn exec<S: AsRef<OsStr>>(&self, pod: &str, args: &[S]) -> Command {
+        self.try_exec(pod, args)
+            .unwrap_or_else(|e| panic!("exec in pod {pod}: {e:#}"))
+    }
+
+    pub fn try_exec<S: AsRef<OsStr>>(&self, pod: &str, args: &[S]) -> Result<Command> {
+        let pod = self.info.pod(pod)?;
+        command_in(&pod.netns, &pod.cgroup, args)
+    }
+
+    /// A command that runs in node `node`'s network namespace, in its `host` cgroup (a
+    /// host-network process of that node). Panics if there is no such node.
+    pub fn exec_node<S: AsRef<OsStr>>(&self, node: &str, args: &[S]) -> Command {
+        self.try_exec_node(node, args)
+            .unwrap_or_else(|e| panic!("exec on node {node}: {e:#}"))
+    }
+
+    pub fn try_exec_node<S: AsRef<OsStr>>(&self, node: &str, args: &[S]) -> Result<Command> {
+        let node = self.info.node(node)?;
+        command_in(&node.netns, &node.host_cgroup, args)
+    }
+
+    /// Runs `args` in a pod to completion; fails unless it exits 0. Returns its output.
+    pub fn run_in(&self, pod: &str, args: &[&str]) -> Result<Output> {
+        let mut c = self.try_exec(pod, args)?;
+        let out = cmd::output(&mut c)?;
+        cmd::check(&c, &out).with_context(|| format!("in pod {pod}"))?;
+        Ok(out)
+    }
+
+    /// `portcullis --admin-socket <node's socket> ARGS…` in the root namespace: the CLI client
+    /// of a node's agent. Panics if the node does not exist or no agent binary is known.
+    pub fn portcullis<S: AsRef<OsStr>>(&self, node: &str, args: &[S]) -> Command {
+        self.try_portcullis(node, args)
+            .unwrap_or_else(|e| panic!("portcullis on node {node}: {e:#}"))
+    }
+
+    pub fn try_portcullis<S: AsRef<OsStr>>(&self, node: &str, args: &[S]) -> Result<Command> {
+        let n = self.info.node(node)?;
+        let bin = self
+            .info
+            .agent_bin
+            .as_ref()
+            .context("no agent binary known (Options::agent_bin / PORTCULLIS_BIN)")?;
+        let mut c = Command::new(bin);
+        c.arg("--admin-socket").arg(&n.admin_socket).args(args);
+        Ok(c)
+    }
+
+    /// Kills agents and removes everything; returns the problems met.
+    fn teardown(&mut self) -> Vec<String> {
+        let mut errors = Vec::new();
+        for (node, mut child) in self.children.drain() {
+            if let Err(e) =
+                process::terminate_child(&mut child, libc::SIGKILL, Duration::from_secs(10))
+            {
+                errors.push(format!("agent on {node}: {e:#}"));
+            }
+        }
+        errors.extend(teardown::teardown_info(&self.info));
+        errors
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        if self.persistent {
+            return;
+        }
+        let errors = self.teardown();
+        for e in &errors {
+            eprintln!("testbed {}: teardown: {e}", self.info.prefix);
+        }
+    }
+}
+
+/// A command entering `netns` and `cgroup` (see [`process::enter`]).
+pub fn command_in<S: AsRef<OsStr>>(netns: &str, cgroup: &Path, args: &[S]) -> Result<Command> {
+    let (first, rest) = args.split_first().context("empty command line")?;
+    let mut c = Command::new(first);
+    c.args(rest);
+    process::enter(&mut c, netns, cgroup, false)?;
+    Ok(c)
+}
+
+/// `ip -n NETNS -batch -` with `lines` on stdin (one `ip` command per line).
+fn ip_batch(netns: &str, lines: &str) -> Result<()> {
+    use std::io::Write;
+    use std::process::Stdio;
+    if lines.is_empty() {
+        return Ok(());
+    }
+    let mut c = Command::new("ip");
+    c.args(["-n", netns, "-batch", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c
+        .spawn()
+        .with_context(|| format!("cannot start `{}`", cmd::describe(&c)))?;
+    let mut stdin = child.stdin.take().context("no stdin")?;
+    let write = stdin.write_all(lines.as_bytes());
+    drop(stdin);
+    let out = child.wait_with_output().context("ip -batch")?;
+    write.with_context(|| format!("writing to `{}`", cmd::describe(&c)))?;
+    cmd::check(&c, &out).map_err(|e| anyhow::anyhow!("{e:#}\nbatch was:\n{lines}"))
+}
