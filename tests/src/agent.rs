@@ -46,6 +46,10 @@ impl Testbed {
             .with_context(|| format!("cannot open {}", n.log_file.display()))?;
         let mut c = Command::new(&bin);
         c.arg("run").arg("--config").arg(&n.agent_config);
+        if std::env::var_os("RUST_BACKTRACE").is_none() {
+            // A panicking agent should say where, in the log the failing test quotes.
+            c.env("RUST_BACKTRACE", "1");
+        }
         c.stdin(Stdio::null())
             .stdout(log.try_clone().context("dup log fd")?)
             .stderr(log);

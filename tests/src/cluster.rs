@@ -38,6 +38,9 @@ pub struct Workload {
     pub service_account: String,
     pub node: String,
     pub addresses: Vec<IpAddr>,
+    /// Overrides the identity derived from namespace and service account.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spiffe_id: Option<String>,
     #[serde(flatten)]
     pub extra: BTreeMap<String, serde_yaml::Value>,
 }

@@ -96,6 +96,7 @@ impl PodInfo {
             service_account: self.service_account.clone(),
             node: self.node.clone(),
             addresses: vec![self.ipv4.into(), self.ipv6.into()],
+            spiffe_id: None,
             extra: Default::default(),
         }
     }

@@ -416,8 +416,8 @@ impl Testbed {
         Ok(out)
     }
 
-    /// `portcullis --admin-socket <node's socket> ARGS…` in the root namespace: the CLI client
-    /// of a node's agent. Panics if the node does not exist or no agent binary is known.
+    /// `portcullis --config <node's agent config> ARGS…` in the root namespace: the CLI client
+    /// of a node's agent (the config names its admin socket and bpffs directory). Panics if the node does not exist or no agent binary is known.
     pub fn portcullis<S: AsRef<OsStr>>(&self, node: &str, args: &[S]) -> Command {
         self.try_portcullis(node, args)
             .unwrap_or_else(|e| panic!("portcullis on node {node}: {e:#}"))
@@ -431,7 +431,7 @@ impl Testbed {
             .as_ref()
             .context("no agent binary known (Options::agent_bin / PORTCULLIS_BIN)")?;
         let mut c = Command::new(bin);
-        c.arg("--admin-socket").arg(&n.admin_socket).args(args);
+        c.arg("--config").arg(&n.agent_config).args(args);
         Ok(c)
     }
 
