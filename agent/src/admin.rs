@@ -54,7 +54,16 @@ pub enum AdminError {
 /// A request and where its answer goes.
 pub type Call = (Request, oneshot::Sender<Response>);
 
-/// Binds the socket, replacing a stale one but never one a live agent serves.
+/// Fails when a live agent serves `path`: two agents must not share one.
+pub fn ensure_free(path: &Path) -> Result<(), AdminError> {
+    if path.exists() && StdUnixStream::connect(path).is_ok() {
+        return Err(AdminError::InUse { path: path.to_owned() });
+    }
+    Ok(())
+}
+
+/// Binds the socket, replacing a stale one but never one a live agent serves. The socket
+/// appears only once the agent enforces: its existence is the readiness signal.
 pub fn bind(path: &Path) -> Result<UnixListener, AdminError> {
     let io = |source| AdminError::Io { path: path.to_owned(), source };
     if let Some(dir) = path.parent() {
@@ -62,10 +71,8 @@ pub fn bind(path: &Path) -> Result<UnixListener, AdminError> {
             std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io)?;
         }
     }
+    ensure_free(path)?;
     if path.exists() {
-        if StdUnixStream::connect(path).is_ok() {
-            return Err(AdminError::InUse { path: path.to_owned() });
-        }
         std::fs::remove_file(path).map_err(io)?;
     }
     let listener = UnixListener::bind(path).map_err(io)?;

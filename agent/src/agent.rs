@@ -336,7 +336,7 @@ impl Agent {
 /// Runs the agent until SIGTERM or SIGINT. Enforcement stays in place after it returns.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(config = ?config, "starting");
-    let listener = admin::bind(&config.admin_socket)?;
+    admin::ensure_free(&config.admin_socket)?;
     let (mut agent, channels) = Agent::new(config.clone())?;
     agent.reconcile().context("first reconciliation")?;
     if agent.cluster.is_none() {
@@ -346,6 +346,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         );
     }
 
+    let listener = admin::bind(&config.admin_socket)?;
     let (event_tx, mut event_rx) = mpsc::channel::<Event>(4096);
     tokio::spawn(read_events(channels.events, event_tx));
     if let Some(logger) = channels.logger {

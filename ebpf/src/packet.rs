@@ -11,6 +11,7 @@ const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
 const ETH_P_ARP: u16 = 0x0806;
+const IPPROTO_HOPOPTS: u8 = 0;
 const TCP_FLAG_SYN: u8 = 0x02;
 const TCP_FLAG_ACK: u8 = 0x10;
 
@@ -87,9 +88,16 @@ impl Packet {
         if hdr[0] >> 4 != 6 {
             return Err(());
         }
-        // Extension headers are not followed: a packet whose next header is not a transport
-        // protocol we know is treated as unsupported (and so dropped towards a pod).
-        let proto = hdr[6];
+        // One hop-by-hop options header is followed, because MLD (ICMPv6 behind a router
+        // alert option) needs it; other extension headers are not, and a packet whose next
+        // header is not a transport protocol we know is dropped towards and from a pod.
+        let mut proto = hdr[6];
+        let mut l4 = ETH_HLEN + 40;
+        if proto == IPPROTO_HOPOPTS {
+            let ext: [u8; 2] = ctx.load(l4).map_err(|_| ())?;
+            proto = ext[0];
+            l4 += (usize::from(ext[1]) + 1) * 8;
+        }
         if proto == IPPROTO_ICMPV6 {
             return Ok(Parsed::Control);
         }
@@ -104,7 +112,7 @@ impl Packet {
         };
         pkt.src.copy_from_slice(&hdr[8..24]);
         pkt.dst.copy_from_slice(&hdr[24..40]);
-        pkt.load_l4(ctx, ETH_HLEN + 40)?;
+        pkt.load_l4(ctx, l4)?;
         Ok(Parsed::Ip(pkt))
     }
 

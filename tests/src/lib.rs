@@ -22,6 +22,7 @@ pub mod info;
 pub mod netns;
 mod pods;
 pub mod process;
+pub mod scenario;
 pub mod spec;
 mod teardown;
 mod testbed;

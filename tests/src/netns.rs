@@ -21,10 +21,19 @@ pub fn exists(name: &str) -> bool {
 }
 
 /// Creates a named namespace and brings its loopback up (a fresh namespace has `lo` down, and
-/// half the things one runs in a pod silently rely on it).
+/// half the things one runs in a pod silently rely on it). IPv6 duplicate address detection is
+/// switched off for the interfaces created in it: otherwise every new interface's link-local
+/// address stays tentative for a second, and the first IPv6 packets wait for it.
 pub fn add(name: &str) -> Result<()> {
     cmd::ip(["netns", "add", name])?;
     cmd::ip_in(name, ["link", "set", "lo", "up"])?;
+    sysctl(
+        name,
+        &[
+            ("net.ipv6.conf.all.accept_dad".into(), "0".into()),
+            ("net.ipv6.conf.default.accept_dad".into(), "0".into()),
+        ],
+    )?;
     Ok(())
 }
 
