@@ -23,7 +23,8 @@ fn main() -> anyhow::Result<()> {
     };
     // The kernel programs must be built by the pinned toolchain: bpf-linker links against one
     // LLVM major, and only the pinned rustc emits bitcode it reads.
-    let toolchain_file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../rust-toolchain.toml");
+    let toolchain_file =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../rust-toolchain.toml");
     println!("cargo::rerun-if-changed={}", toolchain_file.display());
     let text = std::fs::read_to_string(&toolchain_file)
         .with_context(|| format!("reading {}", toolchain_file.display()))?;

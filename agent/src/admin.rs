@@ -4,7 +4,10 @@
 
 use std::{
     io::{self, BufRead, BufReader, Write},
-    os::unix::{fs::{DirBuilderExt, PermissionsExt}, net::UnixStream as StdUnixStream},
+    os::unix::{
+        fs::{DirBuilderExt, PermissionsExt},
+        net::UnixStream as StdUnixStream,
+    },
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -27,18 +30,34 @@ pub enum Request {
     Status,
     /// Writes an auth entry by hand (debugging, tests): the pair's new connections are
     /// admitted for `ttl_secs`.
-    AuthAllow { local: String, remote: String, remote_node: String, ttl_secs: u64 },
+    AuthAllow {
+        local: String,
+        remote: String,
+        remote_node: String,
+        ttl_secs: u64,
+    },
     /// Removes an auth entry and cuts the pair's established flows.
-    AuthRevoke { local: String, remote: String, remote_node: String },
+    AuthRevoke {
+        local: String,
+        remote: String,
+        remote_node: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {
     Status(Box<Status>),
-    Allowed { expires_in_secs: u64 },
-    Revoked { entry_removed: bool, flows_cut: usize },
-    Error { message: String },
+    Allowed {
+        expires_in_secs: u64,
+    },
+    Revoked {
+        entry_removed: bool,
+        flows_cut: usize,
+    },
+    Error {
+        message: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -48,7 +67,10 @@ pub enum AdminError {
     #[error("admin socket {path}: another agent is already serving it")]
     InUse { path: PathBuf },
     #[error("admin socket {path}: bad answer: {source}")]
-    Decode { path: PathBuf, source: serde_json::Error },
+    Decode {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
 }
 
 /// A request and where its answer goes.
@@ -57,7 +79,9 @@ pub type Call = (Request, oneshot::Sender<Response>);
 /// Fails when a live agent serves `path`: two agents must not share one.
 pub fn ensure_free(path: &Path) -> Result<(), AdminError> {
     if path.exists() && StdUnixStream::connect(path).is_ok() {
-        return Err(AdminError::InUse { path: path.to_owned() });
+        return Err(AdminError::InUse {
+            path: path.to_owned(),
+        });
     }
     Ok(())
 }
@@ -65,11 +89,18 @@ pub fn ensure_free(path: &Path) -> Result<(), AdminError> {
 /// Binds the socket, replacing a stale one but never one a live agent serves. The socket
 /// appears only once the agent enforces: its existence is the readiness signal.
 pub fn bind(path: &Path) -> Result<UnixListener, AdminError> {
-    let io = |source| AdminError::Io { path: path.to_owned(), source };
-    if let Some(dir) = path.parent() {
-        if !dir.exists() {
-            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io)?;
-        }
+    let io = |source| AdminError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent()
+        && !dir.exists()
+    {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io)?;
     }
     ensure_free(path)?;
     if path.exists() {
@@ -115,12 +146,18 @@ async fn serve_one(stream: UnixStream, core: mpsc::Sender<Call>) -> io::Result<(
             Ok(req) => {
                 let (tx, rx) = oneshot::channel();
                 if core.send((req, tx)).await.is_err() {
-                    Response::Error { message: "the agent is shutting down".into() }
+                    Response::Error {
+                        message: "the agent is shutting down".into(),
+                    }
                 } else {
-                    rx.await.unwrap_or(Response::Error { message: "the agent dropped the request".into() })
+                    rx.await.unwrap_or(Response::Error {
+                        message: "the agent dropped the request".into(),
+                    })
                 }
             }
-            Err(e) => Response::Error { message: format!("bad request: {e}") },
+            Err(e) => Response::Error {
+                message: format!("bad request: {e}"),
+            },
         };
         let mut out = serde_json::to_vec(&response).map_err(io::Error::other)?;
         out.push(b'\n');
@@ -133,13 +170,21 @@ use tokio::io::AsyncReadExt as _;
 
 /// Client side: one request, one answer.
 pub fn call(path: &Path, request: &Request) -> Result<Response, AdminError> {
-    let io = |source| AdminError::Io { path: path.to_owned(), source };
+    let io = |source| AdminError::Io {
+        path: path.to_owned(),
+        source,
+    };
     let mut stream = StdUnixStream::connect(path).map_err(io)?;
-    stream.set_read_timeout(Some(Duration::from_secs(30))).map_err(io)?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(io)?;
     let mut line = serde_json::to_vec(request).map_err(|e| io(io::Error::other(e)))?;
     line.push(b'\n');
     stream.write_all(&line).map_err(io)?;
     let mut answer = String::new();
     BufReader::new(stream).read_line(&mut answer).map_err(io)?;
-    serde_json::from_str(&answer).map_err(|source| AdminError::Decode { path: path.to_owned(), source })
+    serde_json::from_str(&answer).map_err(|source| AdminError::Decode {
+        path: path.to_owned(),
+        source,
+    })
 }

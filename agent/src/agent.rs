@@ -10,8 +10,14 @@ use std::{
 
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
-use portcullis_common::{AuthKey, AuthValue, Counter, EP_LOCAL, EVENT_AUTH_WANTED, Endpoint, Event};
-use tokio::{io::{Interest, unix::AsyncFd}, signal::unix::SignalKind, sync::mpsc};
+use portcullis_common::{
+    AuthKey, AuthValue, Counter, EP_LOCAL, EVENT_AUTH_WANTED, Endpoint, Event,
+};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    signal::unix::SignalKind,
+    sync::mpsc,
+};
 
 use crate::{
     admin::{self, Call, Request, Response},
@@ -58,8 +64,10 @@ pub struct Agent {
 
 impl Agent {
     pub fn new(config: Config) -> anyhow::Result<(Self, datapath::Channels)> {
-        let (dp, channels) = Datapath::open(&config.bpffs_dir, config.datapath_log)
-            .with_context(|| format!("opening the datapath under {}", config.bpffs_dir.display()))?;
+        let (dp, channels) =
+            Datapath::open(&config.bpffs_dir, config.datapath_log).with_context(|| {
+                format!("opening the datapath under {}", config.bpffs_dir.display())
+            })?;
         let registry = Registry::load(dp.names()?);
         let programmed = dp.endpoints()?;
         let leftover_pins = dp.dirs().pinned_interfaces()?;
@@ -119,17 +127,26 @@ impl Agent {
                 }
             }
         }
-        let Some(cluster) = self.cluster.clone() else { return Ok(()) };
+        let Some(cluster) = self.cluster.clone() else {
+            return Ok(());
+        };
         let mut desired: HashMap<IpAddr, Endpoint> = HashMap::new();
         let mut ifaces: BTreeMap<u32, Iface> = BTreeMap::new();
         let mut pending = Vec::new();
         for w in &cluster.workloads {
-            let identity = self.registry.intern(&mut self.dp, Kind::Identity, w.identity.as_str())?;
+            let identity =
+                self.registry
+                    .intern(&mut self.dp, Kind::Identity, w.identity.as_str())?;
             let node = self.registry.intern(&mut self.dp, Kind::Node, &w.node)?;
             let local = w.node == self.config.node;
             let label = format!("{}/{}", w.namespace, w.name);
             for addr in &w.addresses {
-                let mut ep = Endpoint { identity, node, ifindex: 0, flags: 0 };
+                let mut ep = Endpoint {
+                    identity,
+                    node,
+                    ifindex: 0,
+                    flags: 0,
+                };
                 if local {
                     match route::lookup(*addr) {
                         Ok(iface) => {
@@ -169,12 +186,18 @@ impl Agent {
                 self.programmed.insert(*addr, *ep);
             }
         }
-        let gone: Vec<IpAddr> = self.programmed.keys().filter(|a| !desired.contains_key(a)).copied().collect();
+        let gone: Vec<IpAddr> = self
+            .programmed
+            .keys()
+            .filter(|a| !desired.contains_key(a))
+            .copied()
+            .collect();
         for addr in gone {
             self.dp.remove_endpoint(addr)?;
             self.programmed.remove(&addr);
             let cut = self.dp.cut_flows(|k, _| {
-                status::flow_addr(k.family, &k.local_addr) == addr || status::flow_addr(k.family, &k.remote_addr) == addr
+                status::flow_addr(k.family, &k.local_addr) == addr
+                    || status::flow_addr(k.family, &k.remote_addr) == addr
             })?;
             tracing::info!(%addr, flows_cut = cut, "endpoint removed from cluster state");
         }
@@ -186,12 +209,19 @@ impl Agent {
                 existing.addresses = iface.addresses;
                 continue;
             }
-            let how = self.dp.attach(&route::Interface { index, name: iface.name.clone() })?;
+            let how = self.dp.attach(&route::Interface {
+                index,
+                name: iface.name.clone(),
+            })?;
             iface.attached = how;
             tracing::info!(workload = %iface.workload, interface = %iface.name, ifindex = index, attached = ?how, "enforcing");
             self.attached.insert(index, iface);
         }
-        let wanted: HashSet<u32> = desired.values().filter(|e| e.flags & EP_LOCAL != 0).map(|e| e.ifindex).collect();
+        let wanted: HashSet<u32> = desired
+            .values()
+            .filter(|e| e.flags & EP_LOCAL != 0)
+            .map(|e| e.ifindex)
+            .collect();
         let released: Vec<u32> = self
             .attached
             .keys()
@@ -215,14 +245,25 @@ impl Agent {
         self.events_total += 1;
         let reason = Counter::from_u32(ev.reason).map_or("unknown", Counter::name);
         let record = EventRecord {
-            kind: if ev.kind == EVENT_AUTH_WANTED { "auth_wanted" } else { "denied" }.to_owned(),
+            kind: if ev.kind == EVENT_AUTH_WANTED {
+                "auth_wanted"
+            } else {
+                "denied"
+            }
+            .to_owned(),
             reason: reason.to_owned(),
             local: self.registry.name(Kind::Identity, ev.local_identity),
             remote: self.registry.name(Kind::Identity, ev.remote_identity),
             remote_node: self.registry.name(Kind::Node, ev.remote_node),
             proto: status::proto_name(ev.flow.proto),
-            local_addr: status::sock(status::flow_addr(ev.flow.family, &ev.flow.local_addr), ev.flow.local_port),
-            remote_addr: status::sock(status::flow_addr(ev.flow.family, &ev.flow.remote_addr), ev.flow.remote_port),
+            local_addr: status::sock(
+                status::flow_addr(ev.flow.family, &ev.flow.local_addr),
+                ev.flow.local_port,
+            ),
+            remote_addr: status::sock(
+                status::flow_addr(ev.flow.family, &ev.flow.remote_addr),
+                ev.flow.remote_port,
+            ),
             #[expect(clippy::cast_precision_loss, reason = "seconds for display")]
             boot_time_secs: ev.time_ns as f64 / 1e9,
         };
@@ -241,36 +282,65 @@ impl Agent {
     pub fn handle(&mut self, req: Request) -> Response {
         let result = match req {
             Request::Status => self.status().map(|s| Response::Status(Box::new(s))),
-            Request::AuthAllow { local, remote, remote_node, ttl_secs } => self.allow(&local, &remote, &remote_node, ttl_secs),
-            Request::AuthRevoke { local, remote, remote_node } => self.revoke(&local, &remote, &remote_node),
+            Request::AuthAllow {
+                local,
+                remote,
+                remote_node,
+                ttl_secs,
+            } => self.allow(&local, &remote, &remote_node, ttl_secs),
+            Request::AuthRevoke {
+                local,
+                remote,
+                remote_node,
+            } => self.revoke(&local, &remote, &remote_node),
         };
-        result.unwrap_or_else(|e| Response::Error { message: format!("{e:#}") })
+        result.unwrap_or_else(|e| Response::Error {
+            message: format!("{e:#}"),
+        })
     }
 
     fn pair(&mut self, local: &str, remote: &str, remote_node: &str) -> anyhow::Result<AuthKey> {
         let local = SpiffeId::parse(local).with_context(|| format!("local identity `{local}`"))?;
-        let remote = SpiffeId::parse(remote).with_context(|| format!("remote identity `{remote}`"))?;
+        let remote =
+            SpiffeId::parse(remote).with_context(|| format!("remote identity `{remote}`"))?;
         if remote_node.is_empty() {
             anyhow::bail!("remote node must not be empty");
         }
         Ok(AuthKey {
-            local_identity: self.registry.intern(&mut self.dp, Kind::Identity, local.as_str())?,
-            remote_identity: self.registry.intern(&mut self.dp, Kind::Identity, remote.as_str())?,
-            remote_node: self.registry.intern(&mut self.dp, Kind::Node, remote_node)?,
+            local_identity: self
+                .registry
+                .intern(&mut self.dp, Kind::Identity, local.as_str())?,
+            remote_identity: self
+                .registry
+                .intern(&mut self.dp, Kind::Identity, remote.as_str())?,
+            remote_node: self
+                .registry
+                .intern(&mut self.dp, Kind::Node, remote_node)?,
             kind: 0,
         })
     }
 
-    fn allow(&mut self, local: &str, remote: &str, remote_node: &str, ttl_secs: u64) -> anyhow::Result<Response> {
+    fn allow(
+        &mut self,
+        local: &str,
+        remote: &str,
+        remote_node: &str,
+        ttl_secs: u64,
+    ) -> anyhow::Result<Response> {
         if ttl_secs == 0 {
             anyhow::bail!("ttl must be at least one second");
         }
         let key = self.pair(local, remote, remote_node)?;
         let now = status::boot_ns();
-        let value = AuthValue { expires_ns: now.saturating_add(ttl_secs.saturating_mul(1_000_000_000)), created_ns: now };
+        let value = AuthValue {
+            expires_ns: now.saturating_add(ttl_secs.saturating_mul(1_000_000_000)),
+            created_ns: now,
+        };
         self.dp.allow_pair(&key, &value)?;
         tracing::info!(%local, %remote, %remote_node, ttl_secs, "auth entry written by hand");
-        Ok(Response::Allowed { expires_in_secs: ttl_secs })
+        Ok(Response::Allowed {
+            expires_in_secs: ttl_secs,
+        })
     }
 
     fn revoke(&mut self, local: &str, remote: &str, remote_node: &str) -> anyhow::Result<Response> {
@@ -278,7 +348,10 @@ impl Agent {
         let entry_removed = self.dp.revoke_pair(&key)?;
         let flows_cut = self.dp.cut_flows(|_, v| v.pair() == key)?;
         tracing::info!(%local, %remote, %remote_node, entry_removed, flows_cut, "auth entry revoked by hand");
-        Ok(Response::Revoked { entry_removed, flows_cut })
+        Ok(Response::Revoked {
+            entry_removed,
+            flows_cut,
+        })
     }
 
     /// Removes auth entries that have expired: the kernel already ignores them.
@@ -433,7 +506,9 @@ async fn forward_datapath_log(logger: aya_log::EbpfLogger<&'static dyn log::Log>
         }
     };
     loop {
-        let Ok(mut guard) = fd.readable_mut().await else { return };
+        let Ok(mut guard) = fd.readable_mut().await else {
+            return;
+        };
         guard.get_inner_mut().flush();
         guard.clear_ready();
     }

@@ -53,7 +53,10 @@ impl Cli {
                 .clone()
                 .or_else(|| config.as_ref().map(|c| c.admin_socket.clone()))
                 .unwrap_or_else(|| PathBuf::from(config::DEFAULT_ADMIN_SOCKET)),
-            bpffs_dir: config.as_ref().map_or_else(|| PathBuf::from(config::DEFAULT_BPFFS_DIR), |c| c.bpffs_dir.clone()),
+            bpffs_dir: config.as_ref().map_or_else(
+                || PathBuf::from(config::DEFAULT_BPFFS_DIR),
+                |c| c.bpffs_dir.clone(),
+            ),
             config,
         })
     }

@@ -85,18 +85,40 @@ impl ClusterState {
     }
 
     fn validate(path: &Path, f: File) -> Result<Self, InputError> {
-        identity::validate_trust_domain(&f.trust_domain)
-            .map_err(|e| InputError::value(path, &f.trust_domain, "trust_domain", format!("`{}`: {e}", *f.trust_domain)))?;
+        identity::validate_trust_domain(&f.trust_domain).map_err(|e| {
+            InputError::value(
+                path,
+                &f.trust_domain,
+                "trust_domain",
+                format!("`{}`: {e}", *f.trust_domain),
+            )
+        })?;
         let mut nodes = BTreeMap::new();
         for (i, n) in f.nodes.iter().enumerate() {
             let field = |name: &str| format!("nodes[{i}].{name}");
             check_dns_name(path, &n.name, &field("name"))?;
             let address: SocketAddr = n.address.parse().map_err(|_| {
-                InputError::value(path, &n.address, field("address"), format!("`{}` is not an address:port such as 198.18.0.1:4181 or [fd00::1]:4181", *n.address))
+                InputError::value(
+                    path,
+                    &n.address,
+                    field("address"),
+                    format!(
+                        "`{}` is not an address:port such as 198.18.0.1:4181 or [fd00::1]:4181",
+                        *n.address
+                    ),
+                )
             })?;
-            let node = Node { name: n.name.to_string(), address };
+            let node = Node {
+                name: n.name.to_string(),
+                address,
+            };
             if nodes.insert(node.name.clone(), node).is_some() {
-                return Err(InputError::value(path, &n.name, field("name"), format!("node `{}` is listed twice", *n.name)));
+                return Err(InputError::value(
+                    path,
+                    &n.name,
+                    field("name"),
+                    format!("node `{}` is listed twice", *n.name),
+                ));
             }
         }
         let mut owners: HashMap<IpAddr, String> = HashMap::new();
@@ -113,16 +135,36 @@ impl ClusterState {
                 None => "default".to_owned(),
             };
             if let Some(prev) = names.insert((namespace.clone(), w.name.to_string()), i) {
-                return Err(InputError::value(path, &w.name, field("name"), format!("workload `{namespace}/{}` is also workloads[{prev}]", *w.name)));
+                return Err(InputError::value(
+                    path,
+                    &w.name,
+                    field("name"),
+                    format!(
+                        "workload `{namespace}/{}` is also workloads[{prev}]",
+                        *w.name
+                    ),
+                ));
             }
             let identity = match (&w.service_account, &w.spiffe_id) {
                 (Some(sa), Some(_)) => {
-                    return Err(InputError::value(path, sa, field("service_account"), "give service_account or spiffe_id, not both"));
+                    return Err(InputError::value(
+                        path,
+                        sa,
+                        field("service_account"),
+                        "give service_account or spiffe_id, not both",
+                    ));
                 }
                 (_, Some(id)) => {
-                    let parsed = SpiffeId::parse(id).map_err(|e| InputError::value(path, id, field("spiffe_id"), format!("`{}`: {e}", **id)))?;
+                    let parsed = SpiffeId::parse(id).map_err(|e| {
+                        InputError::value(path, id, field("spiffe_id"), format!("`{}`: {e}", **id))
+                    })?;
                     if parsed.trust_domain() != *f.trust_domain {
-                        return Err(InputError::value(path, id, field("spiffe_id"), format!("`{}` is not in trust domain `{}`", **id, *f.trust_domain)));
+                        return Err(InputError::value(
+                            path,
+                            id,
+                            field("spiffe_id"),
+                            format!("`{}` is not in trust domain `{}`", **id, *f.trust_domain),
+                        ));
                     }
                     parsed
                 }
@@ -131,31 +173,70 @@ impl ClusterState {
                     SpiffeId::for_service_account(&f.trust_domain, &namespace, sa)
                         .map_err(|e| InputError::value(path, sa, field("service_account"), e))?
                 }
-                (None, None) => SpiffeId::for_service_account(&f.trust_domain, &namespace, "default")
-                    .map_err(|e| InputError::value(path, &w.name, field("name"), e))?,
+                (None, None) => {
+                    SpiffeId::for_service_account(&f.trust_domain, &namespace, "default")
+                        .map_err(|e| InputError::value(path, &w.name, field("name"), e))?
+                }
             };
             if !nodes.contains_key(w.node.as_str()) {
-                return Err(InputError::value(path, &w.node, field("node"), format!("no node named `{}` in `nodes`", *w.node)));
+                return Err(InputError::value(
+                    path,
+                    &w.node,
+                    field("node"),
+                    format!("no node named `{}` in `nodes`", *w.node),
+                ));
             }
             if w.addresses.is_empty() {
-                return Err(InputError::value(path, &w.name, field("addresses"), "a workload needs at least one address"));
+                return Err(InputError::value(
+                    path,
+                    &w.name,
+                    field("addresses"),
+                    "a workload needs at least one address",
+                ));
             }
             let mut addresses = Vec::with_capacity(w.addresses.len());
             for (j, a) in w.addresses.iter().enumerate() {
                 let f_addr = field(&format!("addresses[{j}]"));
-                let ip: IpAddr = a.parse().map_err(|_| InputError::value(path, a, f_addr.clone(), format!("`{}` is not an IPv4 or IPv6 address", **a)))?;
+                let ip: IpAddr = a.parse().map_err(|_| {
+                    InputError::value(
+                        path,
+                        a,
+                        f_addr.clone(),
+                        format!("`{}` is not an IPv4 or IPv6 address", **a),
+                    )
+                })?;
                 if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() {
-                    return Err(InputError::value(path, a, f_addr, format!("`{ip}` cannot be a pod address")));
+                    return Err(InputError::value(
+                        path,
+                        a,
+                        f_addr,
+                        format!("`{ip}` cannot be a pod address"),
+                    ));
                 }
                 let me = format!("{namespace}/{}", *w.name);
                 if let Some(owner) = owners.insert(ip, me) {
-                    return Err(InputError::value(path, a, f_addr, format!("`{ip}` already belongs to workload `{owner}`")));
+                    return Err(InputError::value(
+                        path,
+                        a,
+                        f_addr,
+                        format!("`{ip}` already belongs to workload `{owner}`"),
+                    ));
                 }
                 addresses.push(ip);
             }
-            workloads.push(Workload { name: w.name.to_string(), namespace, identity, node: w.node.to_string(), addresses });
+            workloads.push(Workload {
+                name: w.name.to_string(),
+                namespace,
+                identity,
+                node: w.node.to_string(),
+                addresses,
+            });
         }
-        Ok(Self { trust_domain: f.trust_domain.to_string(), nodes, workloads })
+        Ok(Self {
+            trust_domain: f.trust_domain.to_string(),
+            nodes,
+            workloads,
+        })
     }
 }
 
@@ -165,8 +246,20 @@ fn check_dns_name(path: &Path, v: &Spanned<String>, field: &str) -> Result<(), I
     let s = v.as_str();
     let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.';
     let edge = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
-    if s.is_empty() || s.len() > 253 || !s.chars().all(ok_char) || !edge(s.chars().next()) || !edge(s.chars().last()) {
-        return Err(InputError::value(path, v, field, format!("`{s}` is not a valid name (lowercase letters, digits, `-` and `.`, at most 253, starting and ending with a letter or digit)")));
+    if s.is_empty()
+        || s.len() > 253
+        || !s.chars().all(ok_char)
+        || !edge(s.chars().next())
+        || !edge(s.chars().last())
+    {
+        return Err(InputError::value(
+            path,
+            v,
+            field,
+            format!(
+                "`{s}` is not a valid name (lowercase letters, digits, `-` and `.`, at most 253, starting and ending with a letter or digit)"
+            ),
+        ));
     }
     Ok(())
 }
@@ -182,7 +275,10 @@ pub struct FileSource {
 impl FileSource {
     #[must_use]
     pub fn new(path: PathBuf) -> Self {
-        Self { path, last_text: None }
+        Self {
+            path,
+            last_text: None,
+        }
     }
 
     #[must_use]
@@ -202,7 +298,10 @@ impl FileSource {
                     return None;
                 }
                 self.last_text = Some(marker);
-                return Some(Err(InputError::file(&self.path, format!("cannot read: {e}"))));
+                return Some(Err(InputError::file(
+                    &self.path,
+                    format!("cannot read: {e}"),
+                )));
             }
         };
         if self.last_text.as_deref() == Some(text.as_str()) {
@@ -248,11 +347,23 @@ workloads:
     fn parses_nodes_workloads_and_identities() {
         let c = parse(GOOD).unwrap();
         assert_eq!(c.trust_domain, "cluster.local");
-        assert_eq!(c.nodes["node-2"].address, "[fd00:18::2]:4181".parse().unwrap());
-        assert_eq!(c.workloads[0].identity.as_str(), "spiffe://cluster.local/ns/default/sa/client-sa");
+        assert_eq!(
+            c.nodes["node-2"].address,
+            "[fd00:18::2]:4181".parse().unwrap()
+        );
+        assert_eq!(
+            c.workloads[0].identity.as_str(),
+            "spiffe://cluster.local/ns/default/sa/client-sa"
+        );
         assert_eq!(c.workloads[0].addresses.len(), 2);
-        assert_eq!(c.workloads[1].identity.as_str(), "spiffe://cluster.local/custom/server");
-        assert_eq!(c.workloads[2].identity.as_str(), "spiffe://cluster.local/ns/default/sa/default");
+        assert_eq!(
+            c.workloads[1].identity.as_str(),
+            "spiffe://cluster.local/custom/server"
+        );
+        assert_eq!(
+            c.workloads[2].identity.as_str(),
+            "spiffe://cluster.local/ns/default/sa/default"
+        );
         assert_eq!(c.local_workloads("node-2").count(), 2);
     }
 
@@ -260,24 +371,90 @@ workloads:
     #[test]
     fn bad_edits_name_line_field_and_value() {
         let cases: &[(&str, &str, usize, &str, &str)] = &[
-            ("trust_domain: cluster.local", "trust_domain: Cluster", 1, "trust_domain", "Cluster"),
-            ("address: 198.18.0.1:4181", "address: 198.18.0.1", 4, "nodes[0].address", "198.18.0.1"),
-            ("- name: node-2", "- name: node-1", 5, "nodes[1].name", "listed twice"),
-            ("node: node-1\n    addresses", "node: node-9\n    addresses", 10, "workloads[0].node", "node-9"),
-            ("[198.18.1.2, fd00", "[198.18.1.999, fd00", 11, "workloads[0].addresses[0]", "198.18.1.999"),
-            ("[198.18.2.3]", "[198.18.2.2]", 19, "workloads[2].addresses[0]", "already belongs to workload `shop/server`"),
-            ("spiffe://cluster.local/custom/server", "spiffe://other.td/x", 14, "workloads[1].spiffe_id", "not in trust domain"),
-            ("spiffe://cluster.local/custom/server", "spiffe://cluster.local/a//b", 14, "workloads[1].spiffe_id", "empty segment"),
-            ("service_account: client-sa", "service_account: Client", 9, "workloads[0].service_account", "Client"),
-            ("name: plain", "name: plain\n    colour: red", 18, "workloads[2].colour", "Unknown field `colour`"),
+            (
+                "trust_domain: cluster.local",
+                "trust_domain: Cluster",
+                1,
+                "trust_domain",
+                "Cluster",
+            ),
+            (
+                "address: 198.18.0.1:4181",
+                "address: 198.18.0.1",
+                4,
+                "nodes[0].address",
+                "198.18.0.1",
+            ),
+            (
+                "- name: node-2",
+                "- name: node-1",
+                5,
+                "nodes[1].name",
+                "listed twice",
+            ),
+            (
+                "node: node-1\n    addresses",
+                "node: node-9\n    addresses",
+                10,
+                "workloads[0].node",
+                "node-9",
+            ),
+            (
+                "[198.18.1.2, fd00",
+                "[198.18.1.999, fd00",
+                11,
+                "workloads[0].addresses[0]",
+                "198.18.1.999",
+            ),
+            (
+                "[198.18.2.3]",
+                "[198.18.2.2]",
+                19,
+                "workloads[2].addresses[0]",
+                "already belongs to workload `shop/server`",
+            ),
+            (
+                "spiffe://cluster.local/custom/server",
+                "spiffe://other.td/x",
+                14,
+                "workloads[1].spiffe_id",
+                "not in trust domain",
+            ),
+            (
+                "spiffe://cluster.local/custom/server",
+                "spiffe://cluster.local/a//b",
+                14,
+                "workloads[1].spiffe_id",
+                "empty segment",
+            ),
+            (
+                "service_account: client-sa",
+                "service_account: Client",
+                9,
+                "workloads[0].service_account",
+                "Client",
+            ),
+            (
+                "name: plain",
+                "name: plain\n    colour: red",
+                18,
+                "workloads[2].colour",
+                "Unknown field `colour`",
+            ),
         ];
         for (from, to, line, field, fragment) in cases {
             assert!(GOOD.contains(from), "{from}");
             let text = GOOD.replacen(from, to, 1);
             let e = parse(&text).unwrap_err();
             assert!(e.to_string().starts_with("cluster.yaml:"), "{e}");
-            assert!(e.field.as_deref().is_some_and(|f| f.starts_with(field)), "edit {to:?}: {e}");
-            assert!(e.message.contains(fragment) || e.to_string().contains(fragment), "edit {to:?}: {e}");
+            assert!(
+                e.field.as_deref().is_some_and(|f| f.starts_with(field)),
+                "edit {to:?}: {e}"
+            );
+            assert!(
+                e.message.contains(fragment) || e.to_string().contains(fragment),
+                "edit {to:?}: {e}"
+            );
             assert_eq!(e.line, Some(*line), "edit {to:?}: {e}");
         }
     }
@@ -294,6 +471,9 @@ workloads:
         assert!(src.poll().unwrap().is_err());
         assert!(src.poll().is_none(), "the same bad text is reported once");
         std::fs::write(&path, GOOD.replace("198.18.2.3", "198.18.2.4")).unwrap();
-        assert_eq!(src.poll().unwrap().unwrap().workloads[2].addresses[0], "198.18.2.4".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            src.poll().unwrap().unwrap().workloads[2].addresses[0],
+            "198.18.2.4".parse::<IpAddr>().unwrap()
+        );
     }
 }

@@ -1,6 +1,9 @@
 //! The agent's configuration file, validated once at start-up into an immutable [`Config`].
 
-use std::{path::{Path, PathBuf}, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use marked_yaml::Spanned;
 use serde::{Deserialize, Serialize};
@@ -72,15 +75,29 @@ impl Config {
     fn validate(path: &Path, f: File) -> Result<Self, InputError> {
         let base = path.parent().unwrap_or(Path::new("."));
         if f.node.trim().is_empty() {
-            return Err(InputError::value(path, &f.node, "node", "must not be empty"));
+            return Err(InputError::value(
+                path,
+                &f.node,
+                "node",
+                "must not be empty",
+            ));
         }
         let cluster_state = non_empty_path(path, &f.cluster_state, "cluster_state")?;
-        let cluster_state = if cluster_state.is_relative() { base.join(cluster_state) } else { cluster_state };
+        let cluster_state = if cluster_state.is_relative() {
+            base.join(cluster_state)
+        } else {
+            cluster_state
+        };
         let bpffs_dir = match &f.bpffs_dir {
             Some(v) => {
                 let p = non_empty_path(path, v, "bpffs_dir")?;
                 if !p.is_absolute() {
-                    return Err(InputError::value(path, v, "bpffs_dir", format!("`{}` must be an absolute path", v.as_str())));
+                    return Err(InputError::value(
+                        path,
+                        v,
+                        "bpffs_dir",
+                        format!("`{}` must be an absolute path", v.as_str()),
+                    ));
                 }
                 p
             }
@@ -90,7 +107,12 @@ impl Config {
             Some(v) => {
                 let p = non_empty_path(path, v, "admin_socket")?;
                 if !p.is_absolute() {
-                    return Err(InputError::value(path, v, "admin_socket", format!("`{}` must be an absolute path", v.as_str())));
+                    return Err(InputError::value(
+                        path,
+                        v,
+                        "admin_socket",
+                        format!("`{}` must be an absolute path", v.as_str()),
+                    ));
                 }
                 p
             }
@@ -99,7 +121,12 @@ impl Config {
         let log_level = match &f.log_level {
             Some(v) => {
                 tracing_subscriber::EnvFilter::try_new(v.as_str()).map_err(|e| {
-                    InputError::value(path, v, "log_level", format!("`{}` is not a level or filter: {e}", v.as_str()))
+                    InputError::value(
+                        path,
+                        v,
+                        "log_level",
+                        format!("`{}` is not a level or filter: {e}", v.as_str()),
+                    )
                 })?;
                 v.to_string()
             }
@@ -107,7 +134,12 @@ impl Config {
         };
         let poll_interval_ms = match &f.poll_interval_ms {
             Some(v) if !(50..=60_000).contains(&**v) => {
-                return Err(InputError::value(path, v, "poll_interval_ms", format!("{} is out of range 50..=60000", **v)));
+                return Err(InputError::value(
+                    path,
+                    v,
+                    "poll_interval_ms",
+                    format!("{} is out of range 50..=60000", **v),
+                ));
             }
             Some(v) => **v,
             None => DEFAULT_POLL_INTERVAL_MS,
@@ -149,7 +181,10 @@ mod tests {
         assert_eq!(c.admin_socket, Path::new(DEFAULT_ADMIN_SOCKET));
         assert_eq!(c.log_level, "info");
         assert!(!c.datapath_log);
-        assert_eq!(c.poll_interval, Duration::from_millis(DEFAULT_POLL_INTERVAL_MS));
+        assert_eq!(
+            c.poll_interval,
+            Duration::from_millis(DEFAULT_POLL_INTERVAL_MS)
+        );
     }
 
     #[test]
@@ -157,7 +192,10 @@ mod tests {
         let e = parse("node: n1\ncluster_state: c.yaml\npoll_interval_ms: 5\n").unwrap_err();
         assert_eq!(e.line, Some(3));
         assert_eq!(e.field.as_deref(), Some("poll_interval_ms"));
-        assert!(e.to_string().starts_with("/etc/portcullis/agent.yaml:3:"), "{e}");
+        assert!(
+            e.to_string().starts_with("/etc/portcullis/agent.yaml:3:"),
+            "{e}"
+        );
         assert!(e.message.contains("out of range"), "{e}");
 
         let e = parse("node: n1\ncluster_state: c.yaml\nbpffs_dir: rel/dir\n").unwrap_err();
@@ -174,6 +212,9 @@ mod tests {
         assert_eq!(e.line, Some(3), "{e}");
 
         let e = parse("node: [n1\n").unwrap_err();
-        assert!(e.to_string().starts_with("/etc/portcullis/agent.yaml: "), "{e}");
+        assert!(
+            e.to_string().starts_with("/etc/portcullis/agent.yaml: "),
+            "{e}"
+        );
     }
 }

@@ -28,7 +28,8 @@ use aya::{
     },
 };
 use portcullis_common::{
-    AuthKey, AuthValue, Counter, Endpoint, FlowKey, FlowValue, NAME_MAX, Name, NameKey, map, program,
+    AuthKey, AuthValue, Counter, Endpoint, FlowKey, FlowValue, NAME_MAX, Name, NameKey, map,
+    program,
 };
 use serde::Serialize;
 
@@ -46,26 +47,42 @@ const BPFFS_MOUNT: &str = "/sys/fs/bpf";
 pub enum DatapathError {
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
-    #[error("{path} is not on a bpffs mount, and only {BPFFS_MOUNT} is mounted automatically; mount one with `mount -t bpf bpffs <dir>`")]
+    #[error(
+        "{path} is not on a bpffs mount, and only {BPFFS_MOUNT} is mounted automatically; mount one with `mount -t bpf bpffs <dir>`"
+    )]
     NotBpffs { path: PathBuf },
     #[error("mounting bpffs on {BPFFS_MOUNT}: {source}")]
     Mount { source: io::Error },
     #[error("loading the kernel programs: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("program {name}: {source}")]
-    Program { name: &'static str, source: ProgramError },
+    Program {
+        name: &'static str,
+        source: ProgramError,
+    },
     #[error("map {name}: {source}")]
-    Map { name: &'static str, source: MapError },
+    Map {
+        name: &'static str,
+        source: MapError,
+    },
     #[error("map {name} is missing from the kernel object")]
     MissingMap { name: &'static str },
     #[error("attaching to {iface} (index {ifindex}) at {hook}: {source}")]
-    Attach { iface: String, ifindex: u32, hook: Hook, source: Box<dyn std::error::Error + Send + Sync> },
+    Attach {
+        iface: String,
+        ifindex: u32,
+        hook: Hook,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("name `{name}` is {len} bytes; the limit is {NAME_MAX}")]
     NameTooLong { name: String, len: usize },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DatapathError + '_ {
-    move |source| DatapathError::Io { path: path.to_owned(), source }
+    move |source| DatapathError::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 /// Where a program attaches on a pod's host-side interface.
@@ -123,7 +140,11 @@ pub struct PinDirs {
 impl PinDirs {
     #[must_use]
     pub fn new(root: &Path) -> Self {
-        Self { root: root.to_owned(), maps: root.join("maps"), links: root.join("links") }
+        Self {
+            root: root.to_owned(),
+            maps: root.join("maps"),
+            links: root.join("links"),
+        }
     }
 
     #[must_use]
@@ -142,10 +163,13 @@ impl PinDirs {
         for entry in entries {
             let entry = entry.map_err(io_err(&self.links))?;
             let name = entry.file_name();
-            if let Some(index) = name.to_str().and_then(|n| n.split('-').next()).and_then(|i| i.parse().ok()) {
-                if !out.contains(&index) {
-                    out.push(index);
-                }
+            if let Some(index) = name
+                .to_str()
+                .and_then(|n| n.split('-').next())
+                .and_then(|i| i.parse().ok())
+                && !out.contains(&index)
+            {
+                out.push(index);
             }
         }
         out.sort_unstable();
@@ -186,11 +210,19 @@ impl Datapath {
         ensure_bpffs(root)?;
         let dirs = PinDirs::new(root);
         for dir in [&dirs.root, &dirs.maps, &dirs.links] {
-            fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io_err(dir))?;
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(io_err(dir))?;
         }
         // aya-log's level is a global in the object: 0 compiles every log statement out of the
         // verifier's view at load time, so the packet path pays nothing when logging is off.
-        let level: u8 = if datapath_log { 4 /* debug */ } else { 0 };
+        let level: u8 = if datapath_log {
+            4 /* debug */
+        } else {
+            0
+        };
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&dirs.maps)
             .override_global("AYA_LOG_LEVEL", &level, true)
@@ -210,13 +242,21 @@ impl Datapath {
             let name = hook.program();
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
-                .ok_or(DatapathError::Program { name, source: ProgramError::NotLoaded })?
+                .ok_or(DatapathError::Program {
+                    name,
+                    source: ProgramError::NotLoaded,
+                })?
                 .try_into()
                 .map_err(|source| DatapathError::Program { name, source })?;
-            prog.load().map_err(|source| DatapathError::Program { name, source })?;
+            prog.load()
+                .map_err(|source| DatapathError::Program { name, source })?;
         }
-        let events = RingBuf::try_from(take(&mut ebpf, map::EVENTS)?)
-            .map_err(|source| DatapathError::Map { name: map::EVENTS, source })?;
+        let events = RingBuf::try_from(take(&mut ebpf, map::EVENTS)?).map_err(|source| {
+            DatapathError::Map {
+                name: map::EVENTS,
+                source,
+            }
+        })?;
         let dp = Self {
             ep_v4: typed(&mut ebpf, map::ENDPOINTS_V4)?,
             ep_v6: typed(&mut ebpf, map::ENDPOINTS_V6)?,
@@ -258,13 +298,18 @@ impl Datapath {
         let prog: &mut SchedClassifier = self
             .ebpf
             .program_mut(name)
-            .ok_or(DatapathError::Program { name, source: ProgramError::NotLoaded })?
+            .ok_or(DatapathError::Program {
+                name,
+                source: ProgramError::NotLoaded,
+            })?
             .try_into()
             .map_err(|source| DatapathError::Program { name, source })?;
         if path.exists() {
             let adopted = PinnedLink::from_pin(&path)
                 .map_err(|e| e.to_string())
-                .and_then(|pinned| SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|e| e.to_string()))
+                .and_then(|pinned| {
+                    SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|e| e.to_string())
+                })
                 .and_then(|link| prog.attach_to_link(link).map_err(|e| e.to_string()));
             match adopted {
                 Ok(id) => {
@@ -283,7 +328,13 @@ impl Datapath {
             }
         }
         let id = prog
-            .attach(iface.index, TcAttach::Tcx { attach_type: hook.attach_type(), order: LinkOrder::default() })
+            .attach(
+                iface.index,
+                TcAttach::Tcx {
+                    attach_type: hook.attach_type(),
+                    order: LinkOrder::default(),
+                },
+            )
             .map_err(|e| err(e.into()))?;
         let link = prog.take_link(id).map_err(|e| err(e.into()))?;
         let fd = FdLink::try_from(link).map_err(|e| err(e.into()))?;
@@ -308,11 +359,17 @@ impl Datapath {
     pub fn endpoints(&self) -> Result<StdHashMap<IpAddr, Endpoint>, DatapathError> {
         let mut out = StdHashMap::new();
         for entry in self.ep_v4.iter() {
-            let (k, v) = entry.map_err(|source| DatapathError::Map { name: map::ENDPOINTS_V4, source })?;
+            let (k, v) = entry.map_err(|source| DatapathError::Map {
+                name: map::ENDPOINTS_V4,
+                source,
+            })?;
             out.insert(IpAddr::from(k.data()), v);
         }
         for entry in self.ep_v6.iter() {
-            let (k, v) = entry.map_err(|source| DatapathError::Map { name: map::ENDPOINTS_V6, source })?;
+            let (k, v) = entry.map_err(|source| DatapathError::Map {
+                name: map::ENDPOINTS_V6,
+                source,
+            })?;
             out.insert(IpAddr::from(k.data()), v);
         }
         Ok(out)
@@ -320,15 +377,40 @@ impl Datapath {
 
     pub fn set_endpoint(&mut self, addr: IpAddr, ep: &Endpoint) -> Result<(), DatapathError> {
         match addr {
-            IpAddr::V4(a) => self.ep_v4.insert(&Key::new(32, a.octets()), ep, 0).map_err(|source| DatapathError::Map { name: map::ENDPOINTS_V4, source }),
-            IpAddr::V6(a) => self.ep_v6.insert(&Key::new(128, a.octets()), ep, 0).map_err(|source| DatapathError::Map { name: map::ENDPOINTS_V6, source }),
+            IpAddr::V4(a) => {
+                self.ep_v4
+                    .insert(&Key::new(32, a.octets()), ep, 0)
+                    .map_err(|source| DatapathError::Map {
+                        name: map::ENDPOINTS_V4,
+                        source,
+                    })
+            }
+            IpAddr::V6(a) => self
+                .ep_v6
+                .insert(&Key::new(128, a.octets()), ep, 0)
+                .map_err(|source| DatapathError::Map {
+                    name: map::ENDPOINTS_V6,
+                    source,
+                }),
         }
     }
 
     pub fn remove_endpoint(&mut self, addr: IpAddr) -> Result<(), DatapathError> {
         let r = match addr {
-            IpAddr::V4(a) => self.ep_v4.remove(&Key::new(32, a.octets())).map_err(|source| DatapathError::Map { name: map::ENDPOINTS_V4, source }),
-            IpAddr::V6(a) => self.ep_v6.remove(&Key::new(128, a.octets())).map_err(|source| DatapathError::Map { name: map::ENDPOINTS_V6, source }),
+            IpAddr::V4(a) => self
+                .ep_v4
+                .remove(&Key::new(32, a.octets()))
+                .map_err(|source| DatapathError::Map {
+                    name: map::ENDPOINTS_V4,
+                    source,
+                }),
+            IpAddr::V6(a) => self
+                .ep_v6
+                .remove(&Key::new(128, a.octets()))
+                .map_err(|source| DatapathError::Map {
+                    name: map::ENDPOINTS_V6,
+                    source,
+                }),
         };
         ignore_missing(r)
     }
@@ -336,7 +418,12 @@ impl Datapath {
     /// Writes (or renews) an auth entry: new connections of the pair are admitted until
     /// `value.expires_ns`.
     pub fn allow_pair(&mut self, key: &AuthKey, value: &AuthValue) -> Result<(), DatapathError> {
-        self.auth.insert(key, value, 0).map_err(|source| DatapathError::Map { name: map::AUTH, source })
+        self.auth
+            .insert(key, value, 0)
+            .map_err(|source| DatapathError::Map {
+                name: map::AUTH,
+                source,
+            })
     }
 
     /// Removes an auth entry; `false` when there was none.
@@ -344,7 +431,10 @@ impl Datapath {
         match self.auth.remove(key) {
             Ok(()) => Ok(true),
             Err(e) if is_missing(&e) => Ok(false),
-            Err(source) => Err(DatapathError::Map { name: map::AUTH, source }),
+            Err(source) => Err(DatapathError::Map {
+                name: map::AUTH,
+                source,
+            }),
         }
     }
 
@@ -357,10 +447,21 @@ impl Datapath {
     }
 
     /// Deletes every flow `cut` selects: their next packet in either direction is dropped.
-    pub fn cut_flows(&mut self, mut cut: impl FnMut(&FlowKey, &FlowValue) -> bool) -> Result<usize, DatapathError> {
-        let doomed: Vec<FlowKey> = self.flows()?.into_iter().filter(|(k, v)| cut(k, v)).map(|(k, _)| k).collect();
+    pub fn cut_flows(
+        &mut self,
+        mut cut: impl FnMut(&FlowKey, &FlowValue) -> bool,
+    ) -> Result<usize, DatapathError> {
+        let doomed: Vec<FlowKey> = self
+            .flows()?
+            .into_iter()
+            .filter(|(k, v)| cut(k, v))
+            .map(|(k, _)| k)
+            .collect();
         for key in &doomed {
-            ignore_missing(self.flows.remove(key).map_err(|source| DatapathError::Map { name: map::FLOWS, source }))?;
+            ignore_missing(self.flows.remove(key).map_err(|source| DatapathError::Map {
+                name: map::FLOWS,
+                source,
+            }))?;
         }
         Ok(doomed.len())
     }
@@ -373,7 +474,10 @@ impl Datapath {
     pub fn names(&self) -> Result<Vec<(NameKey, String)>, DatapathError> {
         let mut out = Vec::new();
         for entry in self.names.iter() {
-            let (k, v) = entry.map_err(|source| DatapathError::Map { name: map::NAMES, source })?;
+            let (k, v) = entry.map_err(|source| DatapathError::Map {
+                name: map::NAMES,
+                source,
+            })?;
             out.push((k, name_str(&v)));
         }
         Ok(out)
@@ -381,11 +485,22 @@ impl Datapath {
 
     pub fn set_name(&mut self, key: &NameKey, name: &str) -> Result<(), DatapathError> {
         if name.len() > NAME_MAX {
-            return Err(DatapathError::NameTooLong { name: name.chars().take(64).collect(), len: name.len() });
+            return Err(DatapathError::NameTooLong {
+                name: name.chars().take(64).collect(),
+                len: name.len(),
+            });
         }
-        let mut value = Name { len: name.len() as u32, bytes: [0; NAME_MAX] };
+        let mut value = Name {
+            len: name.len() as u32,
+            bytes: [0; NAME_MAX],
+        };
         value.bytes[..name.len()].copy_from_slice(name.as_bytes());
-        self.names.insert(key, &value, 0).map_err(|source| DatapathError::Map { name: map::NAMES, source })
+        self.names
+            .insert(key, &value, 0)
+            .map_err(|source| DatapathError::Map {
+                name: map::NAMES,
+                source,
+            })
     }
 }
 
@@ -397,14 +512,23 @@ fn name_str(v: &Name) -> String {
 fn read_counters(map: &PerCpuArray<MapData, u64>) -> Result<Vec<(Counter, u64)>, DatapathError> {
     let mut out = Vec::with_capacity(Counter::ALL.len());
     for c in Counter::ALL {
-        let values = map.get(&(c as u32), 0).map_err(|source| DatapathError::Map { name: map::COUNTERS, source })?;
+        let values = map
+            .get(&(c as u32), 0)
+            .map_err(|source| DatapathError::Map {
+                name: map::COUNTERS,
+                source,
+            })?;
         out.push((c, values.iter().sum()));
     }
     Ok(out)
 }
 
-fn collect<K, V>(iter: impl Iterator<Item = Result<(K, V), MapError>>, name: &'static str) -> Result<Vec<(K, V)>, DatapathError> {
-    iter.collect::<Result<Vec<_>, _>>().map_err(|source| DatapathError::Map { name, source })
+fn collect<K, V>(
+    iter: impl Iterator<Item = Result<(K, V), MapError>>,
+    name: &'static str,
+) -> Result<Vec<(K, V)>, DatapathError> {
+    iter.collect::<Result<Vec<_>, _>>()
+        .map_err(|source| DatapathError::Map { name, source })
 }
 
 fn is_missing(e: &MapError) -> bool {
@@ -420,10 +544,14 @@ fn ignore_missing(r: Result<(), DatapathError>) -> Result<(), DatapathError> {
 }
 
 fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, DatapathError> {
-    ebpf.take_map(name).ok_or(DatapathError::MissingMap { name })
+    ebpf.take_map(name)
+        .ok_or(DatapathError::MissingMap { name })
 }
 
-fn typed<T: TryFrom<aya::maps::Map, Error = MapError>>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError> {
+fn typed<T: TryFrom<aya::maps::Map, Error = MapError>>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<T, DatapathError> {
     T::try_from(take(ebpf, name)?).map_err(|source| DatapathError::Map { name, source })
 }
 
@@ -444,26 +572,43 @@ pub fn ensure_bpffs(dir: &Path) -> Result<(), DatapathError> {
         tracing::info!(path = BPFFS_MOUNT, "mounted bpffs");
         return Ok(());
     }
-    Err(DatapathError::NotBpffs { path: dir.to_owned() })
+    Err(DatapathError::NotBpffs {
+        path: dir.to_owned(),
+    })
 }
 
 fn is_bpffs(path: &Path) -> Result<bool, DatapathError> {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|e| io_err(path)(io::Error::other(e)))?;
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| io_err(path)(io::Error::other(e)))?;
     // SAFETY: `st` is plain data the kernel fills in; `c` is NUL-terminated.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
         return Err(io_err(path)(io::Error::last_os_error()));
     }
-    #[expect(clippy::unnecessary_cast, reason = "f_type's width differs between architectures")]
-    Ok(st.f_type as i64 == BPF_FS_MAGIC)
+    #[allow(clippy::useless_conversion, reason = "f_type is i64 on x86_64 but narrower elsewhere")]
+    Ok(i64::from(st.f_type) == BPF_FS_MAGIC)
 }
 
 fn mount_bpffs(at: &Path) -> Result<(), DatapathError> {
-    let target = std::ffi::CString::new(at.as_os_str().as_encoded_bytes()).map_err(|e| DatapathError::Mount { source: io::Error::other(e) })?;
+    let target = std::ffi::CString::new(at.as_os_str().as_encoded_bytes()).map_err(|e| {
+        DatapathError::Mount {
+            source: io::Error::other(e),
+        }
+    })?;
     // SAFETY: all pointers are NUL-terminated strings that outlive the call.
-    let rc = unsafe { libc::mount(c"bpffs".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, c"mode=0700".as_ptr().cast()) };
+    let rc = unsafe {
+        libc::mount(
+            c"bpffs".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            c"mode=0700".as_ptr().cast(),
+        )
+    };
     if rc != 0 {
-        return Err(DatapathError::Mount { source: io::Error::last_os_error() });
+        return Err(DatapathError::Mount {
+            source: io::Error::last_os_error(),
+        });
     }
     Ok(())
 }
@@ -483,7 +628,10 @@ pub fn uninstall(root: &Path) -> Result<Removed, DatapathError> {
     let dirs = PinDirs::new(root);
     let mut removed = Removed::default();
     let mut first_err = None;
-    for (dir, count) in [(&dirs.links, &mut removed.links), (&dirs.maps, &mut removed.maps)] {
+    for (dir, count) in [
+        (&dirs.links, &mut removed.links),
+        (&dirs.maps, &mut removed.maps),
+    ] {
         let entries = match fs::read_dir(dir) {
             Ok(e) => e,
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
@@ -528,8 +676,13 @@ pub struct PinnedView {
 impl PinnedView {
     pub fn open(root: &Path) -> Result<Self, DatapathError> {
         let dirs = PinDirs::new(root);
-        fn open<T: TryFrom<aya::maps::Map, Error = MapError>>(dirs: &PinDirs, name: &'static str, wrap: fn(MapData) -> aya::maps::Map) -> Result<T, DatapathError> {
-            let data = MapData::from_pin(dirs.maps.join(name)).map_err(|source| DatapathError::Map { name, source })?;
+        fn open<T: TryFrom<aya::maps::Map, Error = MapError>>(
+            dirs: &PinDirs,
+            name: &'static str,
+            wrap: fn(MapData) -> aya::maps::Map,
+        ) -> Result<T, DatapathError> {
+            let data = MapData::from_pin(dirs.maps.join(name))
+                .map_err(|source| DatapathError::Map { name, source })?;
             T::try_from(wrap(data)).map_err(|source| DatapathError::Map { name, source })
         }
         Ok(Self {
@@ -555,7 +708,10 @@ impl PinnedView {
     pub fn names(&self) -> Result<Vec<(NameKey, String)>, DatapathError> {
         let mut out = Vec::new();
         for entry in self.names.iter() {
-            let (k, v) = entry.map_err(|source| DatapathError::Map { name: map::NAMES, source })?;
+            let (k, v) = entry.map_err(|source| DatapathError::Map {
+                name: map::NAMES,
+                source,
+            })?;
             out.push((k, name_str(&v)));
         }
         Ok(out)

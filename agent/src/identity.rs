@@ -28,7 +28,9 @@ pub enum SpiffeIdError {
         "trust domain has the character {ch:?} at byte {pos}; only lowercase letters, digits, `.`, `-` and `_` are allowed"
     )]
     BadTrustDomainChar { ch: char, pos: usize },
-    #[error("a SPIFFE ID may not carry a port, user info, query or fragment ({ch:?} at byte {pos})")]
+    #[error(
+        "a SPIFFE ID may not carry a port, user info, query or fragment ({ch:?} at byte {pos})"
+    )]
     ForbiddenPart { ch: char, pos: usize },
     #[error("path has an empty segment (`//`) at byte {pos}")]
     EmptySegment { pos: usize },
@@ -102,20 +104,31 @@ impl SpiffeId {
                     return Err(SpiffeIdError::EmptySegment { pos: offset });
                 }
                 if segment == "." || segment == ".." {
-                    return Err(SpiffeIdError::DotSegment { segment: segment.to_owned() });
+                    return Err(SpiffeIdError::DotSegment {
+                        segment: segment.to_owned(),
+                    });
                 }
                 for (i, ch) in segment.char_indices() {
                     if matches!(ch, '?' | '#') {
-                        return Err(SpiffeIdError::ForbiddenPart { ch, pos: offset + i });
+                        return Err(SpiffeIdError::ForbiddenPart {
+                            ch,
+                            pos: offset + i,
+                        });
                     }
                     if !path_char(ch) {
-                        return Err(SpiffeIdError::BadPathChar { ch, pos: offset + i });
+                        return Err(SpiffeIdError::BadPathChar {
+                            ch,
+                            pos: offset + i,
+                        });
                     }
                 }
                 offset += segment.len() + 1;
             }
         }
-        Ok(Self { id: s.to_owned(), path_start })
+        Ok(Self {
+            id: s.to_owned(),
+            path_start,
+        })
     }
 
     /// The identity Kubernetes workloads get: `spiffe://<td>/ns/<namespace>/sa/<account>`.
@@ -124,7 +137,9 @@ impl SpiffeId {
         namespace: &str,
         service_account: &str,
     ) -> Result<Self, SpiffeIdError> {
-        Self::parse(&format!("{SCHEME}{trust_domain}/ns/{namespace}/sa/{service_account}"))
+        Self::parse(&format!(
+            "{SCHEME}{trust_domain}/ns/{namespace}/sa/{service_account}"
+        ))
     }
 
     #[must_use]
@@ -149,7 +164,9 @@ fn shift(e: SpiffeIdError, by: usize) -> SpiffeIdError {
         SpiffeIdError::BadTrustDomainChar { ch, pos } => {
             SpiffeIdError::BadTrustDomainChar { ch, pos: pos + by }
         }
-        SpiffeIdError::ForbiddenPart { ch, pos } => SpiffeIdError::ForbiddenPart { ch, pos: pos + by },
+        SpiffeIdError::ForbiddenPart { ch, pos } => {
+            SpiffeIdError::ForbiddenPart { ch, pos: pos + by }
+        }
         other => other,
     }
 }
@@ -185,10 +202,7 @@ mod tests {
         let id = SpiffeId::parse("spiffe://td/ns/a/sa/b").unwrap();
         assert_eq!(id.trust_domain(), "td");
         assert_eq!(id.path(), "/ns/a/sa/b");
-        assert_eq!(
-            SpiffeId::for_service_account("td", "a", "b").unwrap(),
-            id
-        );
+        assert_eq!(SpiffeId::for_service_account("td", "a", "b").unwrap(), id);
     }
 
     #[test]
@@ -203,7 +217,10 @@ mod tests {
             ("spiffe:/td/a", E::WrongScheme),
             ("spiffe://", E::MissingTrustDomain),
             ("spiffe:///a", E::MissingTrustDomain),
-            ("spiffe://Cluster.local", E::BadTrustDomainChar { ch: 'C', pos: 9 }),
+            (
+                "spiffe://Cluster.local",
+                E::BadTrustDomainChar { ch: 'C', pos: 9 },
+            ),
             ("spiffe://td:8080/a", E::ForbiddenPart { ch: ':', pos: 11 }),
             ("spiffe://user@td/a", E::ForbiddenPart { ch: '@', pos: 13 }),
             ("spiffe://td/a?x=1", E::ForbiddenPart { ch: '?', pos: 13 }),
@@ -211,15 +228,29 @@ mod tests {
             ("spiffe://td/a//b", E::EmptySegment { pos: 14 }),
             ("spiffe://td/a/", E::TrailingSlash),
             ("spiffe://td/", E::TrailingSlash),
-            ("spiffe://td/a/./b", E::DotSegment { segment: ".".into() }),
-            ("spiffe://td/..", E::DotSegment { segment: "..".into() }),
+            (
+                "spiffe://td/a/./b",
+                E::DotSegment {
+                    segment: ".".into(),
+                },
+            ),
+            (
+                "spiffe://td/..",
+                E::DotSegment {
+                    segment: "..".into(),
+                },
+            ),
             ("spiffe://td/a%20b", E::BadPathChar { ch: '%', pos: 13 }),
             ("spiffe://td/ä", E::BadPathChar { ch: 'ä', pos: 12 }),
             (&long, E::TooLong { len: long.len() }),
             (&long_td, E::TrustDomainTooLong { len: 256 }),
         ];
         for (input, want) in cases {
-            assert_eq!(SpiffeId::parse(input).as_ref(), Err(want), "input {input:?}");
+            assert_eq!(
+                SpiffeId::parse(input).as_ref(),
+                Err(want),
+                "input {input:?}"
+            );
         }
     }
 }

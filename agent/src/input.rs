@@ -4,7 +4,10 @@
 //! every semantic check after parsing reports through [`InputError::at`], using the span that
 //! `marked_yaml::Spanned` kept for the offending value.
 
-use std::{fmt, path::{Path, PathBuf}};
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+};
 
 use marked_yaml::{Span, Spanned};
 use serde::de::DeserializeOwned;
@@ -39,7 +42,12 @@ impl fmt::Display for InputError {
 
 impl InputError {
     /// An error about the value at `span`, in field `field`.
-    pub fn at(file: &Path, span: &Span, field: impl Into<String>, message: impl fmt::Display) -> Self {
+    pub fn at(
+        file: &Path,
+        span: &Span,
+        field: impl Into<String>,
+        message: impl fmt::Display,
+    ) -> Self {
         let start = span.start();
         Self {
             file: file.to_owned(),
@@ -51,13 +59,24 @@ impl InputError {
     }
 
     /// An error about a spanned value.
-    pub fn value<T>(file: &Path, v: &Spanned<T>, field: impl Into<String>, message: impl fmt::Display) -> Self {
+    pub fn value<T>(
+        file: &Path,
+        v: &Spanned<T>,
+        field: impl Into<String>,
+        message: impl fmt::Display,
+    ) -> Self {
         Self::at(file, v.span(), field, message)
     }
 
     /// An error about the file as a whole.
     pub fn file(file: &Path, message: impl fmt::Display) -> Self {
-        Self { file: file.to_owned(), line: None, column: None, field: None, message: message.to_string() }
+        Self {
+            file: file.to_owned(),
+            line: None,
+            column: None,
+            field: None,
+            message: message.to_string(),
+        }
     }
 }
 

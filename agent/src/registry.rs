@@ -54,12 +54,23 @@ impl Registry {
 
     /// The number of `name`, assigning (and persisting) a new one on first sight. Numbers
     /// start at 1: 0 means "no identity" in the kernel maps.
-    pub fn intern(&mut self, dp: &mut Datapath, kind: Kind, name: &str) -> Result<u32, DatapathError> {
+    pub fn intern(
+        &mut self,
+        dp: &mut Datapath,
+        kind: Kind,
+        name: &str,
+    ) -> Result<u32, DatapathError> {
         if let Some(id) = self.ids.get(&(kind, name.to_owned())) {
             return Ok(*id);
         }
         let id = *self.next.get(&kind).unwrap_or(&1);
-        dp.set_name(&NameKey { kind: kind.tag(), id }, name)?;
+        dp.set_name(
+            &NameKey {
+                kind: kind.tag(),
+                id,
+            },
+            name,
+        )?;
         self.remember(kind, id, name.to_owned());
         Ok(id)
     }
@@ -88,8 +99,20 @@ mod tests {
     #[test]
     fn loads_numbering_and_continues_after_the_highest() {
         let r = Registry::load(vec![
-            (NameKey { kind: NAME_IDENTITY, id: 3 }, "spiffe://td/a".into()),
-            (NameKey { kind: NAME_NODE, id: 1 }, "node-1".into()),
+            (
+                NameKey {
+                    kind: NAME_IDENTITY,
+                    id: 3,
+                },
+                "spiffe://td/a".into(),
+            ),
+            (
+                NameKey {
+                    kind: NAME_NODE,
+                    id: 1,
+                },
+                "node-1".into(),
+            ),
             (NameKey { kind: 99, id: 1 }, "ignored".into()),
         ]);
         assert_eq!(r.id(Kind::Identity, "spiffe://td/a"), Some(3));

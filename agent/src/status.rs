@@ -7,7 +7,8 @@ use std::{
 };
 
 use portcullis_common::{
-    AF_INET, AuthKey, AuthValue, Counter, FLOW_INBOUND, FlowKey, FlowValue, IPPROTO_TCP, IPPROTO_UDP,
+    AF_INET, AuthKey, AuthValue, Counter, FLOW_INBOUND, FlowKey, FlowValue, IPPROTO_TCP,
+    IPPROTO_UDP,
 };
 use serde::{Deserialize, Serialize};
 
@@ -96,7 +97,10 @@ pub struct EventRecord {
 /// `CLOCK_BOOTTIME` now, in nanoseconds: the clock the kernel programs use.
 #[must_use]
 pub fn boot_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: `ts` is a valid out-pointer; CLOCK_BOOTTIME always exists on Linux.
     unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
     u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
@@ -104,11 +108,18 @@ pub fn boot_ns() -> u64 {
 
 #[must_use]
 pub fn counters(values: Vec<(Counter, u64)>) -> BTreeMap<String, u64> {
-    values.into_iter().map(|(c, v)| (c.name().to_owned(), v)).collect()
+    values
+        .into_iter()
+        .map(|(c, v)| (c.name().to_owned(), v))
+        .collect()
 }
 
 #[must_use]
-pub fn auth_entries(reg: &Registry, entries: Vec<(AuthKey, AuthValue)>, now: u64) -> Vec<AuthEntry> {
+pub fn auth_entries(
+    reg: &Registry,
+    entries: Vec<(AuthKey, AuthValue)>,
+    now: u64,
+) -> Vec<AuthEntry> {
     let mut out: Vec<AuthEntry> = entries
         .into_iter()
         .map(|(k, v)| AuthEntry {
@@ -119,7 +130,9 @@ pub fn auth_entries(reg: &Registry, entries: Vec<(AuthKey, AuthValue)>, now: u64
             expires_in_secs: secs_signed(v.expires_ns, now),
         })
         .collect();
-    out.sort_by(|a, b| (&a.local, &a.remote, &a.remote_node).cmp(&(&b.local, &b.remote, &b.remote_node)));
+    out.sort_by(|a, b| {
+        (&a.local, &a.remote, &a.remote_node).cmp(&(&b.local, &b.remote, &b.remote_node))
+    });
     out
 }
 
@@ -134,7 +147,12 @@ pub fn flows(reg: &Registry, entries: Vec<(FlowKey, FlowValue)>, now: u64) -> Ve
         .into_iter()
         .map(|(k, v)| Flow {
             proto: proto_name(k.proto),
-            direction: if v.flags & FLOW_INBOUND != 0 { "inbound" } else { "outbound" }.to_owned(),
+            direction: if v.flags & FLOW_INBOUND != 0 {
+                "inbound"
+            } else {
+                "outbound"
+            }
+            .to_owned(),
             local: sock(flow_addr(k.family, &k.local_addr), k.local_port),
             remote: sock(flow_addr(k.family, &k.remote_addr), k.remote_port),
             local_identity: reg.name(Kind::Identity, v.local_identity),

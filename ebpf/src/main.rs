@@ -15,7 +15,7 @@ mod packet;
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{TC_ACT_OK, TC_ACT_SHOT, __sk_buff},
+    bindings::{__sk_buff, TC_ACT_OK, TC_ACT_SHOT},
     helpers::bpf_ktime_get_boot_ns,
     macros::{classifier, map},
     maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
@@ -103,7 +103,9 @@ fn endpoint(pkt: &Packet, addr: &[u8; 16]) -> Option<Endpoint> {
     if pkt.is_v6() {
         EP_V6.get(&Key::new(128, *addr)).copied()
     } else {
-        EP_V4.get(&Key::new(32, [addr[0], addr[1], addr[2], addr[3]])).copied()
+        EP_V4
+            .get(&Key::new(32, [addr[0], addr[1], addr[2], addr[3]]))
+            .copied()
     }
 }
 

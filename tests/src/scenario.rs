@@ -48,7 +48,9 @@ pub fn ok(v: &Value) -> bool {
 }
 
 pub fn counter(s: &Value, name: &str) -> u64 {
-    s["counters"][name].as_u64().unwrap_or_else(|| panic!("no counter {name} in {}", s["counters"]))
+    s["counters"][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no counter {name} in {}", s["counters"]))
 }
 
 /// Polls `f` every 100 ms for up to `limit`.
@@ -75,21 +77,41 @@ impl Scenario<'_> {
     /// The SPIFFE ID cluster state gives a pod.
     pub fn identity(&self, pod: &str) -> String {
         let p = self.tb.pod(pod);
-        format!("spiffe://{}/ns/{}/sa/{}", self.tb.info().trust_domain, p.namespace, p.service_account)
+        format!(
+            "spiffe://{}/ns/{}/sa/{}",
+            self.tb.info().trust_domain,
+            p.namespace,
+            p.service_account
+        )
     }
 
     /// Starts `probe serve` on `port` in `pod` and waits until it listens.
     pub fn serve(&self, pod: &str, port: u16) -> Server {
         let mut child = self
             .tb
-            .exec(pod, &[self.probe.as_os_str(), "serve".as_ref(), "--port".as_ref(), port.to_string().as_ref(), "--seconds".as_ref(), "600".as_ref()])
+            .exec(
+                pod,
+                &[
+                    self.probe.as_os_str(),
+                    "serve".as_ref(),
+                    "--port".as_ref(),
+                    port.to_string().as_ref(),
+                    "--seconds".as_ref(),
+                    "600".as_ref(),
+                ],
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawning probe serve");
         let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().expect("stdout")).read_line(&mut line).expect("reading probe serve");
-        assert!(line.contains("listening"), "probe serve did not start: {line:?}");
+        BufReader::new(child.stdout.as_mut().expect("stdout"))
+            .read_line(&mut line)
+            .expect("reading probe serve");
+        assert!(
+            line.contains("listening"),
+            "probe serve did not start: {line:?}"
+        );
         Server(child)
     }
 
@@ -109,13 +131,30 @@ impl Scenario<'_> {
     }
 
     pub fn connect(&self, from: &str, to: IpAddr, port: u16, timeout_ms: u32) -> Value {
-        self.probe(from, &["connect", "--to", &sock(to, port), "--timeout-ms", &timeout_ms.to_string()])
+        self.probe(
+            from,
+            &[
+                "connect",
+                "--to",
+                &sock(to, port),
+                "--timeout-ms",
+                &timeout_ms.to_string(),
+            ],
+        )
     }
 
     /// The agent CLI on `node`: success and combined output.
     pub fn portcullis(&self, node: &str, args: &[&str]) -> (bool, String) {
-        let out = self.tb.portcullis(node, args).output().expect("running portcullis");
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let out = self
+            .tb
+            .portcullis(node, args)
+            .output()
+            .expect("running portcullis");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         (out.status.success(), text)
     }
 
@@ -131,7 +170,18 @@ impl Scenario<'_> {
         let remote_node = self.tb.pod(remote_pod).node.clone();
         let (success, text) = self.portcullis(
             &node,
-            &["auth", "allow", "--local", &self.identity(local_pod), "--remote", &self.identity(remote_pod), "--remote-node", &remote_node, "--ttl", "600"],
+            &[
+                "auth",
+                "allow",
+                "--local",
+                &self.identity(local_pod),
+                "--remote",
+                &self.identity(remote_pod),
+                "--remote-node",
+                &remote_node,
+                "--ttl",
+                "600",
+            ],
         );
         assert!(success, "auth allow failed: {text}");
         text
@@ -143,7 +193,16 @@ impl Scenario<'_> {
         let remote_node = self.tb.pod(remote_pod).node.clone();
         let (success, text) = self.portcullis(
             &node,
-            &["auth", "revoke", "--local", &self.identity(local_pod), "--remote", &self.identity(remote_pod), "--remote-node", &remote_node],
+            &[
+                "auth",
+                "revoke",
+                "--local",
+                &self.identity(local_pod),
+                "--remote",
+                &self.identity(remote_pod),
+                "--remote-node",
+                &remote_node,
+            ],
         );
         assert!(success, "auth revoke failed: {text}");
         text
@@ -153,6 +212,9 @@ impl Scenario<'_> {
 /// The last line of a probe's output, as JSON.
 pub fn last_json(stdout: &[u8]) -> Value {
     let text = String::from_utf8_lossy(stdout);
-    let last = text.lines().last().unwrap_or_else(|| panic!("probe printed nothing"));
+    let last = text
+        .lines()
+        .last()
+        .unwrap_or_else(|| panic!("probe printed nothing"));
     serde_json::from_str(last).unwrap_or_else(|e| panic!("probe output {last:?}: {e}"))
 }

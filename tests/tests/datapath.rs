@@ -2,12 +2,7 @@
 //! two-node testbed. Privileged: run as root, one at a time (`cargo xtask test` does both).
 //! Without root these tests fail; they never skip.
 
-use std::{
-    path::PathBuf,
-    process::Stdio,
-    thread,
-    time::Duration,
-};
+use std::{path::PathBuf, thread, time::Duration};
 
 use testbed::{
     NodeSpec, Options, PodSpec, Spec, Testbed,
@@ -24,15 +19,24 @@ fn up() -> Testbed {
     );
     let spec = Spec {
         nodes: vec![
-            NodeSpec::new("node-1", vec![PodSpec::new("client"), PodSpec::new("other")]),
-            NodeSpec::new("node-2", vec![PodSpec::new("server"), PodSpec::new("late").enroll(false)]),
+            NodeSpec::new(
+                "node-1",
+                vec![PodSpec::new("client"), PodSpec::new("other")],
+            ),
+            NodeSpec::new(
+                "node-2",
+                vec![PodSpec::new("server"), PodSpec::new("late").enroll(false)],
+            ),
         ],
     };
     Testbed::up(&spec, &Options::default()).unwrap_or_else(|e| panic!("testbed up: {e:#}"))
 }
 
 fn scenario(tb: &Testbed) -> Scenario<'_> {
-    Scenario { tb, probe: PathBuf::from(env!("CARGO_BIN_EXE_probe")) }
+    Scenario {
+        tb,
+        probe: PathBuf::from(env!("CARGO_BIN_EXE_probe")),
+    }
 }
 
 fn unauthenticated_is_dropped_and_signalled(family: Family) {
@@ -42,23 +46,46 @@ fn unauthenticated_is_dropped_and_signalled(family: Family) {
     let target = s.addr("server", family);
     let before = counter(&s.status("node-2"), "drop_no_auth");
     let r = s.connect("client", target, PORT, 1500);
-    assert!(!ok(&r), "{family:?}: a connection without an auth entry got through: {r}");
-    assert_eq!(r["kind"], "timeout", "{family:?}: the SYN must be dropped silently, not refused: {r}");
+    assert!(
+        !ok(&r),
+        "{family:?}: a connection without an auth entry got through: {r}"
+    );
+    assert_eq!(
+        r["kind"], "timeout",
+        "{family:?}: the SYN must be dropped silently, not refused: {r}"
+    );
 
     let st = s.status("node-2");
-    assert!(counter(&st, "drop_no_auth") > before, "{family:?}: drop not counted: {}", st["counters"]);
+    assert!(
+        counter(&st, "drop_no_auth") > before,
+        "{family:?}: drop not counted: {}",
+        st["counters"]
+    );
     let client_id = s.identity("client");
     let seen = eventually(Duration::from_secs(3), || {
         s.status("node-2")["events"].as_array().is_some_and(|evs| {
             evs.iter().any(|e| {
-                e["kind"] == "denied" && e["reason"] == "drop_no_auth" && e["remote"] == client_id.as_str() && e["remote_node"] == "node-1"
+                e["kind"] == "denied"
+                    && e["reason"] == "drop_no_auth"
+                    && e["remote"] == client_id.as_str()
+                    && e["remote_node"] == "node-1"
             })
         })
     });
-    assert!(seen, "{family:?}: the agent on node-2 received no denied event: {}", s.status("node-2")["events"]);
+    assert!(
+        seen,
+        "{family:?}: the agent on node-2 received no denied event: {}",
+        s.status("node-2")["events"]
+    );
     // The client's agent saw the connect() and was asked to authenticate early.
-    let wanted = s.status("node-1")["events"].as_array().is_some_and(|evs| evs.iter().any(|e| e["kind"] == "auth_wanted"));
-    assert!(wanted, "{family:?}: node-1 got no auth_wanted event: {}", s.status("node-1")["events"]);
+    let wanted = s.status("node-1")["events"]
+        .as_array()
+        .is_some_and(|evs| evs.iter().any(|e| e["kind"] == "auth_wanted"));
+    assert!(
+        wanted,
+        "{family:?}: node-1 got no auth_wanted event: {}",
+        s.status("node-1")["events"]
+    );
 }
 
 #[test]
@@ -78,27 +105,62 @@ fn entry_admits_and_revocation_cuts(family: Family) {
     let target = s.addr("server", family);
     s.allow("server", "client");
     let r = s.connect("client", target, PORT, 3000);
-    assert!(ok(&r), "{family:?}: connection with an auth entry failed: {r}");
+    assert!(
+        ok(&r),
+        "{family:?}: connection with an auth entry failed: {r}"
+    );
 
     // A transfer paced over 8 s; revoke after 2 s.
     let transfer = s
-        .probe_cmd("client", &["send", "--to", &sock(target, PORT), "--bytes", "8000000", "--seconds", "8", "--timeout-ms", "3000"])
+        .probe_cmd(
+            "client",
+            &[
+                "send",
+                "--to",
+                &sock(target, PORT),
+                "--bytes",
+                "8000000",
+                "--seconds",
+                "8",
+                "--timeout-ms",
+                "3000",
+            ],
+        )
         .spawn()
         .expect("spawning probe send");
     thread::sleep(Duration::from_secs(2));
     let flows = s.status("node-2")["flows"].clone();
     let client_id = s.identity("client");
     assert!(
-        flows.as_array().is_some_and(|fs| fs.iter().any(|f| f["remote_identity"] == client_id.as_str() && f["direction"] == "inbound")),
+        flows.as_array().is_some_and(|fs| fs
+            .iter()
+            .any(|f| f["remote_identity"] == client_id.as_str() && f["direction"] == "inbound")),
         "{family:?}: the live flow is not listed with its identities: {flows}"
     );
     let said = s.revoke("server", "client");
-    assert!(said.contains("removed the entry") && !said.contains(" 0 flow"), "{family:?}: revoke said: {said}");
-    let result = last_json(&transfer.wait_with_output().expect("waiting for probe send").stdout);
-    assert!(!ok(&result), "{family:?}: the transfer survived revocation: {result}");
+    assert!(
+        said.contains("removed the entry") && !said.contains(" 0 flow"),
+        "{family:?}: revoke said: {said}"
+    );
+    let result = last_json(
+        &transfer
+            .wait_with_output()
+            .expect("waiting for probe send")
+            .stdout,
+    );
+    assert!(
+        !ok(&result),
+        "{family:?}: the transfer survived revocation: {result}"
+    );
     let r = s.connect("client", target, PORT, 1500);
-    assert!(!ok(&r), "{family:?}: a new connection after revocation got through: {r}");
-    assert!(counter(&s.status("node-2"), "drop_no_flow") > 0, "{family:?}: the cut flow's packets were not counted");
+    assert!(
+        !ok(&r),
+        "{family:?}: a new connection after revocation got through: {r}"
+    );
+    assert!(
+        counter(&s.status("node-2"), "drop_no_flow") > 0,
+        "{family:?}: the cut flow's packets were not counted"
+    );
 }
 
 #[test]
@@ -119,19 +181,61 @@ fn spoofed_source_is_dropped(family: Family) {
     // `other` may connect; `client` tries to pass as `other` by sending from its address.
     s.allow("server", "other");
     let other = s.addr("other", family);
-    assert!(ok(&s.connect("other", target, PORT, 3000)), "{family:?}: the genuine pod could not connect");
+    assert!(
+        ok(&s.connect("other", target, PORT, 3000)),
+        "{family:?}: the genuine pod could not connect"
+    );
     let add = match family {
-        Family::V4 => vec!["ip".to_owned(), "-4".into(), "addr".into(), "add".into(), format!("{other}/32"), "dev".into(), "eth0".into()],
-        Family::V6 => vec!["ip".to_owned(), "-6".into(), "addr".into(), "add".into(), format!("{other}/128"), "dev".into(), "eth0".into(), "nodad".into()],
+        Family::V4 => vec![
+            "ip".to_owned(),
+            "-4".into(),
+            "addr".into(),
+            "add".into(),
+            format!("{other}/32"),
+            "dev".into(),
+            "eth0".into(),
+        ],
+        Family::V6 => vec![
+            "ip".to_owned(),
+            "-6".into(),
+            "addr".into(),
+            "add".into(),
+            format!("{other}/128"),
+            "dev".into(),
+            "eth0".into(),
+            "nodad".into(),
+        ],
     };
     let out = tb.exec("client", &add).output().expect("ip addr add");
-    assert!(out.status.success(), "adding the spoofed address: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "adding the spoofed address: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let before_node1 = counter(&s.status("node-1"), "drop_spoofed");
     let before_node2 = counter(&s.status("node-2"), "pass_authenticated");
-    let r = s.probe("client", &["connect", "--to", &sock(target, PORT), "--from", &other.to_string(), "--timeout-ms", "1500"]);
+    let r = s.probe(
+        "client",
+        &[
+            "connect",
+            "--to",
+            &sock(target, PORT),
+            "--from",
+            &other.to_string(),
+            "--timeout-ms",
+            "1500",
+        ],
+    );
     assert!(!ok(&r), "{family:?}: a spoofed connection got through: {r}");
-    assert!(counter(&s.status("node-1"), "drop_spoofed") > before_node1, "{family:?}: spoofing not counted on node-1");
-    assert_eq!(counter(&s.status("node-2"), "pass_authenticated"), before_node2, "{family:?}: node-2 admitted something");
+    assert!(
+        counter(&s.status("node-1"), "drop_spoofed") > before_node1,
+        "{family:?}: spoofing not counted on node-1"
+    );
+    assert_eq!(
+        counter(&s.status("node-2"), "pass_authenticated"),
+        before_node2,
+        "{family:?}: node-2 admitted something"
+    );
 }
 
 #[test]
@@ -151,7 +255,20 @@ fn agent_killed_and_restarted_mid_transfer_resets_nothing_and_keeps_enforcing() 
     let _server = scenario(&tb).serve("server", PORT);
     scenario(&tb).allow("server", "client");
     let transfer = scenario(&tb)
-        .probe_cmd("client", &["send", "--to", &sock(target, PORT), "--bytes", "16000000", "--seconds", "8", "--timeout-ms", "5000"])
+        .probe_cmd(
+            "client",
+            &[
+                "send",
+                "--to",
+                &sock(target, PORT),
+                "--bytes",
+                "16000000",
+                "--seconds",
+                "8",
+                "--timeout-ms",
+                "5000",
+            ],
+        )
         .spawn()
         .expect("spawning probe send");
     thread::sleep(Duration::from_secs(2));
@@ -160,25 +277,55 @@ fn agent_killed_and_restarted_mid_transfer_resets_nothing_and_keeps_enforcing() 
         let s = scenario(&tb);
         // During the outage: an unauthenticated peer is still dropped by the pinned programs.
         let r = s.connect("other", target, PORT, 1500);
-        assert!(!ok(&r), "an unauthenticated connection got through while the agent was down: {r}");
+        assert!(
+            !ok(&r),
+            "an unauthenticated connection got through while the agent was down: {r}"
+        );
         // `status` still reads the pinned maps, says the agent is down, and exits non-zero.
         let (success, text) = s.portcullis("node-2", &["status"]);
-        assert!(!success && text.contains("DOWN"), "status with the agent down: {text}");
-        assert!(text.contains(&s.identity("client")), "status from pins lost the identities: {text}");
+        assert!(
+            !success && text.contains("DOWN"),
+            "status with the agent down: {text}"
+        );
+        assert!(
+            text.contains(&s.identity("client")),
+            "status from pins lost the identities: {text}"
+        );
     }
     tb.start_agent("node-2").expect("restarting the agent");
     let s = scenario(&tb);
-    let result = last_json(&transfer.wait_with_output().expect("waiting for probe send").stdout);
-    assert!(ok(&result), "the transfer did not survive the agent restart: {result}");
+    let result = last_json(
+        &transfer
+            .wait_with_output()
+            .expect("waiting for probe send")
+            .stdout,
+    );
+    assert!(
+        ok(&result),
+        "the transfer did not survive the agent restart: {result}"
+    );
     let st = s.status("node-2");
     assert!(
-        st["interfaces"].as_array().is_some_and(|is| !is.is_empty() && is.iter().all(|i| i["attached"] == "adopted")),
+        st["interfaces"]
+            .as_array()
+            .is_some_and(|is| !is.is_empty() && is.iter().all(|i| i["attached"] == "adopted")),
         "the restarted agent did not adopt the pinned links: {}",
         st["interfaces"]
     );
-    assert_eq!(st["auth"].as_array().map(Vec::len), Some(1), "the auth entry did not survive: {}", st["auth"]);
-    assert!(!ok(&s.connect("other", target, PORT, 1500)), "enforcement lapsed after the restart");
-    assert!(ok(&s.connect("client", target, PORT, 3000)), "the authenticated pair lost access after the restart");
+    assert_eq!(
+        st["auth"].as_array().map(Vec::len),
+        Some(1),
+        "the auth entry did not survive: {}",
+        st["auth"]
+    );
+    assert!(
+        !ok(&s.connect("other", target, PORT, 1500)),
+        "enforcement lapsed after the restart"
+    );
+    assert!(
+        ok(&s.connect("client", target, PORT, 3000)),
+        "the authenticated pair lost access after the restart"
+    );
 }
 
 #[test]
@@ -187,21 +334,34 @@ fn workload_added_to_and_removed_from_cluster_state_is_enrolled_and_released() {
     let s = scenario(&tb);
     let _server = s.serve("late", PORT);
     let target = s.addr("late", Family::V4);
-    assert!(ok(&s.connect("client", target, PORT, 3000)), "an unenrolled pod must not be enforced");
+    assert!(
+        ok(&s.connect("client", target, PORT, 3000)),
+        "an unenrolled pod must not be enforced"
+    );
     let workload = tb.pod("late").workload();
-    tb.write_cluster(|c| c.upsert_workload(workload)).expect("adding the workload");
-    let enrolled = eventually(Duration::from_secs(10), || !ok(&s.connect("client", target, PORT, 500)));
+    tb.write_cluster(|c| c.upsert_workload(workload))
+        .expect("adding the workload");
+    let enrolled = eventually(Duration::from_secs(10), || {
+        !ok(&s.connect("client", target, PORT, 500))
+    });
     assert!(enrolled, "the added workload was not enforced within 10 s");
     assert!(
-        s.status("node-2")["interfaces"].as_array().is_some_and(|is| is.iter().any(|i| i["workload"] == "default/late")),
+        s.status("node-2")["interfaces"]
+            .as_array()
+            .is_some_and(|is| is.iter().any(|i| i["workload"] == "default/late")),
         "status does not list the new interface"
     );
     tb.write_cluster(|c| {
         c.remove_workload("late");
     })
     .expect("removing the workload");
-    let released = eventually(Duration::from_secs(10), || ok(&s.connect("client", target, PORT, 500)));
-    assert!(released, "the removed workload was not released within 10 s");
+    let released = eventually(Duration::from_secs(10), || {
+        ok(&s.connect("client", target, PORT, 500))
+    });
+    assert!(
+        released,
+        "the removed workload was not released within 10 s"
+    );
 }
 
 /// A bad edit of the cluster file is reported with file, line and field, and the last good
@@ -217,10 +377,26 @@ fn bad_cluster_edit_is_reported_and_the_last_good_state_stays() {
     let bad = good.replacen("node: node-2", "node: node-9", 1);
     assert_ne!(bad, good, "the edit must change something");
     std::fs::write(&path, &bad).expect("writing the bad edit");
-    let reported = eventually(Duration::from_secs(5), || s.status("node-2")["agent"]["cluster_error"].is_string());
+    let reported = eventually(Duration::from_secs(5), || {
+        s.status("node-2")["agent"]["cluster_error"].is_string()
+    });
     assert!(reported, "the bad edit was not reported");
-    let err = s.status("node-2")["agent"]["cluster_error"].as_str().unwrap_or_default().to_owned();
-    assert!(err.contains("cluster.yaml:") && err.contains(".node") && err.contains("node-9"), "the error does not name file, line, field and value: {err}");
-    assert!(!ok(&s.connect("client", target, PORT, 1000)), "enforcement lapsed after a bad edit");
-    assert!(s.status("node-2")["interfaces"].as_array().is_some_and(|i| !i.is_empty()), "the last good state was dropped");
+    let err = s.status("node-2")["agent"]["cluster_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        err.contains("cluster.yaml:") && err.contains(".node") && err.contains("node-9"),
+        "the error does not name file, line, field and value: {err}"
+    );
+    assert!(
+        !ok(&s.connect("client", target, PORT, 1000)),
+        "enforcement lapsed after a bad edit"
+    );
+    assert!(
+        s.status("node-2")["interfaces"]
+            .as_array()
+            .is_some_and(|i| !i.is_empty()),
+        "the last good state was dropped"
+    );
 }

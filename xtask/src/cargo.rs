@@ -63,3 +63,15 @@ pub fn agent_bin(explicit: Option<&Path>) -> Result<PathBuf> {
     }
     Ok(bin)
 }
+
+/// The `probe` traffic tool (from the tests crate), built now.
+pub fn probe_bin() -> Result<PathBuf> {
+    let status = cargo()
+        .args(["build", "-q", "-p", "portcullis-tests", "--bin", "probe"])
+        .status()
+        .context("cannot run cargo build")?;
+    if !status.success() {
+        bail!("cargo build -p portcullis-tests --bin probe failed ({status})");
+    }
+    Ok(target_dir()?.join("debug").join("probe"))
+}

@@ -3,7 +3,10 @@
 //! One module per command; a new command is a new module plus one variant in [`Command`] and
 //! one arm in `main`.
 
+mod bench;
 mod cargo;
+mod demo;
+mod test;
 mod testbed;
 
 use clap::{Parser, Subcommand};
@@ -19,12 +22,21 @@ struct Cli {
 enum Command {
     /// A simulated cluster on this machine: up, down, status, exec.
     Testbed(testbed::Args),
+    /// Every test: unit tests, then the privileged integration tests (as root).
+    Test(test::Args),
+    /// Show enforcement on a two-node testbed, in plain words, then tear it down.
+    Demo(demo::Args),
+    /// Benchmarks against a baseline measured in the same run (throughput for now).
+    Bench(bench::Args),
 }
 
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Testbed(args) => testbed::run(args),
+        Command::Test(args) => test::run(args),
+        Command::Demo(args) => demo::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -37,13 +37,22 @@ pub enum Command {
 
 pub fn execute(target: &Target, cmd: &Command) -> anyhow::Result<ExitCode> {
     let req = match cmd {
-        Command::Allow { local, remote, remote_node, ttl } => Request::AuthAllow {
+        Command::Allow {
+            local,
+            remote,
+            remote_node,
+            ttl,
+        } => Request::AuthAllow {
             local: local.clone(),
             remote: remote.clone(),
             remote_node: remote_node.clone(),
             ttl_secs: *ttl,
         },
-        Command::Revoke { local, remote, remote_node } => Request::AuthRevoke {
+        Command::Revoke {
+            local,
+            remote,
+            remote_node,
+        } => Request::AuthRevoke {
             local: local.clone(),
             remote: remote.clone(),
             remote_node: remote_node.clone(),
@@ -51,8 +60,18 @@ pub fn execute(target: &Target, cmd: &Command) -> anyhow::Result<ExitCode> {
     };
     match admin::call(&target.admin_socket, &req)? {
         Response::Allowed { expires_in_secs } => println!("allowed for {expires_in_secs}s"),
-        Response::Revoked { entry_removed, flows_cut } => {
-            println!("{} entry; {flows_cut} flow(s) cut", if entry_removed { "removed the" } else { "there was no" });
+        Response::Revoked {
+            entry_removed,
+            flows_cut,
+        } => {
+            println!(
+                "{} entry; {flows_cut} flow(s) cut",
+                if entry_removed {
+                    "removed the"
+                } else {
+                    "there was no"
+                }
+            );
         }
         Response::Error { message } => bail!("{message}"),
         other => bail!("unexpected answer: {other:?}"),

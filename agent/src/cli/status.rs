@@ -51,8 +51,14 @@ fn offline(target: &Target) -> anyhow::Result<Status> {
             node: target.config.as_ref().map(|c| c.node.clone()),
             pid: None,
             uptime_secs: None,
-            config: target.config.as_ref().map(|c| c.source.display().to_string()),
-            cluster_state: target.config.as_ref().map(|c| c.cluster_state.display().to_string()),
+            config: target
+                .config
+                .as_ref()
+                .map(|c| c.source.display().to_string()),
+            cluster_state: target
+                .config
+                .as_ref()
+                .map(|c| c.cluster_state.display().to_string()),
             cluster_error: None,
             bpffs_dir: target.bpffs_dir.display().to_string(),
         },
@@ -69,7 +75,11 @@ fn offline(target: &Target) -> anyhow::Result<Status> {
 fn render(s: &Status) -> String {
     let mut o = String::new();
     let a = &s.agent;
-    let state = if a.running { "running" } else { "DOWN (read from pinned maps; enforcement continues)" };
+    let state = if a.running {
+        "running"
+    } else {
+        "DOWN (read from pinned maps; enforcement continues)"
+    };
     let _ = writeln!(o, "agent      {state}");
     let _ = writeln!(o, "node       {}", a.node.as_deref().unwrap_or("?"));
     if let Some(up) = a.uptime_secs {
@@ -82,19 +92,36 @@ fn render(s: &Status) -> String {
     let _ = writeln!(o, "\ninterfaces ({})", s.interfaces.len());
     for i in &s.interfaces {
         let addrs: Vec<String> = i.addresses.iter().map(ToString::to_string).collect();
-        let _ = writeln!(o, "  {:<12} #{:<4} {:<24} {} [{}] ({})", i.interface, i.ifindex, i.workload, i.identity, addrs.join(", "), i.attached);
+        let _ = writeln!(
+            o,
+            "  {:<12} #{:<4} {:<24} {} [{}] ({})",
+            i.interface,
+            i.ifindex,
+            i.workload,
+            i.identity,
+            addrs.join(", "),
+            i.attached
+        );
     }
     for p in &s.pending {
         let _ = writeln!(o, "  (waiting for the interface of {p})");
     }
     let _ = writeln!(o, "\nauth entries ({})", s.auth.len());
     for e in &s.auth {
-        let _ = writeln!(o, "  {} <- {} @ {}   age {}s, expires in {}s", e.local, e.remote, e.remote_node, e.age_secs, e.expires_in_secs);
+        let _ = writeln!(
+            o,
+            "  {} <- {} @ {}   age {}s, expires in {}s",
+            e.local, e.remote, e.remote_node, e.age_secs, e.expires_in_secs
+        );
     }
     let _ = writeln!(o, "\nflows ({})", s.flows.len());
     for f in &s.flows {
         let arrow = if f.direction == "inbound" { "<-" } else { "->" };
-        let _ = writeln!(o, "  {} {} {arrow} {}   {} {arrow} {} @ {}", f.proto, f.local, f.remote, f.local_identity, f.remote_identity, f.remote_node);
+        let _ = writeln!(
+            o,
+            "  {} {} {arrow} {}   {} {arrow} {} @ {}",
+            f.proto, f.local, f.remote, f.local_identity, f.remote_identity, f.remote_node
+        );
     }
     let _ = writeln!(o, "\ncounters");
     for (name, value) in &s.counters {
@@ -105,7 +132,18 @@ fn render(s: &Status) -> String {
     if !s.events.is_empty() {
         let _ = writeln!(o, "\nrecent events ({} in total)", s.events_total);
         for e in s.events.iter().rev().take(10) {
-            let _ = writeln!(o, "  {} {}: {} {} -> {} ({} <- {} @ {})", e.kind, e.reason, e.proto, e.remote_addr, e.local_addr, e.local, e.remote, e.remote_node);
+            let _ = writeln!(
+                o,
+                "  {} {}: {} {} -> {} ({} <- {} @ {})",
+                e.kind,
+                e.reason,
+                e.proto,
+                e.remote_addr,
+                e.local_addr,
+                e.local,
+                e.remote,
+                e.remote_node
+            );
         }
     }
     o

@@ -45,8 +45,12 @@ pub fn lookup(addr: IpAddr) -> Result<Interface, RouteError> {
             msg.header.destination_prefix_length = 128;
         }
     }
-    msg.attributes.push(RouteAttribute::Destination(RouteAddress::from(addr)));
-    let mut req = NetlinkMessage::new(NetlinkHeader::default(), NetlinkPayload::from(RouteNetlinkMessage::GetRoute(msg)));
+    msg.attributes
+        .push(RouteAttribute::Destination(RouteAddress::from(addr)));
+    let mut req = NetlinkMessage::new(
+        NetlinkHeader::default(),
+        NetlinkPayload::from(RouteNetlinkMessage::GetRoute(msg)),
+    );
     req.header.flags = NLM_F_REQUEST;
     req.header.sequence_number = 1;
     req.finalize();
@@ -64,18 +68,33 @@ pub fn lookup(addr: IpAddr) -> Result<Interface, RouteError> {
     match reply.payload {
         NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(route)) => {
             if route.header.kind != RouteType::Unicast {
-                return Err(RouteError::NotUnicast { addr, kind: route.header.kind });
+                return Err(RouteError::NotUnicast {
+                    addr,
+                    kind: route.header.kind,
+                });
             }
             let index = route
                 .attributes
                 .iter()
-                .find_map(|a| if let RouteAttribute::Oif(i) = a { Some(*i) } else { None })
+                .find_map(|a| {
+                    if let RouteAttribute::Oif(i) = a {
+                        Some(*i)
+                    } else {
+                        None
+                    }
+                })
                 .ok_or(RouteError::NoInterface { addr })?;
-            Ok(Interface { index, name: if_name(index)? })
+            Ok(Interface {
+                index,
+                name: if_name(index)?,
+            })
         }
         NetlinkPayload::Error(e) => Err(RouteError::NoRoute {
             addr,
-            source: e.code.map_or_else(|| io::Error::other("unknown"), |c| io::Error::from_raw_os_error(-c.get())),
+            source: e.code.map_or_else(
+                || io::Error::other("unknown"),
+                |c| io::Error::from_raw_os_error(-c.get()),
+            ),
         }),
         other => Err(RouteError::Decode(format!("unexpected answer {other:?}"))),
     }
@@ -90,7 +109,9 @@ pub fn if_name(index: u32) -> io::Result<String> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: on success the buffer holds a NUL-terminated name.
-    Ok(unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned())
+    Ok(unsafe { CStr::from_ptr(buf.as_ptr()) }
+        .to_string_lossy()
+        .into_owned())
 }
 
 #[cfg(test)]
