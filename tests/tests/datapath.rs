@@ -400,3 +400,23 @@ fn bad_cluster_edit_is_reported_and_the_last_good_state_stays() {
         "the last good state was dropped"
     );
 }
+
+/// `portcullis uninstall` refuses while the agent runs; once it is stopped, it detaches the
+/// programs and removes every pin, and traffic flows unenforced.
+#[test]
+fn uninstall_detaches_everything_and_removes_the_pins() {
+    let mut tb = up();
+    let target = scenario(&tb).addr("server", Family::V4);
+    let _server = scenario(&tb).serve("server", PORT);
+    assert!(!ok(&scenario(&tb).connect("client", target, PORT, 1000)), "not enforcing before uninstall");
+    let (success, text) = scenario(&tb).portcullis("node-2", &["uninstall"]);
+    assert!(!success && text.contains("running"), "uninstall must refuse while the agent runs: {text}");
+    tb.stop_agent("node-2").expect("stopping the agent");
+    // Stopping leaves enforcement in place.
+    assert!(!ok(&scenario(&tb).connect("client", target, PORT, 1000)), "stopping the agent lifted enforcement");
+    let (success, text) = scenario(&tb).portcullis("node-2", &["uninstall"]);
+    assert!(success, "uninstall failed: {text}");
+    let dir = tb.node("node-2").bpffs_dir.clone();
+    assert!(!dir.exists(), "{} still exists after uninstall", dir.display());
+    assert!(ok(&scenario(&tb).connect("client", target, PORT, 3000)), "traffic still blocked after uninstall");
+}

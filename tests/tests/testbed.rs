@@ -414,10 +414,8 @@ fn agents_start_in_their_node_and_stop() {
     assert_eq!(
         args,
         vec![
-            "--admin-socket".to_string(),
-            node.admin_socket
-                .to_string_lossy()
-                .replace("node-1", "node-2"),
+            "--config".to_string(),
+            tb.node("node-2").agent_config.to_string_lossy().into_owned(),
             "status".into()
         ]
     );
