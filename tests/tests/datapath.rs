@@ -420,3 +420,20 @@ fn uninstall_detaches_everything_and_removes_the_pins() {
     assert!(!dir.exists(), "{} still exists after uninstall", dir.display());
     assert!(ok(&scenario(&tb).connect("client", target, PORT, 3000)), "traffic still blocked after uninstall");
 }
+
+/// With `datapath_log: true`, the kernel programs' aya-log records reach the agent's log.
+#[test]
+fn datapath_log_reaches_the_agent_log_when_enabled() {
+    let mut tb = up();
+    tb.stop_agent("node-2").expect("stopping the agent");
+    tb.write_agent_config("node-2", |c| {
+        c.extra.insert("datapath_log".into(), serde_yaml::Value::Bool(true));
+    })
+    .expect("enabling datapath_log");
+    tb.start_agent("node-2").expect("restarting the agent");
+    let s = scenario(&tb);
+    let _server = s.serve("server", PORT);
+    assert!(!ok(&s.connect("client", s.addr("server", Family::V4), PORT, 1000)), "not enforcing");
+    let logged = eventually(Duration::from_secs(5), || tb.agent_log("node-2").contains("portcullis: drop, reason 4"));
+    assert!(logged, "no datapath log line in the agent log:\n{}", tb.agent_log("node-2"));
+}
