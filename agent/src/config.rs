@@ -88,36 +88,13 @@ impl Config {
         } else {
             cluster_state
         };
-        let bpffs_dir = match &f.bpffs_dir {
-            Some(v) => {
-                let p = non_empty_path(path, v, "bpffs_dir")?;
-                if !p.is_absolute() {
-                    return Err(InputError::value(
-                        path,
-                        v,
-                        "bpffs_dir",
-                        format!("`{}` must be an absolute path", v.as_str()),
-                    ));
-                }
-                p
-            }
-            None => PathBuf::from(DEFAULT_BPFFS_DIR),
-        };
-        let admin_socket = match &f.admin_socket {
-            Some(v) => {
-                let p = non_empty_path(path, v, "admin_socket")?;
-                if !p.is_absolute() {
-                    return Err(InputError::value(
-                        path,
-                        v,
-                        "admin_socket",
-                        format!("`{}` must be an absolute path", v.as_str()),
-                    ));
-                }
-                p
-            }
-            None => PathBuf::from(DEFAULT_ADMIN_SOCKET),
-        };
+        let bpffs_dir = absolute_path(path, f.bpffs_dir.as_ref(), "bpffs_dir", DEFAULT_BPFFS_DIR)?;
+        let admin_socket = absolute_path(
+            path,
+            f.admin_socket.as_ref(),
+            "admin_socket",
+            DEFAULT_ADMIN_SOCKET,
+        )?;
         let log_level = match &f.log_level {
             Some(v) => {
                 tracing_subscriber::EnvFilter::try_new(v.as_str()).map_err(|e| {
@@ -155,6 +132,28 @@ impl Config {
             poll_interval: Duration::from_millis(poll_interval_ms),
         })
     }
+}
+
+/// An optional absolute path, or its default.
+fn absolute_path(
+    file: &Path,
+    v: Option<&Spanned<String>>,
+    field: &str,
+    default: &str,
+) -> Result<PathBuf, InputError> {
+    let Some(v) = v else {
+        return Ok(PathBuf::from(default));
+    };
+    let p = non_empty_path(file, v, field)?;
+    if !p.is_absolute() {
+        return Err(InputError::value(
+            file,
+            v,
+            field,
+            format!("`{}` must be an absolute path", v.as_str()),
+        ));
+    }
+    Ok(p)
 }
 
 fn non_empty_path(file: &Path, v: &Spanned<String>, field: &str) -> Result<PathBuf, InputError> {

@@ -192,10 +192,7 @@ pub struct Datapath {
     ebpf: Ebpf,
     ep_v4: LpmTrie<MapData, [u8; 4], Endpoint>,
     ep_v6: LpmTrie<MapData, [u8; 16], Endpoint>,
-    auth: HashMap<MapData, AuthKey, AuthValue>,
-    flows: HashMap<MapData, FlowKey, FlowValue>,
-    counters: PerCpuArray<MapData, u64>,
-    names: HashMap<MapData, NameKey, Name>,
+    state: PinnedView,
 }
 
 /// Things the caller runs on its own tasks.
@@ -240,15 +237,8 @@ impl Datapath {
         };
         for hook in Hook::ALL {
             let name = hook.program();
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or(DatapathError::Program {
-                    name,
-                    source: ProgramError::NotLoaded,
-                })?
-                .try_into()
-                .map_err(|source| DatapathError::Program { name, source })?;
-            prog.load()
+            classifier(&mut ebpf, hook)?
+                .load()
                 .map_err(|source| DatapathError::Program { name, source })?;
         }
         let events = RingBuf::try_from(take(&mut ebpf, map::EVENTS)?).map_err(|source| {
@@ -260,10 +250,12 @@ impl Datapath {
         let dp = Self {
             ep_v4: typed(&mut ebpf, map::ENDPOINTS_V4)?,
             ep_v6: typed(&mut ebpf, map::ENDPOINTS_V6)?,
-            auth: typed(&mut ebpf, map::AUTH)?,
-            flows: typed(&mut ebpf, map::FLOWS)?,
-            counters: typed(&mut ebpf, map::COUNTERS)?,
-            names: typed(&mut ebpf, map::NAMES)?,
+            state: PinnedView {
+                auth: typed(&mut ebpf, map::AUTH)?,
+                flows: typed(&mut ebpf, map::FLOWS)?,
+                counters: typed(&mut ebpf, map::COUNTERS)?,
+                names: typed(&mut ebpf, map::NAMES)?,
+            },
             dirs,
             ebpf,
         };
@@ -294,16 +286,7 @@ impl Datapath {
             source,
         };
         let path = self.dirs.link(iface.index, hook);
-        let name = hook.program();
-        let prog: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(DatapathError::Program {
-                name,
-                source: ProgramError::NotLoaded,
-            })?
-            .try_into()
-            .map_err(|source| DatapathError::Program { name, source })?;
+        let prog = classifier(&mut self.ebpf, hook)?;
         if path.exists() {
             let adopted = PinnedLink::from_pin(&path)
                 .map_err(|e| e.to_string())
@@ -418,7 +401,8 @@ impl Datapath {
     /// Writes (or renews) an auth entry: new connections of the pair are admitted until
     /// `value.expires_ns`.
     pub fn allow_pair(&mut self, key: &AuthKey, value: &AuthValue) -> Result<(), DatapathError> {
-        self.auth
+        self.state
+            .auth
             .insert(key, value, 0)
             .map_err(|source| DatapathError::Map {
                 name: map::AUTH,
@@ -428,7 +412,7 @@ impl Datapath {
 
     /// Removes an auth entry; `false` when there was none.
     pub fn revoke_pair(&mut self, key: &AuthKey) -> Result<bool, DatapathError> {
-        match self.auth.remove(key) {
+        match self.state.auth.remove(key) {
             Ok(()) => Ok(true),
             Err(e) if is_missing(&e) => Ok(false),
             Err(source) => Err(DatapathError::Map {
@@ -439,11 +423,11 @@ impl Datapath {
     }
 
     pub fn auth_entries(&self) -> Result<Vec<(AuthKey, AuthValue)>, DatapathError> {
-        collect(self.auth.iter(), map::AUTH)
+        self.state.auth_entries()
     }
 
     pub fn flows(&self) -> Result<Vec<(FlowKey, FlowValue)>, DatapathError> {
-        collect(self.flows.iter(), map::FLOWS)
+        self.state.flows()
     }
 
     /// Deletes every flow `cut` selects: their next packet in either direction is dropped.
@@ -458,29 +442,26 @@ impl Datapath {
             .map(|(k, _)| k)
             .collect();
         for key in &doomed {
-            ignore_missing(self.flows.remove(key).map_err(|source| DatapathError::Map {
-                name: map::FLOWS,
-                source,
-            }))?;
+            ignore_missing(
+                self.state
+                    .flows
+                    .remove(key)
+                    .map_err(|source| DatapathError::Map {
+                        name: map::FLOWS,
+                        source,
+                    }),
+            )?;
         }
         Ok(doomed.len())
     }
 
     /// Packet counters summed over CPUs, in [`Counter::ALL`] order.
     pub fn counters(&self) -> Result<Vec<(Counter, u64)>, DatapathError> {
-        read_counters(&self.counters)
+        self.state.counters()
     }
 
     pub fn names(&self) -> Result<Vec<(NameKey, String)>, DatapathError> {
-        let mut out = Vec::new();
-        for entry in self.names.iter() {
-            let (k, v) = entry.map_err(|source| DatapathError::Map {
-                name: map::NAMES,
-                source,
-            })?;
-            out.push((k, name_str(&v)));
-        }
-        Ok(out)
+        self.state.names()
     }
 
     pub fn set_name(&mut self, key: &NameKey, name: &str) -> Result<(), DatapathError> {
@@ -495,7 +476,8 @@ impl Datapath {
             bytes: [0; NAME_MAX],
         };
         value.bytes[..name.len()].copy_from_slice(name.as_bytes());
-        self.names
+        self.state
+            .names
             .insert(key, &value, 0)
             .map_err(|source| DatapathError::Map {
                 name: map::NAMES,
@@ -543,6 +525,18 @@ fn ignore_missing(r: Result<(), DatapathError>) -> Result<(), DatapathError> {
     }
 }
 
+/// The program for `hook`.
+fn classifier(ebpf: &mut Ebpf, hook: Hook) -> Result<&mut SchedClassifier, DatapathError> {
+    let name = hook.program();
+    ebpf.program_mut(name)
+        .ok_or(DatapathError::Program {
+            name,
+            source: ProgramError::NotLoaded,
+        })?
+        .try_into()
+        .map_err(|source| DatapathError::Program { name, source })
+}
+
 fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, DatapathError> {
     ebpf.take_map(name)
         .ok_or(DatapathError::MissingMap { name })
@@ -585,7 +579,10 @@ fn is_bpffs(path: &Path) -> Result<bool, DatapathError> {
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
         return Err(io_err(path)(io::Error::last_os_error()));
     }
-    #[allow(clippy::useless_conversion, reason = "f_type is i64 on x86_64 but narrower elsewhere")]
+    #[allow(
+        clippy::useless_conversion,
+        reason = "f_type is i64 on x86_64 but narrower elsewhere"
+    )]
     Ok(i64::from(st.f_type) == BPF_FS_MAGIC)
 }
 
@@ -665,7 +662,8 @@ pub fn uninstall(root: &Path) -> Result<Removed, DatapathError> {
     }
 }
 
-/// Read-only access to the pinned maps, for `status` when the agent is down.
+/// The maps that hold state worth reading back: opened from the pins by `status` when the
+/// agent is down, and held by the running agent's [`Datapath`].
 pub struct PinnedView {
     counters: PerCpuArray<MapData, u64>,
     auth: HashMap<MapData, AuthKey, AuthValue>,

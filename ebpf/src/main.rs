@@ -122,30 +122,45 @@ fn now() -> u64 {
     unsafe { bpf_ktime_get_boot_ns() }
 }
 
+/// The local pod's endpoint, if `addr` is an enrolled pod behind this very interface.
+#[inline(always)]
+fn local_endpoint(ctx: &TcContext, pkt: &Packet, addr: &[u8; 16]) -> Option<Endpoint> {
+    endpoint(pkt, addr).filter(|ep| ep.flags & EP_LOCAL != 0 && ep.ifindex == ifindex(ctx))
+}
+
+/// The verdict for a packet of an existing connection, or `None` for a new one.
+///
+/// Only a TCP SYN (or a UDP datagram with no flow) is new. A SYN always goes through admission,
+/// even when a flow entry with the same 5-tuple survives from an earlier connection: a reused
+/// port must not inherit an old admission. And a mid-connection packet never creates an entry:
+/// a flow whose entry was deleted (revoked) stays cut in both directions.
+#[inline(always)]
+fn existing(pkt: &Packet, key: &FlowKey) -> Option<Counter> {
+    let tracked = FLOWS.get_ptr(key).is_some();
+    let new = if pkt.proto == IPPROTO_TCP {
+        pkt.is_syn()
+    } else {
+        !tracked
+    };
+    match (new, tracked) {
+        (true, _) => None,
+        (false, true) => Some(Counter::PassFlow),
+        (false, false) => Some(Counter::DropNoFlow),
+    }
+}
+
 /// A packet on its way into a local pod: `dst` is the pod, `src` the remote peer.
 #[inline(always)]
 fn to_pod(ctx: &TcContext, pkt: &Packet) -> Counter {
-    let local = match endpoint(pkt, &pkt.dst) {
-        Some(ep) if ep.flags & EP_LOCAL != 0 && ep.ifindex == ifindex(ctx) => ep,
-        _ => return Counter::DropNotLocal,
+    let Some(local) = local_endpoint(ctx, pkt, &pkt.dst) else {
+        return Counter::DropNotLocal;
     };
     if pkt.proto != IPPROTO_TCP && pkt.proto != IPPROTO_UDP {
         return Counter::DropUnsupported;
     }
     let key = pkt.flow_key(false);
-    // A TCP SYN always goes through admission, even when a flow entry with the same 5-tuple
-    // survives from an earlier connection: a reused port must not inherit an old admission.
-    let new = if pkt.proto == IPPROTO_TCP {
-        pkt.is_syn()
-    } else {
-        FLOWS.get_ptr(&key).is_none()
-    };
-    if !new {
-        return if FLOWS.get_ptr(&key).is_some() {
-            Counter::PassFlow
-        } else {
-            Counter::DropNoFlow
-        };
+    if let Some(verdict) = existing(pkt, &key) {
+        return verdict;
     }
     let Some(remote) = endpoint(pkt, &pkt.src) else {
         return Counter::DropUnknownPeer;
@@ -182,27 +197,15 @@ fn to_pod(ctx: &TcContext, pkt: &Packet) -> Counter {
 /// A packet the pod sends: `src` must be the pod, `dst` is the remote peer.
 #[inline(always)]
 fn from_pod(ctx: &TcContext, pkt: &Packet) -> Counter {
-    let local = match endpoint(pkt, &pkt.src) {
-        Some(ep) if ep.flags & EP_LOCAL != 0 && ep.ifindex == ifindex(ctx) => ep,
-        _ => return Counter::DropSpoofed,
+    let Some(local) = local_endpoint(ctx, pkt, &pkt.src) else {
+        return Counter::DropSpoofed;
     };
     if pkt.proto != IPPROTO_TCP && pkt.proto != IPPROTO_UDP {
         return Counter::DropUnsupported;
     }
     let key = pkt.flow_key(true);
-    let new = if pkt.proto == IPPROTO_TCP {
-        pkt.is_syn()
-    } else {
-        FLOWS.get_ptr(&key).is_none()
-    };
-    if !new {
-        // Only a SYN (or a first datagram) creates an entry here: a flow whose entry was
-        // deleted (revoked) stays cut in both directions.
-        return if FLOWS.get_ptr(&key).is_some() {
-            Counter::PassFlow
-        } else {
-            Counter::DropNoFlow
-        };
+    if let Some(verdict) = existing(pkt, &key) {
+        return verdict;
     }
     let now = now();
     let (remote_identity, remote_node) = match endpoint(pkt, &pkt.dst) {

@@ -40,6 +40,19 @@ pub enum Parsed {
 
 impl Packet {
     #[inline(always)]
+    const fn new(family: u8, proto: u8) -> Self {
+        Self {
+            family,
+            proto,
+            src: [0; 16],
+            dst: [0; 16],
+            sport: 0,
+            dport: 0,
+            tcp_flags: 0,
+        }
+    }
+
+    #[inline(always)]
     pub fn parse(ctx: &TcContext) -> Result<Parsed, ()> {
         let ethertype = u16::from_be(ctx.load::<u16>(12).map_err(|_| ())?);
         match ethertype {
@@ -67,15 +80,7 @@ impl Packet {
         if frag_offset != 0 {
             return Err(());
         }
-        let mut pkt = Packet {
-            family: AF_INET,
-            proto,
-            src: [0; 16],
-            dst: [0; 16],
-            sport: 0,
-            dport: 0,
-            tcp_flags: 0,
-        };
+        let mut pkt = Packet::new(AF_INET, proto);
         pkt.src[..4].copy_from_slice(&hdr[12..16]);
         pkt.dst[..4].copy_from_slice(&hdr[16..20]);
         pkt.load_l4(ctx, ETH_HLEN + ihl)?;
@@ -101,15 +106,7 @@ impl Packet {
         if proto == IPPROTO_ICMPV6 {
             return Ok(Parsed::Control);
         }
-        let mut pkt = Packet {
-            family: AF_INET6,
-            proto,
-            src: [0; 16],
-            dst: [0; 16],
-            sport: 0,
-            dport: 0,
-            tcp_flags: 0,
-        };
+        let mut pkt = Packet::new(AF_INET6, proto);
         pkt.src.copy_from_slice(&hdr[8..24]);
         pkt.dst.copy_from_slice(&hdr[24..40]);
         pkt.load_l4(ctx, l4)?;

@@ -166,45 +166,31 @@ impl Scenario<'_> {
 
     /// Lets `remote_pod` connect to `local_pod`, through the agent on `local_pod`'s node.
     pub fn allow(&self, local_pod: &str, remote_pod: &str) -> String {
-        let node = self.tb.pod(local_pod).node.clone();
-        let remote_node = self.tb.pod(remote_pod).node.clone();
-        let (success, text) = self.portcullis(
-            &node,
-            &[
-                "auth",
-                "allow",
-                "--local",
-                &self.identity(local_pod),
-                "--remote",
-                &self.identity(remote_pod),
-                "--remote-node",
-                &remote_node,
-                "--ttl",
-                "600",
-            ],
-        );
-        assert!(success, "auth allow failed: {text}");
-        text
+        self.auth("allow", local_pod, remote_pod, &["--ttl", "600"])
     }
 
     /// Removes the pair's entry and cuts its flows on `local_pod`'s node.
     pub fn revoke(&self, local_pod: &str, remote_pod: &str) -> String {
+        self.auth("revoke", local_pod, remote_pod, &[])
+    }
+
+    fn auth(&self, verb: &str, local_pod: &str, remote_pod: &str, extra: &[&str]) -> String {
         let node = self.tb.pod(local_pod).node.clone();
         let remote_node = self.tb.pod(remote_pod).node.clone();
-        let (success, text) = self.portcullis(
-            &node,
-            &[
-                "auth",
-                "revoke",
-                "--local",
-                &self.identity(local_pod),
-                "--remote",
-                &self.identity(remote_pod),
-                "--remote-node",
-                &remote_node,
-            ],
-        );
-        assert!(success, "auth revoke failed: {text}");
+        let (local, remote) = (self.identity(local_pod), self.identity(remote_pod));
+        let mut args = vec![
+            "auth",
+            verb,
+            "--local",
+            &local,
+            "--remote",
+            &remote,
+            "--remote-node",
+            &remote_node,
+        ];
+        args.extend_from_slice(extra);
+        let (success, text) = self.portcullis(&node, &args);
+        assert!(success, "auth {verb} failed: {text}");
         text
     }
 }

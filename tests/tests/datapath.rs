@@ -408,17 +408,33 @@ fn uninstall_detaches_everything_and_removes_the_pins() {
     let mut tb = up();
     let target = scenario(&tb).addr("server", Family::V4);
     let _server = scenario(&tb).serve("server", PORT);
-    assert!(!ok(&scenario(&tb).connect("client", target, PORT, 1000)), "not enforcing before uninstall");
+    assert!(
+        !ok(&scenario(&tb).connect("client", target, PORT, 1000)),
+        "not enforcing before uninstall"
+    );
     let (success, text) = scenario(&tb).portcullis("node-2", &["uninstall"]);
-    assert!(!success && text.contains("running"), "uninstall must refuse while the agent runs: {text}");
+    assert!(
+        !success && text.contains("running"),
+        "uninstall must refuse while the agent runs: {text}"
+    );
     tb.stop_agent("node-2").expect("stopping the agent");
     // Stopping leaves enforcement in place.
-    assert!(!ok(&scenario(&tb).connect("client", target, PORT, 1000)), "stopping the agent lifted enforcement");
+    assert!(
+        !ok(&scenario(&tb).connect("client", target, PORT, 1000)),
+        "stopping the agent lifted enforcement"
+    );
     let (success, text) = scenario(&tb).portcullis("node-2", &["uninstall"]);
     assert!(success, "uninstall failed: {text}");
     let dir = tb.node("node-2").bpffs_dir.clone();
-    assert!(!dir.exists(), "{} still exists after uninstall", dir.display());
-    assert!(ok(&scenario(&tb).connect("client", target, PORT, 3000)), "traffic still blocked after uninstall");
+    assert!(
+        !dir.exists(),
+        "{} still exists after uninstall",
+        dir.display()
+    );
+    assert!(
+        ok(&scenario(&tb).connect("client", target, PORT, 3000)),
+        "traffic still blocked after uninstall"
+    );
 }
 
 /// With `datapath_log: true`, the kernel programs' aya-log records reach the agent's log.
@@ -427,13 +443,24 @@ fn datapath_log_reaches_the_agent_log_when_enabled() {
     let mut tb = up();
     tb.stop_agent("node-2").expect("stopping the agent");
     tb.write_agent_config("node-2", |c| {
-        c.extra.insert("datapath_log".into(), serde_yaml::Value::Bool(true));
+        c.extra
+            .insert("datapath_log".into(), serde_yaml::Value::Bool(true));
     })
     .expect("enabling datapath_log");
     tb.start_agent("node-2").expect("restarting the agent");
     let s = scenario(&tb);
     let _server = s.serve("server", PORT);
-    assert!(!ok(&s.connect("client", s.addr("server", Family::V4), PORT, 1000)), "not enforcing");
-    let logged = eventually(Duration::from_secs(5), || tb.agent_log("node-2").contains("portcullis: drop, reason 4"));
-    assert!(logged, "no datapath log line in the agent log:\n{}", tb.agent_log("node-2"));
+    assert!(
+        !ok(&s.connect("client", s.addr("server", Family::V4), PORT, 1000)),
+        "not enforcing"
+    );
+    let logged = eventually(Duration::from_secs(5), || {
+        tb.agent_log("node-2")
+            .contains("portcullis: drop, reason 4")
+    });
+    assert!(
+        logged,
+        "no datapath log line in the agent log:\n{}",
+        tb.agent_log("node-2")
+    );
 }

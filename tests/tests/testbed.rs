@@ -415,7 +415,10 @@ fn agents_start_in_their_node_and_stop() {
         args,
         vec![
             "--config".to_string(),
-            tb.node("node-2").agent_config.to_string_lossy().into_owned(),
+            tb.node("node-2")
+                .agent_config
+                .to_string_lossy()
+                .into_owned(),
             "status".into()
         ]
     );

@@ -11,51 +11,45 @@ use crate::admin::{self, Request, Response};
 pub enum Command {
     /// Admit new connections from REMOTE (on REMOTE_NODE) to LOCAL for --ttl seconds.
     Allow {
-        /// SPIFFE ID of the local workload.
-        #[arg(long)]
-        local: String,
-        /// SPIFFE ID of the remote workload.
-        #[arg(long)]
-        remote: String,
-        /// Node name of the remote workload.
-        #[arg(long)]
-        remote_node: String,
+        #[command(flatten)]
+        pair: Pair,
         /// Lifetime in seconds.
         #[arg(long, default_value_t = 3600)]
         ttl: u64,
     },
     /// Remove the pair's auth entry and cut its established connections.
     Revoke {
-        #[arg(long)]
-        local: String,
-        #[arg(long)]
-        remote: String,
-        #[arg(long)]
-        remote_node: String,
+        #[command(flatten)]
+        pair: Pair,
     },
+}
+
+/// An identity pair as the agent on LOCAL's node sees it.
+#[derive(Debug, clap::Args)]
+pub struct Pair {
+    /// SPIFFE ID of the local workload.
+    #[arg(long)]
+    local: String,
+    /// SPIFFE ID of the remote workload.
+    #[arg(long)]
+    remote: String,
+    /// Node name of the remote workload.
+    #[arg(long)]
+    remote_node: String,
 }
 
 pub fn execute(target: &Target, cmd: &Command) -> anyhow::Result<ExitCode> {
     let req = match cmd {
-        Command::Allow {
-            local,
-            remote,
-            remote_node,
-            ttl,
-        } => Request::AuthAllow {
-            local: local.clone(),
-            remote: remote.clone(),
-            remote_node: remote_node.clone(),
+        Command::Allow { pair, ttl } => Request::AuthAllow {
+            local: pair.local.clone(),
+            remote: pair.remote.clone(),
+            remote_node: pair.remote_node.clone(),
             ttl_secs: *ttl,
         },
-        Command::Revoke {
-            local,
-            remote,
-            remote_node,
-        } => Request::AuthRevoke {
-            local: local.clone(),
-            remote: remote.clone(),
-            remote_node: remote_node.clone(),
+        Command::Revoke { pair } => Request::AuthRevoke {
+            local: pair.local.clone(),
+            remote: pair.remote.clone(),
+            remote_node: pair.remote_node.clone(),
         },
     };
     match admin::call(&target.admin_socket, &req)? {
