@@ -2,6 +2,7 @@
 //! `anyhow::Result`. Doc comments are the `--help` text.
 
 mod auth;
+mod ca;
 mod run;
 mod status;
 mod uninstall;
@@ -34,6 +35,8 @@ enum Command {
     Status(status::Args),
     #[command(subcommand)]
     Auth(auth::Command),
+    #[command(subcommand)]
+    Ca(ca::Command),
     Uninstall(uninstall::Args),
 }
 
@@ -68,6 +71,7 @@ pub fn main() -> ExitCode {
         Command::Run(args) => run::execute(&cli, args),
         Command::Status(args) => cli.target().and_then(|t| status::execute(&t, args)),
         Command::Auth(cmd) => cli.target().and_then(|t| auth::execute(&t, cmd)),
+        Command::Ca(cmd) => ca::execute(cmd),
         Command::Uninstall(args) => cli.target().and_then(|t| uninstall::execute(&t, args)),
     };
     match result {

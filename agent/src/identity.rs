@@ -5,6 +5,9 @@
 //! a trust domain of lowercase letters, digits, `.`, `-` and `_`, and an optional path of
 //! non-empty segments of letters, digits, `.`, `-` and `_`, none of them `.` or `..`.
 
+pub mod ca;
+pub mod svid;
+
 use std::fmt;
 
 /// The longest SPIFFE ID accepted, in bytes (the specification's limit for URI SANs).

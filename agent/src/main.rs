@@ -9,6 +9,7 @@ mod config;
 mod datapath;
 mod identity;
 mod input;
+mod reason;
 mod registry;
 mod status;
 
