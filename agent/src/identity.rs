@@ -6,6 +6,7 @@
 //! non-empty segments of letters, digits, `.`, `-` and `_`, none of them `.` or `..`.
 
 pub mod ca;
+pub mod store;
 pub mod svid;
 
 use std::fmt;

@@ -7,11 +7,13 @@ mod cli;
 mod cluster;
 mod config;
 mod datapath;
+mod handshake;
 mod identity;
 mod input;
 mod reason;
 mod registry;
 mod status;
+mod tls;
 
 fn main() -> std::process::ExitCode {
     cli::main()

@@ -275,7 +275,7 @@ mod tests {
     #[test]
     fn init_writes_a_private_key_and_issues_valid_svids() {
         let dir = tempfile::tempdir().unwrap();
-        let ca = Ca::init("cluster.local", dir.path()).unwrap();
+        Ca::init("cluster.local", dir.path()).unwrap();
         let mode = fs::metadata(dir.path().join(CA_KEY))
             .unwrap()
             .permissions()

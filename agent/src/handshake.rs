@@ -1,0 +1,638 @@
+//! The agent-to-agent handshake (see `docs/PROTOCOL.md`): over TCP, TLS 1.3 with mutual SVID
+//! authentication, then one request and one answer in length-prefixed frames.
+//!
+//! The initiator presents its local workload's SVID and names, in SNI, the remote address it
+//! wants proven; the responder presents the SVID of the workload that owns that address on its
+//! node, or refuses (`access_denied`) when it hosts none. After TLS, the initiator sends
+//! `Hello` (its node, its workload's address, the address it asked for); each side checks the
+//! other's SPIFFE ID against the identity cluster state gives that address and node, and both
+//! write their own auth entry, valid until the earlier `notAfter` of the two SVIDs. One
+//! handshake serves both directions.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use bytes::{Buf, BufMut, BytesMut};
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::TcpStream,
+    sync::oneshot,
+};
+use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
+
+use crate::{
+    identity::{SpiffeId, store::Svid, svid},
+    reason::Reason,
+    tls::{self, LocalSvid, Trust},
+};
+
+/// Protocol version carried in every frame.
+pub const VERSION: u8 = 1;
+/// Largest frame body accepted, in bytes.
+pub const MAX_FRAME: usize = 16 * 1024;
+
+const KIND_HELLO: u8 = 1;
+const KIND_ACCEPT: u8 = 2;
+const KIND_REFUSE: u8 = 3;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub initiator_node: String,
+    pub initiator_addr: IpAddr,
+    pub responder_addr: IpAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Accept {
+    /// Unix milliseconds until which the responder's entry admits the pair.
+    pub expires_unix_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refuse {
+    pub reason: Reason,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    Hello(Hello),
+    Accept(Accept),
+    Refuse(Refuse),
+}
+
+impl Message {
+    /// `u32` big-endian length of what follows, `u8` version, `u8` kind, JSON body.
+    pub fn encode(&self) -> BytesMut {
+        let (kind, body) = match self {
+            Self::Hello(m) => (KIND_HELLO, serde_json::to_vec(m)),
+            Self::Accept(m) => (KIND_ACCEPT, serde_json::to_vec(m)),
+            Self::Refuse(m) => (KIND_REFUSE, serde_json::to_vec(m)),
+        };
+        // Serializing these plain structs cannot fail.
+        let body = body.unwrap_or_default();
+        let mut buf = BytesMut::with_capacity(6 + body.len());
+        buf.put_u32(u32::try_from(body.len() + 2).unwrap_or(u32::MAX));
+        buf.put_u8(VERSION);
+        buf.put_u8(kind);
+        buf.put_slice(&body);
+        buf
+    }
+
+    /// Decodes one frame's content (after the length prefix).
+    pub fn decode(mut frame: &[u8]) -> Result<Self, Reason> {
+        if frame.len() < 2 {
+            return Err(Reason::Protocol);
+        }
+        let version = frame.get_u8();
+        if version != VERSION {
+            return Err(Reason::Version);
+        }
+        let kind = frame.get_u8();
+        let bad = |_| Reason::Protocol;
+        Ok(match kind {
+            KIND_HELLO => Self::Hello(serde_json::from_slice(frame).map_err(bad)?),
+            KIND_ACCEPT => Self::Accept(serde_json::from_slice(frame).map_err(bad)?),
+            KIND_REFUSE => Self::Refuse(serde_json::from_slice(frame).map_err(bad)?),
+            _ => return Err(Reason::Protocol),
+        })
+    }
+}
+
+pub async fn write_msg<W: AsyncWrite + Unpin>(w: &mut W, msg: &Message) -> Result<(), Reason> {
+    w.write_all(&msg.encode())
+        .await
+        .map_err(|_| Reason::Protocol)?;
+    w.flush().await.map_err(|_| Reason::Protocol)
+}
+
+pub async fn read_msg<R: AsyncRead + Unpin>(r: &mut R) -> Result<Message, Reason> {
+    let len = r.read_u32().await.map_err(|_| Reason::Protocol)? as usize;
+    if !(2..=MAX_FRAME).contains(&len) {
+        return Err(Reason::Protocol);
+    }
+    let mut frame = vec![0; len];
+    r.read_exact(&mut frame)
+        .await
+        .map_err(|_| Reason::Protocol)?;
+    Message::decode(&frame)
+}
+
+/// Who owns an address, by cluster state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    pub id: SpiffeId,
+    pub node: String,
+}
+
+/// Everything a handshake needs to know, as one immutable snapshot that the agent's core
+/// republishes whenever cluster state or credentials change.
+#[derive(Debug)]
+pub struct View {
+    pub node: String,
+    pub trust: Trust,
+    pub owners: HashMap<IpAddr, Owner>,
+    /// Handshake address of each node.
+    pub nodes: HashMap<String, SocketAddr>,
+    pub svids: HashMap<SpiffeId, LocalSvid>,
+    pub server: Arc<rustls::ServerConfig>,
+}
+
+impl View {
+    /// Builds the snapshot: rustls keys for the SVIDs, and a server configuration that presents,
+    /// for each local address, the SVID of the workload that owns it.
+    pub fn build(
+        node: &str,
+        trust: Trust,
+        owners: HashMap<IpAddr, Owner>,
+        nodes: HashMap<String, SocketAddr>,
+        svids: &[Svid],
+    ) -> Result<Self, tls::TlsError> {
+        let svids: HashMap<SpiffeId, LocalSvid> = svids
+            .iter()
+            .map(|s| Ok((s.id.clone(), tls::local_svid(s)?)))
+            .collect::<Result<_, tls::TlsError>>()?;
+        let hosted = owners
+            .iter()
+            .filter(|(_, o)| o.node == node)
+            .filter_map(|(addr, o)| svids.get(&o.id).map(|s| (*addr, s.key.clone())))
+            .collect();
+        let server = tls::server_config(&trust, tls::HostedKeys(hosted))?;
+        Ok(Self {
+            node: node.to_owned(),
+            trust,
+            owners,
+            nodes,
+            svids,
+            server,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Initiator,
+    Responder,
+}
+
+/// The outcome of one handshake, as far as it got: the audit record, and (on success) what to
+/// write into the auth map.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub role: Role,
+    pub peer: Option<SocketAddr>,
+    pub local_addr: Option<IpAddr>,
+    pub remote_addr: Option<IpAddr>,
+    pub local_id: Option<SpiffeId>,
+    pub remote_id: Option<SpiffeId>,
+    pub remote_node: Option<String>,
+    /// The entry's expiry on success.
+    pub result: Result<SystemTime, Reason>,
+    pub took: Duration,
+}
+
+impl Record {
+    fn new(role: Role) -> Self {
+        Self {
+            role,
+            peer: None,
+            local_addr: None,
+            remote_addr: None,
+            local_id: None,
+            remote_id: None,
+            remote_node: None,
+            result: Err(Reason::Internal),
+            took: Duration::ZERO,
+        }
+    }
+}
+
+/// The responder's request to the core: write this entry, then tell me whether it worked.
+pub type WriteRequest = (Record, oneshot::Sender<bool>);
+
+fn unix_ms(t: SystemTime) -> u64 {
+    u64::try_from(t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis()).unwrap_or(u64::MAX)
+}
+
+fn peer_identity(
+    certs: Option<&[rustls::pki_types::CertificateDer<'static>]>,
+    td: &str,
+) -> Result<svid::LeafInfo, Reason> {
+    let certs = certs.ok_or(Reason::NoCertificate)?;
+    svid::check_chain(certs, td, SystemTime::now())
+}
+
+/// Proves `local_addr`'s workload to the agent that hosts `remote_addr`, and has it proven.
+pub async fn initiate(
+    view: Arc<View>,
+    local_addr: IpAddr,
+    remote_addr: IpAddr,
+    timeout: Duration,
+) -> Record {
+    let start = std::time::Instant::now();
+    let mut rec = Record::new(Role::Initiator);
+    rec.local_addr = Some(local_addr);
+    rec.remote_addr = Some(remote_addr);
+    let result = tokio::time::timeout(timeout, initiate_inner(&view, &mut rec)).await;
+    rec.result = result.unwrap_or(Err(Reason::Timeout));
+    rec.took = start.elapsed();
+    rec
+}
+
+async fn initiate_inner(view: &View, rec: &mut Record) -> Result<SystemTime, Reason> {
+    let (local_addr, remote_addr) = (
+        rec.local_addr.ok_or(Reason::Internal)?,
+        rec.remote_addr.ok_or(Reason::Internal)?,
+    );
+    let local = view
+        .owners
+        .get(&local_addr)
+        .filter(|o| o.node == view.node)
+        .ok_or(Reason::UnknownPeer)?;
+    rec.local_id = Some(local.id.clone());
+    let remote = view.owners.get(&remote_addr).ok_or(Reason::UnknownPeer)?;
+    rec.remote_node = Some(remote.node.clone());
+    let svid = view.svids.get(&local.id).ok_or(Reason::NoLocalSvid)?;
+    let target = *view.nodes.get(&remote.node).ok_or(Reason::UnknownPeer)?;
+    rec.peer = Some(target);
+    let tcp = TcpStream::connect(target)
+        .await
+        .map_err(|_| Reason::Unreachable)?;
+    let _ = tcp.set_nodelay(true);
+    let config = tls::client_config(&view.trust, svid).map_err(|_| Reason::Internal)?;
+    let name = rustls::pki_types::ServerName::try_from(tls::sni_for(remote_addr))
+        .map_err(|_| Reason::Internal)?;
+    let mut stream = TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| tls::rustls_error(&e).map_or(Reason::Tls, tls::reason_of))?;
+    let peer = peer_identity(
+        stream.get_ref().1.peer_certificates(),
+        &view.trust.trust_domain,
+    )?;
+    rec.remote_id = Some(peer.id.clone());
+    if peer.id != remote.id {
+        return Err(Reason::IdentityMismatch);
+    }
+    let hello = Hello {
+        initiator_node: view.node.clone(),
+        initiator_addr: local_addr,
+        responder_addr: remote_addr,
+    };
+    write_msg(&mut stream, &Message::Hello(hello)).await?;
+    match read_msg(&mut stream).await? {
+        Message::Accept(_) => {}
+        Message::Refuse(r) => return Err(r.reason),
+        Message::Hello(_) => return Err(Reason::Protocol),
+    }
+    let _ = stream.shutdown().await;
+    Ok(svid.not_after.min(peer.not_after))
+}
+
+/// Answers one initiator on `tcp`.
+pub async fn respond(
+    view: Arc<View>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    timeout: Duration,
+    core: tokio::sync::mpsc::Sender<WriteRequest>,
+) -> Record {
+    let start = std::time::Instant::now();
+    let mut rec = Record::new(Role::Responder);
+    rec.peer = Some(peer);
+    let result = tokio::time::timeout(timeout, respond_inner(&view, tcp, &mut rec, &core)).await;
+    rec.result = result.unwrap_or(Err(Reason::Timeout));
+    rec.took = start.elapsed();
+    rec
+}
+
+async fn respond_inner(
+    view: &View,
+    tcp: TcpStream,
+    rec: &mut Record,
+    core: &tokio::sync::mpsc::Sender<WriteRequest>,
+) -> Result<SystemTime, Reason> {
+    let _ = tcp.set_nodelay(true);
+    let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp)
+        .await
+        .map_err(|e| tls::rustls_error(&e).map_or(Reason::Protocol, tls::reason_of))?;
+    let asked = start
+        .client_hello()
+        .server_name()
+        .and_then(tls::addr_from_sni);
+    rec.local_addr = asked;
+    let local = asked
+        .and_then(|a| view.owners.get(&a))
+        .filter(|o| o.node == view.node);
+    rec.local_id = local.map(|o| o.id.clone());
+    let hosted = local.is_some_and(|o| view.svids.contains_key(&o.id));
+    let accepted = start.into_stream(view.server.clone()).await;
+    if !hosted {
+        // The resolver found no SVID and rustls has refused with `access_denied`.
+        return Err(if local.is_some() {
+            Reason::NoLocalSvid
+        } else {
+            Reason::NotHosted
+        });
+    }
+    let mut stream =
+        accepted.map_err(|e| tls::rustls_error(&e).map_or(Reason::Tls, tls::reason_of))?;
+    let local = local.ok_or(Reason::NotHosted)?;
+    let svid = view.svids.get(&local.id).ok_or(Reason::NoLocalSvid)?;
+    let peer_cert = peer_identity(
+        stream.get_ref().1.peer_certificates(),
+        &view.trust.trust_domain,
+    )?;
+    rec.remote_id = Some(peer_cert.id.clone());
+    let verdict = async {
+        let Message::Hello(hello) = read_msg(&mut stream).await? else {
+            return Err(Reason::Protocol);
+        };
+        rec.remote_addr = Some(hello.initiator_addr);
+        rec.remote_node = Some(hello.initiator_node.clone());
+        if Some(hello.responder_addr) != asked {
+            return Err(Reason::Protocol);
+        }
+        let initiator = view
+            .owners
+            .get(&hello.initiator_addr)
+            .ok_or(Reason::UnknownInitiator)?;
+        if initiator.node != hello.initiator_node {
+            return Err(Reason::UnknownInitiator);
+        }
+        if initiator.id != peer_cert.id {
+            return Err(Reason::IdentityMismatch);
+        }
+        let node_addr = view
+            .nodes
+            .get(&hello.initiator_node)
+            .ok_or(Reason::UnknownInitiator)?;
+        if Some(node_addr.ip()) != rec.peer.map(|p| p.ip()) {
+            return Err(Reason::NodeMismatch);
+        }
+        Ok(svid.not_after.min(peer_cert.not_after))
+    }
+    .await;
+    let expires = match verdict {
+        Ok(t) => t,
+        Err(reason) => {
+            let _ = write_msg(&mut stream, &Message::Refuse(Refuse { reason })).await;
+            return Err(reason);
+        }
+    };
+    // Our entry first: the initiator's SYN may be on its way.
+    let mut pending = rec.clone();
+    pending.result = Ok(expires);
+    let (tx, rx) = oneshot::channel();
+    if core.send((pending, tx)).await.is_err() || !rx.await.unwrap_or(false) {
+        let _ = write_msg(
+            &mut stream,
+            &Message::Refuse(Refuse {
+                reason: Reason::Internal,
+            }),
+        )
+        .await;
+        return Err(Reason::Internal);
+    }
+    write_msg(
+        &mut stream,
+        &Message::Accept(Accept {
+            expires_unix_ms: unix_ms(expires),
+        }),
+    )
+    .await?;
+    let _ = stream.shutdown().await;
+    Ok(expires)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_bad_frames_are_refused() {
+        let hello = Message::Hello(Hello {
+            initiator_node: "n1".into(),
+            initiator_addr: "198.18.1.2".parse().unwrap(),
+            responder_addr: "fd00:18:2::2".parse().unwrap(),
+        });
+        for msg in [
+            hello,
+            Message::Accept(Accept {
+                expires_unix_ms: 42,
+            }),
+            Message::Refuse(Refuse {
+                reason: Reason::NotHosted,
+            }),
+        ] {
+            let buf = msg.encode();
+            let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+            assert_eq!(len, buf.len() - 4);
+            assert_eq!(Message::decode(&buf[4..]), Ok(msg));
+        }
+        assert_eq!(Message::decode(&[]), Err(Reason::Protocol));
+        assert_eq!(
+            Message::decode(&[2, KIND_ACCEPT, b'{', b'}']),
+            Err(Reason::Version)
+        );
+        assert_eq!(
+            Message::decode(&[VERSION, 9, b'{', b'}']),
+            Err(Reason::Protocol)
+        );
+        assert_eq!(
+            Message::decode(&[VERSION, KIND_ACCEPT, b'x']),
+            Err(Reason::Protocol)
+        );
+    }
+
+    mod loopback {
+        use std::time::Duration;
+
+        use rustls_pki_types::PrivateKeyDer;
+        use tokio::net::TcpListener;
+
+        use super::super::*;
+        use crate::identity::ca::Ca;
+
+        const A: &str = "198.18.1.2";
+        const B: &str = "198.18.2.2";
+        const C: &str = "198.18.2.3";
+
+        fn svid(ca: &Ca, id: &str) -> Svid {
+            let id = SpiffeId::parse(id).unwrap();
+            let issued = ca.issue(&id, Duration::from_secs(3600)).unwrap();
+            let info = svid::check_leaf(&issued.cert_der, SystemTime::now()).unwrap();
+            Svid::new(
+                vec![issued.cert_der],
+                PrivateKeyDer::from(issued.key_der),
+                info,
+            )
+        }
+
+        fn owners() -> HashMap<IpAddr, Owner> {
+            let o = |id: &str, node: &str| Owner {
+                id: SpiffeId::parse(id).unwrap(),
+                node: node.into(),
+            };
+            [
+                (
+                    A.parse().unwrap(),
+                    o("spiffe://td/ns/default/sa/a", "node-a"),
+                ),
+                (
+                    B.parse().unwrap(),
+                    o("spiffe://td/ns/default/sa/b", "node-b"),
+                ),
+                (
+                    C.parse().unwrap(),
+                    o("spiffe://td/ns/default/sa/c", "node-b"),
+                ),
+            ]
+            .into()
+        }
+
+        /// Runs one handshake A → `target` between two views; returns (initiator, responder).
+        async fn run(a_ca: &Ca, b_ca: &Ca, a_id: &str, target: &str) -> (Record, Record) {
+            run_with(a_ca, b_ca, a_id, target, owners()).await
+        }
+
+        async fn run_with(
+            a_ca: &Ca,
+            b_ca: &Ca,
+            a_id: &str,
+            target: &str,
+            a_owners: HashMap<IpAddr, Owner>,
+        ) -> (Record, Record) {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let nodes: HashMap<String, SocketAddr> = [
+                ("node-a".into(), "127.0.0.1:1".parse().unwrap()),
+                ("node-b".into(), listener.local_addr().unwrap()),
+            ]
+            .into();
+            let trust = |ca: &Ca| {
+                Trust::new(
+                    "td",
+                    &[
+                        rustls_pki_types::CertificateDer::from_pem_slice(ca.cert_pem().as_bytes())
+                            .unwrap(),
+                    ],
+                )
+                .unwrap()
+            };
+            let view_a = View::build(
+                "node-a",
+                trust(a_ca),
+                a_owners,
+                nodes.clone(),
+                &[svid(a_ca, a_id)],
+            )
+            .unwrap();
+            let view_b = View::build(
+                "node-b",
+                trust(b_ca),
+                owners(),
+                nodes,
+                &[svid(b_ca, "spiffe://td/ns/default/sa/b")],
+            )
+            .unwrap();
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<WriteRequest>(4);
+            tokio::spawn(async move {
+                while let Some((_, reply)) = rx.recv().await {
+                    let _ = reply.send(true);
+                }
+            });
+            let responder = tokio::spawn(async move {
+                let (tcp, peer) = tokio::time::timeout(Duration::from_secs(5), listener.accept())
+                    .await
+                    .expect("no connection")
+                    .unwrap();
+                respond(Arc::new(view_b), tcp, peer, Duration::from_secs(5), tx).await
+            });
+            let init = initiate(
+                Arc::new(view_a),
+                A.parse().unwrap(),
+                target.parse().unwrap(),
+                Duration::from_secs(5),
+            )
+            .await;
+            (init, responder.await.unwrap())
+        }
+
+        use rustls_pki_types::pem::PemObject;
+
+        #[tokio::test]
+        async fn a_mutual_handshake_authenticates_both_sides() {
+            let dir = tempfile::tempdir().unwrap();
+            let ca = Ca::init("td", dir.path()).unwrap();
+            let (i, r) = run(&ca, &ca, "spiffe://td/ns/default/sa/a", B).await;
+            assert!(i.result.is_ok(), "initiator: {i:?}");
+            assert!(r.result.is_ok(), "responder: {r:?}");
+            assert_eq!(
+                i.remote_id.as_ref().map(SpiffeId::as_str),
+                Some("spiffe://td/ns/default/sa/b")
+            );
+            assert_eq!(
+                r.remote_id.as_ref().map(SpiffeId::as_str),
+                Some("spiffe://td/ns/default/sa/a")
+            );
+            assert_eq!(r.remote_node.as_deref(), Some("node-a"));
+            assert_eq!(
+                i.result.unwrap(),
+                r.result.unwrap(),
+                "both sides agree on the expiry"
+            );
+        }
+
+        #[tokio::test]
+        async fn a_foreign_ca_is_rejected_on_both_sides() {
+            let dir = tempfile::tempdir().unwrap();
+            let ca = Ca::init("td", &dir.path().join("1")).unwrap();
+            let foreign = Ca::init("td", &dir.path().join("2")).unwrap();
+            let (i, r) = run(&foreign, &ca, "spiffe://td/ns/default/sa/a", B).await;
+            assert_eq!(i.result, Err(Reason::UntrustedChain), "initiator: {i:?}");
+            assert_eq!(
+                r.result,
+                Err(Reason::PeerRejectedCertificate),
+                "responder: {r:?}"
+            );
+        }
+
+        #[tokio::test]
+        async fn the_responder_refuses_an_address_it_does_not_host() {
+            let dir = tempfile::tempdir().unwrap();
+            let ca = Ca::init("td", dir.path()).unwrap();
+            let (i, r) = run(&ca, &ca, "spiffe://td/ns/default/sa/a", C).await;
+            assert_eq!(i.result, Err(Reason::NotHosted), "initiator: {i:?}");
+            assert_eq!(r.result, Err(Reason::NoLocalSvid), "responder: {r:?}");
+        }
+
+        #[tokio::test]
+        async fn an_identity_that_does_not_own_the_address_is_refused() {
+            let dir = tempfile::tempdir().unwrap();
+            let ca = Ca::init("td", dir.path()).unwrap();
+            // A's agent wrongly believes A belongs to C, and presents C's SVID for it.
+            let mut stale = owners();
+            stale.insert(
+                A.parse().unwrap(),
+                Owner {
+                    id: SpiffeId::parse("spiffe://td/ns/default/sa/c").unwrap(),
+                    node: "node-a".into(),
+                },
+            );
+            let (i, r) = run_with(&ca, &ca, "spiffe://td/ns/default/sa/c", B, stale).await;
+            assert_eq!(r.result, Err(Reason::IdentityMismatch), "responder: {r:?}");
+            assert_eq!(i.result, Err(Reason::IdentityMismatch), "initiator: {i:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn oversized_frames_are_refused_before_reading_them() {
+        let mut data: &[u8] = &[0, 1, 0, 0, VERSION];
+        assert_eq!(read_msg(&mut data).await, Err(Reason::Protocol));
+    }
+}

@@ -1,0 +1,387 @@
+//! rustls configuration for the agent-to-agent handshake: TLS 1.3 only, our own ALPN, mutual
+//! authentication with X.509 SVIDs.
+//!
+//! Verification wraps rustls's webpki verifiers (chain to the trust bundle, signatures,
+//! validity, key usage for TLS) and then adds the SPIFFE rules from `identity::svid` (one URI
+//! SAN, a SPIFFE ID of our trust domain, not a CA, bounded chain). Whether the identity is the
+//! one cluster state expects for an address is the handshake's business: it knows the address.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::Arc,
+    time::SystemTime,
+};
+
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, Error, OtherError,
+    RootCertStore, ServerConfig, SignatureScheme,
+    client::{
+        WebPkiServerVerifier,
+        danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    },
+    crypto::CryptoProvider,
+    pki_types::{CertificateDer, ServerName, UnixTime},
+    server::{
+        ClientHello, ResolvesServerCert, WebPkiClientVerifier,
+        danger::{ClientCertVerified, ClientCertVerifier},
+    },
+    sign::CertifiedKey,
+    version::TLS13,
+};
+
+use crate::{
+    identity::{SpiffeId, store::Svid, svid},
+    reason::Reason,
+};
+
+/// The ALPN protocol of the agent-to-agent handshake.
+pub const ALPN: &[u8] = b"portcullis/1";
+const SNI_SUFFIX: &str = ".addr.portcullis.invalid";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("building a TLS verifier: {0}")]
+    Verifier(String),
+    #[error("TLS configuration: {0}")]
+    Config(#[from] Error),
+}
+
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The trust bundle of one trust domain.
+#[derive(Clone)]
+pub struct Trust {
+    pub trust_domain: String,
+    pub roots: Arc<RootCertStore>,
+}
+
+impl Trust {
+    pub fn new(trust_domain: &str, cas: &[CertificateDer<'static>]) -> Result<Self, TlsError> {
+        let mut roots = RootCertStore::empty();
+        for ca in cas {
+            roots.add(ca.clone())?;
+        }
+        Ok(Self {
+            trust_domain: trust_domain.to_owned(),
+            roots: Arc::new(roots),
+        })
+    }
+}
+
+impl fmt::Debug for Trust {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Trust")
+            .field("trust_domain", &self.trust_domain)
+            .field("roots", &self.roots.len())
+            .finish()
+    }
+}
+
+/// A local workload's SVID, ready for rustls.
+#[derive(Clone)]
+pub struct LocalSvid {
+    pub id: SpiffeId,
+    pub key: Arc<CertifiedKey>,
+    pub not_after: SystemTime,
+    pub serial: String,
+}
+
+impl fmt::Debug for LocalSvid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LocalSvid")
+            .field("id", &self.id)
+            .field("serial", &self.serial)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The server name by which an initiator asks for the workload at `addr`: the address cannot
+/// go into SNI as an IP (RFC 6066 forbids it), so it is spelled as a DNS label in hex.
+#[must_use]
+pub fn sni_for(addr: IpAddr) -> String {
+    match addr {
+        IpAddr::V4(a) => format!("{:08x}.v4{SNI_SUFFIX}", u32::from(a)),
+        IpAddr::V6(a) => format!("{:032x}.v6{SNI_SUFFIX}", u128::from(a)),
+    }
+}
+
+/// The address an SNI from [`sni_for`] names.
+#[must_use]
+pub fn addr_from_sni(name: &str) -> Option<IpAddr> {
+    let rest = name.strip_suffix(SNI_SUFFIX)?;
+    let (hex, family) = rest.split_once('.')?;
+    match family {
+        "v4" if hex.len() == 8 => u32::from_str_radix(hex, 16)
+            .ok()
+            .map(|v| IpAddr::V4(Ipv4Addr::from(v))),
+        "v6" if hex.len() == 32 => u128::from_str_radix(hex, 16)
+            .ok()
+            .map(|v| IpAddr::V6(Ipv6Addr::from(v))),
+        _ => None,
+    }
+}
+
+fn spiffe_error(reason: Reason) -> Error {
+    Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(reason))))
+}
+
+fn spiffe_checks(
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    td: &str,
+    now: UnixTime,
+) -> Result<(), Error> {
+    let mut chain = Vec::with_capacity(intermediates.len() + 1);
+    chain.push(end_entity.clone());
+    chain.extend(intermediates.iter().cloned());
+    let now = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(now.as_secs());
+    svid::check_chain(&chain, td, now)
+        .map(drop)
+        .map_err(spiffe_error)
+}
+
+/// Verifies initiators' certificates: webpki, then the SPIFFE rules.
+#[derive(Debug)]
+struct SpiffeClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    trust_domain: String,
+}
+
+impl ClientCertVerifier for SpiffeClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        spiffe_checks(end_entity, intermediates, &self.trust_domain, now)?;
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Verifies responders' certificates: webpki, then the SPIFFE rules.
+#[derive(Debug)]
+struct SpiffeServerVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    trust_domain: String,
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, Error> {
+        match self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        ) {
+            // An SVID names its workload by URI SAN, not by DNS name: webpki checks the name
+            // only after the chain, so this error means the chain itself verified. The
+            // identity is checked below and, against cluster state, by the handshake.
+            Ok(_)
+            | Err(Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => {}
+            Err(e) => return Err(e),
+        }
+        spiffe_checks(end_entity, intermediates, &self.trust_domain, now)?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Picks the SVID of the local workload the initiator names in SNI; none means "not hosted",
+/// which rustls answers with an `access_denied` alert.
+#[derive(Debug)]
+pub struct HostedKeys(pub HashMap<IpAddr, Arc<CertifiedKey>>);
+
+impl ResolvesServerCert for HostedKeys {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let addr = addr_from_sni(hello.server_name()?)?;
+        self.0.get(&addr).cloned()
+    }
+}
+
+pub fn server_config(trust: &Trust, hosted: HostedKeys) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = provider();
+    let inner = WebPkiClientVerifier::builder_with_provider(trust.roots.clone(), provider.clone())
+        .build()
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let verifier = Arc::new(SpiffeClientVerifier {
+        inner,
+        trust_domain: trust.trust_domain.clone(),
+    });
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(Arc::new(hosted));
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(Arc::new(config))
+}
+
+pub fn client_config(trust: &Trust, svid: &LocalSvid) -> Result<Arc<ClientConfig>, TlsError> {
+    let provider = provider();
+    let inner = WebPkiServerVerifier::builder_with_provider(trust.roots.clone(), provider.clone())
+        .build()
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let verifier = Arc::new(SpiffeServerVerifier {
+        inner,
+        trust_domain: trust.trust_domain.clone(),
+    });
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_cert_resolver(Arc::new(FixedClientCert(svid.key.clone())));
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Always presents the same SVID (the initiator's local workload's).
+#[derive(Debug)]
+struct FixedClientCert(Arc<CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for FixedClientCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// The reason behind a failed TLS handshake, from either side's point of view.
+#[must_use]
+pub fn reason_of(err: &Error) -> Reason {
+    use rustls::AlertDescription as A;
+    match err {
+        Error::InvalidCertificate(CertificateError::Other(OtherError(e))) => e
+            .downcast_ref::<Reason>()
+            .copied()
+            .unwrap_or(Reason::UntrustedChain),
+        Error::InvalidCertificate(
+            CertificateError::Expired | CertificateError::ExpiredContext { .. },
+        ) => Reason::Expired,
+        Error::InvalidCertificate(
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. },
+        ) => Reason::NotYetValid,
+        Error::InvalidCertificate(CertificateError::BadEncoding) => Reason::Malformed,
+        Error::InvalidCertificate(_) => Reason::UntrustedChain,
+        Error::NoCertificatesPresented => Reason::NoCertificate,
+        Error::AlertReceived(A::AccessDenied) => Reason::NotHosted,
+        Error::AlertReceived(
+            A::BadCertificate
+            | A::UnknownCA
+            | A::CertificateExpired
+            | A::UnsupportedCertificate
+            | A::CertificateUnknown
+            | A::CertificateRequired
+            | A::DecryptError,
+        ) => Reason::PeerRejectedCertificate,
+        _ => Reason::Tls,
+    }
+}
+
+/// The rustls error inside an I/O error from tokio-rustls, if any.
+#[must_use]
+pub fn rustls_error(e: &std::io::Error) -> Option<&Error> {
+    e.get_ref().and_then(|inner| inner.downcast_ref::<Error>())
+}
+
+/// Turns a validated SVID into a rustls signing key.
+pub fn local_svid(svid: &Svid) -> Result<LocalSvid, TlsError> {
+    let key = CertifiedKey::from_der(svid.chain.clone(), svid.key.clone_key(), &provider())?;
+    Ok(LocalSvid {
+        id: svid.id.clone(),
+        key: Arc::new(key),
+        not_after: svid.not_after,
+        serial: svid.serial.clone(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sni_round_trips_addresses() {
+        for a in ["198.18.1.2", "0.0.0.1", "fd00:18:1::2", "::1"] {
+            let ip: IpAddr = a.parse().unwrap();
+            let sni = sni_for(ip);
+            assert!(
+                ServerName::try_from(sni.clone()).is_ok(),
+                "{sni} must be a valid DNS name"
+            );
+            assert_eq!(addr_from_sni(&sni), Some(ip));
+        }
+        assert_eq!(addr_from_sni("example.com"), None);
+        assert_eq!(addr_from_sni("zz.v4.addr.portcullis.invalid"), None);
+    }
+}
