@@ -5,6 +5,7 @@
 use std::{
     collections::{BTreeMap, HashMap, HashSet, VecDeque},
     net::IpAddr,
+    sync::Arc,
     time::Instant,
 };
 
@@ -16,21 +17,27 @@ use portcullis_common::{
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::SignalKind,
-    sync::mpsc,
+    sync::{mpsc, watch},
 };
 
 use crate::{
     admin::{self, Call, Request, Response},
+    auth::{AddrPair, AuthManager},
     cluster::{ClusterState, FileSource},
-    config::Config,
+    config::{Config, IdentitySource},
+    handshake::{self, Owner, Record, Role, View, WriteRequest},
+    identity::store::{Source, Store},
+    reason::Reason,
     datapath::{self, Attached, Datapath, DatapathError, route},
     identity::SpiffeId,
     registry::{Kind, Registry},
-    status::{self, AgentInfo, EventRecord, InterfaceInfo, Status},
+    status::{self, AgentInfo, EventRecord, HandshakeInfo, IdentityInfo, InterfaceInfo, Status},
 };
 
 /// Events kept for `status`.
 const RECENT_EVENTS: usize = 256;
+/// Handshake outcomes kept for `status`.
+const RECENT_HANDSHAKES: usize = 128;
 
 struct Iface {
     name: String,
@@ -60,10 +67,19 @@ pub struct Agent {
     pending_reasons: HashMap<String, String>,
     events: VecDeque<EventRecord>,
     events_total: u64,
+    /// Present when an identity source is configured.
+    store: Option<Store>,
+    auth: Option<AuthManager>,
+    view_tx: watch::Sender<Option<Arc<View>>>,
+    view_rx: watch::Receiver<Option<Arc<View>>>,
+    /// Pairs to retry, and when.
+    retries: Vec<(tokio::time::Instant, AddrPair)>,
+    handshakes: VecDeque<HandshakeInfo>,
+    store_problems: Vec<String>,
 }
 
 impl Agent {
-    pub fn new(config: Config) -> anyhow::Result<(Self, datapath::Channels)> {
+    pub fn new(config: Config, records: mpsc::Sender<Record>) -> anyhow::Result<(Self, datapath::Channels)> {
         let (dp, channels) =
             Datapath::open(&config.bpffs_dir, config.datapath_log).with_context(|| {
                 format!("opening the datapath under {}", config.bpffs_dir.display())
@@ -82,6 +98,8 @@ impl Agent {
             "datapath loaded; pinned state adopted"
         );
         let source = FileSource::new(config.cluster_state.clone());
+        let auth = config.identity.as_ref().map(|_| AuthManager::new(config.handshake.max_concurrent, config.handshake.timeout, records));
+        let (view_tx, view_rx) = watch::channel(None);
         Ok((
             Self {
                 config,
@@ -98,6 +116,13 @@ impl Agent {
                 pending_reasons: HashMap::new(),
                 events: VecDeque::with_capacity(RECENT_EVENTS),
                 events_total: 0,
+                store: None,
+                auth,
+                view_tx,
+                view_rx,
+                retries: Vec::new(),
+                handshakes: VecDeque::with_capacity(RECENT_HANDSHAKES),
+                store_problems: Vec::new(),
             },
             channels,
         ))
@@ -105,6 +130,7 @@ impl Agent {
 
     /// Re-reads cluster state if it changed and makes the datapath match it.
     pub fn reconcile(&mut self) -> Result<(), DatapathError> {
+        let mut cluster_changed = false;
         if let Some(result) = self.source.poll() {
             match result {
                 Ok(state) => {
@@ -118,6 +144,7 @@ impl Agent {
                     if !state.nodes.contains_key(&self.config.node) {
                         tracing::warn!(node = %self.config.node, "this node is not in cluster state; no local pod will be enforced");
                     }
+                    cluster_changed = self.cluster.as_ref() != Some(&state);
                     self.cluster = Some(state);
                     self.cluster_error = None;
                 }
@@ -238,7 +265,168 @@ impl Agent {
             }
         }
         self.leftover_pins.clear();
+        self.refresh_identities(&cluster, cluster_changed);
         Ok(())
+    }
+
+    /// Keeps local SVIDs and the trust bundle current, republishes the handshake view when
+    /// anything changed, and re-authenticates pairs whose local SVID was replaced.
+    fn refresh_identities(&mut self, cluster: &ClusterState, cluster_changed: bool) {
+        let Some(identity) = &self.config.identity else { return };
+        if self.store.is_none() {
+            let source = match &identity.source {
+                IdentitySource::Ca { dir, svid_ttl_secs } => Source::Ca { dir: dir.clone(), ttl: std::time::Duration::from_secs(*svid_ttl_secs) },
+                IdentitySource::Files { dir } => Source::Files { dir: dir.clone() },
+            };
+            match Store::new(source, identity.trust_bundle.clone(), &cluster.trust_domain) {
+                Ok(store) => self.store = Some(store),
+                Err(e) => {
+                    if self.store_problems.first() != Some(&e) {
+                        tracing::error!(error = %e, "identity source unusable; handshakes fail closed until it is fixed");
+                    }
+                    self.store_problems = vec![e];
+                    return;
+                }
+            }
+        }
+        let Some(store) = self.store.as_mut() else { return };
+        let wanted = cluster.local_workloads(&self.config.node).map(|w| w.identity.clone()).collect();
+        let changes = store.refresh(&wanted);
+        if store.problems != self.store_problems {
+            for p in &store.problems {
+                tracing::warn!(problem = %p, "identity");
+            }
+            self.store_problems = store.problems.clone();
+        }
+        for id in &changes.rotated {
+            let svid = store.svids().find(|s| &s.id == id);
+            tracing::info!(identity = %id, serial = svid.map_or("", |s| s.serial.as_str()), "SVID loaded");
+        }
+        if !(changes.any() || cluster_changed) {
+            return;
+        }
+        self.publish_view(cluster);
+        if !changes.rotated.is_empty() {
+            let rotated: HashSet<u32> = changes.rotated.iter().filter_map(|id| self.registry.id_of(Kind::Identity, id.as_str())).collect();
+            self.renew(|key, _, _| rotated.contains(&key.local_identity));
+        }
+    }
+
+    fn publish_view(&mut self, cluster: &ClusterState) {
+        let Some(store) = &self.store else { return };
+        let Some(bundle) = store.bundle() else {
+            self.view_tx.send_replace(None);
+            return;
+        };
+        let trust = match crate::tls::Trust::new(&cluster.trust_domain, bundle) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(error = %e, "trust bundle unusable");
+                self.view_tx.send_replace(None);
+                return;
+            }
+        };
+        let owners = cluster
+            .workloads
+            .iter()
+            .flat_map(|w| w.addresses.iter().map(move |a| (*a, Owner { id: w.identity.clone(), node: w.node.clone() })))
+            .collect();
+        let nodes = cluster.nodes.values().map(|n| (n.name.clone(), n.address)).collect();
+        let svids: Vec<_> = store.svids().cloned().collect();
+        match View::build(&self.config.node, trust, owners, nodes, &svids) {
+            Ok(view) => {
+                self.view_tx.send_replace(Some(Arc::new(view)));
+            }
+            Err(e) => tracing::error!(error = %e, "cannot build the handshake configuration"),
+        }
+    }
+
+    /// Starts a handshake for every pair with live flows whose auth entry `due` selects.
+    fn renew(&mut self, mut due: impl FnMut(&AuthKey, &AuthValue, u64) -> bool) {
+        let Some(auth) = self.auth.as_mut() else { return };
+        let now = status::boot_ns();
+        let (Ok(entries), Ok(flows)) = (self.dp.auth_entries(), self.dp.flows()) else { return };
+        let due: HashSet<AuthKey> = entries.into_iter().filter(|(k, v)| due(k, v, now)).map(|(k, _)| k).collect();
+        if due.is_empty() {
+            return;
+        }
+        let mut started = HashSet::new();
+        for (k, v) in flows {
+            let pair = v.pair();
+            if due.contains(&pair) && started.insert(pair) {
+                let addrs = (status::flow_addr(k.family, &k.local_addr), status::flow_addr(k.family, &k.remote_addr));
+                auth.want(addrs, &self.view_rx);
+            }
+        }
+    }
+
+    /// Timer work: retries whose backoff has passed, and renewal of entries in the last third
+    /// of their lifetime while their pair still has flows.
+    pub fn tick_auth(&mut self) {
+        let now = tokio::time::Instant::now();
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.retries).into_iter().partition(|(t, _)| *t <= now);
+        self.retries = later;
+        if let Some(auth) = self.auth.as_mut() {
+            for (_, pair) in due {
+                auth.want(pair, &self.view_rx);
+            }
+            auth.prune();
+        }
+        self.renew(|_, v, now| {
+            let life = v.expires_ns.saturating_sub(v.created_ns);
+            v.expires_ns > now && v.expires_ns - now < life / 3
+        });
+    }
+
+    /// Writes the auth entry a successful handshake earned.
+    pub fn write_entry(&mut self, rec: &Record) -> bool {
+        let (Some(local), Some(remote), Some(node), Ok(expires)) = (&rec.local_id, &rec.remote_id, &rec.remote_node, rec.result) else {
+            return false;
+        };
+        let key = match (|| {
+            Ok::<_, DatapathError>(AuthKey {
+                local_identity: self.registry.intern(&mut self.dp, Kind::Identity, local.as_str())?,
+                remote_identity: self.registry.intern(&mut self.dp, Kind::Identity, remote.as_str())?,
+                remote_node: self.registry.intern(&mut self.dp, Kind::Node, node)?,
+                kind: 0,
+            })
+        })() {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot number the pair");
+                return false;
+            }
+        };
+        let now = status::boot_ns();
+        let left = expires.duration_since(std::time::SystemTime::now()).unwrap_or_default();
+        let value = AuthValue { expires_ns: now + u64::try_from(left.as_nanos()).unwrap_or(u64::MAX / 2), created_ns: now };
+        match self.dp.allow_pair(&key, &value) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot write the auth entry");
+                false
+            }
+        }
+    }
+
+    /// A finished handshake: the initiator's entry is written here, the responder's was
+    /// written before it answered. Either way, one audit record.
+    pub fn on_record(&mut self, mut rec: Record) {
+        if rec.role == Role::Initiator && rec.result.is_ok() && !self.write_entry(&rec) {
+            rec.result = Err(Reason::Internal);
+        }
+        audit(&self.config.node, &rec);
+        if rec.role == Role::Initiator {
+            if let (Some(l), Some(r), Some(auth)) = (rec.local_addr, rec.remote_addr, self.auth.as_mut()) {
+                if let Some(delay) = auth.finished((l, r), rec.result.map(drop)) {
+                    self.retries.push((tokio::time::Instant::now() + delay, (l, r)));
+                }
+            }
+        }
+        if self.handshakes.len() == RECENT_HANDSHAKES {
+            self.handshakes.pop_front();
+        }
+        self.handshakes.push_back(HandshakeInfo::from_record(&rec));
     }
 
     pub fn on_event(&mut self, ev: &Event) {
@@ -277,6 +465,12 @@ impl Agent {
             self.events.pop_front();
         }
         self.events.push_back(record);
+        if ev.remote_identity != portcullis_common::IDENTITY_NONE {
+            if let Some(auth) = self.auth.as_mut() {
+                let pair = (status::flow_addr(ev.flow.family, &ev.flow.local_addr), status::flow_addr(ev.flow.family, &ev.flow.remote_addr));
+                auth.want(pair, &self.view_rx);
+            }
+        }
     }
 
     pub fn handle(&mut self, req: Request) -> Response {
@@ -402,15 +596,60 @@ impl Agent {
             flows: status::flows(&self.registry, self.dp.flows()?, now),
             events: self.events.iter().cloned().collect(),
             events_total: self.events_total,
+            identities: self.identities(),
+            identity_problems: self.store_problems.clone(),
+            handshakes: self.handshakes.iter().cloned().collect(),
         })
     }
+
+    fn identities(&self) -> Vec<IdentityInfo> {
+        let Some(store) = &self.store else { return Vec::new() };
+        let now = tokio::time::Instant::now();
+        let mut out: Vec<IdentityInfo> = store
+            .svids()
+            .map(|s| IdentityInfo {
+                id: s.id.to_string(),
+                serial: s.serial.clone(),
+                not_after_unix: s.not_after.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs(),
+                renew_in_secs: store.renew_at(&s.id).map(|t| t.saturating_duration_since(now).as_secs()),
+            })
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
+    }
+}
+
+/// One structured audit record per handshake, on the `portcullis::audit` target.
+fn audit(node: &str, rec: &Record) {
+    let name = |id: &Option<SpiffeId>| id.as_ref().map_or_else(|| "-".to_owned(), ToString::to_string);
+    let (result, reason) = match rec.result {
+        Ok(_) => ("ok", "-"),
+        Err(r) => ("failed", r.as_str()),
+    };
+    tracing::info!(
+        target: "portcullis::audit",
+        event = "handshake",
+        role = ?rec.role,
+        result,
+        reason,
+        local = %name(&rec.local_id),
+        remote = %name(&rec.remote_id),
+        local_node = node,
+        remote_node = rec.remote_node.as_deref().unwrap_or("-"),
+        peer = %rec.peer.map_or_else(|| "-".to_owned(), |p| p.to_string()),
+        took_ms = rec.took.as_millis() as u64,
+        "handshake {result}{}",
+        if rec.result.is_err() { format!(": {reason}") } else { String::new() }
+    );
 }
 
 /// Runs the agent until SIGTERM or SIGINT. Enforcement stays in place after it returns.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(config = ?config, "starting");
     admin::ensure_free(&config.admin_socket)?;
-    let (mut agent, channels) = Agent::new(config.clone())?;
+    let (record_tx, mut record_rx) = mpsc::channel::<Record>(1024);
+    let (write_tx, mut write_rx) = mpsc::channel::<WriteRequest>(256);
+    let (mut agent, channels) = Agent::new(config.clone(), record_tx.clone())?;
     agent.reconcile().context("first reconciliation")?;
     if agent.cluster.is_none() {
         anyhow::bail!(
@@ -419,6 +658,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         );
     }
 
+    if config.identity.is_some() {
+        let cluster = agent.cluster.as_ref().context("cluster state")?;
+        let node = cluster.nodes.get(&config.node).with_context(|| format!("node `{}` is not in cluster state, so it has no handshake address", config.node))?;
+        let mut addr = node.address;
+        if let Some(port) = config.handshake.port {
+            addr.set_port(port);
+        }
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening for handshakes on {addr}"))?;
+        tracing::info!(%addr, "accepting handshakes");
+        tokio::spawn(handshake::serve(listener, agent.view_rx.clone(), write_tx, record_tx, config.handshake.timeout, config.handshake.max_concurrent));
+    } else {
+        tracing::warn!("no identity configured: the agent enforces but does not authenticate (auth entries come only from `portcullis auth allow`)");
+        drop(write_tx);
+    }
     let listener = admin::bind(&config.admin_socket)?;
     let (event_tx, mut event_rx) = mpsc::channel::<Event>(4096);
     tokio::spawn(read_events(channels.events, event_tx));
@@ -439,6 +692,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 if let Err(e) = agent.reconcile() {
                     tracing::error!(error = %e, "reconciliation failed; retrying at the next tick");
                 }
+                agent.tick_auth();
                 match agent.expire() {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(removed = n, "expired auth entries removed"),
@@ -446,6 +700,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 }
             }
             Some(ev) = event_rx.recv() => agent.on_event(&ev),
+            Some(rec) = record_rx.recv() => agent.on_record(rec),
+            Some((rec, reply)) = write_rx.recv() => {
+                let written = agent.write_entry(&rec);
+                let _ = reply.send(written);
+            }
             Some((req, reply)) = call_rx.recv() => {
                 // The requester may have gone away; nothing to do about it.
                 let _unanswered = reply.send(agent.handle(req));

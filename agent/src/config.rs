@@ -27,7 +27,56 @@ struct File {
     #[serde(default)]
     datapath_log: bool,
     poll_interval_ms: Option<Spanned<u64>>,
+    identity: Option<IdentityFile>,
+    #[serde(default)]
+    handshake: HandshakeFile,
 }
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IdentityFile {
+    source: Spanned<String>,
+    dir: Spanned<String>,
+    trust_bundle: Spanned<String>,
+    svid_ttl_secs: Option<Spanned<u64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HandshakeFile {
+    port: Option<Spanned<u16>>,
+    timeout_ms: Option<Spanned<u64>>,
+    max_concurrent: Option<Spanned<u32>>,
+}
+
+/// Where local workloads' SVIDs come from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "source")]
+pub enum IdentitySource {
+    /// The agent holds a CA (`ca.pem`, `ca.key` in `dir`) and mints SVIDs.
+    Ca { dir: PathBuf, svid_ttl_secs: u64 },
+    /// A directory per identity with `tls.crt`/`tls.key` or `svid.pem`/`svid_key.pem`.
+    Files { dir: PathBuf },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Identity {
+    pub source: IdentitySource,
+    pub trust_bundle: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Handshake {
+    /// Listening port; `None`: the port of this node's address in cluster state.
+    pub port: Option<u16>,
+    #[serde(with = "millis")]
+    pub timeout: Duration,
+    pub max_concurrent: u32,
+}
+
+pub const DEFAULT_SVID_TTL_SECS: u64 = 3600;
+pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 3000;
+pub const DEFAULT_MAX_CONCURRENT: u32 = 32;
 
 /// The validated configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -51,6 +100,10 @@ pub struct Config {
     /// How often cluster state is re-read and interfaces are re-resolved.
     #[serde(with = "millis")]
     pub poll_interval: Duration,
+    /// Without it the agent enforces but never authenticates: auth entries come only from
+    /// `portcullis auth allow`.
+    pub identity: Option<Identity>,
+    pub handshake: Handshake,
 }
 
 mod millis {
@@ -121,7 +174,56 @@ impl Config {
             Some(v) => **v,
             None => DEFAULT_POLL_INTERVAL_MS,
         };
+        let identity = match &f.identity {
+            None => None,
+            Some(i) => {
+                let dir = non_empty_path(path, &i.dir, "identity.dir")?;
+                let dir = if dir.is_relative() { base.join(dir) } else { dir };
+                let bundle = non_empty_path(path, &i.trust_bundle, "identity.trust_bundle")?;
+                let trust_bundle = if bundle.is_relative() { base.join(bundle) } else { bundle };
+                let source = match i.source.as_str() {
+                    "ca" => {
+                        let ttl = match &i.svid_ttl_secs {
+                            Some(v) if !(10..=30 * 86_400).contains(&**v) => {
+                                return Err(InputError::value(path, v, "identity.svid_ttl_secs", format!("{} is out of range 10..=2592000", **v)));
+                            }
+                            Some(v) => **v,
+                            None => DEFAULT_SVID_TTL_SECS,
+                        };
+                        IdentitySource::Ca { dir, svid_ttl_secs: ttl }
+                    }
+                    "files" => {
+                        if let Some(v) = &i.svid_ttl_secs {
+                            return Err(InputError::value(path, v, "identity.svid_ttl_secs", "only the `ca` source mints SVIDs"));
+                        }
+                        IdentitySource::Files { dir }
+                    }
+                    other => {
+                        return Err(InputError::value(path, &i.source, "identity.source", format!("`{other}` is not `ca` or `files`")));
+                    }
+                };
+                Some(Identity { source, trust_bundle })
+            }
+        };
+        let h = &f.handshake;
+        let timeout_ms = match &h.timeout_ms {
+            Some(v) if !(100..=60_000).contains(&**v) => {
+                return Err(InputError::value(path, v, "handshake.timeout_ms", format!("{} is out of range 100..=60000", **v)));
+            }
+            Some(v) => **v,
+            None => DEFAULT_HANDSHAKE_TIMEOUT_MS,
+        };
+        let max_concurrent = match &h.max_concurrent {
+            Some(v) if !(1..=4096).contains(&**v) => {
+                return Err(InputError::value(path, v, "handshake.max_concurrent", format!("{} is out of range 1..=4096", **v)));
+            }
+            Some(v) => **v,
+            None => DEFAULT_MAX_CONCURRENT,
+        };
+        let handshake = Handshake { port: h.port.as_ref().map(|p| **p), timeout: Duration::from_millis(timeout_ms), max_concurrent };
         Ok(Self {
+            identity,
+            handshake,
             source: path.to_owned(),
             node: f.node.to_string(),
             cluster_state,
@@ -209,6 +311,14 @@ mod tests {
         let e = parse("node: n1\ncluster_state: c.yaml\npoll_interval_ms: soon\n").unwrap_err();
         assert_eq!(e.field.as_deref(), Some("poll_interval_ms"), "{e}");
         assert_eq!(e.line, Some(3), "{e}");
+
+        let e = parse("node: n1\ncluster_state: c.yaml\nidentity:\n  source: vault\n  dir: d\n  trust_bundle: b.pem\n").unwrap_err();
+        assert_eq!((e.line, e.field.as_deref()), (Some(4), Some("identity.source")), "{e}");
+        let c = parse("node: n1\ncluster_state: c.yaml\nidentity:\n  source: ca\n  dir: ca\n  trust_bundle: ca/ca.pem\n").unwrap();
+        assert_eq!(
+            c.identity.unwrap().source,
+            IdentitySource::Ca { dir: PathBuf::from("/etc/portcullis/ca"), svid_ttl_secs: DEFAULT_SVID_TTL_SECS }
+        );
 
         let e = parse("node: [n1\n").unwrap_err();
         assert!(

@@ -410,6 +410,44 @@ async fn respond_inner(
     Ok(expires)
 }
 
+/// Accepts initiators: at most `max_concurrent` handshakes at once (more connections are
+/// closed at once, so idle or slow peers cannot exhaust descriptors), each bounded by
+/// `timeout`. Every outcome goes to `records` for the audit log.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    views: tokio::sync::watch::Receiver<Option<Arc<View>>>,
+    writes: tokio::sync::mpsc::Sender<WriteRequest>,
+    records: tokio::sync::mpsc::Sender<Record>,
+    timeout: Duration,
+    max_concurrent: u32,
+) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(max_concurrent as usize));
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "handshake accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "handshake refused: too many under way");
+            continue;
+        };
+        let Some(view) = views.borrow().clone() else {
+            // No credentials yet: fail closed.
+            continue;
+        };
+        let (writes, records) = (writes.clone(), records.clone());
+        tokio::spawn(async move {
+            let record = respond(view, tcp, peer, timeout, writes).await;
+            drop(permit);
+            let _ = records.send(record).await;
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,6 +3,7 @@
 
 mod admin;
 mod agent;
+mod auth;
 mod cli;
 mod cluster;
 mod config;

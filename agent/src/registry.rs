@@ -81,6 +81,12 @@ impl Registry {
         self.ids.get(&(kind, name.to_owned())).copied()
     }
 
+    /// The number of a known name.
+    #[must_use]
+    pub fn id_of(&self, kind: Kind, name: &str) -> Option<u32> {
+        self.ids.get(&(kind, name.to_owned())).copied()
+    }
+
     /// The name of a number, or a placeholder naming the number when it is unknown.
     #[must_use]
     pub fn name(&self, kind: Kind, id: u32) -> String {

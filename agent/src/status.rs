@@ -27,6 +27,55 @@ pub struct Status {
     /// Most recent datapath events, newest last.
     pub events: Vec<EventRecord>,
     pub events_total: u64,
+    /// Local workloads' SVIDs.
+    #[serde(default)]
+    pub identities: Vec<IdentityInfo>,
+    /// Why an identity source or the trust bundle is (partly) unusable.
+    #[serde(default)]
+    pub identity_problems: Vec<String>,
+    /// Most recent handshakes, newest last.
+    #[serde(default)]
+    pub handshakes: Vec<HandshakeInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IdentityInfo {
+    pub id: String,
+    pub serial: String,
+    pub not_after_unix: u64,
+    /// When the agent replaces it (`ca` source).
+    pub renew_in_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HandshakeInfo {
+    pub role: String,
+    /// `ok` or `failed`.
+    pub result: String,
+    pub reason: Option<String>,
+    pub local: Option<String>,
+    pub remote: Option<String>,
+    pub remote_node: Option<String>,
+    pub peer: Option<String>,
+    pub took_ms: u64,
+    pub unix_time: u64,
+}
+
+impl HandshakeInfo {
+    #[must_use]
+    pub fn from_record(rec: &crate::handshake::Record) -> Self {
+        Self {
+            role: format!("{:?}", rec.role).to_lowercase(),
+            result: if rec.result.is_ok() { "ok" } else { "failed" }.to_owned(),
+            reason: rec.result.err().map(|r| r.as_str().to_owned()),
+            local: rec.local_id.as_ref().map(ToString::to_string),
+            remote: rec.remote_id.as_ref().map(ToString::to_string),
+            remote_node: rec.remote_node.clone(),
+            peer: rec.peer.map(|p| p.to_string()),
+            took_ms: u64::try_from(rec.took.as_millis()).unwrap_or(u64::MAX),
+            unix_time: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

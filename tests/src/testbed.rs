@@ -39,6 +39,12 @@ pub struct Options {
     pub agent_bin: Option<PathBuf>,
     /// `log_level` in the agent configs.
     pub log_level: String,
+    /// Give the agents identities: a CA is created (`portcullis ca init`) in the state
+    /// directory and every agent mints its pods' SVIDs from it and authenticates pairs by
+    /// handshake. Off, the agents only enforce (auth entries by `portcullis auth allow`).
+    pub authenticate: bool,
+    /// `identity.svid_ttl_secs` in the agent configs (with `authenticate`).
+    pub svid_ttl_secs: Option<u64>,
     pub trust_domain: String,
     /// Start agents in a session of their own (setsid), for testbeds that outlive their
     /// creator (`cargo xtask testbed up`).
@@ -53,6 +59,8 @@ impl Default for Options {
             agents: true,
             agent_bin: None,
             log_level: "debug".into(),
+            authenticate: false,
+            svid_ttl_secs: None,
             trust_domain: "cluster.local".into(),
             detach_agents: false,
             agent_ready_timeout: Duration::from_secs(20),
@@ -77,6 +85,8 @@ pub struct Testbed {
     pub(crate) info: TestbedInfo,
     pub(crate) children: HashMap<String, Child>,
     pub(crate) log_level: String,
+    pub(crate) authenticate: bool,
+    pub(crate) svid_ttl_secs: Option<u64>,
     pub(crate) detach_agents: bool,
     pub(crate) ready_timeout: Duration,
     persistent: bool,
@@ -133,6 +143,8 @@ impl Testbed {
             },
             children: HashMap::new(),
             log_level: opts.log_level.clone(),
+            authenticate: opts.authenticate && opts.agents,
+            svid_ttl_secs: opts.svid_ttl_secs,
             detach_agents: opts.detach_agents,
             ready_timeout: opts.agent_ready_timeout,
             persistent: false,
@@ -173,6 +185,8 @@ impl Testbed {
             info,
             children: HashMap::new(),
             log_level: "debug".into(),
+            authenticate: false,
+            svid_ttl_secs: None,
             detach_agents: true,
             ready_timeout: Options::default().agent_ready_timeout,
             persistent: true,
@@ -346,6 +360,22 @@ impl Testbed {
             extra: Default::default(),
         };
         cluster.store(&self.info.cluster_file)?;
+        let mut extra = std::collections::BTreeMap::new();
+        if self.authenticate {
+            let ca = self.ca_dir();
+            self.make_ca(&ca)?;
+            let mut identity = serde_yaml::Mapping::new();
+            identity.insert("source".into(), "ca".into());
+            identity.insert("dir".into(), ca.to_string_lossy().into_owned().into());
+            // The bundle is a file of its own, so that tests can rotate the CA through it.
+            let bundle = self.bundle_path();
+            std::fs::copy(ca.join("ca.pem"), &bundle).with_context(|| format!("writing {}", bundle.display()))?;
+            identity.insert("trust_bundle".into(), bundle.to_string_lossy().into_owned().into());
+            if let Some(ttl) = self.svid_ttl_secs {
+                identity.insert("svid_ttl_secs".into(), ttl.into());
+            }
+            extra.insert("identity".to_owned(), serde_yaml::Value::Mapping(identity));
+        }
         for n in &self.info.nodes {
             AgentConfig {
                 node: n.name.clone(),
@@ -353,11 +383,29 @@ impl Testbed {
                 bpffs_dir: n.bpffs_dir.clone(),
                 admin_socket: n.admin_socket.clone(),
                 log_level: self.log_level.clone(),
-                extra: Default::default(),
+                extra: extra.clone(),
             }
             .store(&n.agent_config)?;
         }
         Ok(())
+    }
+
+    /// The testbed's CA (with `Options::authenticate`): `ca.pem`, `ca.key`.
+    pub fn ca_dir(&self) -> PathBuf {
+        self.info.state_dir.join("ca")
+    }
+
+    /// The agents' trust bundle (with `Options::authenticate`).
+    pub fn bundle_path(&self) -> PathBuf {
+        self.info.state_dir.join("bundle.pem")
+    }
+
+    /// Creates a CA for the testbed's trust domain in `dir` with `portcullis ca init`.
+    pub fn make_ca(&self, dir: &Path) -> Result<()> {
+        let bin = self.info.agent_bin.as_ref().context("no agent binary known (Options::agent_bin / PORTCULLIS_BIN)")?;
+        let mut c = Command::new(bin);
+        c.args(["ca", "init", "--trust-domain", &self.info.trust_domain, "--out"]).arg(dir);
+        cmd::run(&mut c).map(drop)
     }
 
     /// Rewrites cluster.yaml atomically after `edit` changed it (agents watch the file).

@@ -69,6 +69,9 @@ fn offline(target: &Target) -> anyhow::Result<Status> {
         flows: status::flows(&registry, view.flows()?, now),
         events: Vec::new(),
         events_total: 0,
+        identities: Vec::new(),
+        identity_problems: Vec::new(),
+        handshakes: Vec::new(),
     })
 }
 

@@ -66,6 +66,9 @@ struct Held {
 pub struct Store {
     source: Source,
     ca: Option<Ca>,
+    /// `ca.pem` and `ca.key` as last loaded: a change (CA rotation) reloads the CA and
+    /// re-issues every SVID.
+    ca_files: Vec<u8>,
     trust_domain: String,
     bundle_path: PathBuf,
     bundle_text: Vec<u8>,
@@ -93,23 +96,17 @@ impl Changes {
 
 impl Store {
     pub fn new(source: Source, bundle_path: PathBuf, trust_domain: &str) -> Result<Self, String> {
-        let ca = match &source {
+        let (ca, ca_files) = match &source {
             Source::Ca { dir, .. } => {
-                let ca = Ca::load(dir).map_err(|e| e.to_string())?;
-                if ca.trust_domain() != trust_domain {
-                    return Err(format!(
-                        "the CA in {} serves trust domain `{}`, cluster state says `{trust_domain}`",
-                        dir.display(),
-                        ca.trust_domain()
-                    ));
-                }
-                Some(ca)
+                let (ca, files) = load_ca(dir, trust_domain)?;
+                (Some(ca), files)
             }
-            Source::Files { .. } => None,
+            Source::Files { .. } => (None, Vec::new()),
         };
         Ok(Self {
             source,
             ca,
+            ca_files,
             trust_domain: trust_domain.to_owned(),
             bundle_path,
             bundle_text: Vec::new(),
@@ -189,6 +186,19 @@ impl Store {
         ttl: Duration,
         changes: &mut Changes,
     ) {
+        if let Source::Ca { dir, .. } = &self.source
+            && ca_files(dir).is_ok_and(|f| f != self.ca_files)
+        {
+            match load_ca(dir, &self.trust_domain) {
+                Ok((ca, files)) => {
+                    self.ca = Some(ca);
+                    self.ca_files = files;
+                    // Everything is re-issued by the new CA now.
+                    self.held.clear();
+                }
+                Err(e) => self.problems.push(format!("{e}; keeping the last good CA")),
+            }
+        }
         let Some(ca) = &self.ca else { return };
         let now = Instant::now();
         for id in wanted {
@@ -292,6 +302,21 @@ impl Store {
             }
         }
     }
+}
+
+fn ca_files(dir: &Path) -> std::io::Result<Vec<u8>> {
+    let mut files = fs::read(dir.join(super::ca::CA_CERT))?;
+    files.extend(fs::read(dir.join(super::ca::CA_KEY))?);
+    Ok(files)
+}
+
+fn load_ca(dir: &Path, trust_domain: &str) -> Result<(Ca, Vec<u8>), String> {
+    let files = ca_files(dir).map_err(|e| format!("CA in {}: {e}", dir.display()))?;
+    let ca = Ca::load(dir).map_err(|e| e.to_string())?;
+    if ca.trust_domain() != trust_domain {
+        return Err(format!("the CA in {} serves trust domain `{}`, cluster state says `{trust_domain}`", dir.display(), ca.trust_domain()));
+    }
+    Ok((ca, files))
 }
 
 fn parse_bundle(

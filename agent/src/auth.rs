@@ -1,0 +1,148 @@
+//! The auth manager: turns "this pair needs authenticating" (datapath events, renewals,
+//! rotations) into handshakes, one in flight per pair, at most `max_concurrent` at once, each
+//! bounded in time, failures retried with exponential backoff and jitter. Results go back to
+//! the agent's core, which writes the maps and the audit log.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::Arc,
+    time::Duration,
+};
+
+use tokio::{
+    sync::{Semaphore, mpsc, watch},
+    time::Instant,
+};
+
+use crate::{
+    handshake::{self, Record, View},
+    reason::Reason,
+};
+
+/// First retry delay; doubles per attempt up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Attempts per burst of demand before waiting for new demand.
+const MAX_ATTEMPTS: u32 = 6;
+
+/// A pair of workload addresses, seen from this node: ours first.
+pub type AddrPair = (IpAddr, IpAddr);
+
+#[derive(Debug, Default)]
+struct PairState {
+    in_flight: bool,
+    attempts: u32,
+    /// No new attempt before this instant (backoff after a failure).
+    not_before: Option<Instant>,
+}
+
+pub struct AuthManager {
+    pairs: HashMap<AddrPair, PairState>,
+    permits: Arc<Semaphore>,
+    timeout: Duration,
+    results: mpsc::Sender<Record>,
+    rng: u64,
+}
+
+impl AuthManager {
+    pub fn new(max_concurrent: u32, timeout: Duration, results: mpsc::Sender<Record>) -> Self {
+        let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+        Self {
+            pairs: HashMap::new(),
+            permits: Arc::new(Semaphore::new(max_concurrent as usize)),
+            timeout,
+            results,
+            rng: (seed as u64) | 1,
+        }
+    }
+
+    /// Number of handshakes under way.
+    #[must_use]
+    pub fn in_flight(&self) -> usize {
+        self.pairs.values().filter(|p| p.in_flight).count()
+    }
+
+    /// Asks for the pair to be authenticated; a no-op while a handshake for it is under way
+    /// or backing off. Returns whether a handshake was started.
+    pub fn want(&mut self, pair: AddrPair, view: &watch::Receiver<Option<Arc<View>>>) -> bool {
+        let Some(view) = view.borrow().clone() else { return false };
+        let state = self.pairs.entry(pair).or_default();
+        if state.in_flight || state.not_before.is_some_and(|t| Instant::now() < t) {
+            return false;
+        }
+        state.in_flight = true;
+        state.attempts += 1;
+        let permits = self.permits.clone();
+        let results = self.results.clone();
+        let timeout = self.timeout;
+        tokio::spawn(async move {
+            // The semaphore is never closed; a failure here would mean it was.
+            let Ok(_permit) = permits.acquire_owned().await else { return };
+            let record = handshake::initiate(view, pair.0, pair.1, timeout).await;
+            // The core has stopped when this fails: nothing left to tell.
+            let _ = results.send(record).await;
+        });
+        true
+    }
+
+    /// Records the end of a handshake this manager started; on failure, returns the delay
+    /// before the pair may be retried (`None`: give up until new demand arrives).
+    pub fn finished(&mut self, pair: AddrPair, result: Result<(), Reason>) -> Option<Duration> {
+        let state = self.pairs.entry(pair).or_default();
+        state.in_flight = false;
+        if result.is_ok() {
+            self.pairs.remove(&pair);
+            return None;
+        }
+        let exp = state.attempts.saturating_sub(1).min(16);
+        let base = FIRST_BACKOFF.saturating_mul(1 << exp).min(MAX_BACKOFF);
+        // ±25 % jitter so that a node's pairs do not retry in lockstep.
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        let jitter = 0.75 + (self.rng % 1000) as f64 / 2000.0;
+        let delay = base.mul_f64(jitter);
+        state.not_before = Some(Instant::now() + delay);
+        if state.attempts >= MAX_ATTEMPTS {
+            // Stop retrying on our own; the next datapath event (rate-limited in the kernel)
+            // starts a new series once the backoff has passed.
+            state.attempts = 0;
+            return None;
+        }
+        Some(delay)
+    }
+
+    /// Forgets pairs with no handshake under way whose backoff has passed.
+    pub fn prune(&mut self) {
+        let now = Instant::now();
+        self.pairs.retain(|_, p| p.in_flight || p.not_before.is_some_and(|t| now < t) || p.attempts > 0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_back_off_exponentially_with_jitter_and_stop() {
+        let (tx, _rx) = mpsc::channel(1);
+        let mut m = AuthManager::new(4, Duration::from_secs(1), tx);
+        let pair: AddrPair = ("198.18.1.2".parse().unwrap(), "198.18.2.2".parse().unwrap());
+        let mut delays = Vec::new();
+        for _ in 0..MAX_ATTEMPTS {
+            m.pairs.entry(pair).or_default().attempts += 1;
+            delays.push(m.finished(pair, Err(Reason::Unreachable)));
+        }
+        let d: Vec<Duration> = delays.iter().take(MAX_ATTEMPTS as usize - 1).map(|d| d.unwrap()).collect();
+        for (i, w) in d.windows(2).enumerate() {
+            assert!(w[1] > w[0], "attempt {i}: {w:?} does not grow");
+        }
+        assert!(d[0] >= FIRST_BACKOFF.mul_f64(0.75) && d[0] <= FIRST_BACKOFF.mul_f64(1.25), "{:?}", d[0]);
+        assert_eq!(delays.last(), Some(&None), "gives up after {MAX_ATTEMPTS} attempts");
+        // A success clears the pair.
+        m.pairs.entry(pair).or_default().in_flight = true;
+        assert_eq!(m.finished(pair, Ok(())), None);
+        assert!(m.pairs.is_empty());
+    }
+}
