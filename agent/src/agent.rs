@@ -25,11 +25,11 @@ use crate::{
     auth::{AddrPair, AuthManager},
     cluster::{ClusterState, FileSource},
     config::{Config, IdentitySource},
+    datapath::{self, Attached, Datapath, DatapathError, route},
     handshake::{self, Owner, Record, Role, View, WriteRequest},
+    identity::SpiffeId,
     identity::store::{Source, Store},
     reason::Reason,
-    datapath::{self, Attached, Datapath, DatapathError, route},
-    identity::SpiffeId,
     registry::{Kind, Registry},
     status::{self, AgentInfo, EventRecord, HandshakeInfo, IdentityInfo, InterfaceInfo, Status},
 };
@@ -79,7 +79,10 @@ pub struct Agent {
 }
 
 impl Agent {
-    pub fn new(config: Config, records: mpsc::Sender<Record>) -> anyhow::Result<(Self, datapath::Channels)> {
+    pub fn new(
+        config: Config,
+        records: mpsc::Sender<Record>,
+    ) -> anyhow::Result<(Self, datapath::Channels)> {
         let (dp, channels) =
             Datapath::open(&config.bpffs_dir, config.datapath_log).with_context(|| {
                 format!("opening the datapath under {}", config.bpffs_dir.display())
@@ -98,7 +101,13 @@ impl Agent {
             "datapath loaded; pinned state adopted"
         );
         let source = FileSource::new(config.cluster_state.clone());
-        let auth = config.identity.as_ref().map(|_| AuthManager::new(config.handshake.max_concurrent, config.handshake.timeout, records));
+        let auth = config.identity.as_ref().map(|_| {
+            AuthManager::new(
+                config.handshake.max_concurrent,
+                config.handshake.timeout,
+                records,
+            )
+        });
         let (view_tx, view_rx) = watch::channel(None);
         Ok((
             Self {
@@ -272,10 +281,15 @@ impl Agent {
     /// Keeps local SVIDs and the trust bundle current, republishes the handshake view when
     /// anything changed, and re-authenticates pairs whose local SVID was replaced.
     fn refresh_identities(&mut self, cluster: &ClusterState, cluster_changed: bool) {
-        let Some(identity) = &self.config.identity else { return };
+        let Some(identity) = &self.config.identity else {
+            return;
+        };
         if self.store.is_none() {
             let source = match &identity.source {
-                IdentitySource::Ca { dir, svid_ttl_secs } => Source::Ca { dir: dir.clone(), ttl: std::time::Duration::from_secs(*svid_ttl_secs) },
+                IdentitySource::Ca { dir, svid_ttl_secs } => Source::Ca {
+                    dir: dir.clone(),
+                    ttl: std::time::Duration::from_secs(*svid_ttl_secs),
+                },
                 IdentitySource::Files { dir } => Source::Files { dir: dir.clone() },
             };
             match Store::new(source, identity.trust_bundle.clone(), &cluster.trust_domain) {
@@ -289,8 +303,13 @@ impl Agent {
                 }
             }
         }
-        let Some(store) = self.store.as_mut() else { return };
-        let wanted = cluster.local_workloads(&self.config.node).map(|w| w.identity.clone()).collect();
+        let Some(store) = self.store.as_mut() else {
+            return;
+        };
+        let wanted = cluster
+            .local_workloads(&self.config.node)
+            .map(|w| w.identity.clone())
+            .collect();
         let changes = store.refresh(&wanted);
         if store.problems != self.store_problems {
             for p in &store.problems {
@@ -307,7 +326,11 @@ impl Agent {
         }
         self.publish_view(cluster);
         if !changes.rotated.is_empty() {
-            let rotated: HashSet<u32> = changes.rotated.iter().filter_map(|id| self.registry.id_of(Kind::Identity, id.as_str())).collect();
+            let rotated: HashSet<u32> = changes
+                .rotated
+                .iter()
+                .filter_map(|id| self.registry.id_of(Kind::Identity, id.as_str()))
+                .collect();
             self.renew(|key, _, _| rotated.contains(&key.local_identity));
         }
     }
@@ -329,9 +352,23 @@ impl Agent {
         let owners = cluster
             .workloads
             .iter()
-            .flat_map(|w| w.addresses.iter().map(move |a| (*a, Owner { id: w.identity.clone(), node: w.node.clone() })))
+            .flat_map(|w| {
+                w.addresses.iter().map(move |a| {
+                    (
+                        *a,
+                        Owner {
+                            id: w.identity.clone(),
+                            node: w.node.clone(),
+                        },
+                    )
+                })
+            })
             .collect();
-        let nodes = cluster.nodes.values().map(|n| (n.name.clone(), n.address)).collect();
+        let nodes = cluster
+            .nodes
+            .values()
+            .map(|n| (n.name.clone(), n.address))
+            .collect();
         let svids: Vec<_> = store.svids().cloned().collect();
         match View::build(&self.config.node, trust, owners, nodes, &svids) {
             Ok(view) => {
@@ -343,10 +380,18 @@ impl Agent {
 
     /// Starts a handshake for every pair with live flows whose auth entry `due` selects.
     fn renew(&mut self, mut due: impl FnMut(&AuthKey, &AuthValue, u64) -> bool) {
-        let Some(auth) = self.auth.as_mut() else { return };
+        let Some(auth) = self.auth.as_mut() else {
+            return;
+        };
         let now = status::boot_ns();
-        let (Ok(entries), Ok(flows)) = (self.dp.auth_entries(), self.dp.flows()) else { return };
-        let due: HashSet<AuthKey> = entries.into_iter().filter(|(k, v)| due(k, v, now)).map(|(k, _)| k).collect();
+        let (Ok(entries), Ok(flows)) = (self.dp.auth_entries(), self.dp.flows()) else {
+            return;
+        };
+        let due: HashSet<AuthKey> = entries
+            .into_iter()
+            .filter(|(k, v)| due(k, v, now))
+            .map(|(k, _)| k)
+            .collect();
         if due.is_empty() {
             return;
         }
@@ -354,7 +399,10 @@ impl Agent {
         for (k, v) in flows {
             let pair = v.pair();
             if due.contains(&pair) && started.insert(pair) {
-                let addrs = (status::flow_addr(k.family, &k.local_addr), status::flow_addr(k.family, &k.remote_addr));
+                let addrs = (
+                    status::flow_addr(k.family, &k.local_addr),
+                    status::flow_addr(k.family, &k.remote_addr),
+                );
                 auth.want(addrs, &self.view_rx);
             }
         }
@@ -364,7 +412,9 @@ impl Agent {
     /// of their lifetime while their pair still has flows.
     pub fn tick_auth(&mut self) {
         let now = tokio::time::Instant::now();
-        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.retries).into_iter().partition(|(t, _)| *t <= now);
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.retries)
+            .into_iter()
+            .partition(|(t, _)| *t <= now);
         self.retries = later;
         if let Some(auth) = self.auth.as_mut() {
             for (_, pair) in due {
@@ -380,13 +430,23 @@ impl Agent {
 
     /// Writes the auth entry a successful handshake earned.
     pub fn write_entry(&mut self, rec: &Record) -> bool {
-        let (Some(local), Some(remote), Some(node), Ok(expires)) = (&rec.local_id, &rec.remote_id, &rec.remote_node, rec.result) else {
+        let (Some(local), Some(remote), Some(node), Ok(expires)) =
+            (&rec.local_id, &rec.remote_id, &rec.remote_node, rec.result)
+        else {
             return false;
         };
         let key = match (|| {
             Ok::<_, DatapathError>(AuthKey {
-                local_identity: self.registry.intern(&mut self.dp, Kind::Identity, local.as_str())?,
-                remote_identity: self.registry.intern(&mut self.dp, Kind::Identity, remote.as_str())?,
+                local_identity: self.registry.intern(
+                    &mut self.dp,
+                    Kind::Identity,
+                    local.as_str(),
+                )?,
+                remote_identity: self.registry.intern(
+                    &mut self.dp,
+                    Kind::Identity,
+                    remote.as_str(),
+                )?,
                 remote_node: self.registry.intern(&mut self.dp, Kind::Node, node)?,
                 kind: 0,
             })
@@ -398,8 +458,13 @@ impl Agent {
             }
         };
         let now = status::boot_ns();
-        let left = expires.duration_since(std::time::SystemTime::now()).unwrap_or_default();
-        let value = AuthValue { expires_ns: now + u64::try_from(left.as_nanos()).unwrap_or(u64::MAX / 2), created_ns: now };
+        let left = expires
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+        let value = AuthValue {
+            expires_ns: now + u64::try_from(left.as_nanos()).unwrap_or(u64::MAX / 2),
+            created_ns: now,
+        };
         match self.dp.allow_pair(&key, &value) {
             Ok(()) => true,
             Err(e) => {
@@ -416,12 +481,13 @@ impl Agent {
             rec.result = Err(Reason::Internal);
         }
         audit(&self.config.node, &rec);
-        if rec.role == Role::Initiator {
-            if let (Some(l), Some(r), Some(auth)) = (rec.local_addr, rec.remote_addr, self.auth.as_mut()) {
-                if let Some(delay) = auth.finished((l, r), rec.result.map(drop)) {
-                    self.retries.push((tokio::time::Instant::now() + delay, (l, r)));
-                }
-            }
+        if rec.role == Role::Initiator
+            && let (Some(l), Some(r), Some(auth)) =
+                (rec.local_addr, rec.remote_addr, self.auth.as_mut())
+            && let Some(delay) = auth.finished((l, r), rec.result.map(drop))
+        {
+            self.retries
+                .push((tokio::time::Instant::now() + delay, (l, r)));
         }
         if self.handshakes.len() == RECENT_HANDSHAKES {
             self.handshakes.pop_front();
@@ -465,11 +531,14 @@ impl Agent {
             self.events.pop_front();
         }
         self.events.push_back(record);
-        if ev.remote_identity != portcullis_common::IDENTITY_NONE {
-            if let Some(auth) = self.auth.as_mut() {
-                let pair = (status::flow_addr(ev.flow.family, &ev.flow.local_addr), status::flow_addr(ev.flow.family, &ev.flow.remote_addr));
-                auth.want(pair, &self.view_rx);
-            }
+        if ev.remote_identity != portcullis_common::IDENTITY_NONE
+            && let Some(auth) = self.auth.as_mut()
+        {
+            let pair = (
+                status::flow_addr(ev.flow.family, &ev.flow.local_addr),
+                status::flow_addr(ev.flow.family, &ev.flow.remote_addr),
+            );
+            auth.want(pair, &self.view_rx);
         }
     }
 
@@ -603,15 +672,23 @@ impl Agent {
     }
 
     fn identities(&self) -> Vec<IdentityInfo> {
-        let Some(store) = &self.store else { return Vec::new() };
+        let Some(store) = &self.store else {
+            return Vec::new();
+        };
         let now = tokio::time::Instant::now();
         let mut out: Vec<IdentityInfo> = store
             .svids()
             .map(|s| IdentityInfo {
                 id: s.id.to_string(),
                 serial: s.serial.clone(),
-                not_after_unix: s.not_after.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs(),
-                renew_in_secs: store.renew_at(&s.id).map(|t| t.saturating_duration_since(now).as_secs()),
+                not_after_unix: s
+                    .not_after
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs(),
+                renew_in_secs: store
+                    .renew_at(&s.id)
+                    .map(|t| t.saturating_duration_since(now).as_secs()),
             })
             .collect();
         out.sort_by(|a, b| a.id.cmp(&b.id));
@@ -621,7 +698,10 @@ impl Agent {
 
 /// One structured audit record per handshake, on the `portcullis::audit` target.
 fn audit(node: &str, rec: &Record) {
-    let name = |id: &Option<SpiffeId>| id.as_ref().map_or_else(|| "-".to_owned(), ToString::to_string);
+    let name = |id: &Option<SpiffeId>| {
+        id.as_ref()
+            .map_or_else(|| "-".to_owned(), ToString::to_string)
+    };
     let (result, reason) = match rec.result {
         Ok(_) => ("ok", "-"),
         Err(r) => ("failed", r.as_str()),
@@ -629,7 +709,7 @@ fn audit(node: &str, rec: &Record) {
     tracing::info!(
         target: "portcullis::audit",
         event = "handshake",
-        role = ?rec.role,
+        role = if rec.role == Role::Initiator { "initiator" } else { "responder" },
         result,
         reason,
         local = %name(&rec.local_id),
@@ -660,16 +740,32 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     if config.identity.is_some() {
         let cluster = agent.cluster.as_ref().context("cluster state")?;
-        let node = cluster.nodes.get(&config.node).with_context(|| format!("node `{}` is not in cluster state, so it has no handshake address", config.node))?;
+        let node = cluster.nodes.get(&config.node).with_context(|| {
+            format!(
+                "node `{}` is not in cluster state, so it has no handshake address",
+                config.node
+            )
+        })?;
         let mut addr = node.address;
         if let Some(port) = config.handshake.port {
             addr.set_port(port);
         }
-        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening for handshakes on {addr}"))?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening for handshakes on {addr}"))?;
         tracing::info!(%addr, "accepting handshakes");
-        tokio::spawn(handshake::serve(listener, agent.view_rx.clone(), write_tx, record_tx, config.handshake.timeout, config.handshake.max_concurrent));
+        tokio::spawn(handshake::serve(
+            listener,
+            agent.view_rx.clone(),
+            write_tx,
+            record_tx,
+            config.handshake.timeout,
+            config.handshake.max_concurrent,
+        ));
     } else {
-        tracing::warn!("no identity configured: the agent enforces but does not authenticate (auth entries come only from `portcullis auth allow`)");
+        tracing::warn!(
+            "no identity configured: the agent enforces but does not authenticate (auth entries come only from `portcullis auth allow`)"
+        );
         drop(write_tx);
     }
     let listener = admin::bind(&config.admin_socket)?;

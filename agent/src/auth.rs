@@ -3,12 +3,7 @@
 //! bounded in time, failures retried with exponential backoff and jitter. Results go back to
 //! the agent's core, which writes the maps and the audit log.
 
-use std::{
-    collections::HashMap,
-    net::IpAddr,
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::HashMap, net::IpAddr, sync::Arc, time::Duration};
 
 use tokio::{
     sync::{Semaphore, mpsc, watch},
@@ -47,7 +42,10 @@ pub struct AuthManager {
 
 impl AuthManager {
     pub fn new(max_concurrent: u32, timeout: Duration, results: mpsc::Sender<Record>) -> Self {
-        let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
         Self {
             pairs: HashMap::new(),
             permits: Arc::new(Semaphore::new(max_concurrent as usize)),
@@ -57,16 +55,12 @@ impl AuthManager {
         }
     }
 
-    /// Number of handshakes under way.
-    #[must_use]
-    pub fn in_flight(&self) -> usize {
-        self.pairs.values().filter(|p| p.in_flight).count()
-    }
-
     /// Asks for the pair to be authenticated; a no-op while a handshake for it is under way
     /// or backing off. Returns whether a handshake was started.
     pub fn want(&mut self, pair: AddrPair, view: &watch::Receiver<Option<Arc<View>>>) -> bool {
-        let Some(view) = view.borrow().clone() else { return false };
+        let Some(view) = view.borrow().clone() else {
+            return false;
+        };
         let state = self.pairs.entry(pair).or_default();
         if state.in_flight || state.not_before.is_some_and(|t| Instant::now() < t) {
             return false;
@@ -78,7 +72,9 @@ impl AuthManager {
         let timeout = self.timeout;
         tokio::spawn(async move {
             // The semaphore is never closed; a failure here would mean it was.
-            let Ok(_permit) = permits.acquire_owned().await else { return };
+            let Ok(_permit) = permits.acquire_owned().await else {
+                return;
+            };
             let record = handshake::initiate(view, pair.0, pair.1, timeout).await;
             // The core has stopped when this fails: nothing left to tell.
             let _ = results.send(record).await;
@@ -116,7 +112,8 @@ impl AuthManager {
     /// Forgets pairs with no handshake under way whose backoff has passed.
     pub fn prune(&mut self) {
         let now = Instant::now();
-        self.pairs.retain(|_, p| p.in_flight || p.not_before.is_some_and(|t| now < t) || p.attempts > 0);
+        self.pairs
+            .retain(|_, p| p.in_flight || p.not_before.is_some_and(|t| now < t) || p.attempts > 0);
     }
 }
 
@@ -134,12 +131,24 @@ mod tests {
             m.pairs.entry(pair).or_default().attempts += 1;
             delays.push(m.finished(pair, Err(Reason::Unreachable)));
         }
-        let d: Vec<Duration> = delays.iter().take(MAX_ATTEMPTS as usize - 1).map(|d| d.unwrap()).collect();
+        let d: Vec<Duration> = delays
+            .iter()
+            .take(MAX_ATTEMPTS as usize - 1)
+            .map(|d| d.unwrap())
+            .collect();
         for (i, w) in d.windows(2).enumerate() {
             assert!(w[1] > w[0], "attempt {i}: {w:?} does not grow");
         }
-        assert!(d[0] >= FIRST_BACKOFF.mul_f64(0.75) && d[0] <= FIRST_BACKOFF.mul_f64(1.25), "{:?}", d[0]);
-        assert_eq!(delays.last(), Some(&None), "gives up after {MAX_ATTEMPTS} attempts");
+        assert!(
+            d[0] >= FIRST_BACKOFF.mul_f64(0.75) && d[0] <= FIRST_BACKOFF.mul_f64(1.25),
+            "{:?}",
+            d[0]
+        );
+        assert_eq!(
+            delays.last(),
+            Some(&None),
+            "gives up after {MAX_ATTEMPTS} attempts"
+        );
         // A success clears the pair.
         m.pairs.entry(pair).or_default().in_flight = true;
         assert_eq!(m.finished(pair, Ok(())), None);

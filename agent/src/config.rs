@@ -178,49 +178,92 @@ impl Config {
             None => None,
             Some(i) => {
                 let dir = non_empty_path(path, &i.dir, "identity.dir")?;
-                let dir = if dir.is_relative() { base.join(dir) } else { dir };
+                let dir = if dir.is_relative() {
+                    base.join(dir)
+                } else {
+                    dir
+                };
                 let bundle = non_empty_path(path, &i.trust_bundle, "identity.trust_bundle")?;
-                let trust_bundle = if bundle.is_relative() { base.join(bundle) } else { bundle };
+                let trust_bundle = if bundle.is_relative() {
+                    base.join(bundle)
+                } else {
+                    bundle
+                };
                 let source = match i.source.as_str() {
                     "ca" => {
                         let ttl = match &i.svid_ttl_secs {
                             Some(v) if !(10..=30 * 86_400).contains(&**v) => {
-                                return Err(InputError::value(path, v, "identity.svid_ttl_secs", format!("{} is out of range 10..=2592000", **v)));
+                                return Err(InputError::value(
+                                    path,
+                                    v,
+                                    "identity.svid_ttl_secs",
+                                    format!("{} is out of range 10..=2592000", **v),
+                                ));
                             }
                             Some(v) => **v,
                             None => DEFAULT_SVID_TTL_SECS,
                         };
-                        IdentitySource::Ca { dir, svid_ttl_secs: ttl }
+                        IdentitySource::Ca {
+                            dir,
+                            svid_ttl_secs: ttl,
+                        }
                     }
                     "files" => {
                         if let Some(v) = &i.svid_ttl_secs {
-                            return Err(InputError::value(path, v, "identity.svid_ttl_secs", "only the `ca` source mints SVIDs"));
+                            return Err(InputError::value(
+                                path,
+                                v,
+                                "identity.svid_ttl_secs",
+                                "only the `ca` source mints SVIDs",
+                            ));
                         }
                         IdentitySource::Files { dir }
                     }
                     other => {
-                        return Err(InputError::value(path, &i.source, "identity.source", format!("`{other}` is not `ca` or `files`")));
+                        return Err(InputError::value(
+                            path,
+                            &i.source,
+                            "identity.source",
+                            format!("`{other}` is not `ca` or `files`"),
+                        ));
                     }
                 };
-                Some(Identity { source, trust_bundle })
+                Some(Identity {
+                    source,
+                    trust_bundle,
+                })
             }
         };
         let h = &f.handshake;
         let timeout_ms = match &h.timeout_ms {
             Some(v) if !(100..=60_000).contains(&**v) => {
-                return Err(InputError::value(path, v, "handshake.timeout_ms", format!("{} is out of range 100..=60000", **v)));
+                return Err(InputError::value(
+                    path,
+                    v,
+                    "handshake.timeout_ms",
+                    format!("{} is out of range 100..=60000", **v),
+                ));
             }
             Some(v) => **v,
             None => DEFAULT_HANDSHAKE_TIMEOUT_MS,
         };
         let max_concurrent = match &h.max_concurrent {
             Some(v) if !(1..=4096).contains(&**v) => {
-                return Err(InputError::value(path, v, "handshake.max_concurrent", format!("{} is out of range 1..=4096", **v)));
+                return Err(InputError::value(
+                    path,
+                    v,
+                    "handshake.max_concurrent",
+                    format!("{} is out of range 1..=4096", **v),
+                ));
             }
             Some(v) => **v,
             None => DEFAULT_MAX_CONCURRENT,
         };
-        let handshake = Handshake { port: h.port.as_ref().map(|p| **p), timeout: Duration::from_millis(timeout_ms), max_concurrent };
+        let handshake = Handshake {
+            port: h.port.as_ref().map(|p| **p),
+            timeout: Duration::from_millis(timeout_ms),
+            max_concurrent,
+        };
         Ok(Self {
             identity,
             handshake,
@@ -313,11 +356,18 @@ mod tests {
         assert_eq!(e.line, Some(3), "{e}");
 
         let e = parse("node: n1\ncluster_state: c.yaml\nidentity:\n  source: vault\n  dir: d\n  trust_bundle: b.pem\n").unwrap_err();
-        assert_eq!((e.line, e.field.as_deref()), (Some(4), Some("identity.source")), "{e}");
+        assert_eq!(
+            (e.line, e.field.as_deref()),
+            (Some(4), Some("identity.source")),
+            "{e}"
+        );
         let c = parse("node: n1\ncluster_state: c.yaml\nidentity:\n  source: ca\n  dir: ca\n  trust_bundle: ca/ca.pem\n").unwrap();
         assert_eq!(
             c.identity.unwrap().source,
-            IdentitySource::Ca { dir: PathBuf::from("/etc/portcullis/ca"), svid_ttl_secs: DEFAULT_SVID_TTL_SECS }
+            IdentitySource::Ca {
+                dir: PathBuf::from("/etc/portcullis/ca"),
+                svid_ttl_secs: DEFAULT_SVID_TTL_SECS
+            }
         );
 
         let e = parse("node: [n1\n").unwrap_err();

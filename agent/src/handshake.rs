@@ -257,6 +257,8 @@ async fn initiate_inner(view: &View, rec: &mut Record) -> Result<SystemTime, Rea
     rec.local_id = Some(local.id.clone());
     let remote = view.owners.get(&remote_addr).ok_or(Reason::UnknownPeer)?;
     rec.remote_node = Some(remote.node.clone());
+    // The identity we ask to be proven; replaced by the one the peer proves, if it gets that far.
+    rec.remote_id = Some(remote.id.clone());
     let svid = view.svids.get(&local.id).ok_or(Reason::NoLocalSvid)?;
     let target = *view.nodes.get(&remote.node).ok_or(Reason::UnknownPeer)?;
     rec.peer = Some(target);
@@ -491,7 +493,6 @@ mod tests {
     mod loopback {
         use std::time::Duration;
 
-        use rustls_pki_types::PrivateKeyDer;
         use tokio::net::TcpListener;
 
         use super::super::*;
@@ -505,11 +506,7 @@ mod tests {
             let id = SpiffeId::parse(id).unwrap();
             let issued = ca.issue(&id, Duration::from_secs(3600)).unwrap();
             let info = svid::check_leaf(&issued.cert_der, SystemTime::now()).unwrap();
-            Svid::new(
-                vec![issued.cert_der],
-                PrivateKeyDer::from(issued.key_der),
-                info,
-            )
+            Svid::new(vec![issued.cert_der], issued.key_der, info)
         }
 
         fn owners() -> HashMap<IpAddr, Owner> {

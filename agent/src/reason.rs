@@ -91,12 +91,3 @@ impl Reason {
         }
     }
 }
-
-impl std::fmt::Display for ReasonLabel {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.0.as_str())
-    }
-}
-
-/// Displays a reason as its stable name (for log fields).
-pub struct ReasonLabel(pub Reason);

@@ -73,7 +73,10 @@ impl HandshakeInfo {
             remote_node: rec.remote_node.clone(),
             peer: rec.peer.map(|p| p.to_string()),
             took_ms: u64::try_from(rec.took.as_millis()).unwrap_or(u64::MAX),
-            unix_time: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs(),
+            unix_time: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs(),
         }
     }
 }

@@ -369,8 +369,12 @@ impl Testbed {
             identity.insert("dir".into(), ca.to_string_lossy().into_owned().into());
             // The bundle is a file of its own, so that tests can rotate the CA through it.
             let bundle = self.bundle_path();
-            std::fs::copy(ca.join("ca.pem"), &bundle).with_context(|| format!("writing {}", bundle.display()))?;
-            identity.insert("trust_bundle".into(), bundle.to_string_lossy().into_owned().into());
+            std::fs::copy(ca.join("ca.pem"), &bundle)
+                .with_context(|| format!("writing {}", bundle.display()))?;
+            identity.insert(
+                "trust_bundle".into(),
+                bundle.to_string_lossy().into_owned().into(),
+            );
             if let Some(ttl) = self.svid_ttl_secs {
                 identity.insert("svid_ttl_secs".into(), ttl.into());
             }
@@ -402,9 +406,20 @@ impl Testbed {
 
     /// Creates a CA for the testbed's trust domain in `dir` with `portcullis ca init`.
     pub fn make_ca(&self, dir: &Path) -> Result<()> {
-        let bin = self.info.agent_bin.as_ref().context("no agent binary known (Options::agent_bin / PORTCULLIS_BIN)")?;
+        let bin = self
+            .info
+            .agent_bin
+            .as_ref()
+            .context("no agent binary known (Options::agent_bin / PORTCULLIS_BIN)")?;
         let mut c = Command::new(bin);
-        c.args(["ca", "init", "--trust-domain", &self.info.trust_domain, "--out"]).arg(dir);
+        c.args([
+            "ca",
+            "init",
+            "--trust-domain",
+            &self.info.trust_domain,
+            "--out",
+        ])
+        .arg(dir);
         cmd::run(&mut c).map(drop)
     }
 

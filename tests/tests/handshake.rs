@@ -28,21 +28,32 @@ fn up_with(opts: Options) -> Testbed {
 }
 
 fn up() -> Testbed {
-    up_with(Options { authenticate: true, ..Options::default() })
+    up_with(Options {
+        authenticate: true,
+        ..Options::default()
+    })
 }
 
 fn scenario(tb: &Testbed) -> Scenario<'_> {
-    Scenario { tb, probe: PathBuf::from(env!("CARGO_BIN_EXE_probe")) }
+    Scenario {
+        tb,
+        probe: PathBuf::from(env!("CARGO_BIN_EXE_probe")),
+    }
 }
 
 fn handshakes(s: &Scenario<'_>, node: &str) -> Vec<Value> {
-    s.status(node)["handshakes"].as_array().cloned().unwrap_or_default()
+    s.status(node)["handshakes"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
 }
 
 fn has_entry(s: &Scenario<'_>, node: &str, local: &str, remote: &str, remote_node: &str) -> bool {
-    s.status(node)["auth"]
-        .as_array()
-        .is_some_and(|es| es.iter().any(|e| e["local"] == local && e["remote"] == remote && e["remote_node"] == remote_node))
+    s.status(node)["auth"].as_array().is_some_and(|es| {
+        es.iter().any(|e| {
+            e["local"] == local && e["remote"] == remote && e["remote_node"] == remote_node
+        })
+    })
 }
 
 #[test]
@@ -52,28 +63,59 @@ fn pods_on_two_nodes_connect_with_no_manual_step() {
     let _server = s.serve("server", PORT);
     for family in [Family::V4, Family::V6] {
         let r = s.connect("client", s.addr("server", family), PORT, 5000);
-        assert!(ok(&r), "{family:?}: the first connection was not admitted after authentication: {r}");
-        eprintln!("{family:?}: cold first connection took {} ms", r["connect_ms"]);
+        assert!(
+            ok(&r),
+            "{family:?}: the first connection was not admitted after authentication: {r}"
+        );
+        eprintln!(
+            "{family:?}: cold first connection took {} ms",
+            r["connect_ms"]
+        );
     }
     let (client, server) = (s.identity("client"), s.identity("server"));
-    assert!(has_entry(&s, "node-2", &server, &client, "node-1"), "node-2 has no entry: {}", s.status("node-2")["auth"]);
-    assert!(has_entry(&s, "node-1", &client, &server, "node-2"), "node-1 has no entry: {}", s.status("node-1")["auth"]);
+    assert!(
+        has_entry(&s, "node-2", &server, &client, "node-1"),
+        "node-2 has no entry: {}",
+        s.status("node-2")["auth"]
+    );
+    assert!(
+        has_entry(&s, "node-1", &client, &server, "node-2"),
+        "node-1 has no entry: {}",
+        s.status("node-1")["auth"]
+    );
     for node in ["node-1", "node-2"] {
         let hs = handshakes(&s, node);
-        assert!(hs.iter().any(|h| h["result"] == "ok"), "{node}: no successful handshake: {hs:?}");
+        assert!(
+            hs.iter().any(|h| h["result"] == "ok"),
+            "{node}: no successful handshake: {hs:?}"
+        );
         let ids = s.status(node)["identities"].clone();
-        assert!(ids.as_array().is_some_and(|i| i.len() == 1 && i[0]["serial"].is_string()), "{node}: identities {ids}");
+        assert!(
+            ids.as_array()
+                .is_some_and(|i| i.len() == 1 && i[0]["serial"].is_string()),
+            "{node}: identities {ids}"
+        );
     }
     // The audit trail names both identities and both nodes.
     let log = tb.agent_log("node-2");
     assert!(
-        log.lines().any(|l| l.contains("portcullis::audit") && l.contains("handshake ok") && l.contains(&client) && l.contains("node-1")),
+        log.lines().any(|l| l.contains("portcullis::audit")
+            && l.contains("handshake ok")
+            && l.contains(&client)
+            && l.contains("node-1")),
         "no audit record of the handshake in node-2's log"
     );
     // Later connections find the entry: no drop at all.
     let before = s.status("node-2")["counters"]["drop_no_auth"].as_u64();
-    assert!(ok(&s.connect("client", s.addr("server", Family::V4), PORT, 1000)), "a warm connection failed");
-    assert_eq!(s.status("node-2")["counters"]["drop_no_auth"].as_u64(), before, "a warm connection was dropped first");
+    assert!(
+        ok(&s.connect("client", s.addr("server", Family::V4), PORT, 1000)),
+        "a warm connection failed"
+    );
+    assert_eq!(
+        s.status("node-2")["counters"]["drop_no_auth"].as_u64(),
+        before,
+        "a warm connection was dropped first"
+    );
 }
 
 #[test]
@@ -86,8 +128,12 @@ fn a_node_with_svids_from_a_foreign_ca_never_gets_its_pods_through() {
         let mut identity = serde_yaml::Mapping::new();
         identity.insert("source".into(), "ca".into());
         identity.insert("dir".into(), foreign.to_string_lossy().into_owned().into());
-        identity.insert("trust_bundle".into(), foreign.join("ca.pem").to_string_lossy().into_owned().into());
-        c.extra.insert("identity".into(), serde_yaml::Value::Mapping(identity));
+        identity.insert(
+            "trust_bundle".into(),
+            foreign.join("ca.pem").to_string_lossy().into_owned().into(),
+        );
+        c.extra
+            .insert("identity".into(), serde_yaml::Value::Mapping(identity));
     })
     .expect("pointing node-1 at the foreign CA");
     tb.start_agent("node-1").expect("restarting node-1's agent");
@@ -98,17 +144,32 @@ fn a_node_with_svids_from_a_foreign_ca_never_gets_its_pods_through() {
         assert!(!ok(&r), "a pod of the foreign-CA node got through: {r}");
     }
     let untrusted = |node: &str| {
-        handshakes(&s, node).iter().any(|h| h["result"] == "failed" && (h["reason"] == "untrusted_chain" || h["reason"] == "peer_rejected_certificate"))
+        handshakes(&s, node).iter().any(|h| {
+            h["result"] == "failed"
+                && (h["reason"] == "untrusted_chain" || h["reason"] == "peer_rejected_certificate")
+        })
     };
-    assert!(eventually(Duration::from_secs(5), || untrusted("node-1") && untrusted("node-2")), "failure not recorded on both sides");
+    assert!(
+        eventually(Duration::from_secs(5), || untrusted("node-1")
+            && untrusted("node-2")),
+        "failure not recorded on both sides"
+    );
     for node in ["node-1", "node-2"] {
         let log = tb.agent_log(node);
         assert!(
-            log.lines().any(|l| l.contains("portcullis::audit") && l.contains("handshake failed") && (l.contains("untrusted_chain") || l.contains("peer_rejected_certificate"))),
+            log.lines().any(|l| l.contains("portcullis::audit")
+                && l.contains("handshake failed")
+                && (l.contains("untrusted_chain") || l.contains("peer_rejected_certificate"))),
             "{node}: the reason is not in the audit log"
         );
     }
-    assert!(s.status("node-2")["auth"].as_array().is_some_and(Vec::is_empty), "node-2 wrote an entry: {}", s.status("node-2")["auth"]);
+    assert!(
+        s.status("node-2")["auth"]
+            .as_array()
+            .is_some_and(Vec::is_empty),
+        "node-2 wrote an entry: {}",
+        s.status("node-2")["auth"]
+    );
 }
 
 #[test]
@@ -125,36 +186,89 @@ fn the_responder_refuses_to_prove_an_address_it_does_not_host() {
     cluster.upsert_workload(ghost);
     cluster.store(&copy).expect("writing node-1's cluster file");
     tb.stop_agent("node-1").expect("stopping node-1's agent");
-    tb.write_agent_config("node-1", |c| c.cluster_state = copy.clone()).expect("pointing node-1 at its own cluster file");
+    tb.write_agent_config("node-1", |c| c.cluster_state = copy.clone())
+        .expect("pointing node-1 at its own cluster file");
     tb.start_agent("node-1").expect("restarting node-1's agent");
     let s = scenario(&tb);
     let r = s.connect("client", "198.18.2.99".parse().unwrap(), PORT, 1500);
     assert!(!ok(&r), "connected to an address nobody hosts: {r}");
-    let refused = |node: &str| handshakes(&s, node).iter().any(|h| h["result"] == "failed" && h["reason"] == "not_hosted");
-    assert!(eventually(Duration::from_secs(5), || refused("node-1") && refused("node-2")), "not_hosted not recorded on both sides: {:?} / {:?}", handshakes(&s, "node-1"), handshakes(&s, "node-2"));
+    let refused = |node: &str| {
+        handshakes(&s, node)
+            .iter()
+            .any(|h| h["result"] == "failed" && h["reason"] == "not_hosted")
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || refused("node-1")
+            && refused("node-2")),
+        "not_hosted not recorded on both sides: {:?} / {:?}",
+        handshakes(&s, "node-1"),
+        handshakes(&s, "node-2")
+    );
 }
 
 #[test]
 fn a_transfer_runs_across_svid_rotation_and_entry_renewal_without_reset() {
-    let tb = up_with(Options { authenticate: true, svid_ttl_secs: Some(10), ..Options::default() });
+    let tb = up_with(Options {
+        authenticate: true,
+        svid_ttl_secs: Some(10),
+        ..Options::default()
+    });
     let s = scenario(&tb);
     let _server = s.serve("server", PORT);
     let target = s.addr("server", Family::V4);
-    assert!(ok(&s.connect("client", target, PORT, 5000)), "first connection failed");
+    assert!(
+        ok(&s.connect("client", target, PORT, 5000)),
+        "first connection failed"
+    );
     let serial = s.status("node-2")["identities"][0]["serial"].clone();
-    let ok_count = |node: &str| handshakes(&s, node).iter().filter(|h| h["result"] == "ok").count();
+    let ok_count = |node: &str| {
+        handshakes(&s, node)
+            .iter()
+            .filter(|h| h["result"] == "ok")
+            .count()
+    };
     let before = ok_count("node-1") + ok_count("node-2");
     let transfer = s
-        .probe_cmd("client", &["send", "--to", &sock(target, PORT), "--bytes", "24000000", "--seconds", "14", "--timeout-ms", "5000"])
+        .probe_cmd(
+            "client",
+            &[
+                "send",
+                "--to",
+                &sock(target, PORT),
+                "--bytes",
+                "24000000",
+                "--seconds",
+                "14",
+                "--timeout-ms",
+                "5000",
+            ],
+        )
         .spawn()
         .expect("spawning probe send");
-    let result = last_json(&transfer.wait_with_output().expect("waiting for probe send").stdout);
-    assert!(ok(&result), "the transfer did not survive rotation and renewal: {result}");
+    let result = last_json(
+        &transfer
+            .wait_with_output()
+            .expect("waiting for probe send")
+            .stdout,
+    );
+    assert!(
+        ok(&result),
+        "the transfer did not survive rotation and renewal: {result}"
+    );
     let st = s.status("node-2");
-    assert_ne!(st["identities"][0]["serial"], serial, "the SVID was not rotated in 14 s with a 10 s TTL");
+    assert_ne!(
+        st["identities"][0]["serial"], serial,
+        "the SVID was not rotated in 14 s with a 10 s TTL"
+    );
     let after = ok_count("node-1") + ok_count("node-2");
-    assert!(after > before, "the entry was not renewed while the flow lived ({before} successful handshakes before, {after} after)");
-    assert!(ok(&s.connect("client", target, PORT, 1000)), "a new connection after renewal failed");
+    assert!(
+        after > before,
+        "the entry was not renewed while the flow lived ({before} successful handshakes before, {after} after)"
+    );
+    assert!(
+        ok(&s.connect("client", target, PORT, 1000)),
+        "a new connection after renewal failed"
+    );
 }
 
 #[test]
@@ -163,12 +277,33 @@ fn traffic_keeps_flowing_through_a_ca_rotation_via_the_bundle() {
     let s = scenario(&tb);
     let _server = s.serve("server", PORT);
     let target = s.addr("server", Family::V4);
-    assert!(ok(&s.connect("client", target, PORT, 5000)), "first connection failed");
+    assert!(
+        ok(&s.connect("client", target, PORT, 5000)),
+        "first connection failed"
+    );
     let transfer = s
-        .probe_cmd("client", &["send", "--to", &sock(target, PORT), "--bytes", "16000000", "--seconds", "10", "--timeout-ms", "5000"])
+        .probe_cmd(
+            "client",
+            &[
+                "send",
+                "--to",
+                &sock(target, PORT),
+                "--bytes",
+                "16000000",
+                "--seconds",
+                "10",
+                "--timeout-ms",
+                "5000",
+            ],
+        )
         .spawn()
         .expect("spawning probe send");
-    let ok_count = |node: &str| handshakes(&s, node).iter().filter(|h| h["result"] == "ok").count();
+    let ok_count = |node: &str| {
+        handshakes(&s, node)
+            .iter()
+            .filter(|h| h["result"] == "ok")
+            .count()
+    };
     let before = [ok_count("node-1"), ok_count("node-2")];
     let old = std::fs::read_to_string(tb.bundle_path()).expect("reading the bundle");
     let new_dir = tb.state_dir().join("new-ca");
@@ -182,14 +317,28 @@ fn traffic_keeps_flowing_through_a_ca_rotation_via_the_bundle() {
         std::fs::copy(new_dir.join(f), tb.ca_dir().join(f)).expect("switching the CA");
     }
     let rotated = eventually(Duration::from_secs(5), || {
-        ["node-1", "node-2"].iter().zip(before).all(|(n, b)| ok_count(n) > b)
+        ["node-1", "node-2"]
+            .iter()
+            .zip(before)
+            .all(|(n, b)| ok_count(n) > b)
     });
-    assert!(rotated, "the pairs were not re-authenticated with the new CA's SVIDs");
+    assert!(
+        rotated,
+        "the pairs were not re-authenticated with the new CA's SVIDs"
+    );
     // 3. Trust only the new root.
     std::fs::write(tb.bundle_path(), &new).expect("writing new-only bundle");
     thread::sleep(Duration::from_secs(1));
     let r = s.connect("client", target, PORT, 5000);
     assert!(ok(&r), "a connection after the rotation failed: {r}");
-    let result = last_json(&transfer.wait_with_output().expect("waiting for probe send").stdout);
-    assert!(ok(&result), "the transfer did not survive the CA rotation: {result}");
+    let result = last_json(
+        &transfer
+            .wait_with_output()
+            .expect("waiting for probe send")
+            .stdout,
+    );
+    assert!(
+        ok(&result),
+        "the transfer did not survive the CA rotation: {result}"
+    );
 }

@@ -1,6 +1,7 @@
-//! `cargo xtask demo`: a two-node testbed showing, in plain words, a connection dropped for
-//! want of authentication, an auth entry being added, the same connection succeeding, and
-//! where the drop was counted. Tears everything down at the end.
+//! `cargo xtask demo`: a three-node testbed telling, in plain words, how a connection between
+//! pods on two nodes is admitted after the agents authenticated the pair by mutual TLS, with
+//! no manual step, and how a pod whose node holds SVIDs from a CA nobody trusts is dropped —
+//! with the audit lines that explain each. Tears everything down at the end.
 
 use std::time::Duration;
 
@@ -21,6 +22,20 @@ fn say(step: &str) {
     println!("\n\x1b[1m▶ {step}\x1b[0m");
 }
 
+/// The audit lines of `node`'s agent log, shortened to their message and fields.
+fn audit_lines(tb: &Testbed, node: &str, skip: usize) -> Vec<String> {
+    tb.agent_log(node)
+        .lines()
+        .filter(|l| l.contains("portcullis::audit"))
+        .skip(skip)
+        .map(|l| {
+            l.split_once("portcullis::audit: ")
+                .map_or(l, |(_, rest)| rest)
+                .to_owned()
+        })
+        .collect()
+}
+
 pub fn run(_args: Args) -> Result<i32> {
     // SAFETY: no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -28,27 +43,49 @@ pub fn run(_args: Args) -> Result<i32> {
     }
     let agent = cargo::agent_bin(None)?;
     let probe = cargo::probe_bin()?;
-    say(
-        "Building a two-node cluster in network namespaces: `frontend` on node-1, `backend` on node-2",
-    );
+    say("Building a three-node cluster in network namespaces");
     let spec = Spec {
         nodes: vec![
             NodeSpec::new("node-1", vec![PodSpec::new("frontend")]),
             NodeSpec::new("node-2", vec![PodSpec::new("backend")]),
+            NodeSpec::new("node-3", vec![PodSpec::new("intruder")]),
         ],
     };
-    let tb = Testbed::up(
-        &spec,
-        &Options {
-            agent_bin: Some(agent),
-            log_level: "info".into(),
-            ..Options::default()
-        },
-    )?;
+    let opts = Options {
+        agent_bin: Some(agent),
+        log_level: "info".into(),
+        authenticate: true,
+        ..Options::default()
+    };
+    let mut tb = Testbed::up(&spec, &opts)?;
+    // node-3's agent gets SVIDs from a CA of its own, which nobody else trusts.
+    let rogue = tb.state_dir().join("rogue-ca");
+    tb.make_ca(&rogue)?;
+    tb.stop_agent("node-3")?;
+    tb.write_agent_config("node-3", |c| {
+        let mut identity = serde_yaml::Mapping::new();
+        identity.insert("source".into(), "ca".into());
+        identity.insert("dir".into(), rogue.to_string_lossy().into_owned().into());
+        identity.insert(
+            "trust_bundle".into(),
+            rogue.join("ca.pem").to_string_lossy().into_owned().into(),
+        );
+        c.extra
+            .insert("identity".into(), serde_yaml::Value::Mapping(identity));
+    })?;
+    tb.start_agent("node-3")?;
     let s = Scenario { tb: &tb, probe };
-    let (frontend, backend) = (s.identity("frontend"), s.identity("backend"));
-    println!("  frontend {} = {frontend}", s.addr("frontend", Family::V4));
-    println!("  backend  {} = {backend}", s.addr("backend", Family::V4));
+    for pod in ["frontend", "backend", "intruder"] {
+        println!(
+            "  {pod:<9} on {} at {:<11} is {}",
+            tb.pod(pod).node,
+            s.addr(pod, Family::V4),
+            s.identity(pod)
+        );
+    }
+    println!(
+        "  node-1 and node-2 mint SVIDs from the cluster CA; node-3's come from a CA nobody trusts"
+    );
     println!(
         "  one portcullis agent per node; state and logs in {}",
         tb.state_dir().display()
@@ -56,58 +93,51 @@ pub fn run(_args: Args) -> Result<i32> {
 
     let _server = s.serve("backend", PORT);
     let target = s.addr("backend", Family::V4);
-    say("frontend connects to backend:8080, with no auth entry for the pair");
-    let r = s.connect("frontend", target, PORT, 1500);
-    if ok(&r) {
-        bail!("the connection got through without authentication: {r}");
+    say("frontend connects to backend:8080 — nobody has written any auth entry");
+    let r = s.connect("frontend", target, PORT, 5000);
+    if !ok(&r) {
+        bail!("the connection was not admitted after authentication: {r}");
     }
     println!(
-        "  dropped: connect() gave up ({}) after {:.0} ms — the SYN never reached backend",
-        r["kind"].as_str().unwrap_or("failed"),
+        "  connected in {:.0} ms: node-2 dropped the first SYN, the agents ran a mutual-TLS handshake,\n  \
+         and the kernel's SYN retransmission found the auth entry",
+        r["connect_ms"].as_f64().unwrap_or(0.0)
+    );
+    let _ = eventually(Duration::from_secs(2), || {
+        !audit_lines(&tb, "node-2", 0).is_empty()
+    });
+    println!("  node-2's audit log:");
+    for line in audit_lines(&tb, "node-2", 0) {
+        println!("    {line}");
+    }
+    let r = s.connect("frontend", target, PORT, 3000);
+    println!(
+        "  a second connection: {} in {:.2} ms, straight through",
+        if ok(&r) { "connected" } else { "FAILED" },
+        r["connect_ms"].as_f64().unwrap_or(0.0)
+    );
+
+    say("intruder (node-3, untrusted CA) connects to backend:8080");
+    let seen = audit_lines(&tb, "node-2", 0).len();
+    let r = s.connect("intruder", target, PORT, 2500);
+    if ok(&r) {
+        bail!("the intruder got through: {r}");
+    }
+    println!(
+        "  dropped: connect() gave up after {:.0} ms",
         r["elapsed_ms"].as_f64().unwrap_or(0.0)
     );
-    let status = s.status("node-2");
-    println!(
-        "  node-2's kernel counted it: drop_no_auth = {}",
-        counter(&status, "drop_no_auth")
-    );
     let _ = eventually(Duration::from_secs(3), || {
-        !s.status("node-2")["events"]
-            .as_array()
-            .is_none_or(Vec::is_empty)
+        audit_lines(&tb, "node-2", seen).len() >= 2
     });
-    if let Some(e) = s.status("node-2")["events"]
-        .as_array()
-        .and_then(|e| e.last())
-    {
-        let f = |k: &str| e[k].as_str().unwrap_or("?").to_owned();
-        println!(
-            "  and told its agent: {} ({}) {} -> {}",
-            f("kind"),
-            f("reason"),
-            f("remote_addr"),
-            f("local_addr")
-        );
-        println!(
-            "    pair: {} <- {} @ {}",
-            f("local"),
-            f("remote"),
-            f("remote_node")
-        );
+    println!("  node-2's audit log:");
+    for line in audit_lines(&tb, "node-2", seen).iter().take(4) {
+        println!("    {line}");
     }
-
-    say("Adding the auth entry (backend <- frontend @ node-1) through node-2's agent");
     println!(
-        "  $ portcullis auth allow --local {backend} --remote {frontend} --remote-node node-1"
+        "  node-2's kernel counted {} dropped connection attempts (drop_no_auth)",
+        counter(&s.status("node-2"), "drop_no_auth")
     );
-    print!("  {}", s.allow("backend", "frontend"));
-
-    say("frontend connects again");
-    let r = s.connect("frontend", target, PORT, 3000);
-    if !ok(&r) {
-        bail!("the authenticated connection failed: {r}");
-    }
-    println!("  connected in {} ms", r["connect_ms"]);
 
     say("What node-2's agent shows (`portcullis status`)");
     let (_, text) = s.portcullis("node-2", &["status"]);

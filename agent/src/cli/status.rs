@@ -75,6 +75,13 @@ fn offline(target: &Target) -> anyhow::Result<Status> {
     })
 }
 
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
 fn render(s: &Status) -> String {
     let mut o = String::new();
     let a = &s.agent;
@@ -109,6 +116,23 @@ fn render(s: &Status) -> String {
     for p in &s.pending {
         let _ = writeln!(o, "  (waiting for the interface of {p})");
     }
+    if !s.identities.is_empty() || !s.identity_problems.is_empty() {
+        let _ = writeln!(o, "\nidentities ({})", s.identities.len());
+        for i in &s.identities {
+            let renew = i
+                .renew_in_secs
+                .map_or_else(String::new, |r| format!(", renewed in {r}s"));
+            let left = i.not_after_unix.saturating_sub(now_unix());
+            let _ = writeln!(
+                o,
+                "  {}   serial {}, expires in {left}s{renew}",
+                i.id, i.serial
+            );
+        }
+        for p in &s.identity_problems {
+            let _ = writeln!(o, "  PROBLEM: {p}");
+        }
+    }
     let _ = writeln!(o, "\nauth entries ({})", s.auth.len());
     for e in &s.auth {
         let _ = writeln!(
@@ -130,6 +154,25 @@ fn render(s: &Status) -> String {
     for (name, value) in &s.counters {
         if *value > 0 {
             let _ = writeln!(o, "  {name:<22} {value}");
+        }
+    }
+    if !s.handshakes.is_empty() {
+        let _ = writeln!(o, "\nrecent handshakes");
+        for h in s.handshakes.iter().rev().take(10) {
+            let reason = h
+                .reason
+                .as_deref()
+                .map_or_else(String::new, |r| format!(" ({r})"));
+            let _ = writeln!(
+                o,
+                "  {} {}{reason}: {} <-> {} @ {}, {} ms",
+                h.role,
+                h.result,
+                h.local.as_deref().unwrap_or("-"),
+                h.remote.as_deref().unwrap_or("-"),
+                h.remote_node.as_deref().unwrap_or("-"),
+                h.took_ms
+            );
         }
     }
     if !s.events.is_empty() {

@@ -297,7 +297,7 @@ mod tests {
             .issue_to(&id, Duration::from_secs(3600), &dir.path().join("web"))
             .unwrap();
         let info = check_chain(
-            &[issued.cert_der.clone()],
+            std::slice::from_ref(&issued.cert_der),
             "cluster.local",
             SystemTime::now(),
         )

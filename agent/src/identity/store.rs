@@ -314,7 +314,11 @@ fn load_ca(dir: &Path, trust_domain: &str) -> Result<(Ca, Vec<u8>), String> {
     let files = ca_files(dir).map_err(|e| format!("CA in {}: {e}", dir.display()))?;
     let ca = Ca::load(dir).map_err(|e| e.to_string())?;
     if ca.trust_domain() != trust_domain {
-        return Err(format!("the CA in {} serves trust domain `{}`, cluster state says `{trust_domain}`", dir.display(), ca.trust_domain()));
+        return Err(format!(
+            "the CA in {} serves trust domain `{}`, cluster state says `{trust_domain}`",
+            dir.display(),
+            ca.trust_domain()
+        ));
     }
     Ok((ca, files))
 }
