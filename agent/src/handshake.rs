@@ -140,6 +140,8 @@ pub struct View {
     pub nodes: HashMap<String, SocketAddr>,
     pub svids: HashMap<SpiffeId, LocalSvid>,
     pub server: Arc<rustls::ServerConfig>,
+    /// A client configuration per local identity, built once per snapshot.
+    pub clients: HashMap<SpiffeId, Arc<rustls::ClientConfig>>,
 }
 
 impl View {
@@ -162,7 +164,12 @@ impl View {
             .filter_map(|(addr, o)| svids.get(&o.id).map(|s| (*addr, s.key.clone())))
             .collect();
         let server = tls::server_config(&trust, tls::HostedKeys(hosted))?;
+        let clients = svids
+            .iter()
+            .map(|(id, s)| Ok((id.clone(), tls::client_config(&trust, s)?)))
+            .collect::<Result<_, tls::TlsError>>()?;
         Ok(Self {
+            clients,
             node: node.to_owned(),
             trust,
             owners,
@@ -266,7 +273,11 @@ async fn initiate_inner(view: &View, rec: &mut Record) -> Result<SystemTime, Rea
         .await
         .map_err(|_| Reason::Unreachable)?;
     let _ = tcp.set_nodelay(true);
-    let config = tls::client_config(&view.trust, svid).map_err(|_| Reason::Internal)?;
+    let config = view
+        .clients
+        .get(&local.id)
+        .ok_or(Reason::NoLocalSvid)?
+        .clone();
     let name = rustls::pki_types::ServerName::try_from(tls::sni_for(remote_addr))
         .map_err(|_| Reason::Internal)?;
     let mut stream = TlsConnector::from(config)

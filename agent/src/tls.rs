@@ -278,6 +278,10 @@ pub fn server_config(trust: &Trust, hosted: HostedKeys) -> Result<Arc<ServerConf
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(hosted));
     config.alpn_protocols = vec![ALPN.to_vec()];
+    // Every handshake is a full one: a resumed session would skip the certificate checks
+    // against the current trust bundle and cluster state.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
 }
 
@@ -296,6 +300,7 @@ pub fn client_config(trust: &Trust, svid: &LocalSvid) -> Result<Arc<ClientConfig
         .with_custom_certificate_verifier(verifier)
         .with_client_cert_resolver(Arc::new(FixedClientCert(svid.key.clone())));
     config.alpn_protocols = vec![ALPN.to_vec()];
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
 }
 
