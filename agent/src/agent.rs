@@ -12,6 +12,7 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
 use portcullis_common::{
+    capacity,
     AuthKey, AuthValue, Counter, EP_LOCAL, EVENT_AUTH_WANTED, Endpoint, Event,
 };
 use tokio::{
@@ -31,7 +32,7 @@ use crate::{
     identity::store::{Source, Store},
     reason::Reason,
     registry::{Kind, Registry},
-    status::{self, AgentInfo, EventRecord, HandshakeInfo, IdentityInfo, InterfaceInfo, Status},
+    status::{self, AgentInfo, EventRecord, HandshakeInfo, IdentityInfo, InterfaceInfo, MapFill, Status},
 };
 
 /// Events kept for `status`.
@@ -76,6 +77,39 @@ pub struct Agent {
     retries: Vec<(tokio::time::Instant, AddrPair)>,
     handshakes: VecDeque<HandshakeInfo>,
     store_problems: Vec<String>,
+    pub metrics: Arc<std::sync::Mutex<crate::metrics::Metrics>>,
+    audit: AuditLimiter,
+}
+
+/// Audit records are rate-limited (a token bucket: `AUDIT_BURST` at once, `AUDIT_PER_SEC`
+/// sustained) so that a flood of failing peers cannot fill a disk; what was suppressed is
+/// counted and reported in the next record that gets through.
+struct AuditLimiter {
+    tokens: f64,
+    last: Instant,
+    suppressed: u64,
+}
+
+const AUDIT_BURST: f64 = 200.0;
+const AUDIT_PER_SEC: f64 = 50.0;
+
+impl AuditLimiter {
+    fn new() -> Self {
+        Self { tokens: AUDIT_BURST, last: Instant::now(), suppressed: 0 }
+    }
+
+    /// `Some(n)` when a record may be written now, `n` records having been suppressed before it.
+    fn admit(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * AUDIT_PER_SEC).min(AUDIT_BURST);
+        self.last = now;
+        if self.tokens < 1.0 {
+            self.suppressed += 1;
+            return None;
+        }
+        self.tokens -= 1.0;
+        Some(std::mem::take(&mut self.suppressed))
+    }
 }
 
 impl Agent {
@@ -132,6 +166,8 @@ impl Agent {
                 retries: Vec::new(),
                 handshakes: VecDeque::with_capacity(RECENT_HANDSHAKES),
                 store_problems: Vec::new(),
+                metrics: Arc::new(std::sync::Mutex::new(crate::metrics::Metrics::new())),
+                audit: AuditLimiter::new(),
             },
             channels,
         ))
@@ -480,7 +516,12 @@ impl Agent {
         if rec.role == Role::Initiator && rec.result.is_ok() && !self.write_entry(&rec) {
             rec.result = Err(Reason::Internal);
         }
-        audit(&self.config.node, &rec);
+        if let Ok(m) = self.metrics.lock() {
+            m.on_handshake(&rec);
+        }
+        if let Some(suppressed) = self.audit.admit() {
+            audit(&self.config.node, &rec, suppressed);
+        }
         if rec.role == Role::Initiator
             && let (Some(l), Some(r), Some(auth)) =
                 (rec.local_addr, rec.remote_addr, self.auth.as_mut())
@@ -629,8 +670,40 @@ impl Agent {
         Ok(n)
     }
 
+    /// Why the agent is not ready, if it is not: local workloads without programs (no
+    /// interface yet), identities without SVIDs, no trust bundle.
+    fn not_ready(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.pending.iter().map(|w| format!("no interface yet for {w}")).collect();
+        if self.cluster.is_none() {
+            out.push("no cluster state".to_owned());
+        }
+        if self.config.identity.is_some() {
+            match &self.store {
+                None => out.push("identity source unusable".to_owned()),
+                Some(store) => {
+                    if store.bundle().is_none() {
+                        out.push("no trust bundle".to_owned());
+                    }
+                    if let Some(cluster) = &self.cluster {
+                        for w in cluster.local_workloads(&self.config.node) {
+                            if !store.svids().any(|s| s.id == w.identity) {
+                                out.push(format!("no SVID for {}", w.identity));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
     pub fn status(&self) -> anyhow::Result<Status> {
         let now = status::boot_ns();
+        let not_ready = self.not_ready();
+        let auth = self.dp.auth_entries()?;
+        let flows = self.dp.flows()?;
         Ok(Status {
             agent: AgentInfo {
                 running: true,
@@ -642,6 +715,15 @@ impl Agent {
                 cluster_state: Some(self.config.cluster_state.display().to_string()),
                 cluster_error: self.cluster_error.clone(),
                 bpffs_dir: self.config.bpffs_dir.display().to_string(),
+                mode: "enforce".to_owned(),
+                identity_source: match self.config.identity.as_ref().map(|i| &i.source) {
+                    Some(IdentitySource::Ca { .. }) => "ca",
+                    Some(IdentitySource::Files { .. }) => "files",
+                    None => "none",
+                }
+                .to_owned(),
+                ready: not_ready.is_empty(),
+                not_ready,
             },
             interfaces: self
                 .attached
@@ -661,8 +743,13 @@ impl Agent {
                 .collect(),
             pending: self.pending.clone(),
             counters: status::counters(self.dp.counters()?),
-            auth: status::auth_entries(&self.registry, self.dp.auth_entries()?, now),
-            flows: status::flows(&self.registry, self.dp.flows()?, now),
+            maps: vec![
+                MapFill { name: "endpoints".into(), entries: self.programmed.len() as u64, capacity: u64::from(capacity::ENDPOINTS) * 2 },
+                MapFill { name: "auth".into(), entries: auth.len() as u64, capacity: u64::from(capacity::AUTH) },
+                MapFill { name: "flows".into(), entries: flows.len() as u64, capacity: u64::from(capacity::FLOWS) },
+            ],
+            auth: status::auth_entries(&self.registry, auth, now),
+            flows: status::flows(&self.registry, flows, now),
             events: self.events.iter().cloned().collect(),
             events_total: self.events_total,
             identities: self.identities(),
@@ -697,7 +784,7 @@ impl Agent {
 }
 
 /// One structured audit record per handshake, on the `portcullis::audit` target.
-fn audit(node: &str, rec: &Record) {
+fn audit(node: &str, rec: &Record, suppressed_before: u64) {
     let name = |id: &Option<SpiffeId>| {
         id.as_ref()
             .map_or_else(|| "-".to_owned(), ToString::to_string)
@@ -717,7 +804,8 @@ fn audit(node: &str, rec: &Record) {
         local_node = node,
         remote_node = rec.remote_node.as_deref().unwrap_or("-"),
         peer = %rec.peer.map_or_else(|| "-".to_owned(), |p| p.to_string()),
-        took_ms = rec.took.as_millis() as u64,
+        took_ms = u64::try_from(rec.took.as_millis()).unwrap_or(u64::MAX),
+        suppressed_before,
         "handshake {result}{}",
         if rec.result.is_err() { format!(": {reason}") } else { String::new() }
     );
@@ -775,6 +863,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tokio::spawn(forward_datapath_log(logger));
     }
     let (call_tx, mut call_rx) = mpsc::channel::<Call>(64);
+    if let Some(addr) = config.metrics_addr {
+        let metrics_listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("serving metrics on {addr}"))?;
+        tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+        tokio::spawn(crate::metrics::serve(metrics_listener, agent.metrics.clone(), call_tx.clone()));
+    }
     tokio::spawn(admin::serve(listener, call_tx));
 
     let mut tick = tokio::time::interval(config.poll_interval);

@@ -3,6 +3,7 @@
 
 mod auth;
 mod ca;
+mod doctor;
 mod run;
 mod status;
 mod uninstall;
@@ -25,6 +26,10 @@ pub struct Cli {
     /// from it.
     #[arg(long, short, global = true, env = "PORTCULLIS_CONFIG")]
     config: Option<PathBuf>,
+    /// This node's name, overriding the config file's `node` (a DaemonSet passes
+    /// `spec.nodeName` this way).
+    #[arg(long, global = true, env = "PORTCULLIS_NODE")]
+    node: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -38,6 +43,7 @@ enum Command {
     #[command(subcommand)]
     Ca(ca::Command),
     Uninstall(uninstall::Args),
+    Doctor(doctor::Args),
 }
 
 /// What the client verbs need to find the agent.
@@ -49,7 +55,7 @@ pub struct Target {
 
 impl Cli {
     fn target(&self) -> anyhow::Result<Target> {
-        let config = self.config.as_deref().map(Config::load).transpose()?;
+        let config = self.config.as_deref().map(|p| Config::load(p, self.node.as_deref())).transpose()?;
         Ok(Target {
             admin_socket: self
                 .admin_socket
@@ -72,6 +78,7 @@ pub fn main() -> ExitCode {
         Command::Status(args) => cli.target().and_then(|t| status::execute(&t, args)),
         Command::Auth(cmd) => cli.target().and_then(|t| auth::execute(&t, cmd)),
         Command::Ca(cmd) => ca::execute(cmd),
+        Command::Doctor(args) => cli.target().and_then(|t| doctor::execute(&t, args)),
         Command::Uninstall(args) => cli.target().and_then(|t| uninstall::execute(&t, args)),
     };
     match result {

@@ -19,7 +19,9 @@ pub const DEFAULT_POLL_INTERVAL_MS: u64 = 500;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
-    node: Spanned<String>,
+    node: Option<Spanned<String>>,
+    metrics_addr: Option<Spanned<String>>,
+    log_format: Option<Spanned<String>>,
     cluster_state: Spanned<String>,
     bpffs_dir: Option<Spanned<String>>,
     admin_socket: Option<Spanned<String>>,
@@ -74,6 +76,15 @@ pub struct Handshake {
     pub max_concurrent: u32,
 }
 
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
 pub const DEFAULT_SVID_TTL_SECS: u64 = 3600;
 pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 3000;
 pub const DEFAULT_MAX_CONCURRENT: u32 = 32;
@@ -94,6 +105,10 @@ pub struct Config {
     pub admin_socket: PathBuf,
     /// `error`, `warn`, `info`, `debug` or `trace`, or a tracing filter directive.
     pub log_level: String,
+    /// `text` (default) or `json` (one JSON object per line, for log pipelines).
+    pub log_format: LogFormat,
+    /// Where Prometheus metrics, `/healthz` and `/readyz` are served; `None` when `off`.
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// Forward the kernel programs' debug log (aya-log) into the agent's log. Off by default:
     /// it is on the packet path.
     pub datapath_log: bool,
@@ -115,26 +130,36 @@ mod millis {
 }
 
 impl Config {
-    pub fn load(path: &Path) -> Result<Self, InputError> {
+    /// Reads a configuration file. `node` overrides the file's `node` field (the DaemonSet
+    /// passes the node name from the downward API).
+    pub fn load(path: &Path, node: Option<&str>) -> Result<Self, InputError> {
         let (file, _) = input::read::<File>(path)?;
-        Self::validate(path, file)
+        Self::validate(path, file, node)
     }
 
     #[cfg(test)]
     pub fn parse(path: &Path, text: &str) -> Result<Self, InputError> {
-        Self::validate(path, input::parse(path, text)?)
+        Self::validate(path, input::parse(path, text)?, None)
     }
 
-    fn validate(path: &Path, f: File) -> Result<Self, InputError> {
+    fn validate(path: &Path, f: File, node_override: Option<&str>) -> Result<Self, InputError> {
         let base = path.parent().unwrap_or(Path::new("."));
-        if f.node.trim().is_empty() {
-            return Err(InputError::value(
-                path,
-                &f.node,
-                "node",
-                "must not be empty",
-            ));
-        }
+        let node = match (node_override, &f.node) {
+            (Some(n), _) if !n.trim().is_empty() => n.to_owned(),
+            (_, Some(n)) if n.trim().is_empty() => return Err(InputError::value(path, n, "node", "must not be empty")),
+            (_, Some(n)) => n.to_string(),
+            (_, None) => return Err(InputError::file(path, "field `node` is missing: set it, or pass --node (env PORTCULLIS_NODE)")),
+        };
+        let metrics_addr = match &f.metrics_addr {
+            None => Some(DEFAULT_METRICS_ADDR.parse().map_err(|_| InputError::file(path, "bad default metrics address"))?),
+            Some(v) if v.as_str() == "off" => None,
+            Some(v) => Some(v.parse().map_err(|_| InputError::value(path, v, "metrics_addr", format!("`{}` is not an address:port such as 127.0.0.1:9464, or `off`", v.as_str())))?),
+        };
+        let log_format = match f.log_format.as_ref().map(|v| (v, v.as_str())) {
+            None | Some((_, "text")) => LogFormat::Text,
+            Some((_, "json")) => LogFormat::Json,
+            Some((v, other)) => return Err(InputError::value(path, v, "log_format", format!("`{other}` is not `text` or `json`"))),
+        };
         let cluster_state = non_empty_path(path, &f.cluster_state, "cluster_state")?;
         let cluster_state = if cluster_state.is_relative() {
             base.join(cluster_state)
@@ -268,7 +293,9 @@ impl Config {
             identity,
             handshake,
             source: path.to_owned(),
-            node: f.node.to_string(),
+            node,
+            metrics_addr,
+            log_format,
             cluster_state,
             bpffs_dir,
             admin_socket,

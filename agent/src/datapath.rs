@@ -37,6 +37,8 @@ pub use self::route::Interface;
 
 /// The kernel programs, built by `build.rs`.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portcullis"));
+/// Size of the embedded object (for `doctor`).
+pub const PROGRAMS_LEN: usize = include_bytes!(concat!(env!("OUT_DIR"), "/portcullis")).len();
 
 /// `statfs(2)` magic of bpffs.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -571,7 +573,7 @@ pub fn ensure_bpffs(dir: &Path) -> Result<(), DatapathError> {
     })
 }
 
-fn is_bpffs(path: &Path) -> Result<bool, DatapathError> {
+pub fn is_bpffs(path: &Path) -> Result<bool, DatapathError> {
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|e| io_err(path)(io::Error::other(e)))?;
     // SAFETY: `st` is plain data the kernel fills in; `c` is NUL-terminated.

@@ -22,6 +22,8 @@ pub struct Status {
     /// Local workloads whose interface was not found (yet).
     pub pending: Vec<String>,
     pub counters: BTreeMap<String, u64>,
+    #[serde(default)]
+    pub maps: Vec<MapFill>,
     pub auth: Vec<AuthEntry>,
     pub flows: Vec<Flow>,
     /// Most recent datapath events, newest last.
@@ -94,6 +96,26 @@ pub struct AgentInfo {
     /// Why the latest edit of the cluster state was rejected (the last good one stays).
     pub cluster_error: Option<String>,
     pub bpffs_dir: String,
+    /// `enforce` (every new connection between enrolled workloads needs an auth entry).
+    #[serde(default)]
+    pub mode: String,
+    /// `ca`, `files`, or `none` (enforcing, not authenticating).
+    #[serde(default)]
+    pub identity_source: String,
+    /// Programs attached for every local workload and identities loaded.
+    #[serde(default)]
+    pub ready: bool,
+    /// What keeps it from being ready.
+    #[serde(default)]
+    pub not_ready: Vec<String>,
+}
+
+/// A kernel map's fill level.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MapFill {
+    pub name: String,
+    pub entries: u64,
+    pub capacity: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

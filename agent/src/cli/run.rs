@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 
-use crate::config::Config;
+use crate::config::{Config, LogFormat};
 
 /// Run the agent: load and attach the kernel programs, enforce cluster state, serve the admin
 /// API. Exiting leaves enforcement in place; a restart adopts it without a gap.
@@ -11,15 +11,15 @@ pub struct Args {}
 
 pub fn execute(cli: &super::Cli, _args: &Args) -> anyhow::Result<ExitCode> {
     let path = cli.config.as_deref().context("`run` needs --config FILE")?;
-    let config = Config::load(path)?;
+    let config = Config::load(path, cli.node.as_deref())?;
     let filter = tracing_subscriber::EnvFilter::try_from_env("PORTCULLIS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log_level));
     // Also installs the `log` bridge, through which the kernel programs' aya-log records arrive.
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Json => fmt.json().flatten_event(true).with_current_span(false).init(),
+        LogFormat::Text => fmt.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
