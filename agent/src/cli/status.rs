@@ -19,8 +19,18 @@ pub enum Output {
 /// exits non-zero.
 #[derive(Debug, clap::Args)]
 pub struct Args {
+    /// Show one section only: `auth` (every auth entry) or `flows` (every tracked connection
+    /// with both SPIFFE IDs — an `ss` for identities).
+    #[arg(value_enum)]
+    section: Option<Section>,
     #[arg(long, short, value_enum, default_value_t = Output::Text)]
     output: Output,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Section {
+    Auth,
+    Flows,
 }
 
 pub fn execute(target: &Target, args: &Args) -> anyhow::Result<ExitCode> {
@@ -33,9 +43,12 @@ pub fn execute(target: &Target, args: &Args) -> anyhow::Result<ExitCode> {
             (offline(target)?, ExitCode::FAILURE)
         }
     };
-    match args.output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&status)?),
-        Output::Text => print!("{}", render(&status)),
+    match (args.section, args.output) {
+        (None, Output::Json) => println!("{}", serde_json::to_string_pretty(&status)?),
+        (None, Output::Text) => print!("{}", render(&status)),
+        (Some(Section::Auth), Output::Json) => println!("{}", serde_json::to_string_pretty(&status.auth)?),
+        (Some(Section::Flows), Output::Json) => println!("{}", serde_json::to_string_pretty(&status.flows)?),
+        (Some(section), Output::Text) => print!("{}", render_section(&status, section)),
     }
     Ok(code)
 }
@@ -80,6 +93,25 @@ fn offline(target: &Target) -> anyhow::Result<Status> {
     })
 }
 
+fn render_section(s: &Status, section: Section) -> String {
+    let mut o = String::new();
+    match section {
+        Section::Auth => {
+            let _ = writeln!(o, "{:<48} {:<48} {:<12} {:>8} {:>12}", "LOCAL", "REMOTE", "NODE", "AGE", "EXPIRES IN");
+            for e in &s.auth {
+                let _ = writeln!(o, "{:<48} {:<48} {:<12} {:>7}s {:>11}s", e.local, e.remote, e.remote_node, e.age_secs, e.expires_in_secs);
+            }
+        }
+        Section::Flows => {
+            let _ = writeln!(o, "{:<5} {:<9} {:<44} {:<44} {:<44} {:<44} {:<10}", "PROTO", "DIRECTION", "LOCAL", "REMOTE", "LOCAL IDENTITY", "REMOTE IDENTITY", "NODE");
+            for f in &s.flows {
+                let _ = writeln!(o, "{:<5} {:<9} {:<44} {:<44} {:<44} {:<44} {:<10}", f.proto, f.direction, f.local, f.remote, f.local_identity, f.remote_identity, f.remote_node);
+            }
+        }
+    }
+    o
+}
+
 fn now_unix() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -97,6 +129,11 @@ fn render(s: &Status) -> String {
     };
     let _ = writeln!(o, "agent      {state}");
     let _ = writeln!(o, "node       {}", a.node.as_deref().unwrap_or("?"));
+    let _ = writeln!(o, "mode       {}; identities from {}", a.mode, if a.identity_source.is_empty() { "?" } else { &a.identity_source });
+    if a.running {
+        let health = if a.ready { "ready".to_owned() } else { format!("NOT READY: {}", a.not_ready.join("; ")) };
+        let _ = writeln!(o, "health     {health}");
+    }
     if let Some(up) = a.uptime_secs {
         let _ = writeln!(o, "uptime     {up}s (pid {})", a.pid.unwrap_or(0));
     }
@@ -154,6 +191,12 @@ fn render(s: &Status) -> String {
             "  {} {} {arrow} {}   {} {arrow} {} @ {}",
             f.proto, f.local, f.remote, f.local_identity, f.remote_identity, f.remote_node
         );
+    }
+    if !s.maps.is_empty() {
+        let _ = writeln!(o, "\nmaps");
+        for m in &s.maps {
+            let _ = writeln!(o, "  {:<10} {:>8} / {:<8}", m.name, m.entries, m.capacity);
+        }
     }
     let _ = writeln!(o, "\ncounters");
     for (name, value) in &s.counters {
