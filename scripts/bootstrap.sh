@@ -43,4 +43,11 @@ if ! "$cargo_bin/bpf-linker" --version 2>/dev/null | grep -q .; then
 else
   log "bpf-linker present"
 fi
+# Manifest validation in the tests (offline JSON schemas of the Kubernetes API).
+if ! command -v kubernetes-validate >/dev/null; then
+  log "installing kubernetes-validate (PyPI)"
+  python3 -m pip install --quiet kubernetes-validate
+else
+  log "kubernetes-validate present"
+fi
 log "ready"

@@ -44,6 +44,8 @@ enum Command {
     Ca(ca::Command),
     Uninstall(uninstall::Args),
     Doctor(doctor::Args),
+    /// Validate --config and print the effective configuration as JSON.
+    CheckConfig,
 }
 
 /// What the client verbs need to find the agent.
@@ -79,6 +81,11 @@ pub fn main() -> ExitCode {
         Command::Auth(cmd) => cli.target().and_then(|t| auth::execute(&t, cmd)),
         Command::Ca(cmd) => ca::execute(cmd),
         Command::Doctor(args) => cli.target().and_then(|t| doctor::execute(&t, args)),
+        Command::CheckConfig => cli.target().and_then(|t| {
+            let config = t.config.ok_or_else(|| anyhow::anyhow!("check-config needs --config FILE"))?;
+            println!("{}", serde_json::to_string_pretty(&config)?);
+            Ok(ExitCode::SUCCESS)
+        }),
         Command::Uninstall(args) => cli.target().and_then(|t| uninstall::execute(&t, args)),
     };
     match result {
