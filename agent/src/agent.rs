@@ -12,8 +12,7 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
 use portcullis_common::{
-    capacity,
-    AuthKey, AuthValue, Counter, EP_LOCAL, EVENT_AUTH_WANTED, Endpoint, Event,
+    AuthKey, AuthValue, Counter, EP_LOCAL, EVENT_AUTH_WANTED, Endpoint, Event, capacity,
 };
 use tokio::{
     io::{Interest, unix::AsyncFd},
@@ -32,7 +31,9 @@ use crate::{
     identity::store::{Source, Store},
     reason::Reason,
     registry::{Kind, Registry},
-    status::{self, AgentInfo, EventRecord, HandshakeInfo, IdentityInfo, InterfaceInfo, MapFill, Status},
+    status::{
+        self, AgentInfo, EventRecord, HandshakeInfo, IdentityInfo, InterfaceInfo, MapFill, Status,
+    },
 };
 
 /// Events kept for `status`.
@@ -95,13 +96,18 @@ const AUDIT_PER_SEC: f64 = 50.0;
 
 impl AuditLimiter {
     fn new() -> Self {
-        Self { tokens: AUDIT_BURST, last: Instant::now(), suppressed: 0 }
+        Self {
+            tokens: AUDIT_BURST,
+            last: Instant::now(),
+            suppressed: 0,
+        }
     }
 
     /// `Some(n)` when a record may be written now, `n` records having been suppressed before it.
     fn admit(&mut self) -> Option<u64> {
         let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * AUDIT_PER_SEC).min(AUDIT_BURST);
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * AUDIT_PER_SEC)
+            .min(AUDIT_BURST);
         self.last = now;
         if self.tokens < 1.0 {
             self.suppressed += 1;
@@ -271,7 +277,7 @@ impl Agent {
                 status::flow_addr(k.family, &k.local_addr) == addr
                     || status::flow_addr(k.family, &k.remote_addr) == addr
             })?;
-            tracing::info!(%addr, flows_cut = cut, "endpoint removed from cluster state");
+            tracing::info!(target: "portcullis::audit", event = "endpoint_removed", %addr, flows_cut = cut, "endpoint removed from cluster state; its flows were cut");
         }
 
         for (index, mut iface) in ifaces {
@@ -641,7 +647,7 @@ impl Agent {
             created_ns: now,
         };
         self.dp.allow_pair(&key, &value)?;
-        tracing::info!(%local, %remote, %remote_node, ttl_secs, "auth entry written by hand");
+        tracing::info!(target: "portcullis::audit", event = "auth_allow", %local, %remote, %remote_node, ttl_secs, "auth entry written by hand");
         Ok(Response::Allowed {
             expires_in_secs: ttl_secs,
         })
@@ -651,7 +657,7 @@ impl Agent {
         let key = self.pair(local, remote, remote_node)?;
         let entry_removed = self.dp.revoke_pair(&key)?;
         let flows_cut = self.dp.cut_flows(|_, v| v.pair() == key)?;
-        tracing::info!(%local, %remote, %remote_node, entry_removed, flows_cut, "auth entry revoked by hand");
+        tracing::info!(target: "portcullis::audit", event = "auth_revoke", %local, %remote, %remote_node, entry_removed, flows_cut, "auth entry revoked by hand");
         Ok(Response::Revoked {
             entry_removed,
             flows_cut,
@@ -673,7 +679,11 @@ impl Agent {
     /// Why the agent is not ready, if it is not: local workloads without programs (no
     /// interface yet), identities without SVIDs, no trust bundle.
     fn not_ready(&self) -> Vec<String> {
-        let mut out: Vec<String> = self.pending.iter().map(|w| format!("no interface yet for {w}")).collect();
+        let mut out: Vec<String> = self
+            .pending
+            .iter()
+            .map(|w| format!("no interface yet for {w}"))
+            .collect();
         if self.cluster.is_none() {
             out.push("no cluster state".to_owned());
         }
@@ -744,9 +754,21 @@ impl Agent {
             pending: self.pending.clone(),
             counters: status::counters(self.dp.counters()?),
             maps: vec![
-                MapFill { name: "endpoints".into(), entries: self.programmed.len() as u64, capacity: u64::from(capacity::ENDPOINTS) * 2 },
-                MapFill { name: "auth".into(), entries: auth.len() as u64, capacity: u64::from(capacity::AUTH) },
-                MapFill { name: "flows".into(), entries: flows.len() as u64, capacity: u64::from(capacity::FLOWS) },
+                MapFill {
+                    name: "endpoints".into(),
+                    entries: self.programmed.len() as u64,
+                    capacity: u64::from(capacity::ENDPOINTS) * 2,
+                },
+                MapFill {
+                    name: "auth".into(),
+                    entries: auth.len() as u64,
+                    capacity: u64::from(capacity::AUTH),
+                },
+                MapFill {
+                    name: "flows".into(),
+                    entries: flows.len() as u64,
+                    capacity: u64::from(capacity::FLOWS),
+                },
             ],
             auth: status::auth_entries(&self.registry, auth, now),
             flows: status::flows(&self.registry, flows, now),
@@ -864,9 +886,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     let (call_tx, mut call_rx) = mpsc::channel::<Call>(64);
     if let Some(addr) = config.metrics_addr {
-        let metrics_listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("serving metrics on {addr}"))?;
+        let metrics_listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("serving metrics on {addr}"))?;
         tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
-        tokio::spawn(crate::metrics::serve(metrics_listener, agent.metrics.clone(), call_tx.clone()));
+        tokio::spawn(crate::metrics::serve(
+            metrics_listener,
+            agent.metrics.clone(),
+            call_tx.clone(),
+        ));
     }
     tokio::spawn(admin::serve(listener, call_tx));
 

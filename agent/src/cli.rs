@@ -57,7 +57,11 @@ pub struct Target {
 
 impl Cli {
     fn target(&self) -> anyhow::Result<Target> {
-        let config = self.config.as_deref().map(|p| Config::load(p, self.node.as_deref())).transpose()?;
+        let config = self
+            .config
+            .as_deref()
+            .map(|p| Config::load(p, self.node.as_deref()))
+            .transpose()?;
         Ok(Target {
             admin_socket: self
                 .admin_socket
@@ -82,7 +86,9 @@ pub fn main() -> ExitCode {
         Command::Ca(cmd) => ca::execute(cmd),
         Command::Doctor(args) => cli.target().and_then(|t| doctor::execute(&t, args)),
         Command::CheckConfig => cli.target().and_then(|t| {
-            let config = t.config.ok_or_else(|| anyhow::anyhow!("check-config needs --config FILE"))?;
+            let config = t
+                .config
+                .ok_or_else(|| anyhow::anyhow!("check-config needs --config FILE"))?;
             println!("{}", serde_json::to_string_pretty(&config)?);
             Ok(ExitCode::SUCCESS)
         }),

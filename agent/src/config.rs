@@ -146,19 +146,47 @@ impl Config {
         let base = path.parent().unwrap_or(Path::new("."));
         let node = match (node_override, &f.node) {
             (Some(n), _) if !n.trim().is_empty() => n.to_owned(),
-            (_, Some(n)) if n.trim().is_empty() => return Err(InputError::value(path, n, "node", "must not be empty")),
+            (_, Some(n)) if n.trim().is_empty() => {
+                return Err(InputError::value(path, n, "node", "must not be empty"));
+            }
             (_, Some(n)) => n.to_string(),
-            (_, None) => return Err(InputError::file(path, "field `node` is missing: set it, or pass --node (env PORTCULLIS_NODE)")),
+            (_, None) => {
+                return Err(InputError::file(
+                    path,
+                    "field `node` is missing: set it, or pass --node (env PORTCULLIS_NODE)",
+                ));
+            }
         };
         let metrics_addr = match &f.metrics_addr {
-            None => Some(DEFAULT_METRICS_ADDR.parse().map_err(|_| InputError::file(path, "bad default metrics address"))?),
+            None => Some(
+                DEFAULT_METRICS_ADDR
+                    .parse()
+                    .map_err(|_| InputError::file(path, "bad default metrics address"))?,
+            ),
             Some(v) if v.as_str() == "off" => None,
-            Some(v) => Some(v.parse().map_err(|_| InputError::value(path, v, "metrics_addr", format!("`{}` is not an address:port such as 127.0.0.1:9464, or `off`", v.as_str())))?),
+            Some(v) => Some(v.parse().map_err(|_| {
+                InputError::value(
+                    path,
+                    v,
+                    "metrics_addr",
+                    format!(
+                        "`{}` is not an address:port such as 127.0.0.1:9464, or `off`",
+                        v.as_str()
+                    ),
+                )
+            })?),
         };
         let log_format = match f.log_format.as_ref().map(|v| (v, v.as_str())) {
             None | Some((_, "text")) => LogFormat::Text,
             Some((_, "json")) => LogFormat::Json,
-            Some((v, other)) => return Err(InputError::value(path, v, "log_format", format!("`{other}` is not `text` or `json`"))),
+            Some((v, other)) => {
+                return Err(InputError::value(
+                    path,
+                    v,
+                    "log_format",
+                    format!("`{other}` is not `text` or `json`"),
+                ));
+            }
         };
         let cluster_state = non_empty_path(path, &f.cluster_state, "cluster_state")?;
         let cluster_state = if cluster_state.is_relative() {

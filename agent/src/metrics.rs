@@ -6,7 +6,6 @@
 
 use std::{
     collections::HashMap,
-    net::SocketAddr,
     sync::{Arc, Mutex, atomic::AtomicU64},
     time::Duration,
 };
@@ -82,27 +81,69 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("portcullis");
         let handshakes = Family::<HandshakeLabels, Counter>::default();
-        registry.register("handshakes", "Handshakes by role, result and failure reason", handshakes.clone());
+        registry.register(
+            "handshakes",
+            "Handshakes by role, result and failure reason",
+            handshakes.clone(),
+        );
         let handshake_seconds = Family::<RoleLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new([0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5])
+            Histogram::new([
+                0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ])
         });
-        registry.register("handshake_duration_seconds", "Handshake duration", handshake_seconds.clone());
+        registry.register(
+            "handshake_duration_seconds",
+            "Handshake duration",
+            handshake_seconds.clone(),
+        );
         let packets = Family::<PacketLabels, Counter>::default();
-        registry.register("datapath_packets", "Packets seen by the kernel programs, by verdict and reason", packets.clone());
+        registry.register(
+            "datapath_packets",
+            "Packets seen by the kernel programs, by verdict and reason",
+            packets.clone(),
+        );
         let events_lost = Counter::default();
-        registry.register("ringbuf_events_lost", "Datapath events lost because the ring buffer was full", events_lost.clone());
+        registry.register(
+            "ringbuf_events_lost",
+            "Datapath events lost because the ring buffer was full",
+            events_lost.clone(),
+        );
         let events_rate_limited = Counter::default();
-        registry.register("ringbuf_events_rate_limited", "Datapath events suppressed by the per-pair rate limit", events_rate_limited.clone());
+        registry.register(
+            "ringbuf_events_rate_limited",
+            "Datapath events suppressed by the per-pair rate limit",
+            events_rate_limited.clone(),
+        );
         let auth_entries = Gauge::default();
-        registry.register("auth_entries", "Auth entries in the kernel map", auth_entries.clone());
+        registry.register(
+            "auth_entries",
+            "Auth entries in the kernel map",
+            auth_entries.clone(),
+        );
         let flows = Gauge::default();
-        registry.register("flows", "Tracked connections in the kernel map", flows.clone());
+        registry.register(
+            "flows",
+            "Tracked connections in the kernel map",
+            flows.clone(),
+        );
         let map_fill = Family::<MapLabels, Gauge<f64, AtomicU64>>::default();
-        registry.register("map_fill_ratio", "Entries over capacity, per kernel map", map_fill.clone());
+        registry.register(
+            "map_fill_ratio",
+            "Entries over capacity, per kernel map",
+            map_fill.clone(),
+        );
         let svid_expiry = Family::<IdentityLabels, Gauge>::default();
-        registry.register("svid_expiry_seconds", "Seconds until each local SVID expires", svid_expiry.clone());
+        registry.register(
+            "svid_expiry_seconds",
+            "Seconds until each local SVID expires",
+            svid_expiry.clone(),
+        );
         let ready = Gauge::default();
-        registry.register("ready", "1 when programs are attached and identities loaded", ready.clone());
+        registry.register(
+            "ready",
+            "1 when programs are attached and identities loaded",
+            ready.clone(),
+        );
         Self {
             registry,
             handshakes,
@@ -120,13 +161,26 @@ impl Metrics {
     }
 
     pub fn on_handshake(&self, rec: &Record) {
-        let role = if rec.role == Role::Initiator { "initiator" } else { "responder" }.to_owned();
+        let role = if rec.role == Role::Initiator {
+            "initiator"
+        } else {
+            "responder"
+        }
+        .to_owned();
         let (result, reason) = match rec.result {
             Ok(_) => ("ok", String::new()),
             Err(r) => ("failed", r.as_str().to_owned()),
         };
-        self.handshakes.get_or_create(&HandshakeLabels { role: role.clone(), result: result.to_owned(), reason }).inc();
-        self.handshake_seconds.get_or_create(&RoleLabels { role }).observe(rec.took.as_secs_f64());
+        self.handshakes
+            .get_or_create(&HandshakeLabels {
+                role: role.clone(),
+                result: result.to_owned(),
+                reason,
+            })
+            .inc();
+        self.handshake_seconds
+            .get_or_create(&RoleLabels { role })
+            .observe(rec.took.as_secs_f64());
     }
 
     /// Brings the scrape-time metrics up to the status snapshot.
@@ -144,22 +198,45 @@ impl Metrics {
                 }
                 _ => {
                     let (verdict, reason) = name.split_once('_').unwrap_or(("other", name));
-                    self.packets.get_or_create(&PacketLabels { verdict: verdict.to_owned(), reason: reason.to_owned() }).inc_by(delta);
+                    self.packets
+                        .get_or_create(&PacketLabels {
+                            verdict: verdict.to_owned(),
+                            reason: reason.to_owned(),
+                        })
+                        .inc_by(delta);
                 }
             }
         }
-        self.auth_entries.set(i64::try_from(s.auth.len()).unwrap_or(i64::MAX));
-        self.flows.set(i64::try_from(s.flows.len()).unwrap_or(i64::MAX));
+        self.auth_entries
+            .set(i64::try_from(s.auth.len()).unwrap_or(i64::MAX));
+        self.flows
+            .set(i64::try_from(s.flows.len()).unwrap_or(i64::MAX));
         for m in &s.maps {
             #[expect(clippy::cast_precision_loss, reason = "a ratio")]
-            let ratio = if m.capacity == 0 { 0.0 } else { m.entries as f64 / m.capacity as f64 };
-            self.map_fill.get_or_create(&MapLabels { map: m.name.clone() }).set(ratio);
+            let ratio = if m.capacity == 0 {
+                0.0
+            } else {
+                m.entries as f64 / m.capacity as f64
+            };
+            self.map_fill
+                .get_or_create(&MapLabels {
+                    map: m.name.clone(),
+                })
+                .set(ratio);
         }
         self.svid_expiry.clear();
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
         for id in &s.identities {
-            let left = i64::try_from(id.not_after_unix).unwrap_or(i64::MAX) - i64::try_from(now).unwrap_or(0);
-            self.svid_expiry.get_or_create(&IdentityLabels { identity: id.id.clone() }).set(left);
+            let left = i64::try_from(id.not_after_unix).unwrap_or(i64::MAX)
+                - i64::try_from(now).unwrap_or(0);
+            self.svid_expiry
+                .get_or_create(&IdentityLabels {
+                    identity: id.id.clone(),
+                })
+                .set(left);
         }
         self.ready.set(i64::from(s.agent.ready));
     }
@@ -182,7 +259,8 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Mutex<Metrics>>, core: mp
         };
         let (metrics, core) = (metrics.clone(), core.clone());
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(10), answer(stream, metrics, core)).await;
+            let _ =
+                tokio::time::timeout(Duration::from_secs(10), answer(stream, metrics, core)).await;
         });
     }
 }
@@ -196,7 +274,11 @@ async fn status(core: &mpsc::Sender<Call>) -> Option<Status> {
     }
 }
 
-async fn answer(mut stream: TcpStream, metrics: Arc<Mutex<Metrics>>, core: mpsc::Sender<Call>) -> std::io::Result<()> {
+async fn answer(
+    mut stream: TcpStream,
+    metrics: Arc<Mutex<Metrics>>,
+    core: mpsc::Sender<Call>,
+) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -219,23 +301,54 @@ async fn answer(mut stream: TcpStream, metrics: Arc<Mutex<Metrics>>, core: mpsc:
                     }
                     Err(_) => String::new(),
                 };
-                ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", body)
+                (
+                    "200 OK",
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    body,
+                )
             }
-            None => ("503 Service Unavailable", "text/plain", "the agent does not answer\n".to_owned()),
+            None => (
+                "503 Service Unavailable",
+                "text/plain",
+                "the agent does not answer\n".to_owned(),
+            ),
         },
         ("GET", "/healthz") => match status(&core).await {
             Some(_) => ("200 OK", "text/plain", "ok\n".to_owned()),
-            None => ("503 Service Unavailable", "text/plain", "the agent does not answer\n".to_owned()),
+            None => (
+                "503 Service Unavailable",
+                "text/plain",
+                "the agent does not answer\n".to_owned(),
+            ),
         },
         ("GET", "/readyz") => match status(&core).await {
             Some(s) if s.agent.ready => ("200 OK", "text/plain", "ready\n".to_owned()),
-            Some(s) => ("503 Service Unavailable", "text/plain", format!("not ready: {}\n", s.agent.not_ready.join("; "))),
-            None => ("503 Service Unavailable", "text/plain", "the agent does not answer\n".to_owned()),
+            Some(s) => (
+                "503 Service Unavailable",
+                "text/plain",
+                format!("not ready: {}\n", s.agent.not_ready.join("; ")),
+            ),
+            None => (
+                "503 Service Unavailable",
+                "text/plain",
+                "the agent does not answer\n".to_owned(),
+            ),
         },
-        ("GET", _) => ("404 Not Found", "text/plain", "try /metrics, /healthz or /readyz\n".to_owned()),
-        _ => ("405 Method Not Allowed", "text/plain", "GET only\n".to_owned()),
+        ("GET", _) => (
+            "404 Not Found",
+            "text/plain",
+            "try /metrics, /healthz or /readyz\n".to_owned(),
+        ),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "GET only\n".to_owned(),
+        ),
     };
-    let head = format!("HTTP/1.1 {code}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+    let head = format!(
+        "HTTP/1.1 {code}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
     stream.write_all(head.as_bytes()).await?;
     stream.write_all(body.as_bytes()).await?;
     stream.shutdown().await

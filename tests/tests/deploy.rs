@@ -13,7 +13,9 @@ fn manifests() -> Vec<PathBuf> {
     let mut out: Vec<PathBuf> = std::fs::read_dir(deploy_dir())
         .expect("reading deploy/")
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml") && !p.ends_with("kustomization.yaml"))
+        .filter(|p| {
+            p.extension().is_some_and(|e| e == "yaml") && !p.ends_with("kustomization.yaml")
+        })
         .collect();
     out.sort();
     out
@@ -25,18 +27,38 @@ fn validate(paths: &[PathBuf]) -> (bool, String) {
         .args(paths)
         .output()
         .expect("kubernetes-validate is missing: scripts/bootstrap.sh installs it (pip install kubernetes-validate)");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     (out.status.success() && !text.contains("ERROR"), text)
 }
 
 #[test]
 fn every_manifest_validates_against_the_kubernetes_schemas() {
     let files = manifests();
-    assert!(files.len() >= 5, "expected the namespace, service account, RBAC, config maps and DaemonSet: {files:?}");
+    assert!(
+        files.len() >= 5,
+        "expected the namespace, service account, RBAC, config maps and DaemonSet: {files:?}"
+    );
     let (ok, text) = validate(&files);
     assert!(ok, "validation failed:\n{text}");
-    for kind in ["namespace/", "serviceaccount/", "clusterrole/", "clusterrolebinding/", "role/", "rolebinding/", "configmap/", "daemonset/"] {
-        assert!(text.lines().any(|l| l.contains("passed") && l.contains(kind)), "no {kind} validated:\n{text}");
+    for kind in [
+        "namespace/",
+        "serviceaccount/",
+        "clusterrole/",
+        "clusterrolebinding/",
+        "role/",
+        "rolebinding/",
+        "configmap/",
+        "daemonset/",
+    ] {
+        assert!(
+            text.lines()
+                .any(|l| l.contains("passed") && l.contains(kind)),
+            "no {kind} validated:\n{text}"
+        );
     }
 }
 
@@ -44,25 +66,40 @@ fn every_manifest_validates_against_the_kubernetes_schemas() {
 fn the_validator_rejects_a_broken_manifest() {
     let dir = tempfile::tempdir().expect("tempdir");
     let broken = dir.path().join("daemonset.yaml");
-    let text = std::fs::read_to_string(deploy_dir().join("daemonset.yaml")).expect("reading the DaemonSet");
-    std::fs::write(&broken, text.replacen("hostNetwork: true", "hostNetwork: true\n      hostNetwrok: true", 1)).expect("writing");
+    let text = std::fs::read_to_string(deploy_dir().join("daemonset.yaml"))
+        .expect("reading the DaemonSet");
+    std::fs::write(
+        &broken,
+        text.replacen(
+            "hostNetwork: true",
+            "hostNetwork: true\n      hostNetwrok: true",
+            1,
+        ),
+    )
+    .expect("writing");
     let (ok, out) = validate(&[broken]);
     assert!(!ok, "a misspelt field passed strict validation:\n{out}");
 }
 
 #[test]
 fn the_kustomization_lists_every_manifest() {
-    let k = std::fs::read_to_string(deploy_dir().join("kustomization.yaml")).expect("kustomization.yaml");
+    let k = std::fs::read_to_string(deploy_dir().join("kustomization.yaml"))
+        .expect("kustomization.yaml");
     for f in manifests() {
         let name = f.file_name().and_then(|n| n.to_str()).expect("file name");
-        assert!(k.contains(&format!("- {name}")), "kustomization.yaml does not list {name}");
+        assert!(
+            k.contains(&format!("- {name}")),
+            "kustomization.yaml does not list {name}"
+        );
     }
 }
 
 #[test]
 fn the_config_map_holds_a_config_the_agent_accepts() {
-    let bin = std::env::var_os("PORTCULLIS_BIN").expect("PORTCULLIS_BIN: run through `cargo xtask test`");
-    let text = std::fs::read_to_string(deploy_dir().join("configmap.yaml")).expect("configmap.yaml");
+    let bin =
+        std::env::var_os("PORTCULLIS_BIN").expect("PORTCULLIS_BIN: run through `cargo xtask test`");
+    let text =
+        std::fs::read_to_string(deploy_dir().join("configmap.yaml")).expect("configmap.yaml");
     let doc: serde_yaml::Value = serde_yaml::Deserializer::from_str(&text)
         .map(|d| serde_yaml::Value::deserialize(d).expect("YAML"))
         .find(|v| v["metadata"]["name"] == "portcullis-config")
@@ -71,11 +108,24 @@ fn the_config_map_holds_a_config_the_agent_accepts() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("agent.yaml");
     std::fs::write(&path, agent_yaml).expect("writing agent.yaml");
-    let out = Command::new(bin).args(["--node", "node-a", "--config"]).arg(&path).arg("check-config").output().expect("portcullis");
-    assert!(out.status.success(), "the agent rejects the shipped config: {}", String::from_utf8_lossy(&out.stderr));
-    let effective: serde_json::Value = serde_json::from_slice(&out.stdout).expect("check-config JSON");
+    let out = Command::new(bin)
+        .args(["--node", "node-a", "--config"])
+        .arg(&path)
+        .arg("check-config")
+        .output()
+        .expect("portcullis");
+    assert!(
+        out.status.success(),
+        "the agent rejects the shipped config: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let effective: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("check-config JSON");
     assert_eq!(effective["node"], "node-a");
-    assert_eq!(effective["metrics_addr"], "127.0.0.1:9464", "the probes in daemonset.yaml expect port 9464");
+    assert_eq!(
+        effective["metrics_addr"], "127.0.0.1:9464",
+        "the probes in daemonset.yaml expect port 9464"
+    );
 }
 
 use serde::Deserialize as _;

@@ -3,10 +3,7 @@
 //! test`). Without root these tests fail.
 
 use std::{
-    collections::HashMap,
-    os::unix::process::CommandExt,
-    path::PathBuf,
-    process::Command,
+    collections::HashMap, os::unix::process::CommandExt, path::PathBuf, process::Command,
     time::Duration,
 };
 
@@ -30,26 +27,48 @@ fn up() -> Testbed {
             NodeSpec::new("node-2", vec![PodSpec::new("server")]),
         ],
     };
-    Testbed::up(&spec, &Options { authenticate: true, ..Options::default() }).unwrap_or_else(|e| panic!("testbed up: {e:#}"))
+    Testbed::up(
+        &spec,
+        &Options {
+            authenticate: true,
+            ..Options::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("testbed up: {e:#}"))
 }
 
 fn scenario(tb: &Testbed) -> Scenario<'_> {
-    Scenario { tb, probe: PathBuf::from(env!("CARGO_BIN_EXE_probe")) }
+    Scenario {
+        tb,
+        probe: PathBuf::from(env!("CARGO_BIN_EXE_probe")),
+    }
 }
 
 /// GET `path` from the agent's metrics port inside `node`'s namespace.
 fn http_get(tb: &Testbed, node: &str, path: &str) -> String {
-    let script = format!("exec 3<>/dev/tcp/127.0.0.1/9464; printf 'GET {path} HTTP/1.1\\r\\nHost: agent\\r\\n\\r\\n' >&3; cat <&3");
-    let out = tb.exec_node(node, &["bash", "-c", &script]).output().expect("bash /dev/tcp");
+    let script = format!(
+        "exec 3<>/dev/tcp/127.0.0.1/9464; printf 'GET {path} HTTP/1.1\\r\\nHost: agent\\r\\n\\r\\n' >&3; cat <&3"
+    );
+    let out = tb
+        .exec_node(node, &["bash", "-c", &script])
+        .output()
+        .expect("bash /dev/tcp");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Parses Prometheus/OpenMetrics text into `name{labels}` → value.
 fn parse_metrics(text: &str) -> HashMap<String, f64> {
     let mut out = HashMap::new();
-    for line in text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
-        let (key, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("not a sample line: {line:?}"));
-        let v: f64 = value.parse().unwrap_or_else(|_| panic!("not a number in {line:?}"));
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+    {
+        let (key, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("not a sample line: {line:?}"));
+        let v: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("not a number in {line:?}"));
         out.insert(key.to_owned(), v);
     }
     out
@@ -60,22 +79,44 @@ fn status_lists_the_pair_and_the_flow_and_counts_drops() {
     let tb = up();
     let s = scenario(&tb);
     let _server = s.serve("server", PORT);
-    assert!(ok(&s.connect("client", s.addr("server", Family::V4), PORT, 5000)), "connection failed");
+    assert!(
+        ok(&s.connect("client", s.addr("server", Family::V4), PORT, 5000)),
+        "connection failed"
+    );
     let st = s.status("node-2");
     let (client, server) = (s.identity("client"), s.identity("server"));
-    assert!(st["auth"].as_array().is_some_and(|a| a.iter().any(|e| e["local"] == server.as_str() && e["remote"] == client.as_str())), "no pair: {}", st["auth"]);
     assert!(
-        st["flows"].as_array().is_some_and(|f| f.iter().any(|f| f["local_identity"] == server.as_str() && f["remote_identity"] == client.as_str())),
+        st["auth"].as_array().is_some_and(|a| a
+            .iter()
+            .any(|e| e["local"] == server.as_str() && e["remote"] == client.as_str())),
+        "no pair: {}",
+        st["auth"]
+    );
+    assert!(
+        st["flows"]
+            .as_array()
+            .is_some_and(|f| f.iter().any(|f| f["local_identity"] == server.as_str()
+                && f["remote_identity"] == client.as_str())),
         "no flow with both identities: {}",
         st["flows"]
     );
     assert_eq!(st["agent"]["ready"], true, "not ready: {}", st["agent"]);
-    assert!(counter(&st, "drop_no_auth") >= 1, "the cold connection's first SYN drop was not counted");
+    assert!(
+        counter(&st, "drop_no_auth") >= 1,
+        "the cold connection's first SYN drop was not counted"
+    );
     let (success, text) = s.portcullis("node-2", &["status", "flows"]);
-    assert!(success && text.contains(&client) && text.contains("inbound"), "status flows: {text}");
+    assert!(
+        success && text.contains(&client) && text.contains("inbound"),
+        "status flows: {text}"
+    );
     let (success, text) = s.portcullis("node-2", &["status", "auth", "--output", "json"]);
-    let auth: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("status auth JSON: {e}: {text}"));
-    assert!(success && auth.as_array().is_some_and(|a| !a.is_empty()), "status auth: {text}");
+    let auth: Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("status auth JSON: {e}: {text}"));
+    assert!(
+        success && auth.as_array().is_some_and(|a| !a.is_empty()),
+        "status auth: {text}"
+    );
 }
 
 #[test]
@@ -85,7 +126,9 @@ fn the_admin_socket_refuses_other_users() {
     let sock = tb.node("node-1").admin_socket.clone();
     let as_nobody = || {
         let mut c = Command::new(&bin);
-        c.args(["--admin-socket"]).arg(&sock).args(["status", "--output", "json"]);
+        c.args(["--admin-socket"])
+            .arg(&sock)
+            .args(["status", "--output", "json"]);
         // SAFETY: setgid/setuid in the child before exec; no allocation.
         unsafe {
             c.pre_exec(|| {
@@ -99,16 +142,27 @@ fn the_admin_socket_refuses_other_users() {
     };
     // The file mode keeps others out…
     let out = as_nobody();
-    assert!(!out.status.success(), "a non-root user read the status: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        !out.status.success(),
+        "a non-root user read the status: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     // …and so do the peer credentials, even if the file mode were loosened.
-    let mode = |p: &std::path::Path, m: u32| std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(m)).expect("chmod");
+    let mode = |p: &std::path::Path, m: u32| {
+        std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(m)).expect("chmod")
+    };
     mode(&sock, 0o666);
     if let Some(dir) = sock.parent() {
         mode(dir, 0o755);
     }
     let out = as_nobody();
-    assert!(!out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("auth"), "peer-credential check let a non-root user in");
-    let refused = eventually(Duration::from_secs(3), || tb.agent_log("node-1").contains("admin connection refused"));
+    assert!(
+        !out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("auth"),
+        "peer-credential check let a non-root user in"
+    );
+    let refused = eventually(Duration::from_secs(3), || {
+        tb.agent_log("node-1").contains("admin connection refused")
+    });
     assert!(refused, "the agent did not log the refusal");
 }
 
@@ -117,20 +171,52 @@ fn metrics_are_prometheus_text_matching_events() {
     let tb = up();
     let s = scenario(&tb);
     let _server = s.serve("server", PORT);
-    assert!(ok(&s.connect("client", s.addr("server", Family::V4), PORT, 5000)), "connection failed");
+    assert!(
+        ok(&s.connect("client", s.addr("server", Family::V4), PORT, 5000)),
+        "connection failed"
+    );
     let response = http_get(&tb, "node-2", "/metrics");
     assert!(response.starts_with("HTTP/1.1 200"), "metrics: {response}");
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .unwrap_or_default();
     let m = parse_metrics(body);
     let st = s.status("node-2");
-    let ok_handshakes: f64 = m.iter().filter(|(k, _)| k.starts_with("portcullis_handshakes_total{") && k.contains("result=\"ok\"")).map(|(_, v)| v).sum();
-    let status_ok = st["handshakes"].as_array().map_or(0, |h| h.iter().filter(|h| h["result"] == "ok").count());
-    assert_eq!(ok_handshakes as usize, status_ok, "handshake counts differ: {m:?}");
-    let drops = m.get("portcullis_datapath_packets_total{verdict=\"drop\",reason=\"no_auth\"}").copied().unwrap_or(-1.0);
-    assert_eq!(drops as u64, counter(&st, "drop_no_auth"), "drop counters differ");
+    let ok_handshakes: f64 = m
+        .iter()
+        .filter(|(k, _)| {
+            k.starts_with("portcullis_handshakes_total{") && k.contains("result=\"ok\"")
+        })
+        .map(|(_, v)| v)
+        .sum();
+    let status_ok = st["handshakes"]
+        .as_array()
+        .map_or(0, |h| h.iter().filter(|h| h["result"] == "ok").count());
+    assert_eq!(
+        ok_handshakes as usize, status_ok,
+        "handshake counts differ: {m:?}"
+    );
+    let drops = m
+        .get("portcullis_datapath_packets_total{verdict=\"drop\",reason=\"no_auth\"}")
+        .copied()
+        .unwrap_or(-1.0);
+    assert_eq!(
+        drops as u64,
+        counter(&st, "drop_no_auth"),
+        "drop counters differ"
+    );
     assert_eq!(m.get("portcullis_ready"), Some(&1.0));
-    assert!(m.keys().any(|k| k.starts_with("portcullis_handshake_duration_seconds_bucket")), "no latency histogram");
-    assert!(m.keys().any(|k| k.starts_with("portcullis_svid_expiry_seconds{")), "no SVID expiry");
+    assert!(
+        m.keys()
+            .any(|k| k.starts_with("portcullis_handshake_duration_seconds_bucket")),
+        "no latency histogram"
+    );
+    assert!(
+        m.keys()
+            .any(|k| k.starts_with("portcullis_svid_expiry_seconds{")),
+        "no SVID expiry"
+    );
     assert!(http_get(&tb, "node-2", "/healthz").starts_with("HTTP/1.1 200"));
     assert!(http_get(&tb, "node-2", "/readyz").starts_with("HTTP/1.1 200"));
 }
@@ -148,21 +234,45 @@ fn audit_records_are_json_with_the_documented_fields() {
     }
     let s = scenario(&tb);
     let _server = s.serve("server", PORT);
-    assert!(ok(&s.connect("client", s.addr("server", Family::V4), PORT, 5000)), "connection failed");
+    assert!(
+        ok(&s.connect("client", s.addr("server", Family::V4), PORT, 5000)),
+        "connection failed"
+    );
     let records = || -> Vec<Value> {
         tb.agent_log("node-2")
             .lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(|v| v["target"] == "portcullis::audit")
+            .filter(|v| v["target"] == "portcullis::audit" && v["event"] == "handshake")
             .collect()
     };
-    assert!(eventually(Duration::from_secs(3), || !records().is_empty()), "no JSON audit record in:\n{}", tb.agent_log("node-2"));
+    assert!(
+        eventually(Duration::from_secs(3), || !records().is_empty()),
+        "no JSON audit record in:\n{}",
+        tb.agent_log("node-2")
+    );
     for r in records() {
-        for field in ["event", "role", "result", "reason", "local", "remote", "local_node", "remote_node", "peer", "took_ms"] {
+        for field in [
+            "event",
+            "role",
+            "result",
+            "reason",
+            "local",
+            "remote",
+            "local_node",
+            "remote_node",
+            "peer",
+            "took_ms",
+        ] {
             assert!(!r[field].is_null(), "audit record without `{field}`: {r}");
         }
     }
-    assert!(records().iter().any(|r| r["result"] == "ok" && r["remote"] == s.identity("client").as_str()), "{:?}", records());
+    assert!(
+        records()
+            .iter()
+            .any(|r| r["result"] == "ok" && r["remote"] == s.identity("client").as_str()),
+        "{:?}",
+        records()
+    );
 }
 
 #[test]
@@ -172,14 +282,32 @@ fn doctor_passes_here_and_names_the_remedy_when_bpffs_is_missing() {
     let config = tb.node("node-1").agent_config.clone();
     let bin_s = bin.to_string_lossy().into_owned();
     let config_s = config.to_string_lossy().into_owned();
-    let out = tb.exec_node("node-1", &[&bin_s, "--config", &config_s, "doctor"]).output().expect("doctor");
+    let out = tb
+        .exec_node("node-1", &[&bin_s, "--config", &config_s, "doctor"])
+        .output()
+        .expect("doctor");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "doctor failed on this machine:\n{text}");
-    assert!(text.contains("node-2") && text.contains("reachable"), "peers not checked:\n{text}");
+    assert!(
+        out.status.success(),
+        "doctor failed on this machine:\n{text}"
+    );
+    assert!(
+        text.contains("node-2") && text.contains("reachable"),
+        "peers not checked:\n{text}"
+    );
     // In a mount namespace of its own, with bpffs unmounted.
     let script = format!("umount -l /sys/fs/bpf && exec {bin_s} --config {config_s} doctor");
-    let out = Command::new("unshare").args(["--mount", "--propagation", "private", "sh", "-c", &script]).output().expect("unshare");
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .expect("unshare");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(!out.status.success(), "doctor passed without bpffs:\n{text}");
-    assert!(text.contains("FAIL bpffs") && text.contains("remedy: mount -t bpf bpffs /sys/fs/bpf"), "no named remedy:\n{text}");
+    assert!(
+        !out.status.success(),
+        "doctor passed without bpffs:\n{text}"
+    );
+    assert!(
+        text.contains("FAIL bpffs") && text.contains("remedy: mount -t bpf bpffs /sys/fs/bpf"),
+        "no named remedy:\n{text}"
+    );
 }

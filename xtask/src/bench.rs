@@ -153,23 +153,40 @@ pub fn run(args: Args) -> Result<i32> {
     eprintln!("handshakes: portcullis against a bare rustls loop (release build)…");
     let count = if args.quick { "50" } else { "300" };
     let out = cargo::cargo()
-        .args(["run", "-q", "--release", "-p", "portcullis-agent", "--example", "handshake_bench", "--", count])
+        .args([
+            "run",
+            "-q",
+            "--release",
+            "-p",
+            "portcullis-agent",
+            "--example",
+            "handshake_bench",
+            "--",
+            count,
+        ])
         .stderr(Stdio::inherit())
         .output()
         .context("running the handshake benchmark")?;
     if !out.status.success() {
         bail!("the handshake benchmark failed ({})", out.status);
     }
-    let hs: Value = serde_json::from_slice(out.stdout.trim_ascii()).context("handshake benchmark output")?;
+    let hs: Value =
+        serde_json::from_slice(out.stdout.trim_ascii()).context("handshake benchmark output")?;
     let spread = |v: &Value| {
-        let xs: Vec<f64> = v.as_array().map(|a| a.iter().filter_map(Value::as_f64).collect()).unwrap_or_default();
+        let xs: Vec<f64> = v
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_f64).collect())
+            .unwrap_or_default();
         let lo = xs.iter().copied().fold(f64::MAX, f64::min);
         let hi = xs.iter().copied().fold(f64::MIN, f64::max);
         (lo, hi)
     };
     let (bl, bh) = spread(&hs["bare_rustls_per_sec"]);
     let (ol, oh) = spread(&hs["portcullis_per_sec"]);
-    let _ = writeln!(md, "\n| scenario | bare rustls (/s) | portcullis (/s) | ratio to bare |");
+    let _ = writeln!(
+        md,
+        "\n| scenario | bare rustls (/s) | portcullis (/s) | ratio to bare |"
+    );
     let _ = writeln!(md, "| --- | --- | --- | --- |");
     let _ = writeln!(
         md,
@@ -178,7 +195,11 @@ pub fn run(args: Args) -> Result<i32> {
         hs["median"]["portcullis_per_sec"].as_f64().unwrap_or(0.0),
         hs["ratio_to_bare"].as_f64().unwrap_or(0.0)
     );
-    let _ = writeln!(md, "\nSVID issuance (built-in CA, ECDSA P-256): {:.0} µs each", hs["svid_issue_us"].as_f64().unwrap_or(0.0));
+    let _ = writeln!(
+        md,
+        "\nSVID issuance (built-in CA, ECDSA P-256): {:.0} µs each",
+        hs["svid_issue_us"].as_f64().unwrap_or(0.0)
+    );
     println!("\n{md}");
     let out_dir = match args.out {
         Some(d) => d,

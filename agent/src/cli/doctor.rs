@@ -36,27 +36,62 @@ struct Check {
     remedy: Option<String>,
 }
 
-fn check(name: &'static str, verdict: Verdict, detail: impl Into<String>, remedy: Option<&str>) -> Check {
-    Check { name, verdict, detail: detail.into(), remedy: remedy.map(str::to_owned) }
+fn check(
+    name: &'static str,
+    verdict: Verdict,
+    detail: impl Into<String>,
+    remedy: Option<&str>,
+) -> Check {
+    Check {
+        name,
+        verdict,
+        detail: detail.into(),
+        remedy: remedy.map(str::to_owned),
+    }
 }
 
 fn kernel() -> Check {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned();
-    let mut parts = release.split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u32>().ok());
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|p| p.parse::<u32>().ok());
     let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
     if (major, minor) >= (6, 6) {
-        check("kernel", Verdict::Ok, format!("Linux {release} (TCX links need 6.6 or later)"), None)
+        check(
+            "kernel",
+            Verdict::Ok,
+            format!("Linux {release} (TCX links need 6.6 or later)"),
+            None,
+        )
     } else {
-        check("kernel", Verdict::Fail, format!("Linux {release}: TCX links need 6.6 or later"), Some("run the node on a kernel 6.6 or later"))
+        check(
+            "kernel",
+            Verdict::Fail,
+            format!("Linux {release}: TCX links need 6.6 or later"),
+            Some("run the node on a kernel 6.6 or later"),
+        )
     }
 }
 
 fn btf() -> Check {
     let path = Path::new("/sys/kernel/btf/vmlinux");
     if path.exists() {
-        check("btf", Verdict::Ok, format!("{} present", path.display()), None)
+        check(
+            "btf",
+            Verdict::Ok,
+            format!("{} present", path.display()),
+            None,
+        )
     } else {
-        check("btf", Verdict::Warn, format!("{} missing", path.display()), Some("use a kernel built with CONFIG_DEBUG_INFO_BTF=y"))
+        check(
+            "btf",
+            Verdict::Warn,
+            format!("{} missing", path.display()),
+            Some("use a kernel built with CONFIG_DEBUG_INFO_BTF=y"),
+        )
     }
 }
 
@@ -66,14 +101,29 @@ fn bpffs(dir: &Path) -> Check {
         existing = existing.parent().unwrap_or(Path::new("/"));
     }
     match datapath::is_bpffs(existing) {
-        Ok(true) => check("bpffs", Verdict::Ok, format!("{} is on bpffs", existing.display()), None),
+        Ok(true) => check(
+            "bpffs",
+            Verdict::Ok,
+            format!("{} is on bpffs", existing.display()),
+            None,
+        ),
         Ok(false) => check(
             "bpffs",
             Verdict::Fail,
-            format!("{} is not on a bpffs mount, so pins cannot survive the agent", existing.display()),
-            Some("mount -t bpf bpffs /sys/fs/bpf (in Kubernetes: mount the host's /sys/fs/bpf with mountPropagation: Bidirectional)"),
+            format!(
+                "{} is not on a bpffs mount, so pins cannot survive the agent",
+                existing.display()
+            ),
+            Some(
+                "mount -t bpf bpffs /sys/fs/bpf (in Kubernetes: mount the host's /sys/fs/bpf with mountPropagation: Bidirectional)",
+            ),
         ),
-        Err(e) => check("bpffs", Verdict::Fail, e.to_string(), Some("mount -t bpf bpffs /sys/fs/bpf")),
+        Err(e) => check(
+            "bpffs",
+            Verdict::Fail,
+            e.to_string(),
+            Some("mount -t bpf bpffs /sys/fs/bpf"),
+        ),
     }
 }
 
@@ -81,11 +131,25 @@ fn cgroup2() -> Check {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let found = mountinfo.lines().find_map(|l| {
         let (pre, post) = l.split_once(" - ")?;
-        (post.split_whitespace().next() == Some("cgroup2")).then(|| pre.split_whitespace().nth(4).map(PathBuf::from)).flatten()
+        (post.split_whitespace().next() == Some("cgroup2"))
+            .then(|| pre.split_whitespace().nth(4).map(PathBuf::from))
+            .flatten()
     });
     match found {
-        Some(p) => check("cgroup_v2", Verdict::Ok, format!("mounted at {}", p.display()), None),
-        None => check("cgroup_v2", Verdict::Fail, "no cgroup2 mount", Some("boot with systemd.unified_cgroup_hierarchy=1, or mount -t cgroup2 none /sys/fs/cgroup/unified")),
+        Some(p) => check(
+            "cgroup_v2",
+            Verdict::Ok,
+            format!("mounted at {}", p.display()),
+            None,
+        ),
+        None => check(
+            "cgroup_v2",
+            Verdict::Fail,
+            "no cgroup2 mount",
+            Some(
+                "boot with systemd.unified_cgroup_hierarchy=1, or mount -t cgroup2 none /sys/fs/cgroup/unified",
+            ),
+        ),
     }
 }
 
@@ -96,12 +160,31 @@ fn capabilities() -> Check {
         .find_map(|l| l.strip_prefix("CapEff:"))
         .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
         .unwrap_or(0);
-    let needed = [(21, "CAP_SYS_ADMIN"), (12, "CAP_NET_ADMIN"), (39, "CAP_BPF"), (38, "CAP_PERFMON")];
-    let missing: Vec<&str> = needed.iter().filter(|(bit, _)| eff & (1 << bit) == 0).map(|(_, n)| *n).collect();
+    let needed = [
+        (21, "CAP_SYS_ADMIN"),
+        (12, "CAP_NET_ADMIN"),
+        (39, "CAP_BPF"),
+        (38, "CAP_PERFMON"),
+    ];
+    let missing: Vec<&str> = needed
+        .iter()
+        .filter(|(bit, _)| eff & (1 << bit) == 0)
+        .map(|(_, n)| *n)
+        .collect();
     if missing.is_empty() {
-        check("capabilities", Verdict::Ok, "CAP_SYS_ADMIN, CAP_NET_ADMIN, CAP_BPF, CAP_PERFMON", None)
+        check(
+            "capabilities",
+            Verdict::Ok,
+            "CAP_SYS_ADMIN, CAP_NET_ADMIN, CAP_BPF, CAP_PERFMON",
+            None,
+        )
     } else {
-        check("capabilities", Verdict::Fail, format!("missing {}", missing.join(", ")), Some("run as root (in Kubernetes: a privileged container)"))
+        check(
+            "capabilities",
+            Verdict::Fail,
+            format!("missing {}", missing.join(", ")),
+            Some("run as root (in Kubernetes: a privileged container)"),
+        )
     }
 }
 
@@ -109,27 +192,63 @@ fn embedded_programs() -> Check {
     check(
         "programs",
         Verdict::Ok,
-        format!("the kernel programs are embedded ({} bytes); no compiler or bpf-linker is needed at run time", datapath::PROGRAMS_LEN),
+        format!(
+            "the kernel programs are embedded ({} bytes); no compiler or bpf-linker is needed at run time",
+            datapath::PROGRAMS_LEN
+        ),
         None,
     )
 }
 
 fn peers(target: &Target) -> Vec<Check> {
     let Some(config) = &target.config else {
-        return vec![check("peers", Verdict::Warn, "no --config given: peer agents not checked", Some("pass --config FILE"))];
+        return vec![check(
+            "peers",
+            Verdict::Warn,
+            "no --config given: peer agents not checked",
+            Some("pass --config FILE"),
+        )];
     };
     let text = match std::fs::read_to_string(&config.cluster_state) {
         Ok(t) => t,
-        Err(e) => return vec![check("cluster_state", Verdict::Fail, format!("{}: {e}", config.cluster_state.display()), Some("fix the cluster_state path"))],
+        Err(e) => {
+            return vec![check(
+                "cluster_state",
+                Verdict::Fail,
+                format!("{}: {e}", config.cluster_state.display()),
+                Some("fix the cluster_state path"),
+            )];
+        }
     };
     let cluster = match ClusterState::parse(&config.cluster_state, &text) {
         Ok(c) => c,
-        Err(e) => return vec![check("cluster_state", Verdict::Fail, e.to_string(), Some("fix the file at the line and field named"))],
+        Err(e) => {
+            return vec![check(
+                "cluster_state",
+                Verdict::Fail,
+                e.to_string(),
+                Some("fix the file at the line and field named"),
+            )];
+        }
     };
-    let mut out = vec![check("cluster_state", Verdict::Ok, format!("{} nodes, {} workloads", cluster.nodes.len(), cluster.workloads.len()), None)];
+    let mut out = vec![check(
+        "cluster_state",
+        Verdict::Ok,
+        format!(
+            "{} nodes, {} workloads",
+            cluster.nodes.len(),
+            cluster.workloads.len()
+        ),
+        None,
+    )];
     for node in cluster.nodes.values().filter(|n| n.name != config.node) {
         let c = match TcpStream::connect_timeout(&node.address, Duration::from_secs(1)) {
-            Ok(_) => check("peer", Verdict::Ok, format!("{} handshake port {} reachable", node.name, node.address), None),
+            Ok(_) => check(
+                "peer",
+                Verdict::Ok,
+                format!("{} handshake port {} reachable", node.name, node.address),
+                None,
+            ),
             Err(e) => check(
                 "peer",
                 Verdict::Fail,
@@ -143,7 +262,14 @@ fn peers(target: &Target) -> Vec<Check> {
 }
 
 pub fn execute(target: &Target, args: &Args) -> anyhow::Result<ExitCode> {
-    let mut checks = vec![kernel(), btf(), bpffs(&target.bpffs_dir), cgroup2(), capabilities(), embedded_programs()];
+    let mut checks = vec![
+        kernel(),
+        btf(),
+        bpffs(&target.bpffs_dir),
+        cgroup2(),
+        capabilities(),
+        embedded_programs(),
+    ];
     checks.extend(peers(target));
     let failed = checks.iter().any(|c| c.verdict == Verdict::Fail);
     match args.output {
@@ -161,9 +287,21 @@ pub fn execute(target: &Target, args: &Args) -> anyhow::Result<ExitCode> {
                     let _ = writeln!(o, "     {:<13} remedy: {r}", "");
                 }
             }
-            let _ = writeln!(o, "{}", if failed { "some checks failed" } else { "all checks passed" });
+            let _ = writeln!(
+                o,
+                "{}",
+                if failed {
+                    "some checks failed"
+                } else {
+                    "all checks passed"
+                }
+            );
             print!("{o}");
         }
     }
-    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }

@@ -46,8 +46,12 @@ pub fn execute(target: &Target, args: &Args) -> anyhow::Result<ExitCode> {
     match (args.section, args.output) {
         (None, Output::Json) => println!("{}", serde_json::to_string_pretty(&status)?),
         (None, Output::Text) => print!("{}", render(&status)),
-        (Some(Section::Auth), Output::Json) => println!("{}", serde_json::to_string_pretty(&status.auth)?),
-        (Some(Section::Flows), Output::Json) => println!("{}", serde_json::to_string_pretty(&status.flows)?),
+        (Some(Section::Auth), Output::Json) => {
+            println!("{}", serde_json::to_string_pretty(&status.auth)?)
+        }
+        (Some(Section::Flows), Output::Json) => {
+            println!("{}", serde_json::to_string_pretty(&status.flows)?)
+        }
         (Some(section), Output::Text) => print!("{}", render_section(&status, section)),
     }
     Ok(code)
@@ -97,15 +101,43 @@ fn render_section(s: &Status, section: Section) -> String {
     let mut o = String::new();
     match section {
         Section::Auth => {
-            let _ = writeln!(o, "{:<48} {:<48} {:<12} {:>8} {:>12}", "LOCAL", "REMOTE", "NODE", "AGE", "EXPIRES IN");
+            let _ = writeln!(
+                o,
+                "{:<48} {:<48} {:<12} {:>8} {:>12}",
+                "LOCAL", "REMOTE", "NODE", "AGE", "EXPIRES IN"
+            );
             for e in &s.auth {
-                let _ = writeln!(o, "{:<48} {:<48} {:<12} {:>7}s {:>11}s", e.local, e.remote, e.remote_node, e.age_secs, e.expires_in_secs);
+                let _ = writeln!(
+                    o,
+                    "{:<48} {:<48} {:<12} {:>7}s {:>11}s",
+                    e.local, e.remote, e.remote_node, e.age_secs, e.expires_in_secs
+                );
             }
         }
         Section::Flows => {
-            let _ = writeln!(o, "{:<5} {:<9} {:<44} {:<44} {:<44} {:<44} {:<10}", "PROTO", "DIRECTION", "LOCAL", "REMOTE", "LOCAL IDENTITY", "REMOTE IDENTITY", "NODE");
+            let _ = writeln!(
+                o,
+                "{:<5} {:<9} {:<44} {:<44} {:<44} {:<44} {:<10}",
+                "PROTO",
+                "DIRECTION",
+                "LOCAL",
+                "REMOTE",
+                "LOCAL IDENTITY",
+                "REMOTE IDENTITY",
+                "NODE"
+            );
             for f in &s.flows {
-                let _ = writeln!(o, "{:<5} {:<9} {:<44} {:<44} {:<44} {:<44} {:<10}", f.proto, f.direction, f.local, f.remote, f.local_identity, f.remote_identity, f.remote_node);
+                let _ = writeln!(
+                    o,
+                    "{:<5} {:<9} {:<44} {:<44} {:<44} {:<44} {:<10}",
+                    f.proto,
+                    f.direction,
+                    f.local,
+                    f.remote,
+                    f.local_identity,
+                    f.remote_identity,
+                    f.remote_node
+                );
             }
         }
     }
@@ -129,9 +161,22 @@ fn render(s: &Status) -> String {
     };
     let _ = writeln!(o, "agent      {state}");
     let _ = writeln!(o, "node       {}", a.node.as_deref().unwrap_or("?"));
-    let _ = writeln!(o, "mode       {}; identities from {}", a.mode, if a.identity_source.is_empty() { "?" } else { &a.identity_source });
+    let _ = writeln!(
+        o,
+        "mode       {}; identities from {}",
+        a.mode,
+        if a.identity_source.is_empty() {
+            "?"
+        } else {
+            &a.identity_source
+        }
+    );
     if a.running {
-        let health = if a.ready { "ready".to_owned() } else { format!("NOT READY: {}", a.not_ready.join("; ")) };
+        let health = if a.ready {
+            "ready".to_owned()
+        } else {
+            format!("NOT READY: {}", a.not_ready.join("; "))
+        };
         let _ = writeln!(o, "health     {health}");
     }
     if let Some(up) = a.uptime_secs {
