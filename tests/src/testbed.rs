@@ -399,6 +399,22 @@ impl Testbed {
         self.info.state_dir.join("ca")
     }
 
+    /// Restarts `node`'s agent with SVIDs from, and trust in, the CA in `dir` only (as a node
+    /// of another trust root would have).
+    pub fn use_ca(&mut self, node: &str, dir: &Path) -> Result<()> {
+        self.stop_agent(node)?;
+        let dir = dir.to_string_lossy().into_owned();
+        self.write_agent_config(node, |c| {
+            let mut identity = serde_yaml::Mapping::new();
+            identity.insert("source".into(), "ca".into());
+            identity.insert("trust_bundle".into(), format!("{dir}/ca.pem").into());
+            identity.insert("dir".into(), dir.into());
+            c.extra
+                .insert("identity".into(), serde_yaml::Value::Mapping(identity));
+        })?;
+        self.start_agent(node)
+    }
+
     /// The agents' trust bundle (with `Options::authenticate`).
     pub fn bundle_path(&self) -> PathBuf {
         self.info.state_dir.join("bundle.pem")

@@ -123,20 +123,8 @@ fn a_node_with_svids_from_a_foreign_ca_never_gets_its_pods_through() {
     let mut tb = up();
     let foreign = tb.state_dir().join("foreign-ca");
     tb.make_ca(&foreign).expect("creating the foreign CA");
-    tb.stop_agent("node-1").expect("stopping node-1's agent");
-    tb.write_agent_config("node-1", |c| {
-        let mut identity = serde_yaml::Mapping::new();
-        identity.insert("source".into(), "ca".into());
-        identity.insert("dir".into(), foreign.to_string_lossy().into_owned().into());
-        identity.insert(
-            "trust_bundle".into(),
-            foreign.join("ca.pem").to_string_lossy().into_owned().into(),
-        );
-        c.extra
-            .insert("identity".into(), serde_yaml::Value::Mapping(identity));
-    })
-    .expect("pointing node-1 at the foreign CA");
-    tb.start_agent("node-1").expect("restarting node-1's agent");
+    tb.use_ca("node-1", &foreign)
+        .expect("restarting the agent with the foreign CA");
     let s = scenario(&tb);
     let _server = s.serve("server", PORT);
     for _ in 0..3 {

@@ -61,19 +61,7 @@ pub fn run(_args: Args) -> Result<i32> {
     // node-3's agent gets SVIDs from a CA of its own, which nobody else trusts.
     let rogue = tb.state_dir().join("rogue-ca");
     tb.make_ca(&rogue)?;
-    tb.stop_agent("node-3")?;
-    tb.write_agent_config("node-3", |c| {
-        let mut identity = serde_yaml::Mapping::new();
-        identity.insert("source".into(), "ca".into());
-        identity.insert("dir".into(), rogue.to_string_lossy().into_owned().into());
-        identity.insert(
-            "trust_bundle".into(),
-            rogue.join("ca.pem").to_string_lossy().into_owned().into(),
-        );
-        c.extra
-            .insert("identity".into(), serde_yaml::Value::Mapping(identity));
-    })?;
-    tb.start_agent("node-3")?;
+    tb.use_ca("node-3", &rogue)?;
     let s = Scenario { tb: &tb, probe };
     for pod in ["frontend", "backend", "intruder"] {
         println!(
