@@ -38,6 +38,15 @@ use crate::{
 
 /// Events kept for `status`.
 const RECENT_EVENTS: usize = 256;
+/// Pairs examined per tick by proactive authentication.
+const PROACTIVE_CHECKS: usize = 4096;
+
+/// Whether an entry is in the last third of its lifetime (time to renew it).
+fn in_last_third(v: &AuthValue, now: u64) -> bool {
+    let life = v.expires_ns.saturating_sub(v.created_ns);
+    v.expires_ns > now && v.expires_ns - now < life / 3
+}
+
 /// Handshake outcomes kept for `status`.
 const RECENT_HANDSHAKES: usize = 128;
 
@@ -80,6 +89,7 @@ pub struct Agent {
     store_problems: Vec<String>,
     pub metrics: Arc<std::sync::Mutex<crate::metrics::Metrics>>,
     audit: AuditLimiter,
+    proactive_cursor: usize,
 }
 
 /// Audit records are rate-limited (a token bucket: `AUDIT_BURST` at once, `AUDIT_PER_SEC`
@@ -174,6 +184,7 @@ impl Agent {
                 store_problems: Vec::new(),
                 metrics: Arc::new(std::sync::Mutex::new(crate::metrics::Metrics::new())),
                 audit: AuditLimiter::new(),
+                proactive_cursor: 0,
             },
             channels,
         ))
@@ -464,10 +475,70 @@ impl Agent {
             }
             auth.prune();
         }
-        self.renew(|_, v, now| {
-            let life = v.expires_ns.saturating_sub(v.created_ns);
-            v.expires_ns > now && v.expires_ns - now < life / 3
-        });
+        self.renew(|_, v, now| in_last_third(v, now));
+        self.proactive();
+    }
+
+    /// Proactive authentication: walks the pairs (local workload, workload of cluster state)
+    /// and starts handshakes for those without a fresh entry, within `proactive_per_tick`
+    /// handshakes and `PROACTIVE_CHECKS` pairs per tick (a cursor carries on where the last
+    /// tick stopped). Of the two nodes of a pair, only the one with the lower (node, address)
+    /// initiates: one handshake writes the entries of both.
+    fn proactive(&mut self) {
+        if !self.config.handshake.proactive || self.view_rx.borrow().is_none() {
+            return;
+        }
+        let (Some(auth), Some(cluster)) = (self.auth.as_mut(), self.cluster.as_ref()) else {
+            return;
+        };
+        let now = status::boot_ns();
+        let Ok(entries) = self.dp.auth_entries() else {
+            return;
+        };
+        let fresh: HashSet<AuthKey> = entries
+            .into_iter()
+            .filter(|(_, v)| v.expires_ns > now && !in_last_third(v, now))
+            .map(|(k, _)| k)
+            .collect();
+        let locals: Vec<&crate::cluster::Workload> =
+            cluster.local_workloads(&self.config.node).collect();
+        let n = cluster.workloads.len();
+        let total = locals.len() * n;
+        let budget = self.config.handshake.proactive_per_tick as usize;
+        let (mut checked, mut started) = (0, 0);
+        while checked < total.min(PROACTIVE_CHECKS) && started < budget {
+            let i = self.proactive_cursor % total;
+            self.proactive_cursor = self.proactive_cursor.wrapping_add(1);
+            checked += 1;
+            let (l, r) = (locals[i / n], &cluster.workloads[i % n]);
+            if std::ptr::eq(l, r) {
+                continue;
+            }
+            let (Some(la), Some(ra)) = (l.addresses.first(), r.addresses.first()) else {
+                continue;
+            };
+            if (self.config.node.as_str(), *la) > (r.node.as_str(), *ra) {
+                continue;
+            }
+            let key = (
+                self.registry.id_of(Kind::Identity, l.identity.as_str()),
+                self.registry.id_of(Kind::Identity, r.identity.as_str()),
+                self.registry.id_of(Kind::Node, &r.node),
+            );
+            if let (Some(local_identity), Some(remote_identity), Some(remote_node)) = key
+                && fresh.contains(&AuthKey {
+                    local_identity,
+                    remote_identity,
+                    remote_node,
+                    kind: 0,
+                })
+            {
+                continue;
+            }
+            if auth.want((*la, *ra), &self.view_rx) {
+                started += 1;
+            }
+        }
     }
 
     /// Writes the auth entry a successful handshake earned.

@@ -49,6 +49,8 @@ struct HandshakeFile {
     port: Option<Spanned<u16>>,
     timeout_ms: Option<Spanned<u64>>,
     max_concurrent: Option<Spanned<u32>>,
+    proactive: Option<bool>,
+    proactive_per_tick: Option<Spanned<u32>>,
 }
 
 /// Where local workloads' SVIDs come from.
@@ -74,7 +76,15 @@ pub struct Handshake {
     #[serde(with = "millis")]
     pub timeout: Duration,
     pub max_concurrent: u32,
+    /// Authenticate, in the background, every pair of a local workload and an endpoint of
+    /// cluster state before any connection asks, and keep those entries renewed, so that a
+    /// first connection finds its entry already there.
+    pub proactive: bool,
+    /// At most this many proactive handshakes are started per poll interval.
+    pub proactive_per_tick: u32,
 }
+
+pub const DEFAULT_PROACTIVE_PER_TICK: u32 = 16;
 
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
 
@@ -312,10 +322,24 @@ impl Config {
             Some(v) => **v,
             None => DEFAULT_MAX_CONCURRENT,
         };
+        let proactive_per_tick = match &h.proactive_per_tick {
+            Some(v) if !(1..=10_000).contains(&**v) => {
+                return Err(InputError::value(
+                    path,
+                    v,
+                    "handshake.proactive_per_tick",
+                    format!("{} is out of range 1..=10000", **v),
+                ));
+            }
+            Some(v) => **v,
+            None => DEFAULT_PROACTIVE_PER_TICK,
+        };
         let handshake = Handshake {
             port: h.port.as_ref().map(|p| **p),
             timeout: Duration::from_millis(timeout_ms),
             max_concurrent,
+            proactive: h.proactive.unwrap_or(true),
+            proactive_per_tick,
         };
         Ok(Self {
             identity,

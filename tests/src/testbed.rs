@@ -45,6 +45,9 @@ pub struct Options {
     pub authenticate: bool,
     /// `identity.svid_ttl_secs` in the agent configs (with `authenticate`).
     pub svid_ttl_secs: Option<u64>,
+    /// `handshake.proactive` in the agent configs (with `authenticate`); `None`: the agent's
+    /// default (on).
+    pub proactive: Option<bool>,
     pub trust_domain: String,
     /// Start agents in a session of their own (setsid), for testbeds that outlive their
     /// creator (`cargo xtask testbed up`).
@@ -61,6 +64,7 @@ impl Default for Options {
             log_level: "debug".into(),
             authenticate: false,
             svid_ttl_secs: None,
+            proactive: None,
             trust_domain: "cluster.local".into(),
             detach_agents: false,
             agent_ready_timeout: Duration::from_secs(20),
@@ -87,6 +91,7 @@ pub struct Testbed {
     pub(crate) log_level: String,
     pub(crate) authenticate: bool,
     pub(crate) svid_ttl_secs: Option<u64>,
+    pub(crate) proactive: Option<bool>,
     pub(crate) detach_agents: bool,
     pub(crate) ready_timeout: Duration,
     persistent: bool,
@@ -145,6 +150,7 @@ impl Testbed {
             log_level: opts.log_level.clone(),
             authenticate: opts.authenticate && opts.agents,
             svid_ttl_secs: opts.svid_ttl_secs,
+            proactive: opts.proactive,
             detach_agents: opts.detach_agents,
             ready_timeout: opts.agent_ready_timeout,
             persistent: false,
@@ -187,6 +193,7 @@ impl Testbed {
             log_level: "debug".into(),
             authenticate: false,
             svid_ttl_secs: None,
+            proactive: None,
             detach_agents: true,
             ready_timeout: Options::default().agent_ready_timeout,
             persistent: true,
@@ -379,6 +386,14 @@ impl Testbed {
                 identity.insert("svid_ttl_secs".into(), ttl.into());
             }
             extra.insert("identity".to_owned(), serde_yaml::Value::Mapping(identity));
+            if let Some(proactive) = self.proactive {
+                let mut handshake = serde_yaml::Mapping::new();
+                handshake.insert("proactive".into(), proactive.into());
+                extra.insert(
+                    "handshake".to_owned(),
+                    serde_yaml::Value::Mapping(handshake),
+                );
+            }
         }
         for n in &self.info.nodes {
             AgentConfig {

@@ -56,9 +56,15 @@ fn has_entry(s: &Scenario<'_>, node: &str, local: &str, remote: &str, remote_nod
     })
 }
 
+/// Reactive authentication alone: the first SYN is dropped, the drop starts the handshake, and
+/// the kernel's retransmission is admitted.
 #[test]
 fn pods_on_two_nodes_connect_with_no_manual_step() {
-    let tb = up();
+    let tb = up_with(Options {
+        authenticate: true,
+        proactive: Some(false),
+        ..Options::default()
+    });
     let s = scenario(&tb);
     let _server = s.serve("server", PORT);
     for family in [Family::V4, Family::V6] {
@@ -328,5 +334,34 @@ fn traffic_keeps_flowing_through_a_ca_rotation_via_the_bundle() {
     assert!(
         ok(&result),
         "the transfer did not survive the CA rotation: {result}"
+    );
+}
+
+/// With proactive authentication (the default) the agents authenticate the pair before any
+/// connection asks: the first connection is not dropped at all.
+#[test]
+fn with_proactive_authentication_a_first_connection_waits_for_nothing() {
+    let tb = up();
+    let s = scenario(&tb);
+    let _server = s.serve("server", PORT);
+    let (client, server) = (s.identity("client"), s.identity("server"));
+    let warm = eventually(Duration::from_secs(10), || {
+        has_entry(&s, "node-2", &server, &client, "node-1")
+            && has_entry(&s, "node-1", &client, &server, "node-2")
+    });
+    assert!(
+        warm,
+        "the pair was not authenticated in the background: {}",
+        s.status("node-2")["auth"]
+    );
+    let r = s.connect("client", s.addr("server", Family::V4), PORT, 500);
+    assert!(ok(&r), "the first connection failed: {r}");
+    let ms = r["connect_ms"].as_f64().unwrap_or(f64::MAX);
+    eprintln!("first connection with proactive authentication: {ms} ms");
+    assert!(ms < 100.0, "the first connection waited {ms} ms");
+    assert_eq!(
+        s.status("node-2")["counters"]["drop_no_auth"],
+        0,
+        "a SYN was dropped"
     );
 }
