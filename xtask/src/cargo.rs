@@ -49,6 +49,11 @@ pub fn agent_bin(explicit: Option<&Path>) -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("PORTCULLIS_BIN").filter(|p| !p.is_empty()) {
         return Ok(PathBuf::from(p));
     }
+    build_agent()
+}
+
+/// Builds the agent from this checkout (debug profile) and returns its path.
+pub fn build_agent() -> Result<PathBuf> {
     eprintln!("building the agent: cargo build -p portcullis-agent");
     let status = cargo()
         .args(["build", "-p", "portcullis-agent"])

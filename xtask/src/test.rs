@@ -93,7 +93,8 @@ pub fn run(args: Args) -> Result<i32> {
             );
         }
         eprintln!("== building the agent");
-        let bin = cargo::agent_bin(None)?;
+        // Always the agent of this checkout, whatever PORTCULLIS_BIN says.
+        let bin = cargo::build_agent()?;
         eprintln!("== privileged integration tests (agent: {})", bin.display());
         let mut test_args = vec!["-p", "portcullis-tests", "--", "--test-threads=1"];
         if let Some(f) = &args.filter {
