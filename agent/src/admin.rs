@@ -14,7 +14,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader as AsyncBufReader},
+    io::{AsyncBufReadExt, AsyncReadExt as _, AsyncWriteExt, BufReader as AsyncBufReader},
     net::{UnixListener, UnixStream},
     sync::{mpsc, oneshot},
 };
@@ -165,8 +165,6 @@ async fn serve_one(stream: UnixStream, core: mpsc::Sender<Call>) -> io::Result<(
     }
     Ok(())
 }
-
-use tokio::io::AsyncReadExt as _;
 
 /// Client side: one request, one answer.
 pub fn call(path: &Path, request: &Request) -> Result<Response, AdminError> {

@@ -384,7 +384,9 @@ impl Agent {
                 .iter()
                 .filter_map(|id| self.registry.id_of(Kind::Identity, id.as_str()))
                 .collect();
-            self.renew(|key, _, _| rotated.contains(&key.local_identity));
+            if let Ok(entries) = self.dp.auth_entries() {
+                self.renew(&entries, |key, _| rotated.contains(&key.local_identity));
+            }
         }
     }
 
@@ -432,22 +434,26 @@ impl Agent {
     }
 
     /// Starts a handshake for every pair with live flows whose auth entry `due` selects.
-    fn renew(&mut self, mut due: impl FnMut(&AuthKey, &AuthValue, u64) -> bool) {
+    fn renew(
+        &mut self,
+        entries: &[(AuthKey, AuthValue)],
+        mut due: impl FnMut(&AuthKey, &AuthValue) -> bool,
+    ) {
         let Some(auth) = self.auth.as_mut() else {
             return;
         };
-        let now = status::boot_ns();
-        let (Ok(entries), Ok(flows)) = (self.dp.auth_entries(), self.dp.flows()) else {
-            return;
-        };
         let due: HashSet<AuthKey> = entries
-            .into_iter()
-            .filter(|(k, v)| due(k, v, now))
-            .map(|(k, _)| k)
+            .iter()
+            .filter(|(k, v)| due(k, v))
+            .map(|(k, _)| *k)
             .collect();
+        // The flow map can be large: read it only when some entry is due.
         if due.is_empty() {
             return;
         }
+        let Ok(flows) = self.dp.flows() else {
+            return;
+        };
         let mut started = HashSet::new();
         for (k, v) in flows {
             let pair = v.pair();
@@ -461,8 +467,9 @@ impl Agent {
         }
     }
 
-    /// Timer work: retries whose backoff has passed, and renewal of entries in the last third
-    /// of their lifetime while their pair still has flows.
+    /// Timer work: retries whose backoff has passed, removal of expired entries, renewal of
+    /// entries in the last third of their lifetime while their pair still has flows, and
+    /// proactive authentication.
     pub fn tick_auth(&mut self) {
         let now = tokio::time::Instant::now();
         let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.retries)
@@ -475,8 +482,20 @@ impl Agent {
             }
             auth.prune();
         }
-        self.renew(|_, v, now| in_last_third(v, now));
-        self.proactive();
+        // One read of the auth map serves expiry, renewal and proactive authentication.
+        let entries = match self.dp.auth_entries() {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the auth map failed");
+                return;
+            }
+        };
+        let now = status::boot_ns();
+        let (expired, entries): (Vec<_>, Vec<_>) =
+            entries.into_iter().partition(|(_, v)| v.expires_ns <= now);
+        self.expire(&expired);
+        self.renew(&entries, |_, v| in_last_third(v, now));
+        self.proactive(&entries, now);
     }
 
     /// Proactive authentication: walks the pairs (local workload, workload of cluster state)
@@ -484,21 +503,17 @@ impl Agent {
     /// handshakes and `PROACTIVE_CHECKS` pairs per tick (a cursor carries on where the last
     /// tick stopped). Of the two nodes of a pair, only the one with the lower (node, address)
     /// initiates: one handshake writes the entries of both.
-    fn proactive(&mut self) {
+    fn proactive(&mut self, entries: &[(AuthKey, AuthValue)], now: u64) {
         if !self.config.handshake.proactive || self.view_rx.borrow().is_none() {
             return;
         }
         let (Some(auth), Some(cluster)) = (self.auth.as_mut(), self.cluster.as_ref()) else {
             return;
         };
-        let now = status::boot_ns();
-        let Ok(entries) = self.dp.auth_entries() else {
-            return;
-        };
         let fresh: HashSet<AuthKey> = entries
-            .into_iter()
+            .iter()
             .filter(|(_, v)| v.expires_ns > now && !in_last_third(v, now))
-            .map(|(k, _)| k)
+            .map(|(k, _)| *k)
             .collect();
         let locals: Vec<&crate::cluster::Workload> =
             cluster.local_workloads(&self.config.node).collect();
@@ -736,15 +751,18 @@ impl Agent {
     }
 
     /// Removes auth entries that have expired: the kernel already ignores them.
-    pub fn expire(&mut self) -> Result<usize, DatapathError> {
-        let now = status::boot_ns();
-        let mut n = 0;
-        for (k, v) in self.dp.auth_entries()? {
-            if v.expires_ns <= now && self.dp.revoke_pair(&k)? {
-                n += 1;
+    fn expire(&mut self, expired: &[(AuthKey, AuthValue)]) {
+        let mut removed = 0;
+        for (k, _) in expired {
+            match self.dp.revoke_pair(k) {
+                Ok(true) => removed += 1,
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "removing an expired auth entry failed"),
             }
         }
-        Ok(n)
+        if removed > 0 {
+            tracing::info!(removed, "expired auth entries removed");
+        }
     }
 
     /// Why the agent is not ready, if it is not: local workloads without programs (no
@@ -889,7 +907,7 @@ fn audit(node: &str, rec: &Record, suppressed_before: u64) {
     tracing::info!(
         target: "portcullis::audit",
         event = "handshake",
-        role = if rec.role == Role::Initiator { "initiator" } else { "responder" },
+        role = rec.role.as_str(),
         result,
         reason,
         local = %name(&rec.local_id),
@@ -981,11 +999,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     tracing::error!(error = %e, "reconciliation failed; retrying at the next tick");
                 }
                 agent.tick_auth();
-                match agent.expire() {
-                    Ok(0) => {}
-                    Ok(n) => tracing::info!(removed = n, "expired auth entries removed"),
-                    Err(e) => tracing::warn!(error = %e, "removing expired auth entries failed"),
-                }
             }
             Some(ev) = event_rx.recv() => agent.on_event(&ev),
             Some(rec) = record_rx.recv() => agent.on_record(rec),

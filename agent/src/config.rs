@@ -143,7 +143,7 @@ impl Config {
     /// Reads a configuration file. `node` overrides the file's `node` field (the DaemonSet
     /// passes the node name from the downward API).
     pub fn load(path: &Path, node: Option<&str>) -> Result<Self, InputError> {
-        let (file, _) = input::read::<File>(path)?;
+        let file = input::read::<File>(path)?;
         Self::validate(path, file, node)
     }
 
@@ -225,18 +225,13 @@ impl Config {
             }
             None => "info".to_owned(),
         };
-        let poll_interval_ms = match &f.poll_interval_ms {
-            Some(v) if !(50..=60_000).contains(&**v) => {
-                return Err(InputError::value(
-                    path,
-                    v,
-                    "poll_interval_ms",
-                    format!("{} is out of range 50..=60000", **v),
-                ));
-            }
-            Some(v) => **v,
-            None => DEFAULT_POLL_INTERVAL_MS,
-        };
+        let poll_interval_ms = ranged(
+            path,
+            f.poll_interval_ms.as_ref(),
+            "poll_interval_ms",
+            50..=60_000,
+            DEFAULT_POLL_INTERVAL_MS,
+        )?;
         let identity = match &f.identity {
             None => None,
             Some(i) => {
@@ -254,18 +249,13 @@ impl Config {
                 };
                 let source = match i.source.as_str() {
                     "ca" => {
-                        let ttl = match &i.svid_ttl_secs {
-                            Some(v) if !(10..=30 * 86_400).contains(&**v) => {
-                                return Err(InputError::value(
-                                    path,
-                                    v,
-                                    "identity.svid_ttl_secs",
-                                    format!("{} is out of range 10..=2592000", **v),
-                                ));
-                            }
-                            Some(v) => **v,
-                            None => DEFAULT_SVID_TTL_SECS,
-                        };
+                        let ttl = ranged(
+                            path,
+                            i.svid_ttl_secs.as_ref(),
+                            "identity.svid_ttl_secs",
+                            10..=30 * 86_400,
+                            DEFAULT_SVID_TTL_SECS,
+                        )?;
                         IdentitySource::Ca {
                             dir,
                             svid_ttl_secs: ttl,
@@ -298,42 +288,27 @@ impl Config {
             }
         };
         let h = &f.handshake;
-        let timeout_ms = match &h.timeout_ms {
-            Some(v) if !(100..=60_000).contains(&**v) => {
-                return Err(InputError::value(
-                    path,
-                    v,
-                    "handshake.timeout_ms",
-                    format!("{} is out of range 100..=60000", **v),
-                ));
-            }
-            Some(v) => **v,
-            None => DEFAULT_HANDSHAKE_TIMEOUT_MS,
-        };
-        let max_concurrent = match &h.max_concurrent {
-            Some(v) if !(1..=4096).contains(&**v) => {
-                return Err(InputError::value(
-                    path,
-                    v,
-                    "handshake.max_concurrent",
-                    format!("{} is out of range 1..=4096", **v),
-                ));
-            }
-            Some(v) => **v,
-            None => DEFAULT_MAX_CONCURRENT,
-        };
-        let proactive_per_tick = match &h.proactive_per_tick {
-            Some(v) if !(1..=10_000).contains(&**v) => {
-                return Err(InputError::value(
-                    path,
-                    v,
-                    "handshake.proactive_per_tick",
-                    format!("{} is out of range 1..=10000", **v),
-                ));
-            }
-            Some(v) => **v,
-            None => DEFAULT_PROACTIVE_PER_TICK,
-        };
+        let timeout_ms = ranged(
+            path,
+            h.timeout_ms.as_ref(),
+            "handshake.timeout_ms",
+            100..=60_000,
+            DEFAULT_HANDSHAKE_TIMEOUT_MS,
+        )?;
+        let max_concurrent = ranged(
+            path,
+            h.max_concurrent.as_ref(),
+            "handshake.max_concurrent",
+            1..=4096,
+            DEFAULT_MAX_CONCURRENT,
+        )?;
+        let proactive_per_tick = ranged(
+            path,
+            h.proactive_per_tick.as_ref(),
+            "handshake.proactive_per_tick",
+            1..=10_000,
+            DEFAULT_PROACTIVE_PER_TICK,
+        )?;
         let handshake = Handshake {
             port: h.port.as_ref().map(|p| **p),
             timeout: Duration::from_millis(timeout_ms),
@@ -355,6 +330,34 @@ impl Config {
             datapath_log: f.datapath_log,
             poll_interval: Duration::from_millis(poll_interval_ms),
         })
+    }
+}
+
+/// An optional number within `range`, or its default.
+fn ranged<T>(
+    file: &Path,
+    v: Option<&Spanned<T>>,
+    field: &str,
+    range: std::ops::RangeInclusive<T>,
+    default: T,
+) -> Result<T, InputError>
+where
+    T: Copy + PartialOrd + std::fmt::Display,
+{
+    match v {
+        Some(v) if !range.contains(&**v) => Err(InputError::value(
+            file,
+            v,
+            field,
+            format!(
+                "{} is out of range {}..={}",
+                **v,
+                range.start(),
+                range.end()
+            ),
+        )),
+        Some(v) => Ok(**v),
+        None => Ok(default),
     }
 }
 

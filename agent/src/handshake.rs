@@ -187,6 +187,16 @@ pub enum Role {
     Responder,
 }
 
+impl Role {
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Initiator => "initiator",
+            Self::Responder => "responder",
+        }
+    }
+}
+
 /// The outcome of one handshake, as far as it got: the audit record, and (on success) what to
 /// write into the auth map.
 #[derive(Debug, Clone)]

@@ -105,9 +105,8 @@ pub fn parse<T: DeserializeOwned>(file: &Path, text: &str) -> Result<T, InputErr
 }
 
 /// Reads and parses a file.
-pub fn read<T: DeserializeOwned>(file: &Path) -> Result<(T, String), InputError> {
+pub fn read<T: DeserializeOwned>(file: &Path) -> Result<T, InputError> {
     let text = std::fs::read_to_string(file)
         .map_err(|e| InputError::file(file, format!("cannot read: {e}")))?;
-    let value = parse(file, &text)?;
-    Ok((value, text))
+    parse(file, &text)
 }

@@ -23,7 +23,7 @@ use tokio::{
 
 use crate::{
     admin::{Call, Request, Response},
-    handshake::{Record, Role},
+    handshake::Record,
     status::Status,
 };
 
@@ -161,12 +161,7 @@ impl Metrics {
     }
 
     pub fn on_handshake(&self, rec: &Record) {
-        let role = if rec.role == Role::Initiator {
-            "initiator"
-        } else {
-            "responder"
-        }
-        .to_owned();
+        let role = rec.role.as_str().to_owned();
         let (result, reason) = match rec.result {
             Ok(_) => ("ok", String::new()),
             Err(r) => ("failed", r.as_str().to_owned()),

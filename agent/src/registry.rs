@@ -75,12 +75,6 @@ impl Registry {
         Ok(id)
     }
 
-    #[cfg(test)]
-    #[must_use]
-    pub fn id(&self, kind: Kind, name: &str) -> Option<u32> {
-        self.ids.get(&(kind, name.to_owned())).copied()
-    }
-
     /// The number of a known name.
     #[must_use]
     pub fn id_of(&self, kind: Kind, name: &str) -> Option<u32> {
@@ -121,7 +115,7 @@ mod tests {
             ),
             (NameKey { kind: 99, id: 1 }, "ignored".into()),
         ]);
-        assert_eq!(r.id(Kind::Identity, "spiffe://td/a"), Some(3));
+        assert_eq!(r.id_of(Kind::Identity, "spiffe://td/a"), Some(3));
         assert_eq!(r.name(Kind::Node, 1), "node-1");
         assert_eq!(r.name(Kind::Node, 7), "#7");
         assert_eq!(r.name(Kind::Identity, 0), "-");

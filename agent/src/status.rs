@@ -67,7 +67,7 @@ impl HandshakeInfo {
     #[must_use]
     pub fn from_record(rec: &crate::handshake::Record) -> Self {
         Self {
-            role: format!("{:?}", rec.role).to_lowercase(),
+            role: rec.role.as_str().to_owned(),
             result: if rec.result.is_ok() { "ok" } else { "failed" }.to_owned(),
             reason: rec.result.err().map(|r| r.as_str().to_owned()),
             local: rec.local_id.as_ref().map(ToString::to_string),

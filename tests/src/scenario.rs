@@ -124,6 +124,43 @@ impl Scenario<'_> {
         c
     }
 
+    /// Starts `probe send` in `pod`: `bytes` to `to:port`, paced over `seconds`, each I/O
+    /// bounded by `timeout_ms`. [`Transfer::finish`] waits for its verdict.
+    pub fn transfer(
+        &self,
+        pod: &str,
+        to: IpAddr,
+        port: u16,
+        bytes: u64,
+        seconds: u32,
+        timeout_ms: u32,
+    ) -> Transfer {
+        let (to, bytes, seconds, timeout) = (
+            sock(to, port),
+            bytes.to_string(),
+            seconds.to_string(),
+            timeout_ms.to_string(),
+        );
+        let child = self
+            .probe_cmd(
+                pod,
+                &[
+                    "send",
+                    "--to",
+                    &to,
+                    "--bytes",
+                    &bytes,
+                    "--seconds",
+                    &seconds,
+                    "--timeout-ms",
+                    &timeout,
+                ],
+            )
+            .spawn()
+            .expect("spawning probe send");
+        Transfer(child)
+    }
+
     /// Runs `probe ARGS` in `pod` and returns its last JSON line.
     pub fn probe(&self, pod: &str, args: &[&str]) -> Value {
         let out = self.probe_cmd(pod, args).output().expect("running probe");
@@ -192,6 +229,22 @@ impl Scenario<'_> {
         let (success, text) = self.portcullis(&node, &args);
         assert!(success, "auth {verb} failed: {text}");
         text
+    }
+}
+
+/// A `probe send` under way.
+pub struct Transfer(Child);
+
+impl Transfer {
+    /// Waits for the transfer to end and returns its JSON verdict.
+    pub fn finish(self) -> Value {
+        last_json(
+            &self
+                .0
+                .wait_with_output()
+                .expect("waiting for probe send")
+                .stdout,
+        )
     }
 }
 

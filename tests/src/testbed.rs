@@ -435,13 +435,16 @@ impl Testbed {
         self.info.state_dir.join("bundle.pem")
     }
 
-    /// Creates a CA for the testbed's trust domain in `dir` with `portcullis ca init`.
-    pub fn make_ca(&self, dir: &Path) -> Result<()> {
-        let bin = self
-            .info
+    fn agent_bin(&self) -> Result<&PathBuf> {
+        self.info
             .agent_bin
             .as_ref()
-            .context("no agent binary known (Options::agent_bin / PORTCULLIS_BIN)")?;
+            .context("no agent binary known (Options::agent_bin / PORTCULLIS_BIN)")
+    }
+
+    /// Creates a CA for the testbed's trust domain in `dir` with `portcullis ca init`.
+    pub fn make_ca(&self, dir: &Path) -> Result<()> {
+        let bin = self.agent_bin()?;
         let mut c = Command::new(bin);
         c.args([
             "ca",
@@ -519,11 +522,7 @@ impl Testbed {
 
     pub fn try_portcullis<S: AsRef<OsStr>>(&self, node: &str, args: &[S]) -> Result<Command> {
         let n = self.info.node(node)?;
-        let bin = self
-            .info
-            .agent_bin
-            .as_ref()
-            .context("no agent binary known (Options::agent_bin / PORTCULLIS_BIN)")?;
+        let bin = self.agent_bin()?;
         let mut c = Command::new(bin);
         c.arg("--config").arg(&n.agent_config).args(args);
         Ok(c)

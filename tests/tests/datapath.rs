@@ -6,7 +6,7 @@ use std::{path::PathBuf, thread, time::Duration};
 
 use testbed::{
     NodeSpec, Options, PodSpec, Spec, Testbed,
-    scenario::{Family, Scenario, counter, eventually, last_json, ok, sock},
+    scenario::{Family, Scenario, counter, eventually, ok, sock},
 };
 
 const PORT: u16 = 8080;
@@ -111,23 +111,7 @@ fn entry_admits_and_revocation_cuts(family: Family) {
     );
 
     // A transfer paced over 8 s; revoke after 2 s.
-    let transfer = s
-        .probe_cmd(
-            "client",
-            &[
-                "send",
-                "--to",
-                &sock(target, PORT),
-                "--bytes",
-                "8000000",
-                "--seconds",
-                "8",
-                "--timeout-ms",
-                "3000",
-            ],
-        )
-        .spawn()
-        .expect("spawning probe send");
+    let transfer = s.transfer("client", target, PORT, 8000000, 8, 3000);
     thread::sleep(Duration::from_secs(2));
     let flows = s.status("node-2")["flows"].clone();
     let client_id = s.identity("client");
@@ -142,12 +126,7 @@ fn entry_admits_and_revocation_cuts(family: Family) {
         said.contains("removed the entry") && !said.contains(" 0 flow"),
         "{family:?}: revoke said: {said}"
     );
-    let result = last_json(
-        &transfer
-            .wait_with_output()
-            .expect("waiting for probe send")
-            .stdout,
-    );
+    let result = transfer.finish();
     assert!(
         !ok(&result),
         "{family:?}: the transfer survived revocation: {result}"
@@ -254,23 +233,7 @@ fn agent_killed_and_restarted_mid_transfer_resets_nothing_and_keeps_enforcing() 
     let target = scenario(&tb).addr("server", Family::V4);
     let _server = scenario(&tb).serve("server", PORT);
     scenario(&tb).allow("server", "client");
-    let transfer = scenario(&tb)
-        .probe_cmd(
-            "client",
-            &[
-                "send",
-                "--to",
-                &sock(target, PORT),
-                "--bytes",
-                "16000000",
-                "--seconds",
-                "8",
-                "--timeout-ms",
-                "5000",
-            ],
-        )
-        .spawn()
-        .expect("spawning probe send");
+    let transfer = scenario(&tb).transfer("client", target, PORT, 16000000, 8, 5000);
     thread::sleep(Duration::from_secs(2));
     tb.kill_agent("node-2").expect("SIGKILL the agent");
     {
@@ -294,12 +257,7 @@ fn agent_killed_and_restarted_mid_transfer_resets_nothing_and_keeps_enforcing() 
     }
     tb.start_agent("node-2").expect("restarting the agent");
     let s = scenario(&tb);
-    let result = last_json(
-        &transfer
-            .wait_with_output()
-            .expect("waiting for probe send")
-            .stdout,
-    );
+    let result = transfer.finish();
     assert!(
         ok(&result),
         "the transfer did not survive the agent restart: {result}"

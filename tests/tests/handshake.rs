@@ -7,7 +7,7 @@ use std::{path::PathBuf, thread, time::Duration};
 use serde_json::Value;
 use testbed::{
     NodeSpec, Options, PodSpec, Spec, Testbed,
-    scenario::{Family, Scenario, eventually, last_json, ok, sock},
+    scenario::{Family, Scenario, eventually, ok},
 };
 
 const PORT: u16 = 8080;
@@ -222,29 +222,8 @@ fn a_transfer_runs_across_svid_rotation_and_entry_renewal_without_reset() {
             .count()
     };
     let before = ok_count("node-1") + ok_count("node-2");
-    let transfer = s
-        .probe_cmd(
-            "client",
-            &[
-                "send",
-                "--to",
-                &sock(target, PORT),
-                "--bytes",
-                "24000000",
-                "--seconds",
-                "14",
-                "--timeout-ms",
-                "5000",
-            ],
-        )
-        .spawn()
-        .expect("spawning probe send");
-    let result = last_json(
-        &transfer
-            .wait_with_output()
-            .expect("waiting for probe send")
-            .stdout,
-    );
+    let transfer = s.transfer("client", target, PORT, 24000000, 14, 5000);
+    let result = transfer.finish();
     assert!(
         ok(&result),
         "the transfer did not survive rotation and renewal: {result}"
@@ -275,23 +254,7 @@ fn traffic_keeps_flowing_through_a_ca_rotation_via_the_bundle() {
         ok(&s.connect("client", target, PORT, 5000)),
         "first connection failed"
     );
-    let transfer = s
-        .probe_cmd(
-            "client",
-            &[
-                "send",
-                "--to",
-                &sock(target, PORT),
-                "--bytes",
-                "16000000",
-                "--seconds",
-                "10",
-                "--timeout-ms",
-                "5000",
-            ],
-        )
-        .spawn()
-        .expect("spawning probe send");
+    let transfer = s.transfer("client", target, PORT, 16000000, 10, 5000);
     let ok_count = |node: &str| {
         handshakes(&s, node)
             .iter()
@@ -325,12 +288,7 @@ fn traffic_keeps_flowing_through_a_ca_rotation_via_the_bundle() {
     thread::sleep(Duration::from_secs(1));
     let r = s.connect("client", target, PORT, 5000);
     assert!(ok(&r), "a connection after the rotation failed: {r}");
-    let result = last_json(
-        &transfer
-            .wait_with_output()
-            .expect("waiting for probe send")
-            .stdout,
-    );
+    let result = transfer.finish();
     assert!(
         ok(&result),
         "the transfer did not survive the CA rotation: {result}"

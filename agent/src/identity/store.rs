@@ -277,12 +277,12 @@ impl Store {
             };
             let mut contents = cert_pem.clone();
             contents.extend_from_slice(&key_pem);
-            if let Some(held) = self.held.values().find(|h| {
+            // Unchanged since it was loaded.
+            if self.held.values().any(|h| {
                 h.files
                     .as_ref()
                     .is_some_and(|(p, c)| p == &sub && c == &contents)
             }) {
-                let _ = held;
                 continue;
             }
             match load_files(&cert_path, &cert_pem, &key_pem, &self.trust_domain) {
