@@ -13,6 +13,7 @@ use std::{
 use portcullis_agent::{
     handshake::{self, Owner, View, WriteRequest},
     identity::{SpiffeId, ca::Ca, store::Svid, svid},
+    policy::Policy,
     tls::{self, Trust},
 };
 use rustls::{
@@ -161,6 +162,7 @@ async fn ours(count: u32, ca: &Ca) -> f64 {
             owners.clone(),
             nodes.clone(),
             &[svid(ca, "spiffe://td/ns/default/sa/a")],
+            Arc::new(Policy::default()),
         )
         .expect("view"),
     );
@@ -171,6 +173,7 @@ async fn ours(count: u32, ca: &Ca) -> f64 {
             owners,
             nodes,
             &[svid(ca, "spiffe://td/ns/default/sa/b")],
+            Arc::new(Policy::default()),
         )
         .expect("view"),
     );

@@ -12,7 +12,9 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
 use portcullis_common::{
-    AuthKey, AuthValue, Counter, EP_LOCAL, EVENT_AUTH_WANTED, Endpoint, Event, capacity,
+    AUTH_ALL_PORTS, AuthKey, AuthValue, Counter, EP_ADMIT_HOST, EP_AUDIT, EP_ENFORCE, EP_HOST,
+    EP_LOCAL, EP_OTHER_PASS, EVENT_AUTH_WANTED, EVENT_WOULD_DROP, Endpoint, Event, FLOW_HOST,
+    FLOW_INBOUND, FlowKey, FlowValue, IDENTITY_NONE, MAX_PORT_RANGES, PortRange, capacity,
 };
 use tokio::{
     io::{Interest, unix::AsyncFd},
@@ -29,6 +31,7 @@ use crate::{
     handshake::{self, Owner, Record, Role, View, WriteRequest},
     identity::SpiffeId,
     identity::store::{Source, Store},
+    policy::{self, Grant, Mode, Policy, PolicyFile},
     reason::Reason,
     registry::{Kind, Registry},
     status::{
@@ -50,7 +53,50 @@ fn in_last_third(v: &AuthValue, now: u64) -> bool {
 /// Handshake outcomes kept for `status`.
 const RECENT_HANDSHAKES: usize = 128;
 
+/// The identity name of this node's own addresses (connections from the node: kubelet probes).
+pub const HOST_IDENTITY: &str = "host";
+
+/// The endpoint flags that carry a local pod's policy settings.
+fn policy_flags(s: policy::Settings) -> u32 {
+    let mut flags = match s.mode {
+        Mode::Enforce => EP_ENFORCE,
+        Mode::Audit => EP_AUDIT,
+        Mode::Off => 0,
+    };
+    if s.node_traffic {
+        flags |= EP_ADMIT_HOST;
+    }
+    if s.other_protocols {
+        flags |= EP_OTHER_PASS;
+    }
+    flags
+}
+
+/// An auth entry's value with the ports `grant` admits towards the local workload.
+fn with_grant(mut v: AuthValue, grant: &Grant) -> AuthValue {
+    v.flags &= !AUTH_ALL_PORTS;
+    v.nports = 0;
+    v.ports = [PortRange::default(); MAX_PORT_RANGES];
+    match grant {
+        Grant::None => {}
+        Grant::All => v.flags |= AUTH_ALL_PORTS,
+        Grant::Ports(ranges) => {
+            // The loader refuses rules with more ranges than fit; several rules together can
+            // still exceed it, and then the excess is not admitted (never widened).
+            if ranges.len() > MAX_PORT_RANGES {
+                tracing::warn!(ranges = ranges.len(), max = MAX_PORT_RANGES, "a pair's rules admit more port ranges than an auth entry holds; the excess is not admitted");
+            }
+            for (slot, r) in v.ports.iter_mut().zip(ranges) {
+                *slot = *r;
+            }
+            v.nports = u32::try_from(ranges.len().min(MAX_PORT_RANGES)).unwrap_or(0);
+        }
+    }
+    v
+}
+
 struct Iface {
+    mode: Mode,
     name: String,
     workload: String,
     identity: String,
@@ -90,6 +136,11 @@ pub struct Agent {
     pub metrics: Arc<std::sync::Mutex<crate::metrics::Metrics>>,
     audit: AuditLimiter,
     proactive_cursor: usize,
+    policy: Arc<Policy>,
+    policy_source: Option<PolicyFile>,
+    policy_error: Option<String>,
+    /// Why the node's own addresses could not be listed, last logged (log once).
+    host_addr_error: Option<String>,
 }
 
 /// Audit records are rate-limited (a token bucket: `AUDIT_BURST` at once, `AUDIT_PER_SEC`
@@ -151,6 +202,18 @@ impl Agent {
             "datapath loaded; pinned state adopted"
         );
         let source = FileSource::new(config.cluster_state.clone());
+        let (policy, policy_source) = match &config.policy {
+            None => (Policy::default(), None),
+            Some(path) => {
+                let mut src = policy::file_source(path.clone());
+                match src.poll() {
+                    Some(Ok(p)) => (p, Some(src)),
+                    Some(Err(e)) => return Err(anyhow::Error::new(e).context("no valid policy to start from")),
+                    None => anyhow::bail!("policy {} could not be read", path.display()),
+                }
+            }
+        };
+        tracing::info!(policy = %policy.name, mode = policy.defaults.mode.as_str(), rules = policy.rules.len(), "policy loaded");
         let auth = config.identity.as_ref().map(|_| {
             AuthManager::new(
                 config.handshake.max_concurrent,
@@ -185,6 +248,10 @@ impl Agent {
                 metrics: Arc::new(std::sync::Mutex::new(crate::metrics::Metrics::new())),
                 audit: AuditLimiter::new(),
                 proactive_cursor: 0,
+                policy: Arc::new(policy),
+                policy_source,
+                policy_error: None,
+                host_addr_error: None,
             },
             channels,
         ))
@@ -216,6 +283,21 @@ impl Agent {
                 }
             }
         }
+        let mut policy_changed = false;
+        if let Some(result) = self.policy_source.as_mut().and_then(|s| s.poll()) {
+            match result {
+                Ok(p) => {
+                    tracing::info!(policy = %p.name, mode = p.defaults.mode.as_str(), rules = p.rules.len(), "policy loaded");
+                    policy_changed = *self.policy != p;
+                    self.policy = Arc::new(p);
+                    self.policy_error = None;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "policy rejected; the last good policy stays in force");
+                    self.policy_error = Some(e.to_string());
+                }
+            }
+        }
         let Some(cluster) = self.cluster.clone() else {
             return Ok(());
         };
@@ -228,6 +310,7 @@ impl Agent {
                     .intern(&mut self.dp, Kind::Identity, w.identity.as_str())?;
             let node = self.registry.intern(&mut self.dp, Kind::Node, &w.node)?;
             let local = w.node == self.config.node;
+            let settings = policy_flags(self.policy.settings(&w.namespace, &w.identity));
             let label = format!("{}/{}", w.namespace, w.name);
             for addr in &w.addresses {
                 let mut ep = Endpoint {
@@ -240,10 +323,11 @@ impl Agent {
                     match route::lookup(*addr) {
                         Ok(iface) => {
                             ep.ifindex = iface.index;
-                            ep.flags = EP_LOCAL;
+                            ep.flags = EP_LOCAL | settings;
                             self.pending_reasons.remove(&label);
                             let entry = ifaces.entry(iface.index).or_insert_with(|| Iface {
                                 name: iface.name.clone(),
+                                mode: self.policy.settings(&w.namespace, &w.identity).mode,
                                 workload: label.clone(),
                                 identity: w.identity.to_string(),
                                 addresses: Vec::new(),
@@ -267,12 +351,15 @@ impl Agent {
             }
         }
         self.pending = pending;
+        self.host_endpoints(&mut desired)?;
 
         // Endpoints before links: a program must find its pod's endpoint from the first packet.
+        let mut endpoints_changed = false;
         for (addr, ep) in &desired {
             if self.programmed.get(addr) != Some(ep) {
                 self.dp.set_endpoint(*addr, ep)?;
                 self.programmed.insert(*addr, *ep);
+                endpoints_changed = true;
             }
         }
         let gone: Vec<IpAddr> = self
@@ -284,16 +371,22 @@ impl Agent {
         for addr in gone {
             self.dp.remove_endpoint(addr)?;
             self.programmed.remove(&addr);
-            let cut = self.dp.cut_flows(|k, _| {
-                status::flow_addr(k.family, &k.local_addr) == addr
-                    || status::flow_addr(k.family, &k.remote_addr) == addr
-            })?;
-            tracing::info!(target: "portcullis::audit", event = "endpoint_removed", %addr, flows_cut = cut, "endpoint removed from cluster state; its flows were cut");
+            endpoints_changed = true;
+            tracing::info!(target: "portcullis::audit", event = "endpoint_removed", %addr, "endpoint removed from cluster state");
+        }
+        if endpoints_changed || cluster_changed || policy_changed {
+            let why = if policy_changed {
+                "policy changed"
+            } else {
+                "cluster state changed"
+            };
+            self.revalidate(why)?;
         }
 
         for (index, mut iface) in ifaces {
             if let Some(existing) = self.attached.get_mut(&index) {
                 existing.workload = iface.workload;
+                existing.mode = iface.mode;
                 existing.identity = iface.identity;
                 existing.addresses = iface.addresses;
                 continue;
@@ -327,7 +420,119 @@ impl Agent {
             }
         }
         self.leftover_pins.clear();
-        self.refresh_identities(&cluster, cluster_changed);
+        self.refresh_identities(&cluster, cluster_changed || policy_changed);
+        Ok(())
+    }
+
+    /// Adds this node's own addresses (not claimed by a pod) to `desired`, so that the kernel
+    /// can tell connections from the node (kubelet probes) from unknown peers.
+    fn host_endpoints(&mut self, desired: &mut HashMap<IpAddr, Endpoint>) -> Result<(), DatapathError> {
+        let addrs = match route::local_addresses() {
+            Ok(a) => {
+                self.host_addr_error = None;
+                a
+            }
+            Err(e) => {
+                let e = e.to_string();
+                if self.host_addr_error.as_ref() != Some(&e) {
+                    tracing::warn!(error = %e, "cannot list this node's addresses; connections from the node are treated as from unknown peers");
+                    self.host_addr_error = Some(e);
+                }
+                // Keep what is programmed rather than cut probes over a transient failure.
+                for (a, ep) in &self.programmed {
+                    if ep.flags & EP_HOST != 0 {
+                        desired.entry(*a).or_insert(*ep);
+                    }
+                }
+                return Ok(());
+            }
+        };
+        let identity = self.registry.intern(&mut self.dp, Kind::Identity, HOST_IDENTITY)?;
+        let node = self.registry.intern(&mut self.dp, Kind::Node, &self.config.node)?;
+        for a in addrs {
+            desired.entry(a).or_insert(Endpoint {
+                identity,
+                node,
+                ifindex: 0,
+                flags: EP_HOST,
+            });
+        }
+        Ok(())
+    }
+
+    /// Makes the auth and flow maps agree with cluster state and policy: entries of pairs that
+    /// no longer exist or are no longer authorized are removed and the others carry the ports
+    /// policy now grants; flows that lost their footing are cut — an endpoint gone or
+    /// re-labelled, an entry revoked, a port no longer admitted, connections from the node no
+    /// longer admitted, or admitted unchecked (audit, off) to a pod now enforced. Each node
+    /// does this for its own side, so a change that reaches both agents cuts both ends.
+    fn revalidate(&mut self, why: &str) -> Result<(), DatapathError> {
+        let started = Instant::now();
+        let Some(cluster) = self.cluster.as_ref() else {
+            return Ok(());
+        };
+        let id = |kind, name: &str| self.registry.id_of(kind, name);
+        let local_ids: HashSet<u32> = cluster
+            .local_workloads(&self.config.node)
+            .filter_map(|w| id(Kind::Identity, w.identity.as_str()))
+            .collect();
+        let remote_ids: HashSet<(u32, u32)> = cluster
+            .workloads
+            .iter()
+            .filter_map(|w| Some((id(Kind::Identity, w.identity.as_str())?, id(Kind::Node, &w.node)?)))
+            .collect();
+        let mut valid: HashMap<AuthKey, AuthValue> = HashMap::new();
+        let mut revoked = Vec::new();
+        let mut regranted = 0;
+        for (k, v) in self.dp.auth_entries()? {
+            let local = SpiffeId::parse(&self.registry.name(Kind::Identity, k.local_identity));
+            let remote = SpiffeId::parse(&self.registry.name(Kind::Identity, k.remote_identity));
+            let decision = match (&local, &remote) {
+                (Ok(l), Ok(r))
+                    if local_ids.contains(&k.local_identity)
+                        && remote_ids.contains(&(k.remote_identity, k.remote_node)) =>
+                {
+                    Some(self.policy.decide(l, r))
+                }
+                _ => None,
+            };
+            match decision {
+                Some(d) if d.authorized() => {
+                    let want = with_grant(v, &d.inbound);
+                    if want != v {
+                        self.dp.allow_pair(&k, &want)?;
+                        regranted += 1;
+                    }
+                    valid.insert(k, want);
+                }
+                _ => {
+                    self.dp.revoke_pair(&k)?;
+                    let reason = match (&local, &remote, decision) {
+                        (Ok(l), Ok(r), Some(_)) => self.policy.denial(l, r),
+                        _ => "the pair is no longer in cluster state".to_owned(),
+                    };
+                    revoked.push((k, reason));
+                }
+            }
+        }
+        let programmed = &self.programmed;
+        let cut = self.dp.cut_flows(|k, v| !flow_stands(programmed, &valid, k, v))?;
+        let took_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        for (k, reason) in &revoked {
+            tracing::info!(
+                target: "portcullis::audit",
+                event = "revoked",
+                local = %self.registry.name(Kind::Identity, k.local_identity),
+                remote = %self.registry.name(Kind::Identity, k.remote_identity),
+                remote_node = %self.registry.name(Kind::Node, k.remote_node),
+                cause = why,
+                reason = %reason,
+                "auth entry revoked"
+            );
+        }
+        if !revoked.is_empty() || cut > 0 || regranted > 0 {
+            tracing::info!(target: "portcullis::audit", event = "revalidated", cause = why, entries_revoked = revoked.len(), entries_regranted = regranted, flows_cut = cut, took_us, "auth entries and flows revalidated");
+        }
         Ok(())
     }
 
@@ -425,7 +630,14 @@ impl Agent {
             .map(|n| (n.name.clone(), n.address))
             .collect();
         let svids: Vec<_> = store.svids().cloned().collect();
-        match View::build(&self.config.node, trust, owners, nodes, &svids) {
+        match View::build(
+            &self.config.node,
+            trust,
+            owners,
+            nodes,
+            &svids,
+            self.policy.clone(),
+        ) {
             Ok(view) => {
                 self.view_tx.send_replace(Some(Arc::new(view)));
             }
@@ -550,6 +762,9 @@ impl Agent {
             {
                 continue;
             }
+            if !self.policy.decide(&l.identity, &r.identity).authorized() {
+                continue;
+            }
             if auth.want((*la, *ra), &self.view_rx) {
                 started += 1;
             }
@@ -585,14 +800,23 @@ impl Agent {
                 return false;
             }
         };
+        // The policy may have changed since the handshake evaluated it.
+        let decision = self.policy.decide(local, remote);
+        if !decision.authorized() {
+            return false;
+        }
         let now = status::boot_ns();
         let left = expires
             .duration_since(std::time::SystemTime::now())
             .unwrap_or_default();
-        let value = AuthValue {
-            expires_ns: now + u64::try_from(left.as_nanos()).unwrap_or(u64::MAX / 2),
-            created_ns: now,
-        };
+        let value = with_grant(
+            AuthValue {
+                expires_ns: now + u64::try_from(left.as_nanos()).unwrap_or(u64::MAX / 2),
+                created_ns: now,
+                ..AuthValue::default()
+            },
+            &decision.inbound,
+        );
         match self.dp.allow_pair(&key, &value) {
             Ok(()) => true,
             Err(e) => {
@@ -632,10 +856,10 @@ impl Agent {
         self.events_total += 1;
         let reason = Counter::from_u32(ev.reason).map_or("unknown", Counter::name);
         let record = EventRecord {
-            kind: if ev.kind == EVENT_AUTH_WANTED {
-                "auth_wanted"
-            } else {
-                "denied"
+            kind: match ev.kind {
+                EVENT_AUTH_WANTED => "auth_wanted",
+                EVENT_WOULD_DROP => "would_drop",
+                _ => "denied",
             }
             .to_owned(),
             reason: reason.to_owned(),
@@ -660,6 +884,9 @@ impl Agent {
             from = %record.remote_addr, to = %record.local_addr,
             "datapath event"
         );
+        if ev.kind == EVENT_WOULD_DROP {
+            self.would_drop(&record);
+        }
         if self.events.len() == RECENT_EVENTS {
             self.events.pop_front();
         }
@@ -673,6 +900,42 @@ impl Agent {
             );
             auth.want(pair, &self.view_rx);
         }
+    }
+
+    /// Mode `audit` admitted a connection that `enforce` would drop: one audit record, naming
+    /// the policy when it is the policy that forbids the pair.
+    fn would_drop(&mut self, rec: &EventRecord) {
+        if let Ok(m) = self.metrics.lock() {
+            m.on_would_drop(&rec.reason);
+        }
+        let Some(suppressed_before) = self.audit.admit() else {
+            return;
+        };
+        let detail = match (SpiffeId::parse(&rec.local), SpiffeId::parse(&rec.remote)) {
+            (Ok(l), Ok(r)) if !self.policy.decide(&l, &r).authorized() => self.policy.denial(&l, &r),
+            (Ok(l), Ok(r)) if rec.reason == Counter::DropPolicy.name() => format!(
+                "policy `{}` admits {} from {r}, not {} {}",
+                self.policy.name,
+                self.policy.grant(&r, &l),
+                rec.proto,
+                rec.local_addr
+            ),
+            _ => format!("reason {}", rec.reason),
+        };
+        tracing::info!(
+            target: "portcullis::audit",
+            event = "would_drop",
+            reason = %rec.reason,
+            local = %rec.local,
+            remote = %rec.remote,
+            remote_node = %rec.remote_node,
+            proto = %rec.proto,
+            from = %rec.remote_addr,
+            to = %rec.local_addr,
+            detail = %detail,
+            suppressed_before,
+            "mode audit admitted a connection that enforce would drop"
+        );
     }
 
     pub fn handle(&mut self, req: Request) -> Response {
@@ -731,6 +994,8 @@ impl Agent {
         let value = AuthValue {
             expires_ns: now.saturating_add(ttl_secs.saturating_mul(1_000_000_000)),
             created_ns: now,
+            flags: AUTH_ALL_PORTS,
+            ..AuthValue::default()
         };
         self.dp.allow_pair(&key, &value)?;
         tracing::info!(target: "portcullis::audit", event = "auth_allow", %local, %remote, %remote_node, ttl_secs, "auth entry written by hand");
@@ -814,7 +1079,12 @@ impl Agent {
                 cluster_state: Some(self.config.cluster_state.display().to_string()),
                 cluster_error: self.cluster_error.clone(),
                 bpffs_dir: self.config.bpffs_dir.display().to_string(),
-                mode: "enforce".to_owned(),
+                mode: self.policy.defaults.mode.as_str().to_owned(),
+                policy: Some(match &self.config.policy {
+                    Some(p) => format!("{} ({})", self.policy.name, p.display()),
+                    None => "default (no policy file: any authenticated peer)".to_owned(),
+                }),
+                policy_error: self.policy_error.clone(),
                 identity_source: match self.config.identity.as_ref().map(|i| &i.source) {
                     Some(IdentitySource::Ca { .. }) => "ca",
                     Some(IdentitySource::Files { .. }) => "files",
@@ -838,6 +1108,7 @@ impl Agent {
                         Attached::New => "new",
                     }
                     .to_owned(),
+                    mode: i.mode.as_str().to_owned(),
                 })
                 .collect(),
             pending: self.pending.clone(),
@@ -894,6 +1165,40 @@ impl Agent {
     }
 }
 
+/// Whether an established flow still has the footing it was admitted on (see
+/// [`Agent::revalidate`]).
+fn flow_stands(
+    programmed: &HashMap<IpAddr, Endpoint>,
+    valid: &HashMap<AuthKey, AuthValue>,
+    k: &FlowKey,
+    v: &FlowValue,
+) -> bool {
+    let local_addr = status::flow_addr(k.family, &k.local_addr);
+    let Some(local) = programmed.get(&local_addr) else {
+        return false;
+    };
+    if local.flags & EP_LOCAL == 0 || local.identity != v.local_identity {
+        return false;
+    }
+    if v.remote_identity != IDENTITY_NONE {
+        let remote_addr = status::flow_addr(k.family, &k.remote_addr);
+        match programmed.get(&remote_addr) {
+            Some(r) if r.identity == v.remote_identity && r.node == v.remote_node => {}
+            _ => return false,
+        }
+    }
+    // Only the destination enforces: outbound flows, and pods not in mode `enforce`, keep.
+    if local.flags & EP_ENFORCE == 0 || v.flags & FLOW_INBOUND == 0 {
+        return true;
+    }
+    if v.flags & FLOW_HOST != 0 {
+        return local.flags & EP_ADMIT_HOST != 0;
+    }
+    valid
+        .get(&v.pair())
+        .is_some_and(|a| a.admits(k.proto, k.local_port))
+}
+
 /// One structured audit record per handshake, on the `portcullis::audit` target.
 fn audit(node: &str, rec: &Record, suppressed_before: u64) {
     let name = |id: &Option<SpiffeId>| {
@@ -916,6 +1221,7 @@ fn audit(node: &str, rec: &Record, suppressed_before: u64) {
         remote_node = rec.remote_node.as_deref().unwrap_or("-"),
         peer = %rec.peer.map_or_else(|| "-".to_owned(), |p| p.to_string()),
         took_ms = u64::try_from(rec.took.as_millis()).unwrap_or(u64::MAX),
+        detail = rec.detail.as_deref().unwrap_or("-"),
         suppressed_before,
         "handshake {result}{}",
         if rec.result.is_err() { format!(": {reason}") } else { String::new() }

@@ -264,20 +264,33 @@ fn check_dns_name(path: &Path, v: &Spanned<String>, field: &str) -> Result<(), I
     Ok(())
 }
 
-/// The cluster-state file, re-read on every [`FileSource::poll`]. Comparing contents rather
-/// than watching inodes also follows Kubernetes ConfigMap mounts, which swap a symlink.
+/// A YAML input file re-read on every [`Watched::poll`] and parsed by `parse`. Comparing
+/// contents rather than watching inodes also follows Kubernetes ConfigMap mounts, which swap a
+/// symlink.
 #[derive(Debug)]
-pub struct FileSource {
+pub struct Watched<T> {
     path: PathBuf,
     last_text: Option<String>,
+    parse: fn(&Path, &str) -> Result<T, InputError>,
 }
+
+/// The cluster-state file.
+pub type FileSource = Watched<ClusterState>;
 
 impl FileSource {
     #[must_use]
     pub fn new(path: PathBuf) -> Self {
+        Watched::with_parser(path, ClusterState::parse)
+    }
+}
+
+impl<T> Watched<T> {
+    #[must_use]
+    pub fn with_parser(path: PathBuf, parse: fn(&Path, &str) -> Result<T, InputError>) -> Self {
         Self {
             path,
             last_text: None,
+            parse,
         }
     }
 
@@ -289,7 +302,7 @@ impl FileSource {
     /// `None` when the file is unchanged since the last call; otherwise the new state or why
     /// it was rejected. A rejected text is remembered too, so an error is reported once per
     /// edit rather than once per poll.
-    pub fn poll(&mut self) -> Option<Result<ClusterState, InputError>> {
+    pub fn poll(&mut self) -> Option<Result<T, InputError>> {
         let text = match std::fs::read_to_string(&self.path) {
             Ok(t) => t,
             Err(e) => {
@@ -307,7 +320,7 @@ impl FileSource {
         if self.last_text.as_deref() == Some(text.as_str()) {
             return None;
         }
-        let result = ClusterState::parse(&self.path, &text);
+        let result = (self.parse)(&self.path, &text);
         self.last_text = Some(text);
         Some(result)
     }

@@ -23,6 +23,7 @@ struct File {
     metrics_addr: Option<Spanned<String>>,
     log_format: Option<Spanned<String>>,
     cluster_state: Spanned<String>,
+    policy: Option<Spanned<String>>,
     bpffs_dir: Option<Spanned<String>>,
     admin_socket: Option<Spanned<String>>,
     log_level: Option<Spanned<String>>,
@@ -108,6 +109,9 @@ pub struct Config {
     pub node: String,
     /// The cluster-state file; relative paths are resolved against the config file's directory.
     pub cluster_state: PathBuf,
+    /// The authorization policy file (see `policy.rs`), resolved like `cluster_state`;
+    /// `None`: every workload enforced, any authenticated peer of the trust domain admitted.
+    pub policy: Option<PathBuf>,
     /// This agent's directory in bpffs: maps under `maps/`, links under `links/`. Agents that
     /// share a kernel (the testbed) need distinct directories.
     pub bpffs_dir: PathBuf,
@@ -203,6 +207,13 @@ impl Config {
             base.join(cluster_state)
         } else {
             cluster_state
+        };
+        let policy = match &f.policy {
+            None => None,
+            Some(p) => {
+                let p = non_empty_path(path, p, "policy")?;
+                Some(if p.is_relative() { base.join(p) } else { p })
+            }
         };
         let bpffs_dir = absolute_path(path, f.bpffs_dir.as_ref(), "bpffs_dir", DEFAULT_BPFFS_DIR)?;
         let admin_socket = absolute_path(
@@ -324,6 +335,7 @@ impl Config {
             metrics_addr,
             log_format,
             cluster_state,
+            policy,
             bpffs_dir,
             admin_socket,
             log_level,

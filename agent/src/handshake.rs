@@ -27,6 +27,7 @@ use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
 
 use crate::{
     identity::{SpiffeId, store::Svid, svid},
+    policy::Policy,
     reason::Reason,
     tls::{self, LocalSvid, Trust},
 };
@@ -139,6 +140,8 @@ pub struct View {
     /// Handshake address of each node.
     pub nodes: HashMap<String, SocketAddr>,
     pub svids: HashMap<SpiffeId, LocalSvid>,
+    /// The authorization policy both sides evaluate.
+    pub policy: Arc<Policy>,
     pub server: Arc<rustls::ServerConfig>,
     /// A client configuration per local identity, built once per snapshot.
     pub clients: HashMap<SpiffeId, Arc<rustls::ClientConfig>>,
@@ -153,6 +156,7 @@ impl View {
         owners: HashMap<IpAddr, Owner>,
         nodes: HashMap<String, SocketAddr>,
         svids: &[Svid],
+        policy: Arc<Policy>,
     ) -> Result<Self, tls::TlsError> {
         let svids: HashMap<SpiffeId, LocalSvid> = svids
             .iter()
@@ -175,6 +179,7 @@ impl View {
             owners,
             nodes,
             svids,
+            policy,
             server,
         })
     }
@@ -210,6 +215,8 @@ pub struct Record {
     pub remote_node: Option<String>,
     /// The entry's expiry on success.
     pub result: Result<SystemTime, Reason>,
+    /// More about a failure than `Reason` says (which policy, which rules).
+    pub detail: Option<String>,
     pub took: Duration,
 }
 
@@ -224,6 +231,7 @@ impl Record {
             remote_id: None,
             remote_node: None,
             result: Err(Reason::Internal),
+            detail: None,
             took: Duration::ZERO,
         }
     }
@@ -302,6 +310,12 @@ async fn initiate_inner(view: &View, rec: &mut Record) -> Result<SystemTime, Rea
     if peer.id != remote.id {
         return Err(Reason::IdentityMismatch);
     }
+    if !view.policy.decide(&local.id, &peer.id).authorized() {
+        rec.detail = Some(view.policy.denial(&local.id, &peer.id));
+        let reason = Reason::NotAuthorized;
+        let _ = write_msg(&mut stream, &Message::Refuse(Refuse { reason })).await;
+        return Err(reason);
+    }
     let hello = Hello {
         initiator_node: view.node.clone(),
         initiator_addr: local_addr,
@@ -310,7 +324,12 @@ async fn initiate_inner(view: &View, rec: &mut Record) -> Result<SystemTime, Rea
     write_msg(&mut stream, &Message::Hello(hello)).await?;
     match read_msg(&mut stream).await? {
         Message::Accept(_) => {}
-        Message::Refuse(r) => return Err(r.reason),
+        Message::Refuse(r) => {
+            if r.reason == Reason::NotAuthorized {
+                rec.detail = Some("refused by the responder's policy".to_owned());
+            }
+            return Err(r.reason);
+        }
         Message::Hello(_) => return Err(Reason::Protocol),
     }
     let _ = stream.shutdown().await;
@@ -373,8 +392,13 @@ async fn respond_inner(
     )?;
     rec.remote_id = Some(peer_cert.id.clone());
     let verdict = async {
-        let Message::Hello(hello) = read_msg(&mut stream).await? else {
-            return Err(Reason::Protocol);
+        let hello = match read_msg(&mut stream).await? {
+            Message::Hello(hello) => hello,
+            Message::Refuse(r) => {
+                rec.detail = Some(format!("refused by the initiator: {}", r.reason));
+                return Err(r.reason);
+            }
+            Message::Accept(_) => return Err(Reason::Protocol),
         };
         rec.remote_addr = Some(hello.initiator_addr);
         rec.remote_node = Some(hello.initiator_node.clone());
@@ -397,6 +421,10 @@ async fn respond_inner(
             .ok_or(Reason::UnknownInitiator)?;
         if Some(node_addr.ip()) != rec.peer.map(|p| p.ip()) {
             return Err(Reason::NodeMismatch);
+        }
+        if !view.policy.decide(&local.id, &peer_cert.id).authorized() {
+            rec.detail = Some(view.policy.denial(&local.id, &peer_cert.id));
+            return Err(Reason::NotAuthorized);
         }
         Ok(svid.not_after.min(peer_cert.not_after))
     }
@@ -511,7 +539,7 @@ mod tests {
         );
     }
 
-    mod loopback {
+    pub(super) mod loopback {
         use std::time::Duration;
 
         use tokio::net::TcpListener;
@@ -520,7 +548,7 @@ mod tests {
         use crate::identity::ca::Ca;
 
         const A: &str = "198.18.1.2";
-        const B: &str = "198.18.2.2";
+        pub(crate) const B: &str = "198.18.2.2";
         const C: &str = "198.18.2.3";
 
         fn svid(ca: &Ca, id: &str) -> Svid {
@@ -530,7 +558,7 @@ mod tests {
             Svid::new(vec![issued.cert_der], issued.key_der, info)
         }
 
-        fn owners() -> HashMap<IpAddr, Owner> {
+        pub(crate) fn owners() -> HashMap<IpAddr, Owner> {
             let o = |id: &str, node: &str| Owner {
                 id: SpiffeId::parse(id).unwrap(),
                 node: node.into(),
@@ -554,15 +582,16 @@ mod tests {
 
         /// Runs one handshake A → `target` between two views; returns (initiator, responder).
         async fn run(a_ca: &Ca, b_ca: &Ca, a_id: &str, target: &str) -> (Record, Record) {
-            run_with(a_ca, b_ca, a_id, target, owners()).await
+            run_with(a_ca, b_ca, a_id, target, owners(), &[Policy::default(), Policy::default()]).await
         }
 
-        async fn run_with(
+        pub(crate) async fn run_with(
             a_ca: &Ca,
             b_ca: &Ca,
             a_id: &str,
             target: &str,
             a_owners: HashMap<IpAddr, Owner>,
+            policies: &[Policy; 2],
         ) -> (Record, Record) {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let nodes: HashMap<String, SocketAddr> = [
@@ -586,6 +615,7 @@ mod tests {
                 a_owners,
                 nodes.clone(),
                 &[svid(a_ca, a_id)],
+                Arc::new(policies[0].clone()),
             )
             .unwrap();
             let view_b = View::build(
@@ -594,6 +624,7 @@ mod tests {
                 owners(),
                 nodes,
                 &[svid(b_ca, "spiffe://td/ns/default/sa/b")],
+                Arc::new(policies[1].clone()),
             )
             .unwrap();
             let (tx, mut rx) = tokio::sync::mpsc::channel::<WriteRequest>(4);
@@ -680,10 +711,47 @@ mod tests {
                     node: "node-a".into(),
                 },
             );
-            let (i, r) = run_with(&ca, &ca, "spiffe://td/ns/default/sa/c", B, stale).await;
+            let (i, r) = run_with(
+                &ca,
+                &ca,
+                "spiffe://td/ns/default/sa/c",
+                B,
+                stale,
+                &[Policy::default(), Policy::default()],
+            )
+            .await;
             assert_eq!(r.result, Err(Reason::IdentityMismatch), "responder: {r:?}");
             assert_eq!(i.result, Err(Reason::IdentityMismatch), "initiator: {i:?}");
         }
+    }
+
+    /// A policy under which B accepts only C and opens nothing towards A: the pair (A, B) is
+    /// authorized in neither direction.
+    fn b_only_from_c() -> Policy {
+        Policy::parse(
+            std::path::Path::new("p.yaml"),
+            "name: strict\nrules:\n  - name: c-to-b\n    from: [\"spiffe://td/ns/default/sa/c\"]\n    to: [\"spiffe://td/ns/default/sa/b\"]\n  - name: c-to-a\n    from: [\"spiffe://td/ns/default/sa/c\"]\n    to: [\"spiffe://td/ns/default/sa/a\"]\n",
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_unauthorized_pair_is_refused_by_either_side_with_the_policy_named() {
+        use loopback::*;
+        let dir = tempfile::tempdir().unwrap();
+        let ca = crate::identity::ca::Ca::init("td", dir.path()).unwrap();
+        let a = "spiffe://td/ns/default/sa/a";
+        // Only the responder's policy forbids it.
+        let (i, r) = run_with(&ca, &ca, a, B, owners(), &[Policy::default(), b_only_from_c()]).await;
+        assert_eq!(r.result, Err(Reason::NotAuthorized), "responder: {r:?}");
+        assert!(r.detail.as_deref().is_some_and(|d| d.contains("policy `strict`") && d.contains("c-to-b")), "{r:?}");
+        assert_eq!(i.result, Err(Reason::NotAuthorized), "initiator: {i:?}");
+        // Only the initiator's policy forbids it: it says so instead of Hello.
+        let (i, r) = run_with(&ca, &ca, a, B, owners(), &[b_only_from_c(), Policy::default()]).await;
+        assert_eq!(i.result, Err(Reason::NotAuthorized), "initiator: {i:?}");
+        assert!(i.detail.as_deref().is_some_and(|d| d.contains("policy `strict`")), "{i:?}");
+        assert_eq!(r.result, Err(Reason::NotAuthorized), "responder: {r:?}");
+        assert!(r.detail.as_deref().is_some_and(|d| d.contains("initiator")), "{r:?}");
     }
 
     #[tokio::test]

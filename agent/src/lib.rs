@@ -15,6 +15,7 @@ pub mod handshake;
 pub mod identity;
 pub mod input;
 pub mod metrics;
+pub mod policy;
 pub mod reason;
 pub mod registry;
 pub mod status;

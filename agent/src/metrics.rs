@@ -46,6 +46,11 @@ struct PacketLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MapLabels {
     map: String,
 }
@@ -68,6 +73,7 @@ pub struct Metrics {
     map_fill: Family<MapLabels, Gauge<f64, AtomicU64>>,
     svid_expiry: Family<IdentityLabels, Gauge>,
     ready: Gauge,
+    would_drop: Family<ReasonLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -144,7 +150,14 @@ impl Metrics {
             "1 when programs are attached and identities loaded",
             ready.clone(),
         );
+        let would_drop = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "audit_would_drop",
+            "Connections mode audit admitted that enforce would drop, by drop reason (reported events; per-pair rate-limited)",
+            would_drop.clone(),
+        );
         Self {
+            would_drop,
             registry,
             handshakes,
             handshake_seconds,
@@ -158,6 +171,14 @@ impl Metrics {
             svid_expiry,
             ready,
         }
+    }
+
+    pub fn on_would_drop(&self, reason: &str) {
+        self.would_drop
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .inc();
     }
 
     pub fn on_handshake(&self, rec: &Record) {

@@ -56,6 +56,8 @@ pub enum Reason {
     Version,
     #[error("the agent could not write the auth entry")]
     Internal,
+    #[error("the authorization policy admits the pair in neither direction")]
+    NotAuthorized,
 }
 
 impl Reason {
@@ -88,6 +90,7 @@ impl Reason {
             Self::Protocol => "protocol",
             Self::Version => "version",
             Self::Internal => "internal",
+            Self::NotAuthorized => "not_authorized",
         }
     }
 }

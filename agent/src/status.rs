@@ -61,6 +61,9 @@ pub struct HandshakeInfo {
     pub peer: Option<String>,
     pub took_ms: u64,
     pub unix_time: u64,
+    /// More about a failure (which policy, which rules).
+    #[serde(default)]
+    pub detail: Option<String>,
 }
 
 impl HandshakeInfo {
@@ -75,6 +78,7 @@ impl HandshakeInfo {
             remote_node: rec.remote_node.clone(),
             peer: rec.peer.map(|p| p.to_string()),
             took_ms: u64::try_from(rec.took.as_millis()).unwrap_or(u64::MAX),
+            detail: rec.detail.clone(),
             unix_time: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap_or_default()
@@ -96,9 +100,16 @@ pub struct AgentInfo {
     /// Why the latest edit of the cluster state was rejected (the last good one stays).
     pub cluster_error: Option<String>,
     pub bpffs_dir: String,
-    /// `enforce` (every new connection between enrolled workloads needs an auth entry).
+    /// The policy's default mode: `enforce`, `audit` or `off` (namespaces may override it;
+    /// each interface shows its own).
     #[serde(default)]
     pub mode: String,
+    /// The policy in force: its name, and the file it came from.
+    #[serde(default)]
+    pub policy: Option<String>,
+    /// Why the latest edit of the policy was rejected (the last good one stays).
+    #[serde(default)]
+    pub policy_error: Option<String>,
     /// `ca`, `files`, or `none` (enforcing, not authenticating).
     #[serde(default)]
     pub identity_source: String,
@@ -127,6 +138,9 @@ pub struct InterfaceInfo {
     pub addresses: Vec<IpAddr>,
     /// `adopted` (a pinned link kept, its program replaced) or `new`.
     pub attached: String,
+    /// The pod's policy mode.
+    #[serde(default)]
+    pub mode: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -137,6 +151,9 @@ pub struct AuthEntry {
     pub age_secs: u64,
     /// Negative once expired (the kernel no longer admits new connections with it).
     pub expires_in_secs: i64,
+    /// What the remote may open towards the local workload: `all`, `none`, or port ranges.
+    #[serde(default)]
+    pub inbound_ports: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -202,12 +219,30 @@ pub fn auth_entries(
             remote_node: reg.name(Kind::Node, k.remote_node),
             age_secs: now.saturating_sub(v.created_ns) / 1_000_000_000,
             expires_in_secs: secs_signed(v.expires_ns, now),
+            inbound_ports: inbound_ports(&v),
         })
         .collect();
     out.sort_by(|a, b| {
         (&a.local, &a.remote, &a.remote_node).cmp(&(&b.local, &b.remote, &b.remote_node))
     });
     out
+}
+
+/// An entry's inbound grant, as policy writes it.
+#[must_use]
+pub fn inbound_ports(v: &AuthValue) -> String {
+    if v.flags & portcullis_common::AUTH_ALL_PORTS != 0 {
+        return "all".to_owned();
+    }
+    let n = (v.nports as usize).min(v.ports.len());
+    if n == 0 {
+        return "none".to_owned();
+    }
+    v.ports[..n]
+        .iter()
+        .map(crate::policy::port_range_str)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn secs_signed(at: u64, now: u64) -> i64 {

@@ -59,6 +59,17 @@ pub const IDENTITY_NONE: u32 = 0;
 
 /// [`Endpoint::flags`]: the endpoint is a pod on this node, behind `ifindex`.
 pub const EP_LOCAL: u32 = 1;
+/// [`Endpoint::flags`]: an address of this node itself (kubelet probes come from it).
+pub const EP_HOST: u32 = 2;
+/// [`Endpoint::flags`] of a local pod: policy mode `enforce` (drop what is not admitted).
+pub const EP_ENFORCE: u32 = 4;
+/// [`Endpoint::flags`] of a local pod: policy mode `audit` (admit, but report what `enforce`
+/// would drop). Neither this nor [`EP_ENFORCE`]: mode `off`, everything passes.
+pub const EP_AUDIT: u32 = 8;
+/// [`Endpoint::flags`] of a local pod: connections from this node's own addresses are admitted.
+pub const EP_ADMIT_HOST: u32 = 16;
+/// [`Endpoint::flags`] of a local pod: IP protocols other than TCP, UDP and ICMP pass.
+pub const EP_OTHER_PASS: u32 = 32;
 
 /// Where an address belongs: value of the endpoint LPM tries.
 #[repr(C)]
@@ -87,7 +98,33 @@ pub struct AuthKey {
 }
 const _: () = assert!(size_of::<AuthKey>() == 16);
 
-/// An auth entry's value.
+/// Port ranges an auth entry can carry; a grant needing more is refused by the policy loader.
+pub const MAX_PORT_RANGES: usize = 8;
+
+/// Destination ports `first..=last` (host byte order) of protocol `proto` (0: TCP and UDP).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<PortRange>() == 8);
+
+impl PortRange {
+    #[inline(always)]
+    #[must_use]
+    pub const fn admits(&self, proto: u8, port: u16) -> bool {
+        (self.proto == 0 || self.proto == proto) && self.first <= port && port <= self.last
+    }
+}
+
+/// [`AuthValue::flags`]: new connections *to* the local workload are admitted on every port.
+pub const AUTH_ALL_PORTS: u32 = 1;
+
+/// An auth entry's value: how long the pair is authenticated, and what the authorization
+/// policy lets the remote workload open towards the local one.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct AuthValue {
@@ -96,8 +133,34 @@ pub struct AuthValue {
     pub expires_ns: u64,
     /// `CLOCK_BOOTTIME` nanoseconds when it was written.
     pub created_ns: u64,
+    /// `AUTH_*` bits.
+    pub flags: u32,
+    /// How many of `ports` are used. With neither this nor [`AUTH_ALL_PORTS`], the pair is
+    /// authenticated but the remote may open nothing towards the local workload (the policy
+    /// admits only the other direction).
+    pub nports: u32,
+    pub ports: [PortRange; MAX_PORT_RANGES],
 }
-const _: () = assert!(size_of::<AuthValue>() == 16);
+const _: () = assert!(size_of::<AuthValue>() == 88);
+
+impl AuthValue {
+    /// Whether a new connection of `proto` to local port `port` is admitted.
+    #[inline(always)]
+    #[must_use]
+    pub fn admits(&self, proto: u8, port: u16) -> bool {
+        if self.flags & AUTH_ALL_PORTS != 0 {
+            return true;
+        }
+        let mut i = 0;
+        while i < MAX_PORT_RANGES {
+            if (i as u32) < self.nports && self.ports[i].admits(proto, port) {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+}
 
 pub const AF_INET: u8 = 4;
 pub const AF_INET6: u8 = 6;
@@ -129,6 +192,12 @@ const _: () = assert!(size_of::<FlowKey>() == 40);
 pub const FLOW_INBOUND: u32 = 1;
 /// [`FlowValue::flags`]: the local pod opened the connection.
 pub const FLOW_OUTBOUND: u32 = 2;
+/// [`FlowValue::flags`]: admitted without authorization (mode `audit` or `off`): cut when the
+/// local pod's mode becomes `enforce`.
+pub const FLOW_UNCHECKED: u32 = 4;
+/// [`FlowValue::flags`]: a connection from this node itself (admitted by the node-traffic
+/// setting rather than an auth entry).
+pub const FLOW_HOST: u32 = 8;
 
 /// The identity pair a connection was admitted under.
 #[repr(C)]
@@ -163,6 +232,9 @@ pub const EVENT_DENIED: u32 = 1;
 /// [`Event::kind`]: a local pod opened a connection to an enrolled peer with no valid auth
 /// entry: the agent should authenticate the pair now, before the peer drops the SYN.
 pub const EVENT_AUTH_WANTED: u32 = 2;
+/// [`Event::kind`]: mode `audit` admitted a new inbound connection that `enforce` would have
+/// dropped; the reason is the drop reason.
+pub const EVENT_WOULD_DROP: u32 = 3;
 
 /// One ring-buffer record.
 #[repr(C)]
@@ -216,10 +288,21 @@ pub enum Counter {
     EventLost = 13,
     /// A flow could not be recorded (map update failed): the packet was dropped.
     DropFlowTableFull = 14,
+    /// New inbound connection of an authenticated pair that the policy does not admit (port,
+    /// protocol or direction), or from this node when node traffic is restricted.
+    DropPolicy = 15,
+    /// New inbound connection that `enforce` would drop, admitted by mode `audit`.
+    PassAudit = 16,
+    /// New inbound connection to a pod whose mode is `off`.
+    PassUnenforced = 17,
+    /// New inbound connection from this node itself (kubelet probes), admitted by policy.
+    PassHost = 18,
+    /// Another IP protocol, admitted by policy, or an ICMP error of a tracked flow.
+    PassOther = 19,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 20;
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::PassAuthenticated,
         Self::PassFlow,
@@ -236,6 +319,11 @@ impl Counter {
         Self::EventRateLimited,
         Self::EventLost,
         Self::DropFlowTableFull,
+        Self::DropPolicy,
+        Self::PassAudit,
+        Self::PassUnenforced,
+        Self::PassHost,
+        Self::PassOther,
     ];
 
     /// The stable name used in status output and metrics.
@@ -257,6 +345,11 @@ impl Counter {
             Self::EventRateLimited => "event_rate_limited",
             Self::EventLost => "event_lost",
             Self::DropFlowTableFull => "drop_flow_table_full",
+            Self::DropPolicy => "drop_policy",
+            Self::PassAudit => "pass_audit",
+            Self::PassUnenforced => "pass_unenforced",
+            Self::PassHost => "pass_host",
+            Self::PassOther => "pass_other",
         }
     }
 
@@ -282,6 +375,7 @@ impl Counter {
                 | Self::DropUnsupported
                 | Self::DropNotLocal
                 | Self::DropFlowTableFull
+                | Self::DropPolicy
         )
     }
 }
@@ -318,6 +412,7 @@ mod user {
     unsafe impl aya::Pod for super::Endpoint {}
     unsafe impl aya::Pod for super::AuthKey {}
     unsafe impl aya::Pod for super::AuthValue {}
+    unsafe impl aya::Pod for super::PortRange {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowValue {}
     unsafe impl aya::Pod for super::Event {}

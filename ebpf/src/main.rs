@@ -23,12 +23,13 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use portcullis_common::{
-    AuthKey, AuthValue, Counter, EP_LOCAL, EVENT_AUTH_WANTED, EVENT_DENIED, EVENT_INTERVAL_NS,
-    Endpoint, Event, FLOW_INBOUND, FLOW_OUTBOUND, FlowKey, FlowValue, IDENTITY_NONE, IPPROTO_TCP,
-    IPPROTO_UDP, Name, NameKey, capacity,
+    AuthKey, AuthValue, Counter, EP_ADMIT_HOST, EP_AUDIT, EP_ENFORCE, EP_HOST, EP_LOCAL,
+    EP_OTHER_PASS, EVENT_AUTH_WANTED, EVENT_DENIED, EVENT_INTERVAL_NS, EVENT_WOULD_DROP, Endpoint,
+    Event, FLOW_HOST, FLOW_INBOUND, FLOW_OUTBOUND, FLOW_UNCHECKED, FlowKey, FlowValue,
+    IDENTITY_NONE, IPPROTO_TCP, IPPROTO_UDP, Name, NameKey, capacity,
 };
 
-use crate::packet::{Packet, Parsed};
+use crate::packet::{ICMP_ERROR, ICMP_NONE, Packet, Parsed};
 
 #[map(name = "PC_EP_V4")]
 static EP_V4: LpmTrie<[u8; 4], Endpoint> = LpmTrie::pinned(capacity::ENDPOINTS, 0);
@@ -149,43 +150,92 @@ fn existing(pkt: &Packet, key: &FlowKey) -> Option<Counter> {
     }
 }
 
+/// A packet that is neither TCP nor UDP, to or from local pod `local`: an ICMP error passes
+/// when it quotes a tracked flow of that pod; anything else (ICMP echo, other IP protocols)
+/// passes when the pod's policy says so, or its mode is `off`.
+#[inline(always)]
+fn other_protocol(ctx: &TcContext, pkt: &Packet, local: &Endpoint, to_pod: bool) -> Counter {
+    if pkt.icmp == ICMP_ERROR {
+        let Ok(key) = pkt.inner_flow(ctx, to_pod) else {
+            return Counter::DropMalformed;
+        };
+        let pod = if to_pod { &pkt.dst } else { &pkt.src };
+        return if key.local_addr == *pod && FLOWS.get_ptr(&key).is_some() {
+            Counter::PassOther
+        } else {
+            Counter::DropNoFlow
+        };
+    }
+    if local.flags & EP_OTHER_PASS != 0 || local.flags & (EP_ENFORCE | EP_AUDIT) == 0 {
+        Counter::PassOther
+    } else {
+        Counter::DropUnsupported
+    }
+}
+
 /// A packet on its way into a local pod: `dst` is the pod, `src` the remote peer.
 #[inline(always)]
 fn to_pod(ctx: &TcContext, pkt: &Packet) -> Counter {
     let Some(local) = local_endpoint(ctx, pkt, &pkt.dst) else {
         return Counter::DropNotLocal;
     };
-    if pkt.proto != IPPROTO_TCP && pkt.proto != IPPROTO_UDP {
-        return Counter::DropUnsupported;
+    if pkt.icmp != ICMP_NONE || (pkt.proto != IPPROTO_TCP && pkt.proto != IPPROTO_UDP) {
+        return other_protocol(ctx, pkt, &local, true);
     }
     let key = pkt.flow_key(false);
     if let Some(verdict) = existing(pkt, &key) {
         return verdict;
     }
-    let Some(remote) = endpoint(pkt, &pkt.src) else {
-        return Counter::DropUnknownPeer;
+    let now = now();
+    let remote = endpoint(pkt, &pkt.src);
+    let (remote_identity, remote_node, remote_flags) = match remote {
+        Some(r) => (r.identity, r.node, r.flags),
+        None => (IDENTITY_NONE, 0, 0),
     };
     let pair = AuthKey {
         local_identity: local.identity,
-        remote_identity: remote.identity,
-        remote_node: remote.node,
+        remote_identity,
+        remote_node,
         kind: 0,
     };
-    let now = now();
-    let verdict = match unsafe { AUTH.get(&pair) } {
-        Some(auth) if auth.expires_ns > now => Counter::PassAuthenticated,
-        Some(_) => Counter::DropExpired,
-        None => Counter::DropNoAuth,
+    let mut flags = FLOW_INBOUND;
+    let verdict = if local.flags & (EP_ENFORCE | EP_AUDIT) == 0 {
+        flags |= FLOW_UNCHECKED;
+        Counter::PassUnenforced
+    } else if remote.is_none() {
+        Counter::DropUnknownPeer
+    } else if remote_flags & EP_HOST != 0 {
+        flags |= FLOW_HOST;
+        if local.flags & EP_ADMIT_HOST != 0 {
+            Counter::PassHost
+        } else {
+            Counter::DropPolicy
+        }
+    } else {
+        match unsafe { AUTH.get(&pair) } {
+            Some(auth) if auth.expires_ns <= now => Counter::DropExpired,
+            Some(auth) if !auth.admits(pkt.proto, pkt.dport) => Counter::DropPolicy,
+            Some(_) => Counter::PassAuthenticated,
+            None => Counter::DropNoAuth,
+        }
     };
-    if verdict.is_drop() {
-        signal(EVENT_DENIED, verdict, &pair, &key, now);
-        return verdict;
-    }
+    let verdict = if verdict.is_drop() {
+        if local.flags & EP_ENFORCE != 0 {
+            signal(EVENT_DENIED, verdict, &pair, &key, now);
+            return verdict;
+        }
+        // Mode `audit`: admit, and report what `enforce` would have done.
+        signal(EVENT_WOULD_DROP, verdict, &pair, &key, now);
+        flags |= FLOW_UNCHECKED;
+        Counter::PassAudit
+    } else {
+        verdict
+    };
     let flow = FlowValue {
         local_identity: local.identity,
-        remote_identity: remote.identity,
-        remote_node: remote.node,
-        flags: FLOW_INBOUND,
+        remote_identity,
+        remote_node,
+        flags,
         created_ns: now,
     };
     if FLOWS.insert(&key, &flow, 0).is_err() {
@@ -200,29 +250,33 @@ fn from_pod(ctx: &TcContext, pkt: &Packet) -> Counter {
     let Some(local) = local_endpoint(ctx, pkt, &pkt.src) else {
         return Counter::DropSpoofed;
     };
-    if pkt.proto != IPPROTO_TCP && pkt.proto != IPPROTO_UDP {
-        return Counter::DropUnsupported;
+    if pkt.icmp != ICMP_NONE || (pkt.proto != IPPROTO_TCP && pkt.proto != IPPROTO_UDP) {
+        return other_protocol(ctx, pkt, &local, false);
     }
     let key = pkt.flow_key(true);
     if let Some(verdict) = existing(pkt, &key) {
         return verdict;
     }
     let now = now();
-    let (remote_identity, remote_node) = match endpoint(pkt, &pkt.dst) {
-        Some(remote) => (remote.identity, remote.node),
-        None => (IDENTITY_NONE, 0),
+    let (remote_identity, remote_node, remote_flags) = match endpoint(pkt, &pkt.dst) {
+        Some(remote) => (remote.identity, remote.node, remote.flags),
+        None => (IDENTITY_NONE, 0, 0),
     };
+    let mut flags = FLOW_OUTBOUND;
+    if remote_flags & EP_HOST != 0 {
+        flags |= FLOW_HOST;
+    }
     let flow = FlowValue {
         local_identity: local.identity,
         remote_identity,
         remote_node,
-        flags: FLOW_OUTBOUND,
+        flags,
         created_ns: now,
     };
     if FLOWS.insert(&key, &flow, 0).is_err() {
         return Counter::DropFlowTableFull;
     }
-    if remote_identity != IDENTITY_NONE {
+    if remote_identity != IDENTITY_NONE && remote_flags & EP_HOST == 0 {
         let pair = flow.pair();
         let valid = matches!(unsafe { AUTH.get(&pair) }, Some(a) if a.expires_ns > now);
         if !valid {
@@ -254,19 +308,26 @@ fn signal(kind: u32, reason: Counter, pair: &AuthKey, flow: &FlowKey, now: u64) 
         count(Counter::EventRateLimited);
         return;
     }
-    let event = Event {
-        kind,
-        reason: reason as u32,
-        local_identity: pair.local_identity,
-        remote_identity: pair.remote_identity,
-        remote_node: pair.remote_node,
-        _pad: 0,
-        time_ns: now,
-        flow: *flow,
-    };
-    if EVENTS.output(&event, 0).is_err() {
+    // Written in place in the ring buffer: an `Event` on the stack would not fit beside the
+    // packet path's own frame.
+    let Some(mut slot) = EVENTS.reserve::<Event>(0) else {
         count(Counter::EventLost);
+        return;
+    };
+    let event = slot.as_mut_ptr();
+    // SAFETY: `event` points to a reserved, writable record of `size_of::<Event>()` bytes;
+    // every field is written before it is submitted.
+    unsafe {
+        (*event).kind = kind;
+        (*event).reason = reason as u32;
+        (*event).local_identity = pair.local_identity;
+        (*event).remote_identity = pair.remote_identity;
+        (*event).remote_node = pair.remote_node;
+        (*event)._pad = 0;
+        (*event).time_ns = now;
+        (*event).flow = *flow;
     }
+    slot.submit(0);
 }
 
 #[cfg(not(test))]

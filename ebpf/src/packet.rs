@@ -15,6 +15,13 @@ const IPPROTO_HOPOPTS: u8 = 0;
 const TCP_FLAG_SYN: u8 = 0x02;
 const TCP_FLAG_ACK: u8 = 0x10;
 
+/// [`Packet::icmp`]: not ICMP.
+pub const ICMP_NONE: u8 = 0;
+/// [`Packet::icmp`]: an ICMP or ICMPv6 error; [`Packet::inner`] is the packet it quotes.
+pub const ICMP_ERROR: u8 = 1;
+/// [`Packet::icmp`]: any other ICMP message (echo and the like): another protocol for policy.
+pub const ICMP_OTHER: u8 = 2;
+
 /// What the programs need to know about an IP packet.
 pub struct Packet {
     pub family: u8,
@@ -26,13 +33,17 @@ pub struct Packet {
     pub sport: u16,
     pub dport: u16,
     pub tcp_flags: u8,
+    /// `ICMP_*`.
+    pub icmp: u8,
+    /// For an ICMP error, the offset of the IP header it quotes.
+    pub inner_off: usize,
 }
 
 pub enum Parsed {
-    /// TCP, UDP, or another IP protocol: subject to the rules.
+    /// TCP, UDP, ICMP, or another IP protocol: subject to the rules.
     Ip(Packet),
-    /// ARP, ICMP, ICMPv6: needed for the network to work at all (neighbour discovery, path
-    /// MTU), carries no connection, passes.
+    /// ARP, and ICMPv6 neighbour discovery and multicast listener messages: needed for the
+    /// network to work at all, carry no connection, pass.
     Control,
     /// An ethertype that is neither IP nor ARP.
     Unsupported,
@@ -49,6 +60,8 @@ impl Packet {
             sport: 0,
             dport: 0,
             tcp_flags: 0,
+            icmp: ICMP_NONE,
+            inner_off: 0,
         }
     }
 
@@ -71,9 +84,6 @@ impl Packet {
             return Err(());
         }
         let proto = hdr[9];
-        if proto == IPPROTO_ICMP {
-            return Ok(Parsed::Control);
-        }
         // A non-first fragment carries no transport header: it cannot be attributed to a
         // connection, so it cannot be admitted.
         let frag_offset = u16::from_be_bytes([hdr[6], hdr[7]]) & 0x1fff;
@@ -104,7 +114,11 @@ impl Packet {
             l4 += (usize::from(ext[1]) + 1) * 8;
         }
         if proto == IPPROTO_ICMPV6 {
-            return Ok(Parsed::Control);
+            let icmp_type: u8 = ctx.load(l4).map_err(|_| ())?;
+            // Multicast listener (130–132, 143) and neighbour discovery (133–137).
+            if matches!(icmp_type, 130..=137 | 143) {
+                return Ok(Parsed::Control);
+            }
         }
         let mut pkt = Packet::new(AF_INET6, proto);
         pkt.src.copy_from_slice(&hdr[8..24]);
@@ -116,6 +130,26 @@ impl Packet {
     #[inline(always)]
     fn load_l4(&mut self, ctx: &TcContext, off: usize) -> Result<(), ()> {
         match self.proto {
+            IPPROTO_ICMP => {
+                let icmp_type: u8 = ctx.load(off).map_err(|_| ())?;
+                // Destination unreachable, source quench, time exceeded, parameter problem.
+                if matches!(icmp_type, 3 | 4 | 11 | 12) {
+                    self.icmp = ICMP_ERROR;
+                    self.inner_off = off + 8;
+                } else {
+                    self.icmp = ICMP_OTHER;
+                }
+            }
+            IPPROTO_ICMPV6 => {
+                let icmp_type: u8 = ctx.load(off).map_err(|_| ())?;
+                // Destination unreachable, packet too big, time exceeded, parameter problem.
+                if matches!(icmp_type, 1..=4) {
+                    self.icmp = ICMP_ERROR;
+                    self.inner_off = off + 8;
+                } else {
+                    self.icmp = ICMP_OTHER;
+                }
+            }
             IPPROTO_TCP => {
                 // Ports (4 bytes), sequence and ack numbers (8), data offset (1), flags (1).
                 let l4: [u8; 14] = ctx.load(off).map_err(|_| ())?;
@@ -131,6 +165,59 @@ impl Packet {
             _ => {}
         }
         Ok(())
+    }
+
+    /// The flow an ICMP error belongs to, seen from the local pod: the pod sent the quoted
+    /// packet when the error travels to it (`to_pod`), and received it when the pod sends the
+    /// error. Only TCP and UDP are quoted flows; IPv6 quotes without extension headers.
+    #[inline(always)]
+    pub fn inner_flow(&self, ctx: &TcContext, to_pod: bool) -> Result<FlowKey, ()> {
+        let off = self.inner_off;
+        let mut key = FlowKey {
+            local_addr: [0; 16],
+            remote_addr: [0; 16],
+            local_port: 0,
+            remote_port: 0,
+            proto: 0,
+            family: self.family,
+            _pad: [0; 2],
+        };
+        let (src, dst, l4) = if self.is_v6() {
+            let first: u8 = ctx.load(off).map_err(|_| ())?;
+            if first >> 4 != 6 {
+                return Err(());
+            }
+            key.proto = ctx.load(off + 6).map_err(|_| ())?;
+            let src: [u8; 16] = ctx.load(off + 8).map_err(|_| ())?;
+            let dst: [u8; 16] = ctx.load(off + 24).map_err(|_| ())?;
+            (src, dst, off + 40)
+        } else {
+            let first: u8 = ctx.load(off).map_err(|_| ())?;
+            let ihl = usize::from(first & 0x0f) * 4;
+            if first >> 4 != 4 || ihl < 20 {
+                return Err(());
+            }
+            key.proto = ctx.load(off + 9).map_err(|_| ())?;
+            let mut src = [0; 16];
+            let mut dst = [0; 16];
+            let s4: [u8; 4] = ctx.load(off + 12).map_err(|_| ())?;
+            let d4: [u8; 4] = ctx.load(off + 16).map_err(|_| ())?;
+            src[..4].copy_from_slice(&s4);
+            dst[..4].copy_from_slice(&d4);
+            (src, dst, off + ihl)
+        };
+        if key.proto != IPPROTO_TCP && key.proto != IPPROTO_UDP {
+            return Err(());
+        }
+        let ports: [u8; 4] = ctx.load(l4).map_err(|_| ())?;
+        let sport = u16::from_be_bytes([ports[0], ports[1]]);
+        let dport = u16::from_be_bytes([ports[2], ports[3]]);
+        if to_pod {
+            (key.local_addr, key.remote_addr, key.local_port, key.remote_port) = (src, dst, sport, dport);
+        } else {
+            (key.local_addr, key.remote_addr, key.local_port, key.remote_port) = (dst, src, dport, sport);
+        }
+        Ok(key)
     }
 
     #[inline(always)]

@@ -48,6 +48,11 @@ pub struct Options {
     /// `handshake.proactive` in the agent configs (with `authenticate`); `None`: the agent's
     /// default (on).
     pub proactive: Option<bool>,
+    /// An authorization policy (YAML text) for every agent, written to `policy.yaml` in the
+    /// state directory ([`Testbed::set_policy`] edits it); `None`: no policy file.
+    pub policy: Option<String>,
+    /// `poll_interval_ms` in the agent configs; `None`: the agent's default.
+    pub poll_interval_ms: Option<u64>,
     pub trust_domain: String,
     /// Start agents in a session of their own (setsid), for testbeds that outlive their
     /// creator (`cargo xtask testbed up`).
@@ -65,6 +70,8 @@ impl Default for Options {
             authenticate: false,
             svid_ttl_secs: None,
             proactive: None,
+            policy: None,
+            poll_interval_ms: None,
             trust_domain: "cluster.local".into(),
             detach_agents: false,
             agent_ready_timeout: Duration::from_secs(20),
@@ -92,6 +99,8 @@ pub struct Testbed {
     pub(crate) authenticate: bool,
     pub(crate) svid_ttl_secs: Option<u64>,
     pub(crate) proactive: Option<bool>,
+    pub(crate) policy: Option<String>,
+    pub(crate) poll_interval_ms: Option<u64>,
     pub(crate) detach_agents: bool,
     pub(crate) ready_timeout: Duration,
     persistent: bool,
@@ -151,6 +160,8 @@ impl Testbed {
             authenticate: opts.authenticate && opts.agents,
             svid_ttl_secs: opts.svid_ttl_secs,
             proactive: opts.proactive,
+            policy: opts.policy.clone(),
+            poll_interval_ms: opts.poll_interval_ms,
             detach_agents: opts.detach_agents,
             ready_timeout: opts.agent_ready_timeout,
             persistent: false,
@@ -194,6 +205,8 @@ impl Testbed {
             authenticate: false,
             svid_ttl_secs: None,
             proactive: None,
+            policy: None,
+            poll_interval_ms: None,
             detach_agents: true,
             ready_timeout: Options::default().agent_ready_timeout,
             persistent: true,
@@ -395,6 +408,16 @@ impl Testbed {
                 );
             }
         }
+        if let Some(policy) = &self.policy {
+            self.set_policy(policy)?;
+            extra.insert(
+                "policy".to_owned(),
+                self.policy_path().to_string_lossy().into_owned().into(),
+            );
+        }
+        if let Some(ms) = self.poll_interval_ms {
+            extra.insert("poll_interval_ms".to_owned(), ms.into());
+        }
         for n in &self.info.nodes {
             AgentConfig {
                 node: n.name.clone(),
@@ -407,6 +430,20 @@ impl Testbed {
             .store(&n.agent_config)?;
         }
         Ok(())
+    }
+
+    /// The policy file every agent reads (with `Options::policy`).
+    pub fn policy_path(&self) -> PathBuf {
+        self.info.state_dir.join("policy.yaml")
+    }
+
+    /// Replaces the policy file, atomically (as a ConfigMap update swaps it): every agent
+    /// picks it up at its next poll.
+    pub fn set_policy(&self, text: &str) -> Result<()> {
+        let path = self.policy_path();
+        let tmp = path.with_extension("yaml.tmp");
+        std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("replacing {}", path.display()))
     }
 
     /// The testbed's CA (with `Options::authenticate`): `ca.pem`, `ca.key`.

@@ -78,7 +78,9 @@ fn offline(target: &Target) -> anyhow::Result<Status> {
                 .map(|c| c.cluster_state.display().to_string()),
             cluster_error: None,
             bpffs_dir: target.bpffs_dir.display().to_string(),
-            mode: "enforce".to_owned(),
+            mode: String::new(),
+            policy: None,
+            policy_error: None,
             identity_source: String::new(),
             ready: false,
             not_ready: vec!["the agent is down".to_owned()],
@@ -103,14 +105,14 @@ fn render_section(s: &Status, section: Section) -> String {
         Section::Auth => {
             let _ = writeln!(
                 o,
-                "{:<48} {:<48} {:<12} {:>8} {:>12}",
+                "{:<48} {:<48} {:<12} {:>8} {:>12}  INBOUND PORTS",
                 "LOCAL", "REMOTE", "NODE", "AGE", "EXPIRES IN"
             );
             for e in &s.auth {
                 let _ = writeln!(
                     o,
-                    "{:<48} {:<48} {:<12} {:>7}s {:>11}s",
-                    e.local, e.remote, e.remote_node, e.age_secs, e.expires_in_secs
+                    "{:<48} {:<48} {:<12} {:>7}s {:>11}s  {}",
+                    e.local, e.remote, e.remote_node, e.age_secs, e.expires_in_secs, e.inbound_ports
                 );
             }
         }
@@ -186,18 +188,25 @@ fn render(s: &Status) -> String {
     if let Some(err) = &a.cluster_error {
         let _ = writeln!(o, "cluster    LAST EDIT REJECTED: {err}");
     }
+    if let Some(p) = &a.policy {
+        let _ = writeln!(o, "policy     {p}");
+    }
+    if let Some(err) = &a.policy_error {
+        let _ = writeln!(o, "policy     LAST EDIT REJECTED: {err}");
+    }
     let _ = writeln!(o, "\ninterfaces ({})", s.interfaces.len());
     for i in &s.interfaces {
         let addrs: Vec<String> = i.addresses.iter().map(ToString::to_string).collect();
         let _ = writeln!(
             o,
-            "  {:<12} #{:<4} {:<24} {} [{}] ({})",
+            "  {:<12} #{:<4} {:<24} {} [{}] ({}{})",
             i.interface,
             i.ifindex,
             i.workload,
             i.identity,
             addrs.join(", "),
-            i.attached
+            i.attached,
+            if i.mode.is_empty() { String::new() } else { format!(", mode {}", i.mode) }
         );
     }
     for p in &s.pending {
@@ -224,8 +233,8 @@ fn render(s: &Status) -> String {
     for e in &s.auth {
         let _ = writeln!(
             o,
-            "  {} <- {} @ {}   age {}s, expires in {}s",
-            e.local, e.remote, e.remote_node, e.age_secs, e.expires_in_secs
+            "  {} <- {} @ {}   age {}s, expires in {}s, inbound ports {}",
+            e.local, e.remote, e.remote_node, e.age_secs, e.expires_in_secs, e.inbound_ports
         );
     }
     let _ = writeln!(o, "\nflows ({})", s.flows.len());
