@@ -84,7 +84,11 @@ fn with_grant(mut v: AuthValue, grant: &Grant) -> AuthValue {
             // The loader refuses rules with more ranges than fit; several rules together can
             // still exceed it, and then the excess is not admitted (never widened).
             if ranges.len() > MAX_PORT_RANGES {
-                tracing::warn!(ranges = ranges.len(), max = MAX_PORT_RANGES, "a pair's rules admit more port ranges than an auth entry holds; the excess is not admitted");
+                tracing::warn!(
+                    ranges = ranges.len(),
+                    max = MAX_PORT_RANGES,
+                    "a pair's rules admit more port ranges than an auth entry holds; the excess is not admitted"
+                );
             }
             for (slot, r) in v.ports.iter_mut().zip(ranges) {
                 *slot = *r;
@@ -141,6 +145,8 @@ pub struct Agent {
     policy_error: Option<String>,
     /// Why the node's own addresses could not be listed, last logged (log once).
     host_addr_error: Option<String>,
+    /// What the sockops program does, for `status`.
+    first_connection: String,
 }
 
 /// Audit records are rate-limited (a token bucket: `AUDIT_BURST` at once, `AUDIT_PER_SEC`
@@ -208,7 +214,9 @@ impl Agent {
                 let mut src = policy::file_source(path.clone());
                 match src.poll() {
                     Some(Ok(p)) => (p, Some(src)),
-                    Some(Err(e)) => return Err(anyhow::Error::new(e).context("no valid policy to start from")),
+                    Some(Err(e)) => {
+                        return Err(anyhow::Error::new(e).context("no valid policy to start from"));
+                    }
                     None => anyhow::bail!("policy {} could not be read", path.display()),
                 }
             }
@@ -252,6 +260,7 @@ impl Agent {
                 policy_source,
                 policy_error: None,
                 host_addr_error: None,
+                first_connection: String::new(),
             },
             channels,
         ))
@@ -424,9 +433,46 @@ impl Agent {
         Ok(())
     }
 
+    /// Attaches (or removes) the sockops program that shortens the first SYN timeout of
+    /// connections whose pair is still cold.
+    pub fn setup_first_connection(&mut self) -> anyhow::Result<()> {
+        let fc = self.config.first_connection.clone();
+        if fc.syn_rto_ms == 0 {
+            self.dp.detach_sock_ops()?;
+            self.first_connection = "off (the kernel's 1 s SYN timeout)".to_owned();
+            tracing::info!("first-connection SYN timeout program off");
+            return Ok(());
+        }
+        let hz = match fc.kernel_hz {
+            Some(hz) => hz,
+            None => datapath::kernel_hz().map_err(|e| {
+                anyhow::anyhow!("learning the kernel's HZ for the SYN timeout: {e}")
+            })?,
+        };
+        let jiffies = (fc.syn_rto_ms * hz).div_ceil(1000).max(1);
+        let cgroup = fc
+            .cgroup
+            .clone()
+            .or_else(datapath::cgroup2_mount)
+            .context("no cgroup v2 mount for the SYN timeout program; set first_connection.cgroup, or first_connection.syn_rto_ms: 0 to do without")?;
+        self.dp.attach_sock_ops(&cgroup, jiffies).with_context(|| {
+            format!("attaching the SYN timeout program to {}", cgroup.display())
+        })?;
+        self.first_connection = format!(
+            "SYN retried after {} ms while a pair is cold ({jiffies} jiffies at HZ {hz}), on cgroup {}",
+            u64::from(jiffies) * 1000 / u64::from(hz),
+            cgroup.display()
+        );
+        tracing::info!(cgroup = %cgroup.display(), syn_rto_ms = fc.syn_rto_ms, hz, jiffies, "first-connection SYN timeout program attached");
+        Ok(())
+    }
+
     /// Adds this node's own addresses (not claimed by a pod) to `desired`, so that the kernel
     /// can tell connections from the node (kubelet probes) from unknown peers.
-    fn host_endpoints(&mut self, desired: &mut HashMap<IpAddr, Endpoint>) -> Result<(), DatapathError> {
+    fn host_endpoints(
+        &mut self,
+        desired: &mut HashMap<IpAddr, Endpoint>,
+    ) -> Result<(), DatapathError> {
         let addrs = match route::local_addresses() {
             Ok(a) => {
                 self.host_addr_error = None;
@@ -447,8 +493,12 @@ impl Agent {
                 return Ok(());
             }
         };
-        let identity = self.registry.intern(&mut self.dp, Kind::Identity, HOST_IDENTITY)?;
-        let node = self.registry.intern(&mut self.dp, Kind::Node, &self.config.node)?;
+        let identity = self
+            .registry
+            .intern(&mut self.dp, Kind::Identity, HOST_IDENTITY)?;
+        let node = self
+            .registry
+            .intern(&mut self.dp, Kind::Node, &self.config.node)?;
         for a in addrs {
             desired.entry(a).or_insert(Endpoint {
                 identity,
@@ -479,7 +529,12 @@ impl Agent {
         let remote_ids: HashSet<(u32, u32)> = cluster
             .workloads
             .iter()
-            .filter_map(|w| Some((id(Kind::Identity, w.identity.as_str())?, id(Kind::Node, &w.node)?)))
+            .filter_map(|w| {
+                Some((
+                    id(Kind::Identity, w.identity.as_str())?,
+                    id(Kind::Node, &w.node)?,
+                ))
+            })
             .collect();
         let mut valid: HashMap<AuthKey, AuthValue> = HashMap::new();
         let mut revoked = Vec::new();
@@ -516,7 +571,9 @@ impl Agent {
             }
         }
         let programmed = &self.programmed;
-        let cut = self.dp.cut_flows(|k, v| !flow_stands(programmed, &valid, k, v))?;
+        let cut = self
+            .dp
+            .cut_flows(|k, v| !flow_stands(programmed, &valid, k, v))?;
         let took_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         for (k, reason) in &revoked {
             tracing::info!(
@@ -912,7 +969,9 @@ impl Agent {
             return;
         };
         let detail = match (SpiffeId::parse(&rec.local), SpiffeId::parse(&rec.remote)) {
-            (Ok(l), Ok(r)) if !self.policy.decide(&l, &r).authorized() => self.policy.denial(&l, &r),
+            (Ok(l), Ok(r)) if !self.policy.decide(&l, &r).authorized() => {
+                self.policy.denial(&l, &r)
+            }
             (Ok(l), Ok(r)) if rec.reason == Counter::DropPolicy.name() => format!(
                 "policy `{}` admits {} from {r}, not {} {}",
                 self.policy.name,
@@ -1085,6 +1144,7 @@ impl Agent {
                     None => "default (no policy file: any authenticated peer)".to_owned(),
                 }),
                 policy_error: self.policy_error.clone(),
+                first_connection: Some(self.first_connection.clone()),
                 identity_source: match self.config.identity.as_ref().map(|i| &i.source) {
                     Some(IdentitySource::Ca { .. }) => "ca",
                     Some(IdentitySource::Files { .. }) => "files",
@@ -1235,6 +1295,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let (record_tx, mut record_rx) = mpsc::channel::<Record>(1024);
     let (write_tx, mut write_rx) = mpsc::channel::<WriteRequest>(256);
     let (mut agent, channels) = Agent::new(config.clone(), record_tx.clone())?;
+    agent.setup_first_connection()?;
     agent.reconcile().context("first reconciliation")?;
     if agent.cluster.is_none() {
         anyhow::bail!(

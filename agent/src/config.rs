@@ -33,6 +33,16 @@ struct File {
     identity: Option<IdentityFile>,
     #[serde(default)]
     handshake: HandshakeFile,
+    #[serde(default)]
+    first_connection: FirstConnectionFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FirstConnectionFile {
+    syn_rto_ms: Option<Spanned<u32>>,
+    cgroup: Option<Spanned<String>>,
+    kernel_hz: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -86,6 +96,20 @@ pub struct Handshake {
 }
 
 pub const DEFAULT_PROACTIVE_PER_TICK: u32 = 16;
+pub const DEFAULT_SYN_RTO_MS: u32 = 20;
+
+/// The sockops program for pairs that are still cold at `connect()`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FirstConnection {
+    /// Initial SYN retransmission timeout for a connection whose pair is not authenticated
+    /// yet; 0: off (the kernel's 1 s).
+    pub syn_rto_ms: u32,
+    /// The cgroup (v2) the program attaches to: the pods' parent cgroup. `None`: the cgroup v2
+    /// root, detected from the mount table.
+    pub cgroup: Option<PathBuf>,
+    /// The kernel's `CONFIG_HZ` (timeouts are in jiffies); `None`: measured at start.
+    pub kernel_hz: Option<u32>,
+}
 
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
 
@@ -133,6 +157,7 @@ pub struct Config {
     /// `portcullis auth allow`.
     pub identity: Option<Identity>,
     pub handshake: Handshake,
+    pub first_connection: FirstConnection,
 }
 
 mod millis {
@@ -327,7 +352,37 @@ impl Config {
             proactive: h.proactive.unwrap_or(true),
             proactive_per_tick,
         };
+        let fc = &f.first_connection;
+        let first_connection = FirstConnection {
+            syn_rto_ms: ranged(
+                path,
+                fc.syn_rto_ms.as_ref(),
+                "first_connection.syn_rto_ms",
+                0..=1000,
+                DEFAULT_SYN_RTO_MS,
+            )?,
+            cgroup: match &fc.cgroup {
+                None => None,
+                Some(c) => Some(absolute_path(
+                    path,
+                    Some(c),
+                    "first_connection.cgroup",
+                    "/",
+                )?),
+            },
+            kernel_hz: match &fc.kernel_hz {
+                None => None,
+                Some(hz) => Some(ranged(
+                    path,
+                    Some(hz),
+                    "first_connection.kernel_hz",
+                    24..=10_000,
+                    250,
+                )?),
+            },
+        };
         Ok(Self {
+            first_connection,
             identity,
             handshake,
             source: path.to_owned(),

@@ -20,9 +20,10 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::{
-        LinkOrder, ProgramError, SchedClassifier, TcAttach, TcAttachType,
+        CgroupAttachMode, LinkOrder, ProgramError, SchedClassifier, SockOps, TcAttach,
+        TcAttachType,
         links::{FdLink, PinnedLink},
         tc::SchedClassifierLink,
     },
@@ -149,6 +150,12 @@ impl PinDirs {
         }
     }
 
+    /// The sockops program's link on the pods' cgroup.
+    #[must_use]
+    pub fn sock_ops_link(&self) -> PathBuf {
+        self.links.join("sockops")
+    }
+
     #[must_use]
     pub fn link(&self, ifindex: u32, hook: Hook) -> PathBuf {
         self.links.join(format!("{ifindex}-{}", hook.pin_suffix()))
@@ -194,6 +201,7 @@ pub struct Datapath {
     ebpf: Ebpf,
     ep_v4: LpmTrie<MapData, [u8; 4], Endpoint>,
     ep_v6: LpmTrie<MapData, [u8; 16], Endpoint>,
+    syn_rto: Array<MapData, u32>,
     state: PinnedView,
 }
 
@@ -252,6 +260,7 @@ impl Datapath {
         let dp = Self {
             ep_v4: typed(&mut ebpf, map::ENDPOINTS_V4)?,
             ep_v6: typed(&mut ebpf, map::ENDPOINTS_V6)?,
+            syn_rto: typed(&mut ebpf, map::SYN_RTO)?,
             state: PinnedView {
                 auth: typed(&mut ebpf, map::AUTH)?,
                 flows: typed(&mut ebpf, map::FLOWS)?,
@@ -325,6 +334,71 @@ impl Datapath {
         let fd = FdLink::try_from(link).map_err(|e| err(e.into()))?;
         fd.pin(&path).map_err(|e| err(e.into()))?;
         Ok(Attached::New)
+    }
+
+    /// Attaches the sockops program to `cgroup` and sets the initial SYN timeout it gives
+    /// connections of pairs not yet authenticated (`jiffies`; 0 leaves the kernel's). A link
+    /// pinned by an earlier run is replaced after the new one is attached, so there is no
+    /// moment without the program (which only shortens timeouts: it never admits anything).
+    pub fn attach_sock_ops(&mut self, cgroup: &Path, jiffies: u32) -> Result<(), DatapathError> {
+        let name = program::SOCK_OPS;
+        let prog: &mut SockOps = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::Program {
+                name,
+                source: ProgramError::NotLoaded,
+            })?
+            .try_into()
+            .map_err(|source| DatapathError::Program { name, source })?;
+        if prog.fd().is_err() {
+            prog.load()
+                .map_err(|source| DatapathError::Program { name, source })?;
+        }
+        let dir = fs::File::open(cgroup).map_err(io_err(cgroup))?;
+        let id = prog
+            // Through a link (kernel ≥ 5.7), which always coexists with other programs on the
+            // cgroup; the kernel refuses the ALLOW_MULTI flag there, hence `Single` (no flags).
+            .attach(&dir, CgroupAttachMode::Single)
+            .map_err(|source| DatapathError::Program { name, source })?;
+        let link = prog
+            .take_link(id)
+            .map_err(|source| DatapathError::Program { name, source })?;
+        let link = FdLink::try_from(link).map_err(|e| DatapathError::Program {
+            name,
+            source: ProgramError::from(e),
+        })?;
+        let path = self.dirs.sock_ops_link();
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&path)(e)),
+        }
+        link.pin(&path).map_err(|e| DatapathError::Io {
+            path: path.clone(),
+            source: io::Error::other(e.to_string()),
+        })?;
+        self.set_syn_rto(jiffies)
+    }
+
+    /// Removes the sockops link (first connections keep the kernel's timeout).
+    pub fn detach_sock_ops(&mut self) -> Result<(), DatapathError> {
+        self.set_syn_rto(0)?;
+        let path = self.dirs.sock_ops_link();
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err(&path)(e)),
+        }
+    }
+
+    fn set_syn_rto(&mut self, jiffies: u32) -> Result<(), DatapathError> {
+        self.syn_rto
+            .set(0, &jiffies, 0)
+            .map_err(|source| DatapathError::Map {
+                name: map::SYN_RTO,
+                source,
+            })
     }
 
     /// Detaches from an interface by removing its pins (the kernel releases a link when its
@@ -662,6 +736,50 @@ pub fn uninstall(root: &Path) -> Result<Removed, DatapathError> {
         Some(e) => Err(e),
         None => Ok(removed),
     }
+}
+
+/// Where cgroup v2 is mounted: `/sys/fs/cgroup` on unified hosts, `/sys/fs/cgroup/unified`
+/// on hybrid ones. Read from the mount table, never assumed.
+#[must_use]
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mountinfo.lines().find_map(|l| {
+        let (pre, post) = l.split_once(" - ")?;
+        (post.split_whitespace().next() == Some("cgroup2"))
+            .then(|| pre.split_whitespace().nth(4).map(PathBuf::from))
+            .flatten()
+    })
+}
+
+/// The kernel's `CONFIG_HZ`, measured: the jiffies counter of `/proc/timer_list` over 100 ms,
+/// rounded to the nearest value kernels are built with.
+pub fn kernel_hz() -> Result<u32, String> {
+    fn jiffies() -> Result<u64, String> {
+        let text =
+            fs::read_to_string("/proc/timer_list").map_err(|e| format!("/proc/timer_list: {e}"))?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("jiffies: ")?.trim().parse().ok())
+            .ok_or_else(|| "/proc/timer_list has no `jiffies:` line".to_owned())
+    }
+    let (j0, t0) = (jiffies()?, std::time::Instant::now());
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let (j1, t1) = (jiffies()?, std::time::Instant::now());
+    #[expect(clippy::cast_precision_loss, reason = "a rate")]
+    let measured = (j1.saturating_sub(j0)) as f64 / t1.duration_since(t0).as_secs_f64();
+    let nearest = [100u32, 250, 300, 1000]
+        .into_iter()
+        .min_by(|a, b| {
+            (f64::from(*a) - measured)
+                .abs()
+                .total_cmp(&(f64::from(*b) - measured).abs())
+        })
+        .unwrap_or(250);
+    if (f64::from(nearest) - measured).abs() > f64::from(nearest) * 0.2 {
+        return Err(format!(
+            "measured {measured:.0} jiffies per second, not near 100, 250, 300 or 1000; set first_connection.kernel_hz"
+        ));
+    }
+    Ok(nearest)
 }
 
 /// The maps that hold state worth reading back: opened from the pins by `status` when the

@@ -582,7 +582,15 @@ mod tests {
 
         /// Runs one handshake A → `target` between two views; returns (initiator, responder).
         async fn run(a_ca: &Ca, b_ca: &Ca, a_id: &str, target: &str) -> (Record, Record) {
-            run_with(a_ca, b_ca, a_id, target, owners(), &[Policy::default(), Policy::default()]).await
+            run_with(
+                a_ca,
+                b_ca,
+                a_id,
+                target,
+                owners(),
+                &[Policy::default(), Policy::default()],
+            )
+            .await
         }
 
         pub(crate) async fn run_with(
@@ -742,16 +750,45 @@ mod tests {
         let ca = crate::identity::ca::Ca::init("td", dir.path()).unwrap();
         let a = "spiffe://td/ns/default/sa/a";
         // Only the responder's policy forbids it.
-        let (i, r) = run_with(&ca, &ca, a, B, owners(), &[Policy::default(), b_only_from_c()]).await;
+        let (i, r) = run_with(
+            &ca,
+            &ca,
+            a,
+            B,
+            owners(),
+            &[Policy::default(), b_only_from_c()],
+        )
+        .await;
         assert_eq!(r.result, Err(Reason::NotAuthorized), "responder: {r:?}");
-        assert!(r.detail.as_deref().is_some_and(|d| d.contains("policy `strict`") && d.contains("c-to-b")), "{r:?}");
+        assert!(
+            r.detail
+                .as_deref()
+                .is_some_and(|d| d.contains("policy `strict`") && d.contains("c-to-b")),
+            "{r:?}"
+        );
         assert_eq!(i.result, Err(Reason::NotAuthorized), "initiator: {i:?}");
         // Only the initiator's policy forbids it: it says so instead of Hello.
-        let (i, r) = run_with(&ca, &ca, a, B, owners(), &[b_only_from_c(), Policy::default()]).await;
+        let (i, r) = run_with(
+            &ca,
+            &ca,
+            a,
+            B,
+            owners(),
+            &[b_only_from_c(), Policy::default()],
+        )
+        .await;
         assert_eq!(i.result, Err(Reason::NotAuthorized), "initiator: {i:?}");
-        assert!(i.detail.as_deref().is_some_and(|d| d.contains("policy `strict`")), "{i:?}");
+        assert!(
+            i.detail
+                .as_deref()
+                .is_some_and(|d| d.contains("policy `strict`")),
+            "{i:?}"
+        );
         assert_eq!(r.result, Err(Reason::NotAuthorized), "responder: {r:?}");
-        assert!(r.detail.as_deref().is_some_and(|d| d.contains("initiator")), "{r:?}");
+        assert!(
+            r.detail.as_deref().is_some_and(|d| d.contains("initiator")),
+            "{r:?}"
+        );
     }
 
     #[tokio::test]

@@ -348,8 +348,14 @@ impl Policy {
         };
         let defaults = Settings {
             mode: parse_mode(path, f.mode.as_ref(), "mode")?.unwrap_or(Mode::Enforce),
-            node_traffic: parse_choice(path, f.node_traffic.as_ref(), "node_traffic", "allow", "deny")?
-                .unwrap_or(true),
+            node_traffic: parse_choice(
+                path,
+                f.node_traffic.as_ref(),
+                "node_traffic",
+                "allow",
+                "deny",
+            )?
+            .unwrap_or(true),
             other_protocols: parse_choice(
                 path,
                 f.other_protocols.as_ref(),
@@ -366,7 +372,8 @@ impl Policy {
             namespaces.insert(
                 ns.to_string(),
                 Settings {
-                    mode: parse_mode(path, o.mode.as_ref(), &field("mode"))?.unwrap_or(defaults.mode),
+                    mode: parse_mode(path, o.mode.as_ref(), &field("mode"))?
+                        .unwrap_or(defaults.mode),
                     node_traffic: parse_choice(
                         path,
                         o.node_traffic.as_ref(),
@@ -405,7 +412,12 @@ impl Policy {
             let name = match &r.name {
                 Some(n) => {
                     if n.trim().is_empty() {
-                        return Err(InputError::value(path, n, field("name"), "must not be empty"));
+                        return Err(InputError::value(
+                            path,
+                            n,
+                            field("name"),
+                            "must not be empty",
+                        ));
                     }
                     if let Some(prev) = names.insert(n.to_string(), i) {
                         return Err(InputError::value(
@@ -442,10 +454,9 @@ impl Policy {
                 Some(list) => {
                     let mut out = Vec::with_capacity(list.len());
                     for (j, p) in list.iter().enumerate() {
-                        out.push(
-                            parse_ports(p.as_str())
-                                .map_err(|e| InputError::value(path, p, field(&format!("ports[{j}]")), e))?,
-                        );
+                        out.push(parse_ports(p.as_str()).map_err(|e| {
+                            InputError::value(path, p, field(&format!("ports[{j}]")), e)
+                        })?);
                     }
                     if out.is_empty() {
                         return Err(InputError::value(
@@ -503,12 +514,7 @@ fn merge(mut ranges: Vec<PortRange>) -> Vec<PortRange> {
     }
     // A range of both protocols covers the same range of one protocol.
     let both: Vec<PortRange> = out.iter().filter(|r| r.proto == 0).copied().collect();
-    out.retain(|r| {
-        r.proto == 0
-            || !both
-                .iter()
-                .any(|b| b.first <= r.first && r.last <= b.last)
-    });
+    out.retain(|r| r.proto == 0 || !both.iter().any(|b| b.first <= r.first && r.last <= b.last));
     out
 }
 
@@ -518,9 +524,7 @@ pub fn parse_ports(s: &str) -> Result<PortRange, String> {
         Some((p, "tcp")) => (p, IPPROTO_TCP),
         Some((p, "udp")) => (p, IPPROTO_UDP),
         Some((_, other)) => {
-            return Err(format!(
-                "`{s}`: protocol `{other}` is not `tcp` or `udp`"
-            ));
+            return Err(format!("`{s}`: protocol `{other}` is not `tcp` or `udp`"));
         }
         None => (s, 0),
     };
@@ -550,7 +554,11 @@ pub fn parse_ports(s: &str) -> Result<PortRange, String> {
     })
 }
 
-fn patterns(path: &Path, list: &[Spanned<String>], field: &str) -> Result<Vec<Pattern>, InputError> {
+fn patterns(
+    path: &Path,
+    list: &[Spanned<String>],
+    field: &str,
+) -> Result<Vec<Pattern>, InputError> {
     list.iter()
         .enumerate()
         .map(|(i, p)| {
@@ -560,7 +568,11 @@ fn patterns(path: &Path, list: &[Spanned<String>], field: &str) -> Result<Vec<Pa
         .collect()
 }
 
-fn parse_mode(path: &Path, v: Option<&Spanned<String>>, field: &str) -> Result<Option<Mode>, InputError> {
+fn parse_mode(
+    path: &Path,
+    v: Option<&Spanned<String>>,
+    field: &str,
+) -> Result<Option<Mode>, InputError> {
     let Some(v) = v else { return Ok(None) };
     match v.as_str() {
         "enforce" => Ok(Some(Mode::Enforce)),
@@ -601,7 +613,8 @@ fn check_namespace(path: &Path, v: &Spanned<String>, field: &str) -> Result<(), 
     let s = v.as_str();
     let ok = !s.is_empty()
         && s.len() <= 63
-        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
         && !s.starts_with('-')
         && !s.ends_with('-');
     if ok {
@@ -611,7 +624,9 @@ fn check_namespace(path: &Path, v: &Spanned<String>, field: &str) -> Result<(), 
             path,
             v,
             field,
-            format!("`{s}` is not a namespace name (lowercase letters, digits and `-`, at most 63)"),
+            format!(
+                "`{s}` is not a namespace name (lowercase letters, digits and `-`, at most 63)"
+            ),
         ))
     }
 }
@@ -716,7 +731,12 @@ rules:
             let p = Pattern::parse(pattern).unwrap();
             assert_eq!(p.matches(&id(ident)), *want, "{pattern} vs {ident}");
         }
-        for bad in ["spiffe://cluster.local/ns/*/sa/x", "web", "spiffe://cluster.local/ns/a*", "spiffe://Bad/x"] {
+        for bad in [
+            "spiffe://cluster.local/ns/*/sa/x",
+            "web",
+            "spiffe://cluster.local/ns/a*",
+            "spiffe://Bad/x",
+        ] {
             assert!(Pattern::parse(bad).is_err(), "{bad}");
         }
     }
@@ -767,7 +787,12 @@ rules:
         let d = p2.decide(&api, &other);
         assert!(!d.authorized());
         let why = p2.denial(&api, &other);
-        assert!(why.contains("policy `shop`") && why.contains("web-to-api") && why.contains("api-only-from-web"), "{why}");
+        assert!(
+            why.contains("policy `shop`")
+                && why.contains("web-to-api")
+                && why.contains("api-only-from-web"),
+            "{why}"
+        );
     }
 
     #[test]
@@ -806,8 +831,14 @@ rules:
         )
         .unwrap();
         assert_eq!(p.settings("shop", &id("ns/shop/sa/a")).mode, Mode::Enforce);
-        assert_eq!(p.settings("legacy", &id("ns/legacy/sa/batch")).mode, Mode::Audit);
-        assert_eq!(p.settings("legacy", &id("ns/legacy/sa/web")).mode, Mode::Off);
+        assert_eq!(
+            p.settings("legacy", &id("ns/legacy/sa/batch")).mode,
+            Mode::Audit
+        );
+        assert_eq!(
+            p.settings("legacy", &id("ns/legacy/sa/web")).mode,
+            Mode::Off
+        );
         assert_eq!(p.settings("other", &id("ns/other/sa/a")).mode, Mode::Off);
         let d = Policy::default();
         assert_eq!(d.settings("x", &id("ns/x/sa/y")).mode, Mode::Enforce);
@@ -817,14 +848,62 @@ rules:
     #[test]
     fn bad_edits_name_line_field_and_value() {
         let cases: &[(&str, &str, usize, &str, &str)] = &[
-            ("mode: enforce", "mode: strict", 2, "mode", "`strict` is not"),
-            ("{ mode: audit, node_traffic: deny }", "{ mode: audit, node_traffic: maybe }", 4, "namespaces.payments.node_traffic", "maybe"),
-            ("ports: [8080,", "ports: [80800,", 10, "rules[0].ports[0]", "80800"),
-            ("\"53/udp\"]", "\"53/sctp\"]", 10, "rules[0].ports[2]", "sctp"),
-            ("to: [\"spiffe://cluster.local/ns/api/sa/api\"]\n    ports: [8080", "to: [\"spiffe://cluster.local/ns/*/sa/api\"]\n    ports: [8080", 9, "rules[0].to[0]", "last path segment"),
-            ("name: batch-to-api", "name: web-to-api", 11, "rules[1].name", "also rules[0]"),
-            ("  legacy: {", "  Legacy: {", 5, "namespaces.Legacy", "not a namespace"),
-            ("name: shop\n", "name: shop\ncolour: red\n", 2, "colour", "Unknown field"),
+            (
+                "mode: enforce",
+                "mode: strict",
+                2,
+                "mode",
+                "`strict` is not",
+            ),
+            (
+                "{ mode: audit, node_traffic: deny }",
+                "{ mode: audit, node_traffic: maybe }",
+                4,
+                "namespaces.payments.node_traffic",
+                "maybe",
+            ),
+            (
+                "ports: [8080,",
+                "ports: [80800,",
+                10,
+                "rules[0].ports[0]",
+                "80800",
+            ),
+            (
+                "\"53/udp\"]",
+                "\"53/sctp\"]",
+                10,
+                "rules[0].ports[2]",
+                "sctp",
+            ),
+            (
+                "to: [\"spiffe://cluster.local/ns/api/sa/api\"]\n    ports: [8080",
+                "to: [\"spiffe://cluster.local/ns/*/sa/api\"]\n    ports: [8080",
+                9,
+                "rules[0].to[0]",
+                "last path segment",
+            ),
+            (
+                "name: batch-to-api",
+                "name: web-to-api",
+                11,
+                "rules[1].name",
+                "also rules[0]",
+            ),
+            (
+                "  legacy: {",
+                "  Legacy: {",
+                5,
+                "namespaces.Legacy",
+                "not a namespace",
+            ),
+            (
+                "name: shop\n",
+                "name: shop\ncolour: red\n",
+                2,
+                "colour",
+                "Unknown field",
+            ),
         ];
         for (from, to, line, field, fragment) in cases {
             assert!(SHOP.contains(from), "{from}");

@@ -110,6 +110,9 @@ pub struct AgentInfo {
     /// Why the latest edit of the policy was rejected (the last good one stays).
     #[serde(default)]
     pub policy_error: Option<String>,
+    /// What the sockops program does for connections of pairs still cold.
+    #[serde(default)]
+    pub first_connection: Option<String>,
     /// `ca`, `files`, or `none` (enforcing, not authenticating).
     #[serde(default)]
     pub identity_source: String,

@@ -29,6 +29,9 @@ pub mod map {
     /// nodes. The kernel never reads it; it lives in bpffs so that the numbering survives an
     /// agent restart together with the maps that use the numbers.
     pub const NAMES: &str = "PC_NAMES";
+    /// Array of one `u32`: the initial SYN retransmission timeout, in jiffies, that the sockops
+    /// program gives a connection whose pair is not yet authenticated; 0: leave the kernel's.
+    pub const SYN_RTO: &str = "PC_SYN_RTO";
 }
 
 /// Program names (the function names in `ebpf/src/main.rs`).
@@ -37,6 +40,8 @@ pub mod program {
     pub const TO_POD: &str = "pc_to_pod";
     /// tc ingress of a pod's host-side interface: packets coming *from* the pod.
     pub const FROM_POD: &str = "pc_from_pod";
+    /// sockops on the pods' cgroup: a short initial SYN timeout for pairs still cold.
+    pub const SOCK_OPS: &str = "pc_sock_ops";
 }
 
 /// Map capacities.

@@ -15,11 +15,11 @@ mod packet;
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{__sk_buff, TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{__sk_buff, BPF_SOCK_OPS_TIMEOUT_INIT, TC_ACT_OK, TC_ACT_SHOT},
     helpers::bpf_ktime_get_boot_ns,
-    macros::{classifier, map},
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
-    programs::TcContext,
+    macros::{classifier, map, sock_ops},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
+    programs::{SockOpsContext, TcContext},
 };
 use aya_log_ebpf::debug;
 use portcullis_common::{
@@ -50,7 +50,12 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::COUNT, 0);
 #[map(name = "PC_NAMES")]
 static NAMES: HashMap<NameKey, Name> = HashMap::pinned(capacity::NAMES, BPF_F_NO_PREALLOC);
 
+#[map(name = "PC_SYN_RTO")]
+static SYN_RTO: Array<u32> = Array::pinned(1, 0);
+
 const BPF_F_NO_PREALLOC: u32 = 1;
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
 
 /// tc verdicts. With TCX, `TC_ACT_OK` ends processing with "pass" and `TC_ACT_SHOT` drops.
 const PASS: i32 = TC_ACT_OK as i32;
@@ -286,6 +291,74 @@ fn from_pod(ctx: &TcContext, pkt: &Packet) -> Counter {
         }
     }
     Counter::PassOutbound
+}
+
+/// sockops on the pods' cgroup. At `TIMEOUT_INIT` (a pod's `connect()`, before its SYN
+/// leaves), a connection from a local pod to an enrolled peer whose pair has no valid auth entry
+/// gets a short initial retransmission timeout: the peer drops the first SYN while the agents
+/// authenticate the pair (the "auth wanted" event starts that at the same moment), and the
+/// retransmission comes after milliseconds instead of the kernel's 1 s. Everything else keeps the
+/// kernel's timeout. Always returns 1: sockops programs cannot refuse anything here.
+#[sock_ops]
+pub fn pc_sock_ops(ctx: SockOpsContext) -> u32 {
+    if ctx.op() != BPF_SOCK_OPS_TIMEOUT_INIT {
+        return 1;
+    }
+    let rto = match SYN_RTO.get(0) {
+        Some(r) if *r > 0 => *r,
+        _ => return 1,
+    };
+    let (local, remote) = match ctx.family() {
+        AF_INET => {
+            let l = ctx.local_ip4().to_ne_bytes();
+            let r = ctx.remote_ip4().to_ne_bytes();
+            (
+                EP_V4.get(&Key::new(32, l)).copied(),
+                EP_V4.get(&Key::new(32, r)).copied(),
+            )
+        }
+        AF_INET6 => {
+            let (l, r) = (ctx.local_ip6(), ctx.remote_ip6());
+            (
+                EP_V6.get(&Key::new(128, ip6_bytes(l))).copied(),
+                EP_V6.get(&Key::new(128, ip6_bytes(r))).copied(),
+            )
+        }
+        _ => return 1,
+    };
+    let (Some(local), Some(remote)) = (local, remote) else {
+        return 1;
+    };
+    if local.flags & EP_LOCAL == 0 || remote.flags & EP_HOST != 0 {
+        return 1;
+    }
+    let pair = AuthKey {
+        local_identity: local.identity,
+        remote_identity: remote.identity,
+        remote_node: remote.node,
+        kind: 0,
+    };
+    let authenticated = matches!(unsafe { AUTH.get(&pair) }, Some(a) if a.expires_ns > now());
+    if !authenticated {
+        ctx.set_reply(rto);
+    }
+    1
+}
+
+/// An IPv6 address from sockops' four network-order words.
+#[inline(always)]
+fn ip6_bytes(words: [u32; 4]) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let b = words[i].to_ne_bytes();
+        out[i * 4] = b[0];
+        out[i * 4 + 1] = b[1];
+        out[i * 4 + 2] = b[2];
+        out[i * 4 + 3] = b[3];
+        i += 1;
+    }
+    out
 }
 
 /// Sends an event to the agent, at most one per pair and kind every `EVENT_INTERVAL_NS`.

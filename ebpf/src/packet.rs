@@ -213,9 +213,19 @@ impl Packet {
         let sport = u16::from_be_bytes([ports[0], ports[1]]);
         let dport = u16::from_be_bytes([ports[2], ports[3]]);
         if to_pod {
-            (key.local_addr, key.remote_addr, key.local_port, key.remote_port) = (src, dst, sport, dport);
+            (
+                key.local_addr,
+                key.remote_addr,
+                key.local_port,
+                key.remote_port,
+            ) = (src, dst, sport, dport);
         } else {
-            (key.local_addr, key.remote_addr, key.local_port, key.remote_port) = (dst, src, dport, sport);
+            (
+                key.local_addr,
+                key.remote_addr,
+                key.local_port,
+                key.remote_port,
+            ) = (dst, src, dport, sport);
         }
         Ok(key)
     }

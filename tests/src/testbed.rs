@@ -53,6 +53,9 @@ pub struct Options {
     pub policy: Option<String>,
     /// `poll_interval_ms` in the agent configs; `None`: the agent's default.
     pub poll_interval_ms: Option<u64>,
+    /// `first_connection.syn_rto_ms` in the agent configs (0: the SYN timeout program off);
+    /// `None`: the agent's default. The program always attaches to the node's pods cgroup.
+    pub syn_rto_ms: Option<u32>,
     pub trust_domain: String,
     /// Start agents in a session of their own (setsid), for testbeds that outlive their
     /// creator (`cargo xtask testbed up`).
@@ -72,6 +75,7 @@ impl Default for Options {
             proactive: None,
             policy: None,
             poll_interval_ms: None,
+            syn_rto_ms: None,
             trust_domain: "cluster.local".into(),
             detach_agents: false,
             agent_ready_timeout: Duration::from_secs(20),
@@ -101,6 +105,7 @@ pub struct Testbed {
     pub(crate) proactive: Option<bool>,
     pub(crate) policy: Option<String>,
     pub(crate) poll_interval_ms: Option<u64>,
+    pub(crate) syn_rto_ms: Option<u32>,
     pub(crate) detach_agents: bool,
     pub(crate) ready_timeout: Duration,
     persistent: bool,
@@ -162,6 +167,7 @@ impl Testbed {
             proactive: opts.proactive,
             policy: opts.policy.clone(),
             poll_interval_ms: opts.poll_interval_ms,
+            syn_rto_ms: opts.syn_rto_ms,
             detach_agents: opts.detach_agents,
             ready_timeout: opts.agent_ready_timeout,
             persistent: false,
@@ -207,6 +213,7 @@ impl Testbed {
             proactive: None,
             policy: None,
             poll_interval_ms: None,
+            syn_rto_ms: None,
             detach_agents: true,
             ready_timeout: Options::default().agent_ready_timeout,
             persistent: true,
@@ -419,13 +426,26 @@ impl Testbed {
             extra.insert("poll_interval_ms".to_owned(), ms.into());
         }
         for n in &self.info.nodes {
+            let mut extra = extra.clone();
+            let mut first_connection = serde_yaml::Mapping::new();
+            first_connection.insert(
+                "cgroup".into(),
+                n.pods_cgroup.to_string_lossy().into_owned().into(),
+            );
+            if let Some(ms) = self.syn_rto_ms {
+                first_connection.insert("syn_rto_ms".into(), ms.into());
+            }
+            extra.insert(
+                "first_connection".to_owned(),
+                serde_yaml::Value::Mapping(first_connection),
+            );
             AgentConfig {
                 node: n.name.clone(),
                 cluster_state: self.info.cluster_file.clone(),
                 bpffs_dir: n.bpffs_dir.clone(),
                 admin_socket: n.admin_socket.clone(),
                 log_level: self.log_level.clone(),
-                extra: extra.clone(),
+                extra,
             }
             .store(&n.agent_config)?;
         }

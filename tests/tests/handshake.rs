@@ -323,3 +323,68 @@ fn with_proactive_authentication_a_first_connection_waits_for_nothing() {
         "a SYN was dropped"
     );
 }
+
+/// Cold first connection for a new pair, in the three settings side by side (same run): both
+/// mechanisms off (the first SYN is dropped and the kernel retransmits after 1 s, Cilium's
+/// behaviour), the SYN timeout program alone (the retransmission comes after `syn_rto_ms`), and
+/// proactive authentication (the pair is authenticated before anyone connects).
+#[test]
+fn cold_first_connection_latency_in_three_settings() {
+    let settings: [(&str, Option<bool>, Option<u32>); 3] = [
+        ("both off", Some(false), Some(0)),
+        ("SYN timeout only", Some(false), Some(20)),
+        ("proactive", Some(true), Some(20)),
+    ];
+    let mut results = Vec::new();
+    for (name, proactive, syn_rto_ms) in settings {
+        let tb = up_with(Options {
+            authenticate: true,
+            proactive,
+            syn_rto_ms,
+            ..Options::default()
+        });
+        let s = scenario(&tb);
+        let _server = s.serve("server", PORT);
+        if proactive == Some(true) {
+            let (c, sv) = (s.identity("client"), s.identity("server"));
+            assert!(
+                eventually(Duration::from_secs(10), || has_entry(
+                    &s, "node-1", &c, &sv, "node-2"
+                ) && has_entry(
+                    &s, "node-2", &sv, &c, "node-1"
+                )),
+                "{name}: the pair was not authenticated in the background"
+            );
+        }
+        let r = s.connect("client", s.addr("server", Family::V4), PORT, 5000);
+        assert!(ok(&r), "{name}: the first connection failed: {r}");
+        let ms = r["connect_ms"].as_f64().unwrap_or(f64::MAX);
+        if name == "SYN timeout only" {
+            let fc = s.status("node-1")["agent"]["first_connection"].clone();
+            assert!(
+                fc.as_str().is_some_and(|f| f.contains("SYN retried after")),
+                "{fc}"
+            );
+        }
+        results.push((name, ms));
+    }
+    eprintln!("cold first connection, connect() to established:");
+    for (name, ms) in &results {
+        eprintln!("  {name:<18} {ms:>8.2} ms");
+    }
+    let [(_, off), (_, syn), (_, proactive)] = results[..] else {
+        unreachable!()
+    };
+    assert!(
+        off >= 900.0,
+        "with both off the first SYN should wait for the 1 s retransmission, took {off} ms"
+    );
+    assert!(
+        syn < 300.0,
+        "with the SYN timeout program the first connection took {syn} ms"
+    );
+    assert!(
+        proactive < 100.0,
+        "with proactive authentication the first connection took {proactive} ms"
+    );
+}

@@ -74,9 +74,10 @@ fn scenario(tb: &Testbed) -> Scenario<'_> {
 }
 
 fn has_entry(s: &Scenario<'_>, node: &str, local: &str, remote: &str) -> bool {
-    s.status(node)["auth"]
-        .as_array()
-        .is_some_and(|es| es.iter().any(|e| e["local"] == local && e["remote"] == remote))
+    s.status(node)["auth"].as_array().is_some_and(|es| {
+        es.iter()
+            .any(|e| e["local"] == local && e["remote"] == remote)
+    })
 }
 
 /// Waits until proactive authentication has written the (client, server) entries on both nodes.
@@ -197,10 +198,13 @@ fn audit_mode_admits_the_forbidden_connection_and_reports_a_would_be_drop() {
         tb.agent_log("node-2").contains("would_drop"),
         "no would_drop audit record"
     );
-    let ledger = s
-        .status("node-2")["interfaces"]
+    let ledger = s.status("node-2")["interfaces"]
         .as_array()
-        .and_then(|is| is.iter().find(|i| i["workload"] == "payments/ledger").cloned())
+        .and_then(|is| {
+            is.iter()
+                .find(|i| i["workload"] == "payments/ledger")
+                .cloned()
+        })
         .expect("ledger's interface in status");
     assert_eq!(ledger["mode"], "audit", "{ledger}");
 }
@@ -253,12 +257,15 @@ fn a_policy_edit_cuts_a_running_transfer_and_restoring_the_rule_readmits() {
         "node-1 kept the revoked pair's entry"
     );
     let r = s.connect("client", target, PORT, 1500);
-    assert!(!ok(&r), "a new connection of the revoked pair succeeded: {r}");
+    assert!(
+        !ok(&r),
+        "a new connection of the revoked pair succeeded: {r}"
+    );
     tb.set_policy(POLICY).expect("restoring the policy");
     assert!(
-        eventually(Duration::from_secs(15), || ok(&s.connect(
-            "client", target, PORT, 1000
-        ))),
+        eventually(Duration::from_secs(15), || ok(
+            &s.connect("client", target, PORT, 1000)
+        )),
         "restoring the rule did not readmit the pair"
     );
 }
@@ -292,7 +299,11 @@ fn deleting_a_workload_from_cluster_state_cuts_its_flows_on_the_peer_node() {
     let flows_of_client = |st: &Value| {
         st["flows"].as_array().map_or(0, |fs| {
             fs.iter()
-                .filter(|f| f["remote"].as_str().is_some_and(|r| r.starts_with(&client_addr)))
+                .filter(|f| {
+                    f["remote"]
+                        .as_str()
+                        .is_some_and(|r| r.starts_with(&client_addr))
+                })
                 .count()
         })
     };
@@ -303,7 +314,9 @@ fn deleting_a_workload_from_cluster_state_cuts_its_flows_on_the_peer_node() {
     tb.write_cluster(|c| c.workloads.retain(|w| w.name != "client"))
         .expect("removing the client from cluster state");
     assert!(
-        eventually(Duration::from_secs(3), || flows_of_client(&s.status("node-2")) == 0),
+        eventually(Duration::from_secs(3), || flows_of_client(
+            &s.status("node-2")
+        ) == 0),
         "node-2 kept the removed workload's flows: {}",
         s.status("node-2")["flows"]
     );
@@ -318,15 +331,24 @@ fn deleting_a_workload_from_cluster_state_cuts_its_flows_on_the_peer_node() {
 fn udp_between_an_allowed_pair_works_and_between_a_forbidden_pair_does_not() {
     let tb = up(None);
     let s = scenario(&tb);
-    let _echo = s.probe_cmd(
-        "server",
-        &["udp-serve", "--port", &UDP_PORT.to_string(), "--seconds", "120"],
-    )
-    .spawn()
-    .map(ChildGuard)
-    .expect("starting udp-serve");
+    let _echo = s
+        .probe_cmd(
+            "server",
+            &[
+                "udp-serve",
+                "--port",
+                &UDP_PORT.to_string(),
+                "--seconds",
+                "120",
+            ],
+        )
+        .spawn()
+        .map(ChildGuard)
+        .expect("starting udp-serve");
     warm(&s, "client", "server");
-    let r = eventually(Duration::from_secs(5), || ok(&udp_echo(&s, "client", "server")));
+    let r = eventually(Duration::from_secs(5), || {
+        ok(&udp_echo(&s, "client", "server"))
+    });
     assert!(r, "the allowed pair's datagrams got no echo");
     let r = udp_echo(&s, "intruder", "server");
     assert!(!ok(&r), "the forbidden pair's datagrams were echoed: {r}");

@@ -1,10 +1,4 @@
-use std::{
-    fmt::Write as _,
-    net::TcpStream,
-    path::{Path, PathBuf},
-    process::ExitCode,
-    time::Duration,
-};
+use std::{fmt::Write as _, net::TcpStream, path::Path, process::ExitCode, time::Duration};
 
 use serde::Serialize;
 
@@ -128,14 +122,7 @@ fn bpffs(dir: &Path) -> Check {
 }
 
 fn cgroup2() -> Check {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let found = mountinfo.lines().find_map(|l| {
-        let (pre, post) = l.split_once(" - ")?;
-        (post.split_whitespace().next() == Some("cgroup2"))
-            .then(|| pre.split_whitespace().nth(4).map(PathBuf::from))
-            .flatten()
-    });
-    match found {
+    match crate::datapath::cgroup2_mount() {
         Some(p) => check(
             "cgroup_v2",
             Verdict::Ok,

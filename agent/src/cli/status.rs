@@ -81,6 +81,7 @@ fn offline(target: &Target) -> anyhow::Result<Status> {
             mode: String::new(),
             policy: None,
             policy_error: None,
+            first_connection: None,
             identity_source: String::new(),
             ready: false,
             not_ready: vec!["the agent is down".to_owned()],
@@ -112,7 +113,12 @@ fn render_section(s: &Status, section: Section) -> String {
                 let _ = writeln!(
                     o,
                     "{:<48} {:<48} {:<12} {:>7}s {:>11}s  {}",
-                    e.local, e.remote, e.remote_node, e.age_secs, e.expires_in_secs, e.inbound_ports
+                    e.local,
+                    e.remote,
+                    e.remote_node,
+                    e.age_secs,
+                    e.expires_in_secs,
+                    e.inbound_ports
                 );
             }
         }
@@ -194,6 +200,9 @@ fn render(s: &Status) -> String {
     if let Some(err) = &a.policy_error {
         let _ = writeln!(o, "policy     LAST EDIT REJECTED: {err}");
     }
+    if let Some(fc) = &a.first_connection {
+        let _ = writeln!(o, "first conn {fc}");
+    }
     let _ = writeln!(o, "\ninterfaces ({})", s.interfaces.len());
     for i in &s.interfaces {
         let addrs: Vec<String> = i.addresses.iter().map(ToString::to_string).collect();
@@ -206,7 +215,11 @@ fn render(s: &Status) -> String {
             i.identity,
             addrs.join(", "),
             i.attached,
-            if i.mode.is_empty() { String::new() } else { format!(", mode {}", i.mode) }
+            if i.mode.is_empty() {
+                String::new()
+            } else {
+                format!(", mode {}", i.mode)
+            }
         );
     }
     for p in &s.pending {
