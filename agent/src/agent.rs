@@ -6,7 +6,7 @@ use std::{
     collections::{BTreeMap, HashMap, HashSet, VecDeque},
     net::IpAddr,
     sync::Arc,
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
@@ -31,6 +31,7 @@ use crate::{
     handshake::{self, Owner, Record, Role, View, WriteRequest},
     identity::SpiffeId,
     identity::store::{Source, Store},
+    kubernetes::KubeSource,
     policy::{self, Grant, Mode, Policy, PolicyFile},
     reason::Reason,
     registry::{Kind, Registry},
@@ -52,6 +53,40 @@ fn in_last_third(v: &AuthValue, now: u64) -> bool {
 
 /// Handshake outcomes kept for `status`.
 const RECENT_HANDSHAKES: usize = 128;
+
+/// Where cluster state (and, from Kubernetes, possibly the policy) comes from.
+pub enum ClusterSource {
+    File(FileSource),
+    Kube(KubeSource),
+}
+
+impl ClusterSource {
+    /// What the status and the log call it.
+    #[must_use]
+    pub fn describe(&self) -> String {
+        match self {
+            Self::File(f) => f.path().display().to_string(),
+            Self::Kube(k) => k.description().to_owned(),
+        }
+    }
+
+    /// Changes since the last call: cluster state, and a policy from Kubernetes.
+    #[expect(clippy::type_complexity, reason = "two independent optional updates")]
+    fn poll(
+        &mut self,
+    ) -> (
+        Option<Result<ClusterState, String>>,
+        Option<Result<Policy, String>>,
+    ) {
+        match self {
+            Self::File(f) => (f.poll().map(|r| r.map_err(|e| e.to_string())), None),
+            Self::Kube(k) => match k.poll() {
+                Some(p) => (p.cluster.map(Ok), p.policy),
+                None => (None, None),
+            },
+        }
+    }
+}
 
 /// The identity name of this node's own addresses (connections from the node: kubelet probes).
 pub const HOST_IDENTITY: &str = "host";
@@ -113,7 +148,7 @@ pub struct Agent {
     started: Instant,
     dp: Datapath,
     registry: Registry,
-    source: FileSource,
+    source: ClusterSource,
     cluster: Option<ClusterState>,
     cluster_error: Option<String>,
     /// What the endpoint maps hold, mirrored.
@@ -189,6 +224,7 @@ impl Agent {
     pub fn new(
         config: Config,
         records: mpsc::Sender<Record>,
+        source: ClusterSource,
     ) -> anyhow::Result<(Self, datapath::Channels)> {
         let (dp, channels) =
             Datapath::open(&config.bpffs_dir, config.datapath_log).with_context(|| {
@@ -207,7 +243,6 @@ impl Agent {
             pinned_interfaces = leftover_pins.len(),
             "datapath loaded; pinned state adopted"
         );
-        let source = FileSource::new(config.cluster_state.clone());
         let (policy, policy_source) = match &config.policy {
             None => (Policy::default(), None),
             Some(path) => {
@@ -269,11 +304,12 @@ impl Agent {
     /// Re-reads cluster state if it changed and makes the datapath match it.
     pub fn reconcile(&mut self) -> Result<(), DatapathError> {
         let mut cluster_changed = false;
-        if let Some(result) = self.source.poll() {
+        let (cluster_update, policy_update) = self.source.poll();
+        if let Some(result) = cluster_update {
             match result {
                 Ok(state) => {
                     tracing::info!(
-                        file = %self.source.path().display(),
+                        source = %self.source.describe(),
                         nodes = state.nodes.len(),
                         workloads = state.workloads.len(),
                         local = state.local_workloads(&self.config.node).count(),
@@ -293,7 +329,13 @@ impl Agent {
             }
         }
         let mut policy_changed = false;
-        if let Some(result) = self.policy_source.as_mut().and_then(|s| s.poll()) {
+        let policy_update = policy_update.or_else(|| {
+            self.policy_source
+                .as_mut()
+                .and_then(|s| s.poll())
+                .map(|r| r.map_err(|e| e.to_string()))
+        });
+        if let Some(result) = policy_update {
             match result {
                 Ok(p) => {
                     tracing::info!(policy = %p.name, mode = p.defaults.mode.as_str(), rules = p.rules.len(), "policy loaded");
@@ -1135,7 +1177,7 @@ impl Agent {
                 pid: Some(std::process::id()),
                 uptime_secs: Some(self.started.elapsed().as_secs()),
                 config: Some(self.config.source.display().to_string()),
-                cluster_state: Some(self.config.cluster_state.display().to_string()),
+                cluster_state: Some(self.source.describe()),
                 cluster_error: self.cluster_error.clone(),
                 bpffs_dir: self.config.bpffs_dir.display().to_string(),
                 mode: self.policy.defaults.mode.as_str().to_owned(),
@@ -1294,7 +1336,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     admin::ensure_free(&config.admin_socket)?;
     let (record_tx, mut record_rx) = mpsc::channel::<Record>(1024);
     let (write_tx, mut write_rx) = mpsc::channel::<WriteRequest>(256);
-    let (mut agent, channels) = Agent::new(config.clone(), record_tx.clone())?;
+    let (source, source_changed) = match (&config.cluster_state, &config.kubernetes) {
+        (_, Some(k)) => {
+            let mut kube = KubeSource::start(k.clone()).await?;
+            tracing::info!(
+                source = kube.description(),
+                "waiting for the first complete lists of pods and nodes"
+            );
+            kube.wait_ready(Duration::from_secs(120)).await?;
+            let notify = kube.notify();
+            (ClusterSource::Kube(kube), Some(notify))
+        }
+        (Some(path), None) => (ClusterSource::File(FileSource::new(path.clone())), None),
+        (None, None) => anyhow::bail!("no source of cluster state configured"),
+    };
+    let source_changed = source_changed.unwrap_or_else(|| Arc::new(tokio::sync::Notify::new()));
+    let (mut agent, channels) = Agent::new(config.clone(), record_tx.clone(), source)?;
     agent.setup_first_connection()?;
     agent.reconcile().context("first reconciliation")?;
     if agent.cluster.is_none() {
@@ -1366,6 +1423,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     tracing::error!(error = %e, "reconciliation failed; retrying at the next tick");
                 }
                 agent.tick_auth();
+            }
+            // Kubernetes changes apply at once, not at the next tick.
+            () = source_changed.notified() => {
+                if let Err(e) = agent.reconcile() {
+                    tracing::error!(error = %e, "reconciliation failed; retrying at the next tick");
+                }
             }
             Some(ev) = event_rx.recv() => agent.on_event(&ev),
             Some(rec) = record_rx.recv() => agent.on_record(rec),

@@ -22,7 +22,8 @@ struct File {
     node: Option<Spanned<String>>,
     metrics_addr: Option<Spanned<String>>,
     log_format: Option<Spanned<String>>,
-    cluster_state: Spanned<String>,
+    cluster_state: Option<Spanned<String>>,
+    kubernetes: Option<KubernetesFile>,
     policy: Option<Spanned<String>>,
     bpffs_dir: Option<Spanned<String>>,
     admin_socket: Option<Spanned<String>>,
@@ -36,6 +37,17 @@ struct File {
     #[serde(default)]
     first_connection: FirstConnectionFile,
 }
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KubernetesFile {
+    api_server: Option<Spanned<String>>,
+    trust_domain: Spanned<String>,
+    policy_configmap: Option<Spanned<String>>,
+}
+
+/// The handshake port when `handshake.port` is not set and cluster state comes from Kubernetes.
+pub const DEFAULT_HANDSHAKE_PORT: u16 = 4181;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -132,7 +144,10 @@ pub struct Config {
     /// This agent's node: the name its entry has in cluster state.
     pub node: String,
     /// The cluster-state file; relative paths are resolved against the config file's directory.
-    pub cluster_state: PathBuf,
+    /// Exactly one of this and `kubernetes`.
+    pub cluster_state: Option<PathBuf>,
+    /// Cluster state (and optionally the policy) from the Kubernetes API.
+    pub kubernetes: Option<crate::kubernetes::KubeConfig>,
     /// The authorization policy file (see `policy.rs`), resolved like `cluster_state`;
     /// `None`: every workload enforced, any authenticated peer of the trust domain admitted.
     pub policy: Option<PathBuf>,
@@ -227,12 +242,80 @@ impl Config {
                 ));
             }
         };
-        let cluster_state = non_empty_path(path, &f.cluster_state, "cluster_state")?;
-        let cluster_state = if cluster_state.is_relative() {
-            base.join(cluster_state)
-        } else {
-            cluster_state
+        let cluster_state = match &f.cluster_state {
+            None => None,
+            Some(c) => {
+                let p = non_empty_path(path, c, "cluster_state")?;
+                Some(if p.is_relative() { base.join(p) } else { p })
+            }
         };
+        let kubernetes = match &f.kubernetes {
+            None => None,
+            Some(k) => {
+                crate::identity::validate_trust_domain(&k.trust_domain).map_err(|e| {
+                    InputError::value(
+                        path,
+                        &k.trust_domain,
+                        "kubernetes.trust_domain",
+                        format!("`{}`: {e}", k.trust_domain.as_str()),
+                    )
+                })?;
+                let policy_configmap = match &k.policy_configmap {
+                    None => None,
+                    Some(v) => match v.split_once('/') {
+                        Some((ns, name))
+                            if !ns.is_empty() && !name.is_empty() && !name.contains('/') =>
+                        {
+                            Some((ns.to_owned(), name.to_owned()))
+                        }
+                        _ => {
+                            return Err(InputError::value(
+                                path,
+                                v,
+                                "kubernetes.policy_configmap",
+                                format!("`{}` is not `namespace/name`", v.as_str()),
+                            ));
+                        }
+                    },
+                };
+                if let Some(url) = &k.api_server
+                    && !(url.starts_with("http://") || url.starts_with("https://"))
+                {
+                    return Err(InputError::value(
+                        path,
+                        url,
+                        "kubernetes.api_server",
+                        format!("`{}` is not an http:// or https:// URL", url.as_str()),
+                    ));
+                }
+                Some(crate::kubernetes::KubeConfig {
+                    api_server: k.api_server.as_ref().map(|u| u.to_string()),
+                    trust_domain: k.trust_domain.to_string(),
+                    handshake_port: f
+                        .handshake
+                        .port
+                        .as_ref()
+                        .map_or(DEFAULT_HANDSHAKE_PORT, |p| **p),
+                    policy_configmap,
+                })
+            }
+        };
+        if cluster_state.is_some() == kubernetes.is_some() {
+            return Err(InputError::file(
+                path,
+                "give exactly one source of cluster state: `cluster_state` (a file) or `kubernetes`",
+            ));
+        }
+        if kubernetes
+            .as_ref()
+            .is_some_and(|k| k.policy_configmap.is_some())
+            && f.policy.is_some()
+        {
+            return Err(InputError::file(
+                path,
+                "give the policy as a file (`policy`) or as `kubernetes.policy_configmap`, not both",
+            ));
+        }
         let policy = match &f.policy {
             None => None,
             Some(p) => {
@@ -390,6 +473,7 @@ impl Config {
             metrics_addr,
             log_format,
             cluster_state,
+            kubernetes,
             policy,
             bpffs_dir,
             admin_socket,
@@ -469,7 +553,10 @@ mod tests {
     fn minimal_file_gets_documented_defaults() {
         let c = parse("node: n1\ncluster_state: cluster.yaml\n").unwrap();
         assert_eq!(c.node, "n1");
-        assert_eq!(c.cluster_state, Path::new("/etc/portcullis/cluster.yaml"));
+        assert_eq!(
+            c.cluster_state.as_deref(),
+            Some(Path::new("/etc/portcullis/cluster.yaml"))
+        );
         assert_eq!(c.bpffs_dir, Path::new(DEFAULT_BPFFS_DIR));
         assert_eq!(c.admin_socket, Path::new(DEFAULT_ADMIN_SOCKET));
         assert_eq!(c.log_level, "info");

@@ -14,6 +14,7 @@ pub mod datapath;
 pub mod handshake;
 pub mod identity;
 pub mod input;
+pub mod kubernetes;
 pub mod metrics;
 pub mod policy;
 pub mod reason;

@@ -86,7 +86,10 @@ impl ClusterFile {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AgentConfig {
     pub node: String,
-    pub cluster_state: PathBuf,
+    /// The cluster-state file; `None` when the agent reads Kubernetes instead (then `extra`
+    /// carries a `kubernetes` section).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_state: Option<PathBuf>,
     pub bpffs_dir: PathBuf,
     pub admin_socket: PathBuf,
     pub log_level: String,

@@ -19,6 +19,7 @@ pub mod cgroup;
 pub mod cluster;
 pub mod cmd;
 pub mod info;
+pub mod kube_api;
 pub mod netns;
 mod pods;
 pub mod process;

@@ -441,7 +441,7 @@ impl Testbed {
             );
             AgentConfig {
                 node: n.name.clone(),
-                cluster_state: self.info.cluster_file.clone(),
+                cluster_state: Some(self.info.cluster_file.clone()),
                 bpffs_dir: n.bpffs_dir.clone(),
                 admin_socket: n.admin_socket.clone(),
                 log_level: self.log_level.clone(),

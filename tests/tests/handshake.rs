@@ -180,7 +180,7 @@ fn the_responder_refuses_to_prove_an_address_it_does_not_host() {
     cluster.upsert_workload(ghost);
     cluster.store(&copy).expect("writing node-1's cluster file");
     tb.stop_agent("node-1").expect("stopping node-1's agent");
-    tb.write_agent_config("node-1", |c| c.cluster_state = copy.clone())
+    tb.write_agent_config("node-1", |c| c.cluster_state = Some(copy.clone()))
         .expect("pointing node-1 at its own cluster file");
     tb.start_agent("node-1").expect("restarting node-1's agent");
     let s = scenario(&tb);

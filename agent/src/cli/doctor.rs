@@ -196,18 +196,26 @@ fn peers(target: &Target) -> Vec<Check> {
             Some("pass --config FILE"),
         )];
     };
-    let text = match std::fs::read_to_string(&config.cluster_state) {
+    let Some(path) = &config.cluster_state else {
+        return vec![check(
+            "cluster_state",
+            Verdict::Warn,
+            "cluster state comes from the Kubernetes API: peers are not checked from here",
+            Some("`portcullis status` shows the nodes the agent knows"),
+        )];
+    };
+    let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) => {
             return vec![check(
                 "cluster_state",
                 Verdict::Fail,
-                format!("{}: {e}", config.cluster_state.display()),
+                format!("{}: {e}", path.display()),
                 Some("fix the cluster_state path"),
             )];
         }
     };
-    let cluster = match ClusterState::parse(&config.cluster_state, &text) {
+    let cluster = match ClusterState::parse(path, &text) {
         Ok(c) => c,
         Err(e) => {
             return vec![check(

@@ -72,10 +72,11 @@ fn offline(target: &Target) -> anyhow::Result<Status> {
                 .config
                 .as_ref()
                 .map(|c| c.source.display().to_string()),
-            cluster_state: target
-                .config
-                .as_ref()
-                .map(|c| c.cluster_state.display().to_string()),
+            cluster_state: target.config.as_ref().map(|c| {
+                c.cluster_state
+                    .as_ref()
+                    .map_or_else(|| "kubernetes API".to_owned(), |p| p.display().to_string())
+            }),
             cluster_error: None,
             bpffs_dir: target.bpffs_dir.display().to_string(),
             mode: String::new(),

@@ -1,0 +1,205 @@
+//! The agent's Kubernetes watcher against a local server that speaks the API's real list/watch
+//! wire format (no API server can run on these machines; see `testbed::kube_api`): pods and
+//! nodes appearing, changing and disappearing reach the kernel's endpoint map, and a watch that
+//! expires (410 Gone) recovers by listing again without losing an update. Privileged: run as
+//! root (`cargo xtask test`).
+
+use std::{net::Ipv4Addr, process::Command, time::Duration};
+
+use serde_json::{Value, json};
+use testbed::{
+    NodeSpec, Options, PodSpec, Spec, Testbed,
+    kube_api::{FakeApi, Kind, serve_in_netns},
+    scenario::eventually,
+};
+
+fn node(name: &str, ip: Ipv4Addr) -> Value {
+    json!({
+        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+        "spec": {"podCIDR": "198.18.0.0/24"},
+        "status": {
+            "addresses": [{"type": "InternalIP", "address": ip.to_string()},
+                          {"type": "Hostname", "address": name}],
+            "conditions": [{"type": "Ready", "status": "True"}]
+        }
+    })
+}
+
+fn pod(name: &str, namespace: &str, node: &str, ips: &[String]) -> Value {
+    json!({
+        "metadata": {"name": name, "namespace": namespace, "creationTimestamp": "2026-11-23T00:00:00Z",
+                     "labels": {"app": name}},
+        "spec": {"nodeName": node, "serviceAccountName": name,
+                 "containers": [{"name": "main", "image": "registry.invalid/app:1"}]},
+        "status": {"phase": "Running", "podIP": ips[0],
+                   "podIPs": ips.iter().map(|ip| json!({"ip": ip})).collect::<Vec<_>>()}
+    })
+}
+
+/// IPv4 addresses in a node agent's endpoint map, read from the kernel with bpftool.
+fn endpoints_v4(tb: &Testbed, node: &str) -> Vec<Ipv4Addr> {
+    let map = tb.node(node).bpffs_dir.join("maps/PC_EP_V4");
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(&map)
+        .output()
+        .expect("running bpftool");
+    assert!(
+        out.status.success(),
+        "bpftool map dump {}: {}",
+        map.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let entries: Vec<Value> = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+    entries
+        .iter()
+        .filter_map(|e| {
+            let key: Vec<u8> = e["key"]
+                .as_array()?
+                .iter()
+                .filter_map(|b| u8::from_str_radix(b.as_str()?.trim_start_matches("0x"), 16).ok())
+                .collect();
+            // struct { u32 prefixlen; u8 addr[4]; }
+            (key.len() == 8).then(|| Ipv4Addr::new(key[4], key[5], key[6], key[7]))
+        })
+        .collect()
+}
+
+#[test]
+fn pods_and_nodes_from_the_api_reach_the_maps_and_an_expired_watch_loses_nothing() {
+    assert!(
+        // SAFETY: no preconditions.
+        unsafe { libc::geteuid() } == 0,
+        "the Kubernetes watcher test needs root (namespaces, eBPF); run it with `cargo xtask test`"
+    );
+    let spec = Spec {
+        nodes: vec![
+            NodeSpec::new("node-1", vec![PodSpec::new("client")]),
+            NodeSpec::new("node-2", vec![PodSpec::new("server")]),
+        ],
+    };
+    let mut tb = Testbed::up(&spec, &Options::without_agents())
+        .unwrap_or_else(|e| panic!("testbed up: {e:#}"));
+    let n1 = tb.node("node-1").clone();
+    let api: FakeApi = serve_in_netns(&n1.netns, (n1.ipv4, 0).into()).expect("fake API server");
+    for n in ["node-1", "node-2"] {
+        api.apply(Kind::Node, node(n, tb.node(n).ipv4));
+    }
+    for p in ["client", "server"] {
+        let info = tb.pod(p).clone();
+        api.apply(
+            Kind::Pod,
+            pod(
+                p,
+                "default",
+                &info.node,
+                &[info.ipv4.to_string(), info.ipv6.to_string()],
+            ),
+        );
+    }
+    // A pod on the host network is not a workload.
+    let mut host = pod(
+        "kube-proxy",
+        "kube-system",
+        "node-1",
+        &[n1.ipv4.to_string()],
+    );
+    host["spec"]["hostNetwork"] = json!(true);
+    api.apply(Kind::Pod, host);
+    for n in ["node-1", "node-2"] {
+        let url = api.url();
+        tb.write_agent_config(n, |c| {
+            c.cluster_state = None;
+            c.extra.insert(
+                "kubernetes".into(),
+                serde_yaml::to_value(json!({"api_server": url, "trust_domain": "cluster.local"}))
+                    .expect("yaml"),
+            );
+        })
+        .expect("agent config");
+        tb.start_agent(n)
+            .unwrap_or_else(|e| panic!("starting {n}'s agent: {e:#}"));
+    }
+    let client = tb.pod("client").ipv4;
+    let server = tb.pod("server").ipv4;
+    let has = |addr: Ipv4Addr| endpoints_v4(&tb, "node-1").contains(&addr);
+    let wait = |what: &str, f: &dyn Fn() -> bool| {
+        assert!(
+            eventually(Duration::from_secs(5), f),
+            "{what}; node-1's endpoint map: {:?}",
+            endpoints_v4(&tb, "node-1")
+        );
+    };
+    wait("the listed pods did not reach the map", &|| {
+        has(client) && has(server)
+    });
+    assert!(
+        endpoints_v4(&tb, "node-2").contains(&client),
+        "node-2's agent did not learn node-1's pod"
+    );
+
+    // Appearing, changing, disappearing.
+    let late: Ipv4Addr = "198.18.2.77".parse().expect("addr");
+    let moved: Ipv4Addr = "198.18.2.78".parse().expect("addr");
+    api.apply(
+        Kind::Pod,
+        pod("late", "shop", "node-2", &[late.to_string()]),
+    );
+    wait("an added pod did not reach the map", &|| has(late));
+    api.apply(
+        Kind::Pod,
+        pod("late", "shop", "node-2", &[moved.to_string()]),
+    );
+    wait("a changed pod address did not reach the map", &|| {
+        has(moved) && !has(late)
+    });
+    api.delete(Kind::Pod, "shop", "late");
+    wait("a deleted pod stayed in the map", &|| !has(moved));
+
+    // A node disappearing takes its pods with it (no handshake address), and comes back.
+    api.delete(Kind::Node, "", "node-2");
+    wait("the pods of a deleted node stayed", &|| !has(server));
+    api.apply(Kind::Node, node("node-2", tb.node("node-2").ipv4));
+    wait("the pods of a returning node did not come back", &|| {
+        has(server)
+    });
+
+    // The watch expires (410 Gone); an update made meanwhile arrives through the new list.
+    let lists_before = pod_lists(&api);
+    api.expire();
+    let after: Ipv4Addr = "198.18.2.79".parse().expect("addr");
+    api.apply(
+        Kind::Pod,
+        pod("after-expiry", "shop", "node-2", &[after.to_string()]),
+    );
+    wait("an update made across a 410 was lost", &|| has(after));
+    assert!(
+        pod_lists(&api) > lists_before,
+        "the agent did not list again after the 410: {:?}",
+        api.requests()
+    );
+    let status = Command::new(tb.info().agent_bin.clone().expect("agent binary"))
+        .args(["status", "--output", "json", "--config"])
+        .arg(&tb.node("node-1").agent_config)
+        .output()
+        .expect("status");
+    let status: Value = serde_json::from_slice(&status.stdout).expect("status JSON");
+    assert!(
+        status["agent"]["cluster_state"]
+            .as_str()
+            .is_some_and(|c| c.contains("kubernetes API")),
+        "{}",
+        status["agent"]
+    );
+    assert_eq!(status["interfaces"][0]["workload"], "default/client");
+}
+
+/// Pod list requests served (not watches).
+fn pod_lists(api: &FakeApi) -> usize {
+    api.requests()
+        .iter()
+        .filter(|r| {
+            r.contains("/api/v1/pods") && !r.contains("watch=true") && !r.contains("watch=1")
+        })
+        .count()
+}
