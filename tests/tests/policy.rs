@@ -363,3 +363,78 @@ impl Drop for ChildGuard {
         let _ = self.0.wait();
     }
 }
+
+/// Connections from the node itself (kubelet probes) are admitted by default and refused once
+/// the namespace restricts them; ICMP echo is "another protocol" that policy drops by default
+/// and can let through.
+#[test]
+fn node_traffic_and_other_protocols_follow_the_policy() {
+    let tb = up(Some(100));
+    let s = scenario(&tb);
+    let _server = s.serve("server", PORT);
+    warm(&s, "client", "server");
+    let server = s.addr("server", Family::V4);
+    let from_node = || {
+        let out = tb
+            .exec_node(
+                "node-2",
+                &[
+                    s.probe.to_string_lossy().as_ref(),
+                    "connect",
+                    "--to",
+                    &sock(server, PORT),
+                    "--timeout-ms",
+                    "1000",
+                ],
+            )
+            .output()
+            .expect("probe on node-2");
+        testbed::scenario::last_json(&out.stdout)
+    };
+    let ping = || {
+        tb.exec("client", &["ping", "-c", "1", "-W", "1", &server.to_string()])
+            .output()
+            .expect("ping")
+            .status
+            .success()
+    };
+    let r = from_node();
+    assert!(ok(&r), "a connection from the node was refused by default: {r}");
+    assert!(counter(&s.status("node-2"), "pass_host") >= 1);
+    assert!(!ping(), "ICMP echo passed with other_protocols at its default (drop)");
+
+    let edited = POLICY
+        .replace("name: testbed-policy\n", "name: testbed-policy\nother_protocols: pass\n")
+        .replace(
+            "  payments: { mode: audit }\n",
+            "  payments: { mode: audit }\n  shop: { node_traffic: deny }\n",
+        );
+    assert_ne!(edited, POLICY);
+    tb.set_policy(&edited).expect("editing the policy");
+    assert!(
+        eventually(Duration::from_secs(5), || !ok(&from_node())),
+        "node traffic was still admitted after `node_traffic: deny`"
+    );
+    assert!(counter(&s.status("node-2"), "drop_policy") >= 1);
+    assert!(
+        eventually(Duration::from_secs(5), ping),
+        "ICMP echo still dropped with other_protocols: pass"
+    );
+}
+
+/// An ICMP error that belongs to an admitted flow passes both programs: a datagram to a port
+/// with no listener comes back as "port unreachable", which the sender sees as refused.
+#[test]
+fn icmp_errors_of_admitted_flows_pass() {
+    let tb = up(None);
+    let s = scenario(&tb);
+    warm(&s, "client", "server");
+    let r = udp_echo(&s, "client", "server");
+    assert!(!ok(&r), "nobody listens, yet there was an echo: {r}");
+    assert_eq!(
+        r["recv_error"], "refused",
+        "the ICMP port unreachable did not reach the sender: {r}"
+    );
+    assert!(counter(&s.status("node-2"), "pass_other") >= 1);
+    assert!(counter(&s.status("node-1"), "pass_other") >= 1);
+}

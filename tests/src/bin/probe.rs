@@ -467,6 +467,8 @@ fn udp_send(a: &Args) -> Result<Outcome, Usage> {
         return Ok(fail(kind(&e), e, json!({})));
     }
     let (mut received, mut buf) = (0u32, vec![0u8; 65536]);
+    // The last receive error: `refused` means an ICMP port unreachable came back.
+    let mut recv_error: Option<&'static str> = None;
     let start = Instant::now();
     for seq in 0..count {
         let mut msg = vec![0u8; size];
@@ -486,11 +488,15 @@ fn udp_send(a: &Args) -> Result<Outcome, Usage> {
                     break;
                 }
                 Ok(_) => continue,
-                Err(_) => break,
+                Err(e) => {
+                    recv_error = Some(kind(&e));
+                    break;
+                }
             }
         }
     }
-    let stats = json!({"sent": count, "received": received, "elapsed_ms": ms(start.elapsed())});
+    let stats = json!({"sent": count, "received": received, "elapsed_ms": ms(start.elapsed()),
+                       "recv_error": recv_error});
     Ok(if received == count {
         json_ok(stats)
     } else {
