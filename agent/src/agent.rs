@@ -692,6 +692,157 @@ impl Agent {
                 self.renew(&entries, |key, _| rotated.contains(&key.local_identity));
             }
         }
+        if changes.bundle {
+            self.reverify_all(cluster);
+        }
+    }
+
+    /// After a trust-bundle change every entry is proven again, with or without flows: a pair
+    /// whose SVIDs are no longer trusted fails with a definitive reason and is revoked (see
+    /// [`definitive`]). Each node re-verifies its own entries, whichever node initiated them.
+    fn reverify_all(&mut self, cluster: &ClusterState) {
+        let Some(auth) = self.auth.as_mut() else {
+            return;
+        };
+        let Ok(entries) = self.dp.auth_entries() else {
+            return;
+        };
+        let id = |kind, name: &str| self.registry.id_of(kind, name);
+        let mut local_addr: HashMap<u32, IpAddr> = HashMap::new();
+        let mut remote_addr: HashMap<(u32, u32), IpAddr> = HashMap::new();
+        for w in &cluster.workloads {
+            let (Some(i), Some(n), Some(a)) = (
+                id(Kind::Identity, w.identity.as_str()),
+                id(Kind::Node, &w.node),
+                w.addresses.first(),
+            ) else {
+                continue;
+            };
+            if w.node == self.config.node {
+                local_addr.entry(i).or_insert(*a);
+            }
+            remote_addr.entry((i, n)).or_insert(*a);
+        }
+        let mut started = 0;
+        for (k, _) in &entries {
+            if let (Some(l), Some(r)) = (
+                local_addr.get(&k.local_identity),
+                remote_addr.get(&(k.remote_identity, k.remote_node)),
+            ) && auth.want((*l, *r), &self.view_rx)
+            {
+                started += 1;
+            }
+        }
+        tracing::info!(
+            entries = entries.len(),
+            handshakes = started,
+            "trust bundle changed: every auth entry is proven again"
+        );
+    }
+
+    /// A peer node rejected the SVID we presented for one of our workloads (its trust bundle
+    /// changed, say): our entries of that workload with that node may rest on trust that is
+    /// gone, so we prove them again ourselves; our own attempts decide (see `revoke_failed`).
+    fn reprove_with_peer(&mut self, rec: &Record) {
+        let (Some(local_id), Some(peer), Some(cluster)) =
+            (&rec.local_id, rec.peer, self.cluster.as_ref())
+        else {
+            return;
+        };
+        let Some(node) = cluster
+            .nodes
+            .values()
+            .find(|n| n.address.ip() == peer.ip())
+            .map(|n| n.name.clone())
+        else {
+            return;
+        };
+        let (Some(l), Some(n), Some(local_addr)) = (
+            self.registry.id_of(Kind::Identity, local_id.as_str()),
+            self.registry.id_of(Kind::Node, &node),
+            rec.local_addr,
+        ) else {
+            return;
+        };
+        let Ok(entries) = self.dp.auth_entries() else {
+            return;
+        };
+        let Some(auth) = self.auth.as_mut() else {
+            return;
+        };
+        for (k, _) in entries {
+            if k.local_identity != l || k.remote_node != n {
+                continue;
+            }
+            let remote = cluster.workloads.iter().find(|w| {
+                w.node == node
+                    && self.registry.id_of(Kind::Identity, w.identity.as_str())
+                        == Some(k.remote_identity)
+            });
+            if let Some(r) = remote.and_then(|w| w.addresses.first()) {
+                auth.want((local_addr, *r), &self.view_rx);
+            }
+        }
+    }
+
+    /// The auth key cluster state gives a pair of addresses (ours first).
+    fn key_of_addrs(&self, local: IpAddr, remote: IpAddr) -> Option<AuthKey> {
+        let cluster = self.cluster.as_ref()?;
+        let owner = |a: IpAddr| cluster.workloads.iter().find(|w| w.addresses.contains(&a));
+        let (l, r) = (owner(local)?, owner(remote)?);
+        Some(AuthKey {
+            local_identity: self.registry.id_of(Kind::Identity, l.identity.as_str())?,
+            remote_identity: self.registry.id_of(Kind::Identity, r.identity.as_str())?,
+            remote_node: self.registry.id_of(Kind::Node, &r.node)?,
+            kind: 0,
+        })
+    }
+
+    /// A handshake failed for a reason that another attempt would not change: the pair can
+    /// no longer be authenticated, so its entry goes and its flows are cut.
+    ///
+    /// Only our own attempts count: a responder's addresses come from the initiator's `Hello`,
+    /// and a peer must not be able to revoke pairs by naming them.
+    fn revoke_failed(&mut self, rec: &Record) {
+        if rec.role == Role::Responder && rec.result == Err(Reason::PeerRejectedCertificate) {
+            self.reprove_with_peer(rec);
+            return;
+        }
+        if rec.role != Role::Initiator {
+            return;
+        }
+        let Err(reason) = rec.result else { return };
+        if !definitive(reason) {
+            return;
+        }
+        let (Some(l), Some(r)) = (rec.local_addr, rec.remote_addr) else {
+            return;
+        };
+        let Some(key) = self.key_of_addrs(l, r) else {
+            return;
+        };
+        let removed = match self.dp.revoke_pair(&key) {
+            Ok(removed) => removed,
+            Err(e) => {
+                tracing::warn!(error = %e, "revoking a pair that failed its handshake");
+                return;
+            }
+        };
+        if !removed {
+            return;
+        }
+        let cut = self.dp.cut_flows(|_, v| v.pair() == key).unwrap_or(0);
+        tracing::info!(
+            target: "portcullis::audit",
+            event = "revoked",
+            local = %self.registry.name(Kind::Identity, key.local_identity),
+            remote = %self.registry.name(Kind::Identity, key.remote_identity),
+            remote_node = %self.registry.name(Kind::Node, key.remote_node),
+            cause = "handshake failed",
+            reason = reason.as_str(),
+            flows_cut = cut,
+            "auth entry revoked: the pair can no longer be authenticated"
+        );
     }
 
     fn publish_view(&mut self, cluster: &ClusterState) {
@@ -934,6 +1085,7 @@ impl Agent {
         if let Ok(m) = self.metrics.lock() {
             m.on_handshake(&rec);
         }
+        self.revoke_failed(&rec);
         if let Some(suppressed) = self.audit.admit() {
             audit(&self.config.node, &rec, suppressed);
         }
@@ -1265,6 +1417,22 @@ impl Agent {
         out.sort_by(|a, b| a.id.cmp(&b.id));
         out
     }
+}
+
+/// Whether a handshake failure says the pair cannot be authenticated (as opposed to a failure
+/// that a retry may overcome: time-outs, unreachable peers, our own missing SVID).
+fn definitive(reason: Reason) -> bool {
+    !matches!(
+        reason,
+        Reason::Timeout
+            | Reason::Unreachable
+            | Reason::Tls
+            | Reason::Protocol
+            | Reason::Version
+            | Reason::Internal
+            | Reason::NoLocalSvid
+            | Reason::UnknownPeer
+    )
 }
 
 /// Whether an established flow still has the footing it was admitted on (see

@@ -111,8 +111,18 @@ pub async fn write_msg<W: AsyncWrite + Unpin>(w: &mut W, msg: &Message) -> Resul
     w.flush().await.map_err(|_| Reason::Protocol)
 }
 
+/// A read failure: a TLS alert the peer sent (in TLS 1.3 a server rejects the client's
+/// certificate only after the client has finished its side, so the client learns it here), or
+/// else a protocol error.
+fn read_error(e: &std::io::Error) -> Reason {
+    match tls::rustls_error(e).map(tls::reason_of) {
+        Some(Reason::Tls) | None => Reason::Protocol,
+        Some(r) => r,
+    }
+}
+
 pub async fn read_msg<R: AsyncRead + Unpin>(r: &mut R) -> Result<Message, Reason> {
-    let len = r.read_u32().await.map_err(|_| Reason::Protocol)? as usize;
+    let len = r.read_u32().await.map_err(|e| read_error(&e))? as usize;
     if !(2..=MAX_FRAME).contains(&len) {
         return Err(Reason::Protocol);
     }

@@ -388,3 +388,70 @@ fn cold_first_connection_latency_in_three_settings() {
         "with proactive authentication the first connection took {proactive} ms"
     );
 }
+
+/// A CA removed from the trust bundle takes its SVIDs' pairs down: every entry is proven again
+/// at once, the pair whose SVID is no longer trusted is revoked on both nodes, and its running
+/// transfer is cut.
+#[test]
+fn a_ca_removed_from_the_bundle_revokes_its_pairs_and_cuts_their_flows() {
+    let mut tb = up();
+    let old = std::fs::read_to_string(tb.bundle_path()).expect("reading the bundle");
+    let new_dir = tb.state_dir().join("node-2-ca");
+    tb.make_ca(&new_dir).expect("creating node-2's CA");
+    let new = std::fs::read_to_string(new_dir.join("ca.pem")).expect("reading node-2's CA");
+    std::fs::write(tb.bundle_path(), format!("{old}{new}")).expect("writing old+new bundle");
+    // node-2 issues from its own CA; both nodes trust both CAs through the shared bundle.
+    tb.stop_agent("node-2").expect("stopping node-2");
+    let (dir, bundle) = (
+        new_dir.to_string_lossy().into_owned(),
+        tb.bundle_path().to_string_lossy().into_owned(),
+    );
+    tb.write_agent_config("node-2", |c| {
+        let mut identity = serde_yaml::Mapping::new();
+        identity.insert("source".into(), "ca".into());
+        identity.insert("dir".into(), dir.into());
+        identity.insert("trust_bundle".into(), bundle.into());
+        c.extra
+            .insert("identity".into(), serde_yaml::Value::Mapping(identity));
+    })
+    .expect("node-2's config");
+    tb.start_agent("node-2").expect("starting node-2");
+    let s = scenario(&tb);
+    let _server = s.serve("server", PORT);
+    let target = s.addr("server", Family::V4);
+    assert!(
+        eventually(Duration::from_secs(10), || ok(
+            &s.connect("client", target, PORT, 1000)
+        )),
+        "the pair did not authenticate across the two CAs"
+    );
+    let transfer = s.transfer("client", target, PORT, 400_000_000, 20, 2000);
+    thread::sleep(Duration::from_secs(1));
+    // Drop node-2's CA from the bundle.
+    std::fs::write(tb.bundle_path(), &old).expect("writing old-only bundle");
+    let (client, server) = (s.identity("client"), s.identity("server"));
+    assert!(
+        eventually(Duration::from_secs(5), || !has_entry(
+            &s, "node-1", &client, &server, "node-2"
+        ) && !has_entry(
+            &s, "node-2", &server, &client, "node-1"
+        )),
+        "the untrusted pair kept its entries: {} / {}\nnode-2's handshakes: {}",
+        s.status("node-1")["auth"],
+        s.status("node-2")["auth"],
+        s.status("node-2")["handshakes"]
+    );
+    let result = transfer.finish();
+    assert!(
+        !ok(&result),
+        "the transfer of the untrusted pair went on: {result}"
+    );
+    assert!(
+        !ok(&s.connect("client", target, PORT, 1500)),
+        "a new connection of the untrusted pair succeeded"
+    );
+    assert!(
+        tb.agent_log("node-1").contains("auth entry revoked"),
+        "no revocation audit record on node-1"
+    );
+}

@@ -392,19 +392,31 @@ fn node_traffic_and_other_protocols_follow_the_policy() {
         testbed::scenario::last_json(&out.stdout)
     };
     let ping = || {
-        tb.exec("client", &["ping", "-c", "1", "-W", "1", &server.to_string()])
-            .output()
-            .expect("ping")
-            .status
-            .success()
+        tb.exec(
+            "client",
+            &["ping", "-c", "1", "-W", "1", &server.to_string()],
+        )
+        .output()
+        .expect("ping")
+        .status
+        .success()
     };
     let r = from_node();
-    assert!(ok(&r), "a connection from the node was refused by default: {r}");
+    assert!(
+        ok(&r),
+        "a connection from the node was refused by default: {r}"
+    );
     assert!(counter(&s.status("node-2"), "pass_host") >= 1);
-    assert!(!ping(), "ICMP echo passed with other_protocols at its default (drop)");
+    assert!(
+        !ping(),
+        "ICMP echo passed with other_protocols at its default (drop)"
+    );
 
     let edited = POLICY
-        .replace("name: testbed-policy\n", "name: testbed-policy\nother_protocols: pass\n")
+        .replace(
+            "name: testbed-policy\n",
+            "name: testbed-policy\nother_protocols: pass\n",
+        )
         .replace(
             "  payments: { mode: audit }\n",
             "  payments: { mode: audit }\n  shop: { node_traffic: deny }\n",
