@@ -303,6 +303,7 @@ impl Agent {
 
     /// Re-reads cluster state if it changed and makes the datapath match it.
     pub fn reconcile(&mut self) -> Result<(), DatapathError> {
+        let started = Instant::now();
         let mut cluster_changed = false;
         let (cluster_update, policy_update) = self.source.poll();
         if let Some(result) = cluster_update {
@@ -405,12 +406,12 @@ impl Agent {
         self.host_endpoints(&mut desired)?;
 
         // Endpoints before links: a program must find its pod's endpoint from the first packet.
-        let mut endpoints_changed = false;
+        let (mut endpoints_set, mut endpoints_removed) = (0usize, 0usize);
         for (addr, ep) in &desired {
             if self.programmed.get(addr) != Some(ep) {
                 self.dp.set_endpoint(*addr, ep)?;
                 self.programmed.insert(*addr, *ep);
-                endpoints_changed = true;
+                endpoints_set += 1;
             }
         }
         let gone: Vec<IpAddr> = self
@@ -422,9 +423,10 @@ impl Agent {
         for addr in gone {
             self.dp.remove_endpoint(addr)?;
             self.programmed.remove(&addr);
-            endpoints_changed = true;
+            endpoints_removed += 1;
             tracing::info!(target: "portcullis::audit", event = "endpoint_removed", %addr, "endpoint removed from cluster state");
         }
+        let endpoints_changed = endpoints_set + endpoints_removed > 0;
         if endpoints_changed || cluster_changed || policy_changed {
             let why = if policy_changed {
                 "policy changed"
@@ -472,6 +474,15 @@ impl Agent {
         }
         self.leftover_pins.clear();
         self.refresh_identities(&cluster, cluster_changed || policy_changed);
+        if cluster_changed || endpoints_changed {
+            tracing::info!(
+                endpoints = self.programmed.len(),
+                endpoints_set,
+                endpoints_removed,
+                took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                "cluster state applied"
+            );
+        }
         Ok(())
     }
 

@@ -46,6 +46,11 @@ enum Command {
     Doctor(doctor::Args),
     /// Validate --config and print the effective configuration as JSON.
     CheckConfig,
+    /// Validate a policy file and print what it says, rule by rule.
+    CheckPolicy {
+        /// The policy file (in Kubernetes, the `policy.yaml` key of the policy ConfigMap).
+        file: PathBuf,
+    },
 }
 
 /// What the client verbs need to find the agent.
@@ -77,6 +82,55 @@ impl Cli {
     }
 }
 
+fn check_policy(file: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", file.display()))?;
+    let p = crate::policy::Policy::parse(file, &text)?;
+    let mode = |s: &crate::policy::Settings| {
+        format!(
+            "mode {}, node traffic {}, other protocols {}",
+            s.mode.as_str(),
+            if s.node_traffic { "allowed" } else { "denied" },
+            if s.other_protocols { "pass" } else { "drop" }
+        )
+    };
+    println!("policy `{}`: {}", p.name, mode(&p.defaults));
+    for (ns, s) in &p.namespaces {
+        println!("  namespace {ns}: {}", mode(s));
+    }
+    match &p.enroll {
+        None => println!("  enrolled: every workload"),
+        Some(e) => println!(
+            "  enrolled: namespaces [{}], workloads [{}]",
+            e.namespaces.join(", "),
+            e.workloads
+                .iter()
+                .map(|w| String::from(w.clone()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+    for r in &p.rules {
+        let list = |ps: &[crate::policy::Pattern]| {
+            ps.iter()
+                .map(|w| String::from(w.clone()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let ports = r.ports.as_ref().map_or_else(
+            || "every port".to_owned(),
+            |ps| crate::policy::Grant::Ports(ps.clone()).to_string(),
+        );
+        println!(
+            "  rule {}: [{}] → [{}] on {ports}",
+            r.name,
+            list(&r.from),
+            list(&r.to)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
@@ -93,6 +147,7 @@ pub fn main() -> ExitCode {
             Ok(ExitCode::SUCCESS)
         }),
         Command::Uninstall(args) => cli.target().and_then(|t| uninstall::execute(&t, args)),
+        Command::CheckPolicy { file } => check_policy(file),
     };
     match result {
         Ok(code) => code,

@@ -128,4 +128,46 @@ fn the_config_map_holds_a_config_the_agent_accepts() {
     );
 }
 
+#[test]
+fn the_shipped_policy_is_one_the_agent_accepts() {
+    let bin =
+        std::env::var_os("PORTCULLIS_BIN").expect("PORTCULLIS_BIN: run through `cargo xtask test`");
+    let text =
+        std::fs::read_to_string(deploy_dir().join("configmap.yaml")).expect("configmap.yaml");
+    let doc: serde_yaml::Value = serde_yaml::Deserializer::from_str(&text)
+        .map(|d| serde_yaml::Value::deserialize(d).expect("YAML"))
+        .find(|v| v["metadata"]["name"] == "portcullis-policy")
+        .expect("the portcullis-policy ConfigMap");
+    let policy = doc["data"]["policy.yaml"]
+        .as_str()
+        .expect("data.policy.yaml");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("policy.yaml");
+    std::fs::write(&path, policy).expect("writing policy.yaml");
+    let out = Command::new(&bin)
+        .arg("check-policy")
+        .arg(&path)
+        .output()
+        .expect("portcullis");
+    assert!(
+        out.status.success(),
+        "the agent rejects the shipped policy: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("mode audit"));
+    // A bad edit names the file, line and field.
+    std::fs::write(&path, policy.replace("mode: audit", "mode: strict")).expect("edit");
+    let out = Command::new(&bin)
+        .arg("check-policy")
+        .arg(&path)
+        .output()
+        .expect("portcullis");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("policy.yaml:2") && err.contains("`mode`"),
+        "{err}"
+    );
+}
+
 use serde::Deserialize as _;

@@ -255,13 +255,8 @@ fn traffic_keeps_flowing_through_a_ca_rotation_via_the_bundle() {
         "first connection failed"
     );
     let transfer = s.transfer("client", target, PORT, 16000000, 10, 5000);
-    let ok_count = |node: &str| {
-        handshakes(&s, node)
-            .iter()
-            .filter(|h| h["result"] == "ok")
-            .count()
-    };
-    let before = [ok_count("node-1"), ok_count("node-2")];
+    let serial = |node: &str| s.status(node)["identities"][0]["serial"].clone();
+    let serials = [serial("node-1"), serial("node-2")];
     let old = std::fs::read_to_string(tb.bundle_path()).expect("reading the bundle");
     let new_dir = tb.state_dir().join("new-ca");
     tb.make_ca(&new_dir).expect("creating the new CA");
@@ -269,15 +264,31 @@ fn traffic_keeps_flowing_through_a_ca_rotation_via_the_bundle() {
     // 1. Trust both roots.
     std::fs::write(tb.bundle_path(), format!("{old}{new}")).expect("writing old+new bundle");
     thread::sleep(Duration::from_secs(1));
-    // 2. Issue from the new CA.
+    // 2. Issue from the new CA: both nodes replace their SVIDs, then re-authenticate.
+    let switched = std::time::Instant::now();
     for f in ["ca.key", "ca.pem"] {
         std::fs::copy(new_dir.join(f), tb.ca_dir().join(f)).expect("switching the CA");
     }
-    let rotated = eventually(Duration::from_secs(5), || {
+    let reissued = eventually(Duration::from_secs(5), || {
         ["node-1", "node-2"]
             .iter()
-            .zip(before)
-            .all(|(n, b)| ok_count(n) > b)
+            .zip(&serials)
+            .all(|(n, old)| serial(n) != *old)
+    });
+    assert!(reissued, "the SVIDs were not re-issued by the new CA");
+    // Each node's entry was written again since the switch (by a handshake with new SVIDs).
+    let fresh = |node: &str| {
+        s.status(node)["auth"].as_array().is_some_and(|es| {
+            !es.is_empty()
+                && es.iter().all(|e| {
+                    e["age_secs"]
+                        .as_u64()
+                        .is_some_and(|a| a <= switched.elapsed().as_secs())
+                })
+        })
+    };
+    let rotated = eventually(Duration::from_secs(5), || {
+        fresh("node-1") && fresh("node-2")
     });
     assert!(
         rotated,
@@ -291,7 +302,22 @@ fn traffic_keeps_flowing_through_a_ca_rotation_via_the_bundle() {
     let result = transfer.finish();
     assert!(
         ok(&result),
-        "the transfer did not survive the CA rotation: {result}"
+        "the transfer did not survive the CA rotation: {result}\nnode-1: {}\nnode-2: {}\nidentity log:\n{}",
+        s.status("node-1")["handshakes"],
+        s.status("node-2")["handshakes"],
+        ["node-1", "node-2"]
+            .iter()
+            .flat_map(|n| tb
+                .agent_log(n)
+                .lines()
+                .filter(|l| l.contains("SVID")
+                    || l.contains("identity")
+                    || l.contains("bundle")
+                    || l.contains("revoked"))
+                .map(|l| format!("{n}: {l}"))
+                .collect::<Vec<_>>())
+            .collect::<Vec<_>>()
+            .join("\n")
     );
 }
 

@@ -77,6 +77,82 @@ fn iperf(s: &Scenario<'_>, seconds: u32) -> Result<f64> {
         .context("iperf3 JSON has no end.sum_received.bits_per_second")
 }
 
+/// Control plane at scale: `n` workloads (10 per service account) on node-2 are added to
+/// cluster state; the time until node-1's agent has programmed them all (from its own
+/// `cluster state applied` record) and its resident memory afterwards.
+fn endpoint_scale(agent: &std::path::Path, n: usize) -> Result<(f64, f64, u64)> {
+    let tb = Testbed::up(
+        &spec(),
+        &Options {
+            agent_bin: Some(agent.to_owned()),
+            log_level: "info".into(),
+            ..Options::default()
+        },
+    )?;
+    let base = tb.cluster()?.workloads.len();
+    tb.write_cluster(|c| {
+        for i in 0..n {
+            let address: std::net::IpAddr = if i < 65_000 {
+                std::net::Ipv4Addr::new(198, 19, (i / 250) as u8, (i % 250 + 1) as u8).into()
+            } else {
+                format!("fd00:19::{i:x}").parse().expect("address")
+            };
+            c.workloads.push(testbed::Workload {
+                name: format!("w{i}"),
+                namespace: "scale".into(),
+                service_account: format!("sa{}", i / 10),
+                node: "node-2".into(),
+                addresses: vec![address],
+                spiffe_id: None,
+                extra: Default::default(),
+            });
+        }
+    })?;
+    let start = std::time::Instant::now();
+    let want = base + n;
+    let log_has = |tb: &Testbed| {
+        tb.agent_log("node-1")
+            .lines()
+            .filter(|l| l.contains("cluster state applied"))
+            .filter_map(|l| {
+                let field = |name: &str| -> Option<u64> {
+                    let at = l.find(name)? + name.len();
+                    l[at..]
+                        .split(|c: char| !c.is_ascii_digit())
+                        .next()?
+                        .parse()
+                        .ok()
+                };
+                Some((field("endpoints_set=")?, field("took_ms=")?))
+            })
+            .find(|(set, _)| *set as usize >= n)
+            .map(|(_, ms)| ms)
+    };
+    let took_ms = loop {
+        if let Some(ms) = log_has(&tb) {
+            break ms;
+        }
+        if start.elapsed() > Duration::from_secs(300) {
+            bail!("node-1 did not program {want} workloads' endpoints within 300 s");
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    let wall_ms = start.elapsed().as_secs_f64() * 1000.0;
+    let st = Scenario {
+        tb: &tb,
+        probe: PathBuf::new(),
+    }
+    .status("node-1");
+    let pid = st["agent"]["pid"].as_u64().context("agent pid in status")?;
+    let rss_kib = std::fs::read_to_string(format!("/proc/{pid}/status"))?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("VmRSS")?;
+    #[expect(clippy::cast_precision_loss, reason = "milliseconds")]
+    Ok((took_ms as f64, wall_ms, rss_kib))
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -150,6 +226,28 @@ pub fn run(args: Args) -> Result<i32> {
     );
     drop((none, pc));
     drop((none_tb, pc_tb));
+    let counts: &[usize] = if args.quick {
+        &[1_000]
+    } else {
+        &[1_000, 10_000, 100_000]
+    };
+    let mut scale = Vec::new();
+    let release = cargo::build_agent_release()?;
+    let _ = writeln!(
+        md,
+        "\n| endpoints added to cluster state | programmed by the agent (ms) | file write → programmed (ms, incl. the 500 ms poll) | agent RSS after (MiB) |"
+    );
+    let _ = writeln!(md, "| --- | --- | --- | --- |");
+    for &n in counts {
+        eprintln!("control plane: programming {n} endpoints…");
+        let (agent_ms, wall_ms, rss_kib) = endpoint_scale(&release, n)?;
+        #[expect(clippy::cast_precision_loss, reason = "MiB for display")]
+        let rss_mib = rss_kib as f64 / 1024.0;
+        let _ = writeln!(md, "| {n} | {agent_ms:.0} | {wall_ms:.0} | {rss_mib:.1} |");
+        scale.push(
+            json!({"endpoints": n, "agent_ms": agent_ms, "wall_ms": wall_ms, "rss_kib": rss_kib}),
+        );
+    }
     eprintln!("handshakes: portcullis against a bare rustls loop (release build)…");
     let count = if args.quick { "50" } else { "300" };
     let out = cargo::cargo()
@@ -217,6 +315,7 @@ pub fn run(args: Args) -> Result<i32> {
                 "ratio_to_none": ratio,
             },
             "handshakes": hs,
+            "endpoint_scale": scale,
         }
     });
     std::fs::write(

@@ -52,6 +52,24 @@ pub fn agent_bin(explicit: Option<&Path>) -> Result<PathBuf> {
     build_agent()
 }
 
+/// Builds the agent from this checkout with the release profile (what users run; for
+/// control-plane measurements) and returns its path.
+pub fn build_agent_release() -> Result<PathBuf> {
+    eprintln!("building the agent: cargo build --release -p portcullis-agent");
+    let status = cargo()
+        .args(["build", "--release", "-p", "portcullis-agent"])
+        .status()
+        .context("cannot run cargo build")?;
+    if !status.success() {
+        bail!("cargo build --release -p portcullis-agent failed ({status})");
+    }
+    let bin = target_dir()?.join("release").join("portcullis");
+    if !bin.is_file() {
+        bail!("the build succeeded but {} does not exist", bin.display());
+    }
+    Ok(bin)
+}
+
 /// Builds the agent from this checkout (debug profile) and returns its path.
 pub fn build_agent() -> Result<PathBuf> {
     eprintln!("building the agent: cargo build -p portcullis-agent");

@@ -190,6 +190,20 @@ impl Ca {
             path: cert_path.clone(),
             message,
         })?;
+        // A key and a certificate that do not belong together (caught mid-replacement, say)
+        // would issue SVIDs nobody can verify.
+        let spki = x509_parser::parse_x509_certificate(&der)
+            .map(|(_, c)| c.tbs_certificate.subject_pki.raw.to_vec())
+            .map_err(|e| CaError::Bad {
+                path: cert_path.clone(),
+                message: format!("not an X.509 certificate: {e}"),
+            })?;
+        if spki != rcgen::PublicKeyData::subject_public_key_info(&key) {
+            return Err(CaError::Bad {
+                path: key_path.clone(),
+                message: format!("is not the key of {}", cert_path.display()),
+            });
+        }
         let issuer = Issuer::from_ca_cert_der(&der, key).map_err(|e| CaError::Bad {
             path: cert_path.clone(),
             message: e.to_string(),
@@ -316,6 +330,18 @@ mod tests {
             loaded.issue(&foreign, Duration::from_secs(60)),
             Err(CaError::ForeignId { .. })
         ));
+    }
+
+    #[test]
+    fn a_key_of_another_ca_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        Ca::init("td", &a).unwrap();
+        Ca::init("td", &b).unwrap();
+        // Caught halfway through a replacement: b's key beside a's certificate.
+        fs::copy(b.join(CA_KEY), a.join(CA_KEY)).unwrap();
+        let e = Ca::load(&a).err().expect("a mismatched pair loaded");
+        assert!(e.to_string().contains("is not the key of"), "{e}");
     }
 
     #[test]
