@@ -450,3 +450,45 @@ fn icmp_errors_of_admitted_flows_pass() {
     assert!(counter(&s.status("node-2"), "pass_other") >= 1);
     assert!(counter(&s.status("node-1"), "pass_other") >= 1);
 }
+
+/// A workload re-labelled (another service account, so another SPIFFE ID) loses what its old
+/// identity was allowed: its connections are cut on the peer node, and its new identity, which
+/// the policy does not admit, cannot connect.
+#[test]
+fn relabelling_a_workload_cuts_its_flows_and_its_new_identity_is_judged_afresh() {
+    let tb = up(Some(50));
+    let s = scenario(&tb);
+    let _server = s.serve("server", PORT);
+    warm(&s, "client", "server");
+    let target = s.addr("server", Family::V4);
+    let transfer = s.transfer("client", target, PORT, 400_000_000, 20, 2000);
+    thread::sleep(Duration::from_secs(2));
+    tb.write_cluster(|c| {
+        for w in &mut c.workloads {
+            if w.name == "client" {
+                w.service_account = "renamed".into();
+            }
+        }
+    })
+    .expect("re-labelling the client");
+    let result = transfer.finish();
+    assert!(
+        !ok(&result),
+        "the re-labelled workload's transfer went on: {result}"
+    );
+    let old = s.identity("client");
+    assert!(
+        eventually(Duration::from_secs(3), || !has_entry(
+            &s,
+            "node-2",
+            &s.identity("server"),
+            &old
+        )),
+        "node-2 kept the old identity's entry"
+    );
+    let r = s.connect("client", target, PORT, 1500);
+    assert!(
+        !ok(&r),
+        "the new identity, which no rule admits, connected: {r}"
+    );
+}
