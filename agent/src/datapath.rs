@@ -68,6 +68,15 @@ pub enum DatapathError {
         name: &'static str,
         source: MapError,
     },
+    #[error(
+        "the pinned map {path} is from an incompatible version ({what} is {found}, this version needs {want}); run `portcullis uninstall` (it removes this node's enforcement and state) and start the agent again"
+    )]
+    Incompatible {
+        path: PathBuf,
+        what: &'static str,
+        found: u32,
+        want: u32,
+    },
     #[error("map {name} is missing from the kernel object")]
     MissingMap { name: &'static str },
     #[error("attaching to {iface} (index {ifindex}) at {hook}: {source}")]
@@ -223,6 +232,7 @@ impl Datapath {
                 .create(dir)
                 .map_err(io_err(dir))?;
         }
+        check_pinned_layouts(&dirs.maps)?;
         // aya-log's level is a global in the object: 0 compiles every log statement out of the
         // verifier's view at load time, so the packet path pays nothing when logging is off.
         let level: u8 = if datapath_log {
@@ -736,6 +746,56 @@ pub fn uninstall(root: &Path) -> Result<Removed, DatapathError> {
         Some(e) => Err(e),
         None => Ok(removed),
     }
+}
+
+/// Pinned maps left by an earlier version whose layout differs cannot be adopted: say so
+/// plainly rather than fail in the verifier.
+fn check_pinned_layouts(maps: &Path) -> Result<(), DatapathError> {
+    let expected: [(&str, &'static str, u32, u32); 4] = [
+        (
+            map::AUTH,
+            "the value size",
+            size_of::<AuthValue>() as u32,
+            0,
+        ),
+        (
+            map::FLOWS,
+            "the value size",
+            size_of::<FlowValue>() as u32,
+            0,
+        ),
+        (
+            map::ENDPOINTS_V4,
+            "the value size",
+            size_of::<Endpoint>() as u32,
+            0,
+        ),
+        (map::COUNTERS, "the number of counters", Counter::COUNT, 1),
+    ];
+    for (name, what, want, field) in expected {
+        let path = maps.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = aya::maps::MapInfo::from_pin(&path).map_err(|source| DatapathError::Map {
+            name: "pinned map",
+            source,
+        })?;
+        let found = if field == 0 {
+            info.value_size()
+        } else {
+            info.max_entries()
+        };
+        if found != want {
+            return Err(DatapathError::Incompatible {
+                path,
+                what,
+                found,
+                want,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Where cgroup v2 is mounted: `/sys/fs/cgroup` on unified hosts, `/sys/fs/cgroup/unified`

@@ -422,3 +422,44 @@ fn datapath_log_reaches_the_agent_log_when_enabled() {
         tb.agent_log("node-2")
     );
 }
+
+/// Pins left by a version with another map layout are not adopted blindly: the agent refuses to
+/// start and says what to do.
+#[test]
+fn pinned_maps_of_an_incompatible_layout_are_refused_with_the_remedy() {
+    assert!(
+        // SAFETY: no preconditions.
+        unsafe { libc::geteuid() } == 0,
+        "the datapath tests need root; run them with `cargo xtask test` as root"
+    );
+    let spec = Spec {
+        nodes: vec![NodeSpec::new("node-1", vec![PodSpec::new("client")])],
+    };
+    let mut tb = Testbed::up(&spec, &Options::without_agents())
+        .unwrap_or_else(|e| panic!("testbed up: {e:#}"));
+    testbed::ensure_bpffs().expect("bpffs");
+    let maps = tb.node("node-1").bpffs_dir.join("maps");
+    std::fs::create_dir_all(&maps).expect("maps dir");
+    // The auth map of an older layout: 16-byte values.
+    let out = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(maps.join("PC_AUTH"))
+        .args([
+            "type", "hash", "key", "16", "value", "16", "entries", "16", "name", "PC_AUTH",
+        ])
+        .output()
+        .expect("bpftool");
+    assert!(
+        out.status.success(),
+        "bpftool map create: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = tb
+        .start_agent("node-1")
+        .expect_err("the agent adopted maps of another layout");
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("incompatible version") && msg.contains("portcullis uninstall"),
+        "{msg}"
+    );
+}

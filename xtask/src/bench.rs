@@ -96,8 +96,7 @@ fn endpoint_scale(agent: &std::path::Path, n: usize) -> Result<(f64, f64, u64)> 
             let address: std::net::IpAddr = if i < 64_000 {
                 std::net::Ipv4Addr::new(198, 19, (i / 250) as u8, (i % 250 + 1) as u8).into()
             } else {
-                std::net::Ipv6Addr::new(0xfd00, 0x19, 0, 0, 0, 0, (i >> 16) as u16, i as u16)
-                    .into()
+                std::net::Ipv6Addr::new(0xfd00, 0x19, 0, 0, 0, 0, (i >> 16) as u16, i as u16).into()
             };
             c.workloads.push(testbed::Workload {
                 name: format!("w{i}"),
@@ -245,7 +244,9 @@ pub fn run(args: Args) -> Result<i32> {
         let (agent_ms, wall_ms, rss_kib) = endpoint_scale(&release, n)?;
         #[expect(clippy::cast_precision_loss, reason = "MiB for display")]
         let rss_mib = rss_kib as f64 / 1024.0;
-        eprintln!("  {n} endpoints: {agent_ms:.0} ms in the agent, {wall_ms:.0} ms from the file write, RSS {rss_mib:.1} MiB");
+        eprintln!(
+            "  {n} endpoints: {agent_ms:.0} ms in the agent, {wall_ms:.0} ms from the file write, RSS {rss_mib:.1} MiB"
+        );
         let _ = writeln!(md, "| {n} | {agent_ms:.0} | {wall_ms:.0} | {rss_mib:.1} |");
         scale.push(
             json!({"endpoints": n, "agent_ms": agent_ms, "wall_ms": wall_ms, "rss_kib": rss_kib}),
