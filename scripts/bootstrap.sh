@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Brings a bare Debian 12 machine to the point where `cargo xtask …` works:
 # LLVM 22 (bpf-linker must link against the same LLVM major as rustc), the pinned
-# toolchain with rust-src (eBPF needs build-std=core), bpf-linker, iproute2, iperf3, ping.
+# toolchain with rust-src (eBPF needs build-std=core), bpf-linker, iproute2, iperf3, ping,
+# stunnel4 and nftables (benchmark baselines).
 # Idempotent: every step checks first, so a rerun on a ready machine takes seconds.
 set -euo pipefail
 
@@ -11,7 +12,7 @@ llvm_major=22
 log() { printf '[bootstrap] %s\n' "$*" >&2; }
 
 need_pkgs=()
-for p in "llvm-${llvm_major}-dev" "clang-${llvm_major}" bpftool iproute2 iperf3 iputils-ping libpolly-${llvm_major}-dev zlib1g-dev libzstd-dev; do
+for p in "llvm-${llvm_major}-dev" "clang-${llvm_major}" bpftool iproute2 iperf3 iputils-ping stunnel4 nftables libpolly-${llvm_major}-dev zlib1g-dev libzstd-dev; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$p")
 done
 if ((${#need_pkgs[@]})); then

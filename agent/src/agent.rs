@@ -306,6 +306,7 @@ impl Agent {
         let started = Instant::now();
         let mut cluster_changed = false;
         let (cluster_update, policy_update) = self.source.poll();
+        let read_ms = started.elapsed().as_millis();
         if let Some(result) = cluster_update {
             match result {
                 Ok(state) => {
@@ -479,6 +480,7 @@ impl Agent {
                 endpoints = self.programmed.len(),
                 endpoints_set,
                 endpoints_removed,
+                read_ms = u64::try_from(read_ms).unwrap_or(u64::MAX),
                 took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
                 "cluster state applied"
             );

@@ -26,7 +26,8 @@ enum Command {
     Test(test::Args),
     /// Show enforcement on a two-node testbed, in plain words, then tear it down.
     Demo(demo::Args),
-    /// Benchmarks against a baseline measured in the same run (throughput for now).
+    /// Benchmarks against baselines measured in the same run (no enforcement, stunnel,
+    /// nftables); `--quick` for a smoke run.
     Bench(bench::Args),
 }
 

@@ -101,6 +101,36 @@ pub fn run(args: Args) -> Result<i32> {
             test_args.push(f);
         }
         priv_ok = cargo_test(&test_args, &[("PORTCULLIS_BIN", &bin)], &mut tally)?;
+        if args.filter.is_none() {
+            // The benchmarks' smoke run: it completes and writes a well-formed report with
+            // every scenario (its numbers are not judged here).
+            eprintln!("== benchmark smoke run: cargo xtask bench --quick");
+            let out = cargo::target_dir()?.join("bench-smoke");
+            let _ = std::fs::remove_dir_all(&out);
+            let smoke = std::process::Command::new(std::env::current_exe()?)
+                .args(["bench", "--quick", "--out"])
+                .arg(&out)
+                .env("PORTCULLIS_BIN", &bin)
+                .status()
+                .context("running cargo xtask bench --quick")?;
+            let verdict = if smoke.success() {
+                crate::bench::check_report(&out.join("bench.json"))
+            } else {
+                Err(anyhow::anyhow!(
+                    "cargo xtask bench --quick failed ({smoke})"
+                ))
+            };
+            match verdict {
+                Ok(()) => {
+                    println!("test bench_quick_writes_every_scenario ... ok");
+                    tally.passed += 1;
+                }
+                Err(e) => {
+                    println!("test bench_quick_writes_every_scenario ... FAILED: {e:#}");
+                    tally.failed += 1;
+                }
+            }
+        }
     }
     let total = start.elapsed().as_secs_f64();
     eprintln!("== unit tests {unit_secs:.0}s, all tests {total:.0}s");

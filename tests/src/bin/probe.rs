@@ -20,6 +20,8 @@
 //!     io.
 //! probe rr --to ADDR:PORT [--count N] [--size B] [--from ADDR] [--timeout-ms N]
 //!     N request/response round trips of B bytes against an --echo server; latency stats.
+//! probe cps --to ADDR:PORT [--seconds S] [--timeout-ms N]
+//!     Short-lived connections back to back against a count-mode server; connections/s.
 //! probe udp-serve --port P [--seconds S]       echo every datagram back to its sender.
 //! probe udp-send --to ADDR:PORT [--count N] [--size B] [--timeout-ms N]
 //!     N datagrams one at a time, each waiting for its echo; ok when all came back.
@@ -94,6 +96,7 @@ fn main() -> ExitCode {
         "send" => send(&args),
         "rr" => rr(&args),
         "udp-serve" => udp_serve(&args),
+        "cps" => cps(&args),
         "udp-send" => udp_send(&args),
         m => return usage(&format!("unknown mode {m:?}")),
     };
@@ -390,6 +393,8 @@ fn rr(a: &Args) -> Result<Outcome, Usage> {
         rtts.push(t.elapsed());
     }
     rtts.sort();
+    // Microseconds with two decimals: the differences measured are of a few microseconds.
+    let us = |x: f64| (x * 100.0).round() / 100.0;
     let pct = |p: f64| {
         rtts.get(((rtts.len() as f64 - 1.0) * p).round() as usize)
             .map(|d| d.as_secs_f64() * 1e6)
@@ -397,7 +402,38 @@ fn rr(a: &Args) -> Result<Outcome, Usage> {
     };
     let mean = rtts.iter().map(Duration::as_secs_f64).sum::<f64>() / rtts.len().max(1) as f64 * 1e6;
     Ok(json_ok(
-        json!({"count": count, "size": size, "mean_us": mean.round(), "p50_us": pct(0.5).round(), "p99_us": pct(0.99).round(), "max_us": pct(1.0).round()}),
+        json!({"count": count, "size": size, "mean_us": us(mean), "p50_us": us(pct(0.5)),
+               "p99_us": us(pct(0.99)), "p999_us": us(pct(0.999)), "max_us": us(pct(1.0))}),
+    ))
+}
+
+/// Short-lived connections, one after another for `--seconds`: connect, send one byte,
+/// half-close, read the count-mode server's 8-byte answer, close. Connections per second.
+fn cps(a: &Args) -> Result<Outcome, Usage> {
+    let to: SocketAddr = a.req("to")?;
+    let seconds: f64 = a.get("seconds")?.unwrap_or(2.0);
+    let timeout = a.timeout()?;
+    let start = Instant::now();
+    let mut done = 0u64;
+    let mut reply = [0u8; 8];
+    while start.elapsed().as_secs_f64() < seconds {
+        let r = dial(to, None, timeout).and_then(|mut s| {
+            s.write_all(&[1])?;
+            s.shutdown(Shutdown::Write)?;
+            s.read_exact(&mut reply)
+        });
+        if let Err(e) = r {
+            return Ok(fail(
+                kind(&e),
+                format!("connection {done}: {e}"),
+                json!({"done": done}),
+            ));
+        }
+        done += 1;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    Ok(json_ok(
+        json!({"connections": done, "seconds": elapsed, "per_sec": (done as f64 / elapsed).round()}),
     ))
 }
 
