@@ -20,7 +20,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf},
     programs::{
         CgroupAttachMode, LinkOrder, ProgramError, SchedClassifier, SockOps, TcAttach,
         TcAttachType,
@@ -208,8 +208,8 @@ pub enum Attached {
 pub struct Datapath {
     dirs: PinDirs,
     ebpf: Ebpf,
-    ep_v4: LpmTrie<MapData, [u8; 4], Endpoint>,
-    ep_v6: LpmTrie<MapData, [u8; 16], Endpoint>,
+    ep_v4: HashMap<MapData, [u8; 4], Endpoint>,
+    ep_v6: HashMap<MapData, [u8; 16], Endpoint>,
     syn_rto: Array<MapData, u32>,
     state: PinnedView,
 }
@@ -432,14 +432,14 @@ impl Datapath {
                 name: map::ENDPOINTS_V4,
                 source,
             })?;
-            out.insert(IpAddr::from(k.data()), v);
+            out.insert(IpAddr::from(k), v);
         }
         for entry in self.ep_v6.iter() {
             let (k, v) = entry.map_err(|source| DatapathError::Map {
                 name: map::ENDPOINTS_V6,
                 source,
             })?;
-            out.insert(IpAddr::from(k.data()), v);
+            out.insert(IpAddr::from(k), v);
         }
         Ok(out)
     }
@@ -448,7 +448,7 @@ impl Datapath {
         match addr {
             IpAddr::V4(a) => {
                 self.ep_v4
-                    .insert(&Key::new(32, a.octets()), ep, 0)
+                    .insert(&a.octets(), ep, 0)
                     .map_err(|source| DatapathError::Map {
                         name: map::ENDPOINTS_V4,
                         source,
@@ -456,7 +456,7 @@ impl Datapath {
             }
             IpAddr::V6(a) => self
                 .ep_v6
-                .insert(&Key::new(128, a.octets()), ep, 0)
+                .insert(&a.octets(), ep, 0)
                 .map_err(|source| DatapathError::Map {
                     name: map::ENDPOINTS_V6,
                     source,
@@ -468,14 +468,14 @@ impl Datapath {
         let r = match addr {
             IpAddr::V4(a) => self
                 .ep_v4
-                .remove(&Key::new(32, a.octets()))
+                .remove(&a.octets())
                 .map_err(|source| DatapathError::Map {
                     name: map::ENDPOINTS_V4,
                     source,
                 }),
             IpAddr::V6(a) => self
                 .ep_v6
-                .remove(&Key::new(128, a.octets()))
+                .remove(&a.octets())
                 .map_err(|source| DatapathError::Map {
                     name: map::ENDPOINTS_V6,
                     source,
@@ -751,7 +751,7 @@ pub fn uninstall(root: &Path) -> Result<Removed, DatapathError> {
 /// Pinned maps left by an earlier version whose layout differs cannot be adopted: say so
 /// plainly rather than fail in the verifier.
 fn check_pinned_layouts(maps: &Path) -> Result<(), DatapathError> {
-    let expected: [(&str, &'static str, u32, u32); 4] = [
+    let expected: [(&str, &'static str, u32, u32); 5] = [
         (
             map::AUTH,
             "the value size",
@@ -771,6 +771,8 @@ fn check_pinned_layouts(maps: &Path) -> Result<(), DatapathError> {
             0,
         ),
         (map::COUNTERS, "the number of counters", Counter::COUNT, 1),
+        // Endpoints were an LPM trie (key: prefix length + address) before they were a hash.
+        (map::ENDPOINTS_V4, "the key size", 4, 2),
     ];
     for (name, what, want, field) in expected {
         let path = maps.join(name);
@@ -781,10 +783,10 @@ fn check_pinned_layouts(maps: &Path) -> Result<(), DatapathError> {
             name: "pinned map",
             source,
         })?;
-        let found = if field == 0 {
-            info.value_size()
-        } else {
-            info.max_entries()
+        let found = match field {
+            0 => info.value_size(),
+            1 => info.max_entries(),
+            _ => info.key_size(),
         };
         if found != want {
             return Err(DatapathError::Incompatible {

@@ -11,9 +11,9 @@ use core::mem::size_of;
 
 /// Map names, shared by both sides. Maps are pinned by name under `<bpffs_dir>/maps/`.
 pub mod map {
-    /// LPM trie, IPv4 address → [`super::Endpoint`].
+    /// Hash, IPv4 address → [`super::Endpoint`].
     pub const ENDPOINTS_V4: &str = "PC_EP_V4";
-    /// LPM trie, IPv6 address → [`super::Endpoint`].
+    /// Hash, IPv6 address → [`super::Endpoint`].
     pub const ENDPOINTS_V6: &str = "PC_EP_V6";
     /// Hash, [`super::AuthKey`] → [`super::AuthValue`].
     pub const AUTH: &str = "PC_AUTH";
@@ -76,7 +76,7 @@ pub const EP_ADMIT_HOST: u32 = 16;
 /// [`Endpoint::flags`] of a local pod: IP protocols other than TCP, UDP and ICMP pass.
 pub const EP_OTHER_PASS: u32 = 32;
 
-/// Where an address belongs: value of the endpoint LPM tries.
+/// Where an address belongs: value of the endpoint maps.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct Endpoint {

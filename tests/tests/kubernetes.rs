@@ -59,8 +59,7 @@ fn endpoints_v4(tb: &Testbed, node: &str) -> Vec<Ipv4Addr> {
                 .iter()
                 .filter_map(|b| u8::from_str_radix(b.as_str()?.trim_start_matches("0x"), 16).ok())
                 .collect();
-            // struct { u32 prefixlen; u8 addr[4]; }
-            (key.len() == 8).then(|| Ipv4Addr::new(key[4], key[5], key[6], key[7]))
+            (key.len() == 4).then(|| Ipv4Addr::new(key[0], key[1], key[2], key[3]))
         })
         .collect()
 }
