@@ -149,7 +149,8 @@ pub struct Agent {
     dp: Datapath,
     registry: Registry,
     source: ClusterSource,
-    cluster: Option<ClusterState>,
+    /// Shared so that a reconciliation holds it without copying every workload.
+    cluster: Option<Arc<ClusterState>>,
     cluster_error: Option<String>,
     /// What the endpoint maps hold, mirrored.
     programmed: HashMap<IpAddr, Endpoint>,
@@ -320,8 +321,8 @@ impl Agent {
                     if !state.nodes.contains_key(&self.config.node) {
                         tracing::warn!(node = %self.config.node, "this node is not in cluster state; no local pod will be enforced");
                     }
-                    cluster_changed = self.cluster.as_ref() != Some(&state);
-                    self.cluster = Some(state);
+                    cluster_changed = self.cluster.as_deref() != Some(&state);
+                    self.cluster = Some(Arc::new(state));
                     self.cluster_error = None;
                 }
                 Err(e) => {
@@ -476,6 +477,12 @@ impl Agent {
         self.leftover_pins.clear();
         self.refresh_identities(&cluster, cluster_changed || policy_changed);
         if cluster_changed || endpoints_changed {
+            if cluster_changed {
+                // Decoding a large cluster-state document leaves the allocator holding memory
+                // the agent no longer uses: give it back, so RSS reflects what is live.
+                // SAFETY: glibc's malloc_trim has no preconditions.
+                unsafe { libc::malloc_trim(0) };
+            }
             tracing::info!(
                 endpoints = self.programmed.len(),
                 endpoints_set,

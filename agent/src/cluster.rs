@@ -264,13 +264,21 @@ fn check_dns_name(path: &Path, v: &Spanned<String>, field: &str) -> Result<(), I
     Ok(())
 }
 
+fn digest(text: &str) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut h);
+    h.finish()
+}
+
 /// A YAML input file re-read on every [`Watched::poll`] and parsed by `parse`. Comparing
 /// contents rather than watching inodes also follows Kubernetes ConfigMap mounts, which swap a
 /// symlink.
 #[derive(Debug)]
 pub struct Watched<T> {
     path: PathBuf,
-    last_text: Option<String>,
+    /// A hash of the last text read (not the text: a cluster-state file can be megabytes).
+    last_text: Option<u64>,
     parse: fn(&Path, &str) -> Result<T, InputError>,
 }
 
@@ -307,21 +315,22 @@ impl<T> Watched<T> {
             Ok(t) => t,
             Err(e) => {
                 let marker = format!("\0unreadable: {e}");
-                if self.last_text.as_deref() == Some(marker.as_str()) {
+                if self.last_text == Some(digest(&marker)) {
                     return None;
                 }
-                self.last_text = Some(marker);
+                self.last_text = Some(digest(&marker));
                 return Some(Err(InputError::file(
                     &self.path,
                     format!("cannot read: {e}"),
                 )));
             }
         };
-        if self.last_text.as_deref() == Some(text.as_str()) {
+        let hash = digest(&text);
+        if self.last_text == Some(hash) {
             return None;
         }
         let result = (self.parse)(&self.path, &text);
-        self.last_text = Some(text);
+        self.last_text = Some(hash);
         Some(result)
     }
 }

@@ -454,13 +454,14 @@ impl Datapath {
                         source,
                     })
             }
-            IpAddr::V6(a) => self
-                .ep_v6
-                .insert(&a.octets(), ep, 0)
-                .map_err(|source| DatapathError::Map {
-                    name: map::ENDPOINTS_V6,
-                    source,
-                }),
+            IpAddr::V6(a) => {
+                self.ep_v6
+                    .insert(&a.octets(), ep, 0)
+                    .map_err(|source| DatapathError::Map {
+                        name: map::ENDPOINTS_V6,
+                        source,
+                    })
+            }
         }
     }
 

@@ -45,6 +45,9 @@ pub struct Args {
     /// Where the JSON and Markdown results go (default: <target>/bench).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Only the control-plane measurement, with this many endpoints (for profiling).
+    #[arg(long, value_name = "N")]
+    scale_only: Option<usize>,
 }
 
 const IPERF_PORT: u16 = 5201;
@@ -394,6 +397,16 @@ fn endpoint_scale(agent: &Path, n: usize) -> Result<(f64, f64, u64)> {
     };
     let took_ms = loop {
         if let Some(ms) = applied(&tb) {
+            if let Some(line) = tb
+                .agent_log("node-1")
+                .lines()
+                .rfind(|l| l.contains("cluster state applied"))
+            {
+                eprintln!(
+                    "  agent: {}",
+                    line.split("INFO").last().unwrap_or(line).trim()
+                );
+            }
             break ms;
         }
         if start.elapsed() > Duration::from_secs(300) {
@@ -501,6 +514,15 @@ pub fn run(args: Args) -> Result<i32> {
         bail!("the benchmarks build network namespaces and load eBPF programs: run them as root");
     }
     let started = Instant::now();
+    if let Some(n) = args.scale_only {
+        let agent = cargo::build_agent_release()?;
+        let (agent_ms, wall_ms, rss_kib) = endpoint_scale(&agent, n)?;
+        println!(
+            "{n} endpoints: {agent_ms:.0} ms in the agent, {wall_ms:.0} ms from the file write, RSS {:.1} MiB",
+            rss_kib as f64 / 1024.0
+        );
+        return Ok(0);
+    }
     let (reps, seconds, rr_count) = if args.quick {
         (1, 1, 2_000)
     } else {
