@@ -159,7 +159,8 @@ fn existing(pkt: &Packet, key: &FlowKey) -> Option<Counter> {
 
 /// A packet that is neither TCP nor UDP, to or from local pod `local`: an ICMP error passes
 /// when it quotes a tracked flow of that pod; anything else (ICMP echo, other IP protocols)
-/// passes when the pod's policy says so, or its mode is `off`.
+/// passes when the pod's policy says so. Mode `off` passes both, and mode `audit` passes what
+/// `enforce` would drop, counted as `pass_audit`.
 #[inline(always)]
 fn other_protocol(ctx: &TcContext, pkt: &Packet, local: &Endpoint, to_pod: bool) -> Counter {
     if pkt.icmp == ICMP_ERROR {
@@ -169,12 +170,19 @@ fn other_protocol(ctx: &TcContext, pkt: &Packet, local: &Endpoint, to_pod: bool)
         let pod = if to_pod { &pkt.dst } else { &pkt.src };
         return if key.local_addr == *pod && FLOWS.get_ptr(&key).is_some() {
             Counter::PassOther
+        } else if local.flags & EP_AUDIT != 0 {
+            Counter::PassAudit
+        } else if local.flags & EP_ENFORCE == 0 {
+            Counter::PassUnenforced
         } else {
             Counter::DropNoFlow
         };
     }
     if local.flags & EP_OTHER_PASS != 0 || local.flags & (EP_ENFORCE | EP_AUDIT) == 0 {
         Counter::PassOther
+    } else if local.flags & EP_AUDIT != 0 {
+        // Mode `audit` drops nothing that `enforce` alone would; the counter says what.
+        Counter::PassAudit
     } else {
         Counter::DropUnsupported
     }
