@@ -557,11 +557,11 @@ mod tests {
         use super::super::*;
         use crate::identity::ca::Ca;
 
-        const A: &str = "198.18.1.2";
+        pub(crate) const A: &str = "198.18.1.2";
         pub(crate) const B: &str = "198.18.2.2";
         const C: &str = "198.18.2.3";
 
-        fn svid(ca: &Ca, id: &str) -> Svid {
+        pub(crate) fn svid(ca: &Ca, id: &str) -> Svid {
             let id = SpiffeId::parse(id).unwrap();
             let issued = ca.issue(&id, Duration::from_secs(3600)).unwrap();
             let info = svid::check_leaf(&issued.cert_der, SystemTime::now()).unwrap();
@@ -799,6 +799,219 @@ mod tests {
             r.detail.as_deref().is_some_and(|d| d.contains("initiator")),
             "{r:?}"
         );
+    }
+
+    /// Hostile input on the handshake port: each case is refused with a reason on record, and
+    /// the responder goes on serving valid handshakes.
+    mod hostile {
+        use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+        use tokio::{
+            io::{AsyncReadExt, AsyncWriteExt},
+            net::{TcpListener, TcpStream},
+            sync::{mpsc, watch},
+        };
+
+        use super::loopback::{A, B, owners, svid};
+        use crate::{
+            handshake::{Record, View, WriteRequest, initiate, serve},
+            identity::ca::Ca,
+            policy::Policy,
+            reason::Reason,
+            tls::Trust,
+        };
+
+        struct Server {
+            addr: SocketAddr,
+            records: mpsc::Receiver<Record>,
+            client: Arc<View>,
+            _dir: tempfile::TempDir,
+        }
+
+        async fn server(max_concurrent: u32, timeout: Duration) -> Server {
+            use rustls_pki_types::pem::PemObject;
+            let dir = tempfile::tempdir().unwrap();
+            let ca = Ca::init("td", dir.path()).unwrap();
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let nodes: std::collections::HashMap<String, SocketAddr> = [
+                ("node-a".into(), "127.0.0.1:1".parse().unwrap()),
+                ("node-b".into(), addr),
+            ]
+            .into();
+            let trust = || {
+                Trust::new(
+                    "td",
+                    &[
+                        rustls_pki_types::CertificateDer::from_pem_slice(ca.cert_pem().as_bytes())
+                            .unwrap(),
+                    ],
+                )
+                .unwrap()
+            };
+            let view = |node: &str, id: &str| {
+                Arc::new(
+                    View::build(
+                        node,
+                        trust(),
+                        owners(),
+                        nodes.clone(),
+                        &[svid(&ca, id)],
+                        Arc::new(Policy::default()),
+                    )
+                    .unwrap(),
+                )
+            };
+            let (_view_tx, views) =
+                watch::channel(Some(view("node-b", "spiffe://td/ns/default/sa/b")));
+            let (write_tx, mut write_rx) = mpsc::channel::<WriteRequest>(16);
+            tokio::spawn(async move {
+                while let Some((_, reply)) = write_rx.recv().await {
+                    let _ = reply.send(true);
+                }
+            });
+            let (record_tx, records) = mpsc::channel(1024);
+            tokio::spawn(async move {
+                let _keep = _view_tx;
+                serve(
+                    listener,
+                    views,
+                    write_tx,
+                    record_tx,
+                    timeout,
+                    max_concurrent,
+                )
+                .await;
+            });
+            Server {
+                addr,
+                records,
+                client: view("node-a", "spiffe://td/ns/default/sa/a"),
+                _dir: dir,
+            }
+        }
+
+        impl Server {
+            async fn next_failure(&mut self) -> Reason {
+                let rec = tokio::time::timeout(Duration::from_secs(5), self.records.recv())
+                    .await
+                    .expect("no record within 5 s")
+                    .expect("records closed");
+                rec.result.expect_err("a hostile connection was accepted")
+            }
+
+            async fn still_serves(&mut self) {
+                let rec = initiate(
+                    self.client.clone(),
+                    A.parse().unwrap(),
+                    B.parse().unwrap(),
+                    Duration::from_secs(5),
+                )
+                .await;
+                assert!(
+                    rec.result.is_ok(),
+                    "a valid handshake failed afterwards: {rec:?}"
+                );
+                // The responder's own record of it.
+                let r = tokio::time::timeout(Duration::from_secs(5), self.records.recv())
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert!(r.result.is_ok(), "{r:?}");
+            }
+        }
+
+        /// Sends `bytes`, half-closes, and reads until the responder closes (bounded).
+        async fn send_and_wait_close(addr: SocketAddr, bytes: &[u8]) {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(bytes).await.unwrap();
+            let _ = s.shutdown().await;
+            let mut sink = Vec::new();
+            let closed =
+                tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut sink)).await;
+            assert!(
+                closed.is_ok(),
+                "the responder kept a hostile connection open"
+            );
+        }
+
+        #[tokio::test]
+        async fn garbage_plaintext_http_and_a_truncated_client_hello_are_refused() {
+            let mut srv = server(8, Duration::from_secs(2)).await;
+            let mut hello = Vec::new();
+            {
+                // The first bytes of a real TLS 1.3 ClientHello, cut short.
+                let config = srv.client.clients.values().next().unwrap().clone();
+                let name = rustls::pki_types::ServerName::try_from(crate::tls::sni_for(
+                    B.parse().unwrap(),
+                ))
+                .unwrap();
+                let mut conn = rustls::ClientConnection::new(config, name).unwrap();
+                conn.write_tls(&mut hello).unwrap();
+                hello.truncate(hello.len() / 2);
+            }
+            for (what, bytes) in [
+                ("garbage", b"\x00\x01\x02garbage\xff\xfe".to_vec()),
+                (
+                    "plaintext HTTP",
+                    b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+                ),
+                ("truncated ClientHello", hello),
+            ] {
+                send_and_wait_close(srv.addr, &bytes).await;
+                let reason = srv.next_failure().await;
+                assert!(
+                    matches!(reason, Reason::Protocol | Reason::Tls),
+                    "{what}: refused with {reason:?}"
+                );
+                srv.still_serves().await;
+            }
+        }
+
+        #[tokio::test]
+        async fn a_connection_that_never_completes_is_closed_at_the_time_limit() {
+            let mut srv = server(8, Duration::from_millis(300)).await;
+            let mut s = TcpStream::connect(srv.addr).await.unwrap();
+            let started = std::time::Instant::now();
+            let mut buf = [0u8; 16];
+            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+                .await
+                .expect("the responder held a silent connection open past its time limit");
+            assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+            assert!(started.elapsed() < Duration::from_secs(2));
+            assert_eq!(srv.next_failure().await, Reason::Timeout);
+            srv.still_serves().await;
+        }
+
+        #[tokio::test]
+        async fn idle_connections_beyond_the_limit_are_closed_at_once() {
+            let mut srv = server(4, Duration::from_millis(500)).await;
+            let mut idle = Vec::new();
+            for _ in 0..200 {
+                idle.push(TcpStream::connect(srv.addr).await.unwrap());
+            }
+            // All but `max_concurrent` are closed without waiting for the time limit.
+            let mut closed_at_once = 0;
+            for s in &mut idle {
+                let mut buf = [0u8; 1];
+                if let Ok(Ok(0) | Err(_)) =
+                    tokio::time::timeout(Duration::from_millis(200), s.read(&mut buf)).await
+                {
+                    closed_at_once += 1;
+                }
+            }
+            assert!(
+                closed_at_once >= 196,
+                "only {closed_at_once} of 200 closed at once"
+            );
+            drop(idle);
+            // The ones that held a slot time out; then the responder serves again.
+            for _ in 0..4 {
+                let r = srv.next_failure().await;
+                assert!(matches!(r, Reason::Timeout | Reason::Protocol), "{r:?}");
+            }
+            srv.still_serves().await;
+        }
     }
 
     #[tokio::test]
