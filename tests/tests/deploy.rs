@@ -98,13 +98,7 @@ fn the_kustomization_lists_every_manifest() {
 fn the_config_map_holds_a_config_the_agent_accepts() {
     let bin =
         std::env::var_os("PORTCULLIS_BIN").expect("PORTCULLIS_BIN: run through `cargo xtask test`");
-    let text =
-        std::fs::read_to_string(deploy_dir().join("configmap.yaml")).expect("configmap.yaml");
-    let doc: serde_yaml::Value = serde_yaml::Deserializer::from_str(&text)
-        .map(|d| serde_yaml::Value::deserialize(d).expect("YAML"))
-        .find(|v| v["metadata"]["name"] == "portcullis-config")
-        .expect("the portcullis-config ConfigMap");
-    let agent_yaml = doc["data"]["agent.yaml"].as_str().expect("data.agent.yaml");
+    let agent_yaml = config_map_key("portcullis-config", "agent.yaml");
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("agent.yaml");
     std::fs::write(&path, agent_yaml).expect("writing agent.yaml");
@@ -132,15 +126,8 @@ fn the_config_map_holds_a_config_the_agent_accepts() {
 fn the_shipped_policy_is_one_the_agent_accepts() {
     let bin =
         std::env::var_os("PORTCULLIS_BIN").expect("PORTCULLIS_BIN: run through `cargo xtask test`");
-    let text =
-        std::fs::read_to_string(deploy_dir().join("configmap.yaml")).expect("configmap.yaml");
-    let doc: serde_yaml::Value = serde_yaml::Deserializer::from_str(&text)
-        .map(|d| serde_yaml::Value::deserialize(d).expect("YAML"))
-        .find(|v| v["metadata"]["name"] == "portcullis-policy")
-        .expect("the portcullis-policy ConfigMap");
-    let policy = doc["data"]["policy.yaml"]
-        .as_str()
-        .expect("data.policy.yaml");
+    let policy = config_map_key("portcullis-policy", "policy.yaml");
+    let policy = policy.as_str();
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("policy.yaml");
     std::fs::write(&path, policy).expect("writing policy.yaml");
@@ -171,3 +158,17 @@ fn the_shipped_policy_is_one_the_agent_accepts() {
 }
 
 use serde::Deserialize as _;
+
+/// The value of `key` in the ConfigMap `name` of deploy/configmap.yaml.
+fn config_map_key(name: &str, key: &str) -> String {
+    let text =
+        std::fs::read_to_string(deploy_dir().join("configmap.yaml")).expect("configmap.yaml");
+    let doc: serde_yaml::Value = serde_yaml::Deserializer::from_str(&text)
+        .map(|d| serde_yaml::Value::deserialize(d).expect("YAML"))
+        .find(|v| v["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("the {name} ConfigMap"));
+    doc["data"][key]
+        .as_str()
+        .unwrap_or_else(|| panic!("data.{key} of {name}"))
+        .to_owned()
+}

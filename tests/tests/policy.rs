@@ -11,7 +11,7 @@ use std::{
 use serde_json::Value;
 use testbed::{
     NodeSpec, Options, PodSpec, Spec, Testbed,
-    scenario::{Family, Scenario, counter, eventually, ok, sock},
+    scenario::{Family, Scenario, Server, Transfer, counter, eventually, ok, sock},
 };
 
 const PORT: u16 = 8080;
@@ -91,6 +91,17 @@ fn warm(s: &Scenario<'_>, a: &str, b: &str) {
         s.status(&na)["auth"],
         s.status(&nb)["auth"]
     );
+}
+
+/// A server in `server`, the pair (client, server) authenticated, and a long transfer from the
+/// client under way for two seconds: what the revocation tests take away.
+fn running_transfer(s: &Scenario<'_>) -> (Server, std::net::IpAddr, Transfer) {
+    let server = s.serve("server", PORT);
+    warm(s, "client", "server");
+    let target = s.addr("server", Family::V4);
+    let transfer = s.transfer("client", target, PORT, 400_000_000, 20, 2000);
+    thread::sleep(Duration::from_secs(2));
+    (server, target, transfer)
 }
 
 fn handshakes(s: &Scenario<'_>, node: &str) -> Vec<Value> {
@@ -215,11 +226,7 @@ fn audit_mode_admits_the_forbidden_connection_and_reports_a_would_be_drop() {
 fn a_policy_edit_cuts_a_running_transfer_and_restoring_the_rule_readmits() {
     let tb = up(Some(50));
     let s = scenario(&tb);
-    let _server = s.serve("server", PORT);
-    warm(&s, "client", "server");
-    let target = s.addr("server", Family::V4);
-    let transfer = s.transfer("client", target, PORT, 400_000_000, 20, 2000);
-    thread::sleep(Duration::from_secs(2));
+    let (_server, target, transfer) = running_transfer(&s);
     let drops = |st: &Value| counter(st, "drop_no_flow");
     let before = drops(&s.status("node-2"));
     let revoked = POLICY.replace(
@@ -290,11 +297,7 @@ fn revalidation_us(log: &str) -> u64 {
 fn deleting_a_workload_from_cluster_state_cuts_its_flows_on_the_peer_node() {
     let tb = up(Some(50));
     let s = scenario(&tb);
-    let _server = s.serve("server", PORT);
-    warm(&s, "client", "server");
-    let target = s.addr("server", Family::V4);
-    let transfer = s.transfer("client", target, PORT, 400_000_000, 20, 2000);
-    thread::sleep(Duration::from_secs(2));
+    let (_server, _, transfer) = running_transfer(&s);
     let client_addr = s.addr("client", Family::V4).to_string();
     let flows_of_client = |st: &Value| {
         st["flows"].as_array().map_or(0, |fs| {
@@ -458,11 +461,7 @@ fn icmp_errors_of_admitted_flows_pass() {
 fn relabelling_a_workload_cuts_its_flows_and_its_new_identity_is_judged_afresh() {
     let tb = up(Some(50));
     let s = scenario(&tb);
-    let _server = s.serve("server", PORT);
-    warm(&s, "client", "server");
-    let target = s.addr("server", Family::V4);
-    let transfer = s.transfer("client", target, PORT, 400_000_000, 20, 2000);
-    thread::sleep(Duration::from_secs(2));
+    let (_server, target, transfer) = running_transfer(&s);
     tb.write_cluster(|c| {
         for w in &mut c.workloads {
             if w.name == "client" {

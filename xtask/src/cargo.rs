@@ -55,32 +55,32 @@ pub fn agent_bin(explicit: Option<&Path>) -> Result<PathBuf> {
 /// Builds the agent from this checkout with the release profile (what users run; for
 /// control-plane measurements) and returns its path.
 pub fn build_agent_release() -> Result<PathBuf> {
-    eprintln!("building the agent: cargo build --release -p portcullis-agent");
-    let status = cargo()
-        .args(["build", "--release", "-p", "portcullis-agent"])
-        .status()
-        .context("cannot run cargo build")?;
-    if !status.success() {
-        bail!("cargo build --release -p portcullis-agent failed ({status})");
-    }
-    let bin = target_dir()?.join("release").join("portcullis");
-    if !bin.is_file() {
-        bail!("the build succeeded but {} does not exist", bin.display());
-    }
-    Ok(bin)
+    build_agent_profile(true)
 }
 
 /// Builds the agent from this checkout (debug profile) and returns its path.
 pub fn build_agent() -> Result<PathBuf> {
-    eprintln!("building the agent: cargo build -p portcullis-agent");
+    build_agent_profile(false)
+}
+
+fn build_agent_profile(release: bool) -> Result<PathBuf> {
+    let mut args = vec!["build"];
+    if release {
+        args.push("--release");
+    }
+    args.extend(["-p", "portcullis-agent"]);
+    let line = format!("cargo {}", args.join(" "));
+    eprintln!("building the agent: {line}");
     let status = cargo()
-        .args(["build", "-p", "portcullis-agent"])
+        .args(&args)
         .status()
         .context("cannot run cargo build")?;
     if !status.success() {
-        bail!("cargo build -p portcullis-agent failed ({status})");
+        bail!("{line} failed ({status})");
     }
-    let bin = target_dir()?.join("debug").join("portcullis");
+    let bin = target_dir()?
+        .join(if release { "release" } else { "debug" })
+        .join("portcullis");
     if !bin.is_file() {
         bail!("the build succeeded but {} does not exist", bin.display());
     }
