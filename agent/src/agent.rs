@@ -713,19 +713,25 @@ impl Agent {
             }
         }
         if changes.bundle {
-            self.reverify_all(cluster);
+            // Every entry, with or without flows: a pair whose SVIDs are no longer trusted
+            // fails definitively and is revoked. Each node proves its own entries.
+            let started = self.reprove(|_| true);
+            tracing::info!(
+                handshakes = started,
+                "trust bundle changed: every auth entry is proven again"
+            );
         }
     }
 
-    /// After a trust-bundle change every entry is proven again, with or without flows: a pair
-    /// whose SVIDs are no longer trusted fails with a definitive reason and is revoked (see
-    /// [`definitive`]). Each node re-verifies its own entries, whichever node initiated them.
-    fn reverify_all(&mut self, cluster: &ClusterState) {
-        let Some(auth) = self.auth.as_mut() else {
-            return;
+    /// Proves again, as initiator, every entry `select` picks, with or without flows; our own
+    /// attempts then decide (a definitive failure revokes, see `revoke_failed`). Returns the
+    /// number of handshakes started.
+    fn reprove(&mut self, select: impl Fn(&AuthKey) -> bool) -> usize {
+        let (Some(auth), Some(cluster)) = (self.auth.as_mut(), self.cluster.as_ref()) else {
+            return 0;
         };
         let Ok(entries) = self.dp.auth_entries() else {
-            return;
+            return 0;
         };
         let id = |kind, name: &str| self.registry.id_of(kind, name);
         let mut local_addr: HashMap<u32, IpAddr> = HashMap::new();
@@ -744,7 +750,7 @@ impl Agent {
             remote_addr.entry((i, n)).or_insert(*a);
         }
         let mut started = 0;
-        for (k, _) in &entries {
+        for (k, _) in entries.iter().filter(|(k, _)| select(k)) {
             if let (Some(l), Some(r)) = (
                 local_addr.get(&k.local_identity),
                 remote_addr.get(&(k.remote_identity, k.remote_node)),
@@ -753,56 +759,28 @@ impl Agent {
                 started += 1;
             }
         }
-        tracing::info!(
-            entries = entries.len(),
-            handshakes = started,
-            "trust bundle changed: every auth entry is proven again"
-        );
+        started
     }
 
     /// A peer node rejected the SVID we presented for one of our workloads (its trust bundle
     /// changed, say): our entries of that workload with that node may rest on trust that is
-    /// gone, so we prove them again ourselves; our own attempts decide (see `revoke_failed`).
+    /// gone, so we prove them again ourselves.
     fn reprove_with_peer(&mut self, rec: &Record) {
         let (Some(local_id), Some(peer), Some(cluster)) =
             (&rec.local_id, rec.peer, self.cluster.as_ref())
         else {
             return;
         };
-        let Some(node) = cluster
-            .nodes
-            .values()
-            .find(|n| n.address.ip() == peer.ip())
-            .map(|n| n.name.clone())
-        else {
+        let Some(node) = cluster.nodes.values().find(|n| n.address.ip() == peer.ip()) else {
             return;
         };
-        let (Some(l), Some(n), Some(local_addr)) = (
+        let (Some(l), Some(n)) = (
             self.registry.id_of(Kind::Identity, local_id.as_str()),
-            self.registry.id_of(Kind::Node, &node),
-            rec.local_addr,
+            self.registry.id_of(Kind::Node, &node.name),
         ) else {
             return;
         };
-        let Ok(entries) = self.dp.auth_entries() else {
-            return;
-        };
-        let Some(auth) = self.auth.as_mut() else {
-            return;
-        };
-        for (k, _) in entries {
-            if k.local_identity != l || k.remote_node != n {
-                continue;
-            }
-            let remote = cluster.workloads.iter().find(|w| {
-                w.node == node
-                    && self.registry.id_of(Kind::Identity, w.identity.as_str())
-                        == Some(k.remote_identity)
-            });
-            if let Some(r) = remote.and_then(|w| w.addresses.first()) {
-                auth.want((local_addr, *r), &self.view_rx);
-            }
-        }
+        self.reprove(|k| k.local_identity == l && k.remote_node == n);
     }
 
     /// The auth key cluster state gives a pair of addresses (ours first).

@@ -752,30 +752,38 @@ pub fn uninstall(root: &Path) -> Result<Removed, DatapathError> {
 /// Pinned maps left by an earlier version whose layout differs cannot be adopted: say so
 /// plainly rather than fail in the verifier.
 fn check_pinned_layouts(maps: &Path) -> Result<(), DatapathError> {
-    let expected: [(&str, &'static str, u32, u32); 5] = [
+    let value_size: fn(&aya::maps::MapInfo) -> u32 = aya::maps::MapInfo::value_size;
+    let key_size: fn(&aya::maps::MapInfo) -> u32 = aya::maps::MapInfo::key_size;
+    let entries: fn(&aya::maps::MapInfo) -> u32 = aya::maps::MapInfo::max_entries;
+    let expected = [
         (
             map::AUTH,
             "the value size",
             size_of::<AuthValue>() as u32,
-            0,
+            value_size,
         ),
         (
             map::FLOWS,
             "the value size",
             size_of::<FlowValue>() as u32,
-            0,
+            value_size,
         ),
         (
             map::ENDPOINTS_V4,
             "the value size",
             size_of::<Endpoint>() as u32,
-            0,
+            value_size,
         ),
-        (map::COUNTERS, "the number of counters", Counter::COUNT, 1),
+        (
+            map::COUNTERS,
+            "the number of counters",
+            Counter::COUNT,
+            entries,
+        ),
         // Endpoints were an LPM trie (key: prefix length + address) before they were a hash.
-        (map::ENDPOINTS_V4, "the key size", 4, 2),
+        (map::ENDPOINTS_V4, "the key size", 4, key_size),
     ];
-    for (name, what, want, field) in expected {
+    for (name, what, want, read) in expected {
         let path = maps.join(name);
         if !path.exists() {
             continue;
@@ -784,11 +792,7 @@ fn check_pinned_layouts(maps: &Path) -> Result<(), DatapathError> {
             name: "pinned map",
             source,
         })?;
-        let found = match field {
-            0 => info.value_size(),
-            1 => info.max_entries(),
-            _ => info.key_size(),
-        };
+        let found = read(&info);
         if found != want {
             return Err(DatapathError::Incompatible {
                 path,

@@ -361,24 +361,17 @@ pub fn build(
         let index = workloads.len();
         let mut kept = Vec::new();
         for a in addresses {
-            match claimed.get(&a) {
-                Some((other, other_deleting, other_label)) if !(*other_deleting && !deleting) => {
+            if let Some((other, other_deleting, other_label)) = claimed.get(&a) {
+                if !*other_deleting || deleting {
                     skipped.push(format!("{label}: address {a} is also {other_label}'s"));
-                    let _ = other;
+                    continue;
                 }
-                Some((other, _, other_label)) => {
-                    // The other pod is being deleted: this one takes the address.
-                    let other = *other;
-                    skipped.push(format!("{other_label}: address {a} taken over by {label}"));
-                    workloads[other].addresses.retain(|x| *x != a);
-                    claimed.insert(a, (index, deleting, label.clone()));
-                    kept.push(a);
-                }
-                None => {
-                    claimed.insert(a, (index, deleting, label.clone()));
-                    kept.push(a);
-                }
+                // The other pod is being deleted: this one takes the address.
+                skipped.push(format!("{other_label}: address {a} taken over by {label}"));
+                workloads[*other].addresses.retain(|x| *x != a);
             }
+            claimed.insert(a, (index, deleting, label.clone()));
+            kept.push(a);
         }
         workloads.push(Workload {
             name,

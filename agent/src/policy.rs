@@ -346,51 +346,24 @@ impl Policy {
                 .file_stem()
                 .map_or_else(|| "policy".to_owned(), |s| s.to_string_lossy().into_owned()),
         };
-        let defaults = Settings {
-            mode: parse_mode(path, f.mode.as_ref(), "mode")?.unwrap_or(Mode::Enforce),
-            node_traffic: parse_choice(
-                path,
-                f.node_traffic.as_ref(),
-                "node_traffic",
-                "allow",
-                "deny",
-            )?
-            .unwrap_or(true),
-            other_protocols: parse_choice(
-                path,
-                f.other_protocols.as_ref(),
-                "other_protocols",
-                "pass",
-                "drop",
-            )?
-            .unwrap_or(false),
-        };
+        let defaults = settings(
+            path,
+            "",
+            [&f.mode, &f.node_traffic, &f.other_protocols],
+            Settings::default(),
+        )?;
         let mut namespaces = BTreeMap::new();
         for (ns, o) in &f.namespaces {
-            let field = |n: &str| format!("namespaces.{}.{n}", ns.as_str());
-            check_namespace(path, ns, &format!("namespaces.{}", ns.as_str()))?;
+            let prefix = format!("namespaces.{}", ns.as_str());
+            check_namespace(path, ns, &prefix)?;
             namespaces.insert(
                 ns.to_string(),
-                Settings {
-                    mode: parse_mode(path, o.mode.as_ref(), &field("mode"))?
-                        .unwrap_or(defaults.mode),
-                    node_traffic: parse_choice(
-                        path,
-                        o.node_traffic.as_ref(),
-                        &field("node_traffic"),
-                        "allow",
-                        "deny",
-                    )?
-                    .unwrap_or(defaults.node_traffic),
-                    other_protocols: parse_choice(
-                        path,
-                        o.other_protocols.as_ref(),
-                        &field("other_protocols"),
-                        "pass",
-                        "drop",
-                    )?
-                    .unwrap_or(defaults.other_protocols),
-                },
+                settings(
+                    path,
+                    &format!("{prefix}."),
+                    [&o.mode, &o.node_traffic, &o.other_protocols],
+                    defaults,
+                )?,
             );
         }
         let enroll = match &f.enroll {
@@ -566,6 +539,36 @@ fn patterns(
                 .map_err(|e| InputError::value(path, p, format!("{field}[{i}]"), e))
         })
         .collect()
+}
+
+/// The three settings of a namespace (or of the document, `prefix` empty) from their fields
+/// `[mode, node_traffic, other_protocols]`; a field left out keeps `base`'s value.
+fn settings(
+    path: &Path,
+    prefix: &str,
+    [mode, node_traffic, other_protocols]: [&Option<Spanned<String>>; 3],
+    base: Settings,
+) -> Result<Settings, InputError> {
+    let field = |name: &str| format!("{prefix}{name}");
+    Ok(Settings {
+        mode: parse_mode(path, mode.as_ref(), &field("mode"))?.unwrap_or(base.mode),
+        node_traffic: parse_choice(
+            path,
+            node_traffic.as_ref(),
+            &field("node_traffic"),
+            "allow",
+            "deny",
+        )?
+        .unwrap_or(base.node_traffic),
+        other_protocols: parse_choice(
+            path,
+            other_protocols.as_ref(),
+            &field("other_protocols"),
+            "pass",
+            "drop",
+        )?
+        .unwrap_or(base.other_protocols),
+    })
 }
 
 fn parse_mode(
