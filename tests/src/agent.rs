@@ -53,14 +53,14 @@ impl Testbed {
         c.stdin(Stdio::null())
             .stdout(log.try_clone().context("dup log fd")?)
             .stderr(log);
-        process::enter(&mut c, &n.netns, &n.agent_cgroup, self.detach_agents)?;
+        process::enter(&mut c, &n.netns, &n.agent_cgroup, self.opts.detach_agents)?;
         let mut child = c
             .spawn()
             .with_context(|| format!("cannot start `{}`", cmd::describe(&c)))?;
         std::fs::write(&n.pid_file, format!("{}\n", child.id()))
             .with_context(|| format!("cannot write {}", n.pid_file.display()))?;
 
-        let deadline = Instant::now() + self.ready_timeout;
+        let deadline = Instant::now() + self.opts.agent_ready_timeout;
         loop {
             if n.admin_socket.exists() {
                 break;
@@ -78,7 +78,7 @@ impl Testbed {
                 bail!(
                     "the agent of {node} did not create {} within {:?}; last lines of {}:\n{}",
                     n.admin_socket.display(),
-                    self.ready_timeout,
+                    self.opts.agent_ready_timeout,
                     n.log_file.display(),
                     process::log_tail(&n.log_file, LOG_TAIL)
                 );

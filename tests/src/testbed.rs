@@ -99,15 +99,8 @@ impl Options {
 pub struct Testbed {
     pub(crate) info: TestbedInfo,
     pub(crate) children: HashMap<String, Child>,
-    pub(crate) log_level: String,
-    pub(crate) authenticate: bool,
-    pub(crate) svid_ttl_secs: Option<u64>,
-    pub(crate) proactive: Option<bool>,
-    pub(crate) policy: Option<String>,
-    pub(crate) poll_interval_ms: Option<u64>,
-    pub(crate) syn_rto_ms: Option<u32>,
-    pub(crate) detach_agents: bool,
-    pub(crate) ready_timeout: Duration,
+    /// How the agents are configured and started.
+    pub(crate) opts: Options,
     persistent: bool,
 }
 
@@ -161,15 +154,10 @@ impl Testbed {
                 pods: Vec::new(),
             },
             children: HashMap::new(),
-            log_level: opts.log_level.clone(),
-            authenticate: opts.authenticate && opts.agents,
-            svid_ttl_secs: opts.svid_ttl_secs,
-            proactive: opts.proactive,
-            policy: opts.policy.clone(),
-            poll_interval_ms: opts.poll_interval_ms,
-            syn_rto_ms: opts.syn_rto_ms,
-            detach_agents: opts.detach_agents,
-            ready_timeout: opts.agent_ready_timeout,
+            opts: Options {
+                authenticate: opts.authenticate && opts.agents,
+                ..opts.clone()
+            },
             persistent: false,
         };
         tb.info.save()?;
@@ -207,15 +195,10 @@ impl Testbed {
         Ok(Testbed {
             info,
             children: HashMap::new(),
-            log_level: "debug".into(),
-            authenticate: false,
-            svid_ttl_secs: None,
-            proactive: None,
-            policy: None,
-            poll_interval_ms: None,
-            syn_rto_ms: None,
-            detach_agents: true,
-            ready_timeout: Options::default().agent_ready_timeout,
+            opts: Options {
+                detach_agents: true,
+                ..Options::default()
+            },
             persistent: true,
         })
     }
@@ -388,7 +371,7 @@ impl Testbed {
         };
         cluster.store(&self.info.cluster_file)?;
         let mut extra = std::collections::BTreeMap::new();
-        if self.authenticate {
+        if self.opts.authenticate {
             let ca = self.ca_dir();
             self.make_ca(&ca)?;
             let mut identity = serde_yaml::Mapping::new();
@@ -402,11 +385,11 @@ impl Testbed {
                 "trust_bundle".into(),
                 bundle.to_string_lossy().into_owned().into(),
             );
-            if let Some(ttl) = self.svid_ttl_secs {
+            if let Some(ttl) = self.opts.svid_ttl_secs {
                 identity.insert("svid_ttl_secs".into(), ttl.into());
             }
             extra.insert("identity".to_owned(), serde_yaml::Value::Mapping(identity));
-            if let Some(proactive) = self.proactive {
+            if let Some(proactive) = self.opts.proactive {
                 let mut handshake = serde_yaml::Mapping::new();
                 handshake.insert("proactive".into(), proactive.into());
                 extra.insert(
@@ -415,14 +398,14 @@ impl Testbed {
                 );
             }
         }
-        if let Some(policy) = &self.policy {
+        if let Some(policy) = &self.opts.policy {
             self.set_policy(policy)?;
             extra.insert(
                 "policy".to_owned(),
                 self.policy_path().to_string_lossy().into_owned().into(),
             );
         }
-        if let Some(ms) = self.poll_interval_ms {
+        if let Some(ms) = self.opts.poll_interval_ms {
             extra.insert("poll_interval_ms".to_owned(), ms.into());
         }
         for n in &self.info.nodes {
@@ -432,7 +415,7 @@ impl Testbed {
                 "cgroup".into(),
                 n.pods_cgroup.to_string_lossy().into_owned().into(),
             );
-            if let Some(ms) = self.syn_rto_ms {
+            if let Some(ms) = self.opts.syn_rto_ms {
                 first_connection.insert("syn_rto_ms".into(), ms.into());
             }
             extra.insert(
@@ -444,7 +427,7 @@ impl Testbed {
                 cluster_state: Some(self.info.cluster_file.clone()),
                 bpffs_dir: n.bpffs_dir.clone(),
                 admin_socket: n.admin_socket.clone(),
-                log_level: self.log_level.clone(),
+                log_level: self.opts.log_level.clone(),
                 extra,
             }
             .store(&n.agent_config)?;
