@@ -363,7 +363,7 @@ impl Agent {
                 self.registry
                     .intern(&mut self.dp, Kind::Identity, w.identity.as_str())?;
             let node = self.registry.intern(&mut self.dp, Kind::Node, &w.node)?;
-            let local = w.node == self.config.node;
+            let local = *w.node == *self.config.node;
             let settings = policy_flags(self.policy.settings(&w.namespace, &w.identity));
             let label = format!("{}/{}", w.namespace, w.name);
             for addr in &w.addresses {
@@ -744,7 +744,7 @@ impl Agent {
             ) else {
                 continue;
             };
-            if w.node == self.config.node {
+            if *w.node == *self.config.node {
                 local_addr.entry(i).or_insert(*a);
             }
             remote_addr.entry((i, n)).or_insert(*a);
@@ -992,7 +992,7 @@ impl Agent {
             let (Some(la), Some(ra)) = (l.addresses.first(), r.addresses.first()) else {
                 continue;
             };
-            if (self.config.node.as_str(), *la) > (r.node.as_str(), *ra) {
+            if (self.config.node.as_str(), *la) > (&*r.node, *ra) {
                 continue;
             }
             let key = (

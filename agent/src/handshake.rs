@@ -137,7 +137,7 @@ pub async fn read_msg<R: AsyncRead + Unpin>(r: &mut R) -> Result<Message, Reason
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Owner {
     pub id: SpiffeId,
-    pub node: String,
+    pub node: Arc<str>,
 }
 
 /// Everything a handshake needs to know, as one immutable snapshot that the agent's core
@@ -174,7 +174,7 @@ impl View {
             .collect::<Result<_, tls::TlsError>>()?;
         let hosted = owners
             .iter()
-            .filter(|(_, o)| o.node == node)
+            .filter(|(_, o)| *o.node == *node)
             .filter_map(|(addr, o)| svids.get(&o.id).map(|s| (*addr, s.key.clone())))
             .collect();
         let server = tls::server_config(&trust, tls::HostedKeys(hosted))?;
@@ -287,15 +287,15 @@ async fn initiate_inner(view: &View, rec: &mut Record) -> Result<SystemTime, Rea
     let local = view
         .owners
         .get(&local_addr)
-        .filter(|o| o.node == view.node)
+        .filter(|o| *o.node == *view.node)
         .ok_or(Reason::UnknownPeer)?;
     rec.local_id = Some(local.id.clone());
     let remote = view.owners.get(&remote_addr).ok_or(Reason::UnknownPeer)?;
-    rec.remote_node = Some(remote.node.clone());
+    rec.remote_node = Some(remote.node.to_string());
     // The identity we ask to be proven; replaced by the one the peer proves, if it gets that far.
     rec.remote_id = Some(remote.id.clone());
     let svid = view.svids.get(&local.id).ok_or(Reason::NoLocalSvid)?;
-    let target = *view.nodes.get(&remote.node).ok_or(Reason::UnknownPeer)?;
+    let target = *view.nodes.get(&*remote.node).ok_or(Reason::UnknownPeer)?;
     rec.peer = Some(target);
     let tcp = TcpStream::connect(target)
         .await
@@ -380,7 +380,7 @@ async fn respond_inner(
     rec.local_addr = asked;
     let local = asked
         .and_then(|a| view.owners.get(&a))
-        .filter(|o| o.node == view.node);
+        .filter(|o| *o.node == *view.node);
     rec.local_id = local.map(|o| o.id.clone());
     let hosted = local.is_some_and(|o| view.svids.contains_key(&o.id));
     let accepted = start.into_stream(view.server.clone()).await;
@@ -419,7 +419,7 @@ async fn respond_inner(
             .owners
             .get(&hello.initiator_addr)
             .ok_or(Reason::UnknownInitiator)?;
-        if initiator.node != hello.initiator_node {
+        if *initiator.node != *hello.initiator_node {
             return Err(Reason::UnknownInitiator);
         }
         if initiator.id != peer_cert.id {

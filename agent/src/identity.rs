@@ -48,10 +48,11 @@ pub enum SpiffeIdError {
     BadPathChar { ch: char, pos: usize },
 }
 
-/// A validated SPIFFE ID such as `spiffe://cluster.local/ns/default/sa/web`.
+/// A validated SPIFFE ID such as `spiffe://cluster.local/ns/default/sa/web`. Cloning shares the
+/// text: cluster state holds one per workload, and the pods of a service account share theirs.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SpiffeId {
-    id: String,
+    id: std::sync::Arc<str>,
     /// Byte offset where the path starts (== `id.len()` when there is none).
     path_start: usize,
 }
@@ -130,7 +131,7 @@ impl SpiffeId {
             }
         }
         Ok(Self {
-            id: s.to_owned(),
+            id: s.into(),
             path_start,
         })
     }

@@ -58,14 +58,20 @@ impl InputError {
         }
     }
 
-    /// An error about a spanned value.
-    pub fn value<T>(
+    /// An error about a value, at its position when the decoder kept one.
+    pub fn value(
         file: &Path,
-        v: &Spanned<T>,
+        v: &impl Located,
         field: impl Into<String>,
         message: impl fmt::Display,
     ) -> Self {
-        Self::at(file, v.span(), field, message)
+        match v.location() {
+            Some(span) => Self::at(file, span, field, message),
+            None => Self {
+                field: Some(field.into()),
+                ..Self::file(file, message)
+            },
+        }
     }
 
     /// An error about the file as a whole.
@@ -77,6 +83,41 @@ impl InputError {
             field: None,
             message: message.to_string(),
         }
+    }
+}
+
+/// A value read from an input file that may know where in the file it was.
+pub trait Located {
+    fn location(&self) -> Option<&Span>;
+}
+
+impl<T> Located for Spanned<T> {
+    fn location(&self) -> Option<&Span> {
+        Some(self.span())
+    }
+}
+
+impl Located for String {
+    fn location(&self) -> Option<&Span> {
+        None
+    }
+}
+
+/// A string field of an input file: [`Spanned`] when decoded by [`parse`], a plain `String`
+/// when decoded by a faster decoder that keeps no positions.
+pub trait Text: Located + DeserializeOwned {
+    fn text(&self) -> &str;
+}
+
+impl Text for Spanned<String> {
+    fn text(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl Text for String {
+    fn text(&self) -> &str {
+        self
     }
 }
 

@@ -377,7 +377,7 @@ pub fn build(
             name,
             namespace: ns,
             identity,
-            node,
+            node: node.into(),
             addresses: kept,
         });
     }

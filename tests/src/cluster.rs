@@ -80,6 +80,12 @@ impl ClusterFile {
         let text = serde_yaml::to_string(self).context("cannot serialize the cluster file")?;
         write_atomic(path, text.as_bytes())
     }
+
+    /// Stores the file in its JSON form (a YAML subset the agent decodes faster).
+    pub fn store_json(&self, path: &Path) -> Result<()> {
+        let text = serde_json::to_vec(self).context("cannot serialize the cluster file")?;
+        write_atomic(path, &text)
+    }
 }
 
 /// The agent's config file, exactly what `portcullis run --config FILE` reads.

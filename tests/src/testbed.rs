@@ -504,6 +504,13 @@ impl Testbed {
         cluster.store(&self.info.cluster_file)
     }
 
+    /// Like [`Testbed::write_cluster`], in the file's JSON form.
+    pub fn write_cluster_json(&self, edit: impl FnOnce(&mut ClusterFile)) -> Result<()> {
+        let mut cluster = self.cluster()?;
+        edit(&mut cluster);
+        cluster.store_json(&self.info.cluster_file)
+    }
+
     /// The current content of cluster.yaml.
     pub fn cluster(&self) -> Result<ClusterFile> {
         ClusterFile::load(&self.info.cluster_file)

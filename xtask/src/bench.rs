@@ -428,7 +428,8 @@ fn endpoint_scale(agent: &Path, n: usize) -> Result<(f64, f64, u64)> {
             ..Options::default()
         },
     )?;
-    tb.write_cluster(|c| {
+    // JSON, as generators of files this size write them (the agent's fast decoder).
+    tb.write_cluster_json(|c| {
         for i in 0..n {
             // 198.19.0.0/16 holds 64,000 of them; the rest go to fd00:19::/96.
             let address: std::net::IpAddr = if i < 64_000 {
