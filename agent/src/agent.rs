@@ -1445,7 +1445,11 @@ fn flow_stands(
     let Some(local) = programmed.get(&local_addr) else {
         return false;
     };
-    if local.flags & EP_LOCAL == 0 || local.identity != v.local_identity {
+    // A pod replaced by one with the same address is a new pod: its predecessor's flows end.
+    if local.flags & EP_LOCAL == 0
+        || local.identity != v.local_identity
+        || local.ifindex != v.ifindex
+    {
         return false;
     }
     if v.remote_identity != IDENTITY_NONE {

@@ -216,8 +216,13 @@ pub struct FlowValue {
     pub flags: u32,
     /// `CLOCK_BOOTTIME` nanoseconds.
     pub created_ns: u64,
+    /// The interface of the local pod the flow was admitted on. A packet of a tracked flow on
+    /// that interface passes without the endpoint lookup: the pod's address was checked against
+    /// it when the flow was created, and the agent cuts the flow if the endpoint goes away.
+    pub ifindex: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<FlowValue>() == 24);
+const _: () = assert!(size_of::<FlowValue>() == 32);
 
 impl FlowValue {
     /// The auth entry this flow depends on.

@@ -136,24 +136,34 @@ fn local_endpoint(ctx: &TcContext, pkt: &Packet, addr: &[u8; 16]) -> Option<Endp
     endpoint(pkt, addr).filter(|ep| ep.flags & EP_LOCAL != 0 && ep.ifindex == ifindex(ctx))
 }
 
-/// The verdict for a packet of an existing connection, or `None` for a new one.
-///
-/// Only a TCP SYN (or a UDP datagram with no flow) is new. A SYN always goes through admission,
-/// even when a flow entry with the same 5-tuple survives from an earlier connection: a reused
-/// port must not inherit an old admission. And a mid-connection packet never creates an entry:
-/// a flow whose entry was deleted (revoked) stays cut in both directions.
+/// Whether the packet is TCP or UDP (not an ICMP message or another protocol): the protocols
+/// with flows.
 #[inline(always)]
-fn existing(pkt: &Packet, key: &FlowKey) -> Option<Counter> {
-    let tracked = FLOWS.get_ptr(key).is_some();
-    let new = if pkt.proto == IPPROTO_TCP {
+fn has_flow(pkt: &Packet) -> bool {
+    pkt.icmp == ICMP_NONE && (pkt.proto == IPPROTO_TCP || pkt.proto == IPPROTO_UDP)
+}
+
+/// Whether `key` is a flow admitted on this interface. An entry made on another interface (a
+/// pod that has since been replaced by one with the same address) does not count.
+#[inline(always)]
+fn tracked(ctx: &TcContext, key: &FlowKey) -> bool {
+    // SAFETY: a field copied out at once.
+    FLOWS
+        .get_ptr(key)
+        .is_some_and(|f| unsafe { (*f).ifindex } == ifindex(ctx))
+}
+
+/// Whether a TCP or UDP packet opens a connection (goes through admission) rather than
+/// continuing one. Only a TCP SYN, or a UDP datagram with no flow, is new. A SYN always goes
+/// through admission, even when a flow entry with the same 5-tuple survives from an earlier
+/// connection: a reused port must not inherit an old admission. And a mid-connection packet
+/// never creates an entry: a flow whose entry was deleted (revoked) stays cut in both directions.
+#[inline(always)]
+fn is_new(pkt: &Packet, tracked: bool) -> bool {
+    if pkt.proto == IPPROTO_TCP {
         pkt.is_syn()
     } else {
         !tracked
-    };
-    match (new, tracked) {
-        (true, _) => None,
-        (false, true) => Some(Counter::PassFlow),
-        (false, false) => Some(Counter::DropNoFlow),
     }
 }
 
@@ -191,15 +201,21 @@ fn other_protocol(ctx: &TcContext, pkt: &Packet, local: &Endpoint, to_pod: bool)
 /// A packet on its way into a local pod: `dst` is the pod, `src` the remote peer.
 #[inline(always)]
 fn to_pod(ctx: &TcContext, pkt: &Packet) -> Counter {
+    // The common case first: a packet of an established flow of this interface's pod.
+    let key = pkt.flow_key(false);
+    let tracked = has_flow(pkt) && tracked(ctx, &key);
+    let new = is_new(pkt, tracked);
+    if tracked && !new {
+        return Counter::PassFlow;
+    }
     let Some(local) = local_endpoint(ctx, pkt, &pkt.dst) else {
         return Counter::DropNotLocal;
     };
-    if pkt.icmp != ICMP_NONE || (pkt.proto != IPPROTO_TCP && pkt.proto != IPPROTO_UDP) {
+    if !has_flow(pkt) {
         return other_protocol(ctx, pkt, &local, true);
     }
-    let key = pkt.flow_key(false);
-    if let Some(verdict) = existing(pkt, &key) {
-        return verdict;
+    if !new {
+        return Counter::DropNoFlow;
     }
     let now = now();
     let remote = endpoint(pkt, &pkt.src);
@@ -252,6 +268,8 @@ fn to_pod(ctx: &TcContext, pkt: &Packet) -> Counter {
         remote_node,
         flags,
         created_ns: now,
+        ifindex: ifindex(ctx),
+        _pad: 0,
     };
     if FLOWS.insert(&key, &flow, 0).is_err() {
         return Counter::DropFlowTableFull;
@@ -262,15 +280,22 @@ fn to_pod(ctx: &TcContext, pkt: &Packet) -> Counter {
 /// A packet the pod sends: `src` must be the pod, `dst` is the remote peer.
 #[inline(always)]
 fn from_pod(ctx: &TcContext, pkt: &Packet) -> Counter {
+    // A tracked flow of this interface has this pod's address as its source: no spoofing check
+    // beyond the flow lookup is needed.
+    let key = pkt.flow_key(true);
+    let tracked = has_flow(pkt) && tracked(ctx, &key);
+    let new = is_new(pkt, tracked);
+    if tracked && !new {
+        return Counter::PassFlow;
+    }
     let Some(local) = local_endpoint(ctx, pkt, &pkt.src) else {
         return Counter::DropSpoofed;
     };
-    if pkt.icmp != ICMP_NONE || (pkt.proto != IPPROTO_TCP && pkt.proto != IPPROTO_UDP) {
+    if !has_flow(pkt) {
         return other_protocol(ctx, pkt, &local, false);
     }
-    let key = pkt.flow_key(true);
-    if let Some(verdict) = existing(pkt, &key) {
-        return verdict;
+    if !new {
+        return Counter::DropNoFlow;
     }
     let now = now();
     let (remote_identity, remote_node, remote_flags) = match endpoint(pkt, &pkt.dst) {
@@ -287,6 +312,8 @@ fn from_pod(ctx: &TcContext, pkt: &Packet) -> Counter {
         remote_node,
         flags,
         created_ns: now,
+        ifindex: ifindex(ctx),
+        _pad: 0,
     };
     if FLOWS.insert(&key, &flow, 0).is_err() {
         return Counter::DropFlowTableFull;

@@ -1,6 +1,8 @@
-//! Packet parsing: every read goes through `TcContext::load` (`bpf_skb_load_bytes`), which
-//! bounds-checks against the whole skb, linear or not, so there is one access path and no
-//! pointer arithmetic for the verifier to doubt.
+//! Packet parsing: every read goes through [`load`], which reads the skb's linear data directly
+//! when it holds the bytes and falls back to `bpf_skb_load_bytes` (which also reaches paged
+//! data) when it does not, so a header split across pages is read, not misparsed.
+
+use core::{mem, ptr};
 
 use aya_ebpf::programs::TcContext;
 use portcullis_common::{
@@ -49,6 +51,33 @@ pub enum Parsed {
     Unsupported,
 }
 
+/// Reads a `T` at byte `off` of the packet: straight from the linear data when it holds those
+/// bytes (headers nearly always are), else through `bpf_skb_load_bytes`, which also reaches
+/// paged data. The direct read saves a helper call per header on every packet.
+#[inline(always)]
+fn load<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, ()> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    let at = start + off;
+    // At least 2: LLVM turns `at + 1 <= end` into `at < end`, from which the verifier grants no
+    // readable bytes. A 1-byte read at the packet's very last byte takes the helper path.
+    if at + mem::size_of::<T>().max(2) <= end {
+        // SAFETY: `at .. at + size_of::<T>()` lies inside the skb's linear data, as the check
+        // above (which the verifier also requires) establishes; `T` is plain bytes.
+        Ok(unsafe { ptr::read_unaligned(at as *const T) })
+    } else {
+        ctx.load(off).map_err(|_| ())
+    }
+}
+
+/// An IPv4 address in the 16-byte form the maps use: the address, then zeros. Built as one
+/// integer, because zeroing the tail of a byte array makes LLVM call a byte-at-a-time `memset`
+/// subprogram on every packet.
+#[inline(always)]
+fn v4_mapped(addr: [u8; 4]) -> [u8; 16] {
+    u128::from(u32::from_ne_bytes(addr)).to_ne_bytes()
+}
+
 impl Packet {
     #[inline(always)]
     const fn new(family: u8, proto: u8) -> Self {
@@ -67,7 +96,7 @@ impl Packet {
 
     #[inline(always)]
     pub fn parse(ctx: &TcContext) -> Result<Parsed, ()> {
-        let ethertype = u16::from_be(ctx.load::<u16>(12).map_err(|_| ())?);
+        let ethertype = u16::from_be(load::<u16>(ctx, 12)?);
         match ethertype {
             ETH_P_IP => Self::parse_v4(ctx),
             ETH_P_IPV6 => Self::parse_v6(ctx),
@@ -78,7 +107,7 @@ impl Packet {
 
     #[inline(always)]
     fn parse_v4(ctx: &TcContext) -> Result<Parsed, ()> {
-        let hdr: [u8; 20] = ctx.load(ETH_HLEN).map_err(|_| ())?;
+        let hdr: [u8; 20] = load(ctx, ETH_HLEN)?;
         let ihl = usize::from(hdr[0] & 0x0f) * 4;
         if hdr[0] >> 4 != 4 || ihl < 20 {
             return Err(());
@@ -91,15 +120,15 @@ impl Packet {
             return Err(());
         }
         let mut pkt = Packet::new(AF_INET, proto);
-        pkt.src[..4].copy_from_slice(&hdr[12..16]);
-        pkt.dst[..4].copy_from_slice(&hdr[16..20]);
+        pkt.src = v4_mapped([hdr[12], hdr[13], hdr[14], hdr[15]]);
+        pkt.dst = v4_mapped([hdr[16], hdr[17], hdr[18], hdr[19]]);
         pkt.load_l4(ctx, ETH_HLEN + ihl)?;
         Ok(Parsed::Ip(pkt))
     }
 
     #[inline(always)]
     fn parse_v6(ctx: &TcContext) -> Result<Parsed, ()> {
-        let hdr: [u8; 40] = ctx.load(ETH_HLEN).map_err(|_| ())?;
+        let hdr: [u8; 40] = load(ctx, ETH_HLEN)?;
         if hdr[0] >> 4 != 6 {
             return Err(());
         }
@@ -109,12 +138,12 @@ impl Packet {
         let mut proto = hdr[6];
         let mut l4 = ETH_HLEN + 40;
         if proto == IPPROTO_HOPOPTS {
-            let ext: [u8; 2] = ctx.load(l4).map_err(|_| ())?;
+            let ext: [u8; 2] = load(ctx, l4)?;
             proto = ext[0];
             l4 += (usize::from(ext[1]) + 1) * 8;
         }
         if proto == IPPROTO_ICMPV6 {
-            let icmp_type: u8 = ctx.load(l4).map_err(|_| ())?;
+            let icmp_type: u8 = load(ctx, l4)?;
             // Multicast listener (130–132, 143) and neighbour discovery (133–137).
             if matches!(icmp_type, 130..=137 | 143) {
                 return Ok(Parsed::Control);
@@ -131,7 +160,7 @@ impl Packet {
     fn load_l4(&mut self, ctx: &TcContext, off: usize) -> Result<(), ()> {
         match self.proto {
             IPPROTO_ICMP => {
-                let icmp_type: u8 = ctx.load(off).map_err(|_| ())?;
+                let icmp_type: u8 = load(ctx, off)?;
                 // Destination unreachable, source quench, time exceeded, parameter problem.
                 if matches!(icmp_type, 3 | 4 | 11 | 12) {
                     self.icmp = ICMP_ERROR;
@@ -141,7 +170,7 @@ impl Packet {
                 }
             }
             IPPROTO_ICMPV6 => {
-                let icmp_type: u8 = ctx.load(off).map_err(|_| ())?;
+                let icmp_type: u8 = load(ctx, off)?;
                 // Destination unreachable, packet too big, time exceeded, parameter problem.
                 if matches!(icmp_type, 1..=4) {
                     self.icmp = ICMP_ERROR;
@@ -152,13 +181,13 @@ impl Packet {
             }
             IPPROTO_TCP => {
                 // Ports (4 bytes), sequence and ack numbers (8), data offset (1), flags (1).
-                let l4: [u8; 14] = ctx.load(off).map_err(|_| ())?;
+                let l4: [u8; 14] = load(ctx, off)?;
                 self.sport = u16::from_be_bytes([l4[0], l4[1]]);
                 self.dport = u16::from_be_bytes([l4[2], l4[3]]);
                 self.tcp_flags = l4[13];
             }
             IPPROTO_UDP => {
-                let l4: [u8; 4] = ctx.load(off).map_err(|_| ())?;
+                let l4: [u8; 4] = load(ctx, off)?;
                 self.sport = u16::from_be_bytes([l4[0], l4[1]]);
                 self.dport = u16::from_be_bytes([l4[2], l4[3]]);
             }
@@ -183,33 +212,29 @@ impl Packet {
             _pad: [0; 2],
         };
         let (src, dst, l4) = if self.is_v6() {
-            let first: u8 = ctx.load(off).map_err(|_| ())?;
+            let first: u8 = load(ctx, off)?;
             if first >> 4 != 6 {
                 return Err(());
             }
-            key.proto = ctx.load(off + 6).map_err(|_| ())?;
-            let src: [u8; 16] = ctx.load(off + 8).map_err(|_| ())?;
-            let dst: [u8; 16] = ctx.load(off + 24).map_err(|_| ())?;
+            key.proto = load(ctx, off + 6)?;
+            let src: [u8; 16] = load(ctx, off + 8)?;
+            let dst: [u8; 16] = load(ctx, off + 24)?;
             (src, dst, off + 40)
         } else {
-            let first: u8 = ctx.load(off).map_err(|_| ())?;
+            let first: u8 = load(ctx, off)?;
             let ihl = usize::from(first & 0x0f) * 4;
             if first >> 4 != 4 || ihl < 20 {
                 return Err(());
             }
-            key.proto = ctx.load(off + 9).map_err(|_| ())?;
-            let mut src = [0; 16];
-            let mut dst = [0; 16];
-            let s4: [u8; 4] = ctx.load(off + 12).map_err(|_| ())?;
-            let d4: [u8; 4] = ctx.load(off + 16).map_err(|_| ())?;
-            src[..4].copy_from_slice(&s4);
-            dst[..4].copy_from_slice(&d4);
-            (src, dst, off + ihl)
+            key.proto = load(ctx, off + 9)?;
+            let s4: [u8; 4] = load(ctx, off + 12)?;
+            let d4: [u8; 4] = load(ctx, off + 16)?;
+            (v4_mapped(s4), v4_mapped(d4), off + ihl)
         };
         if key.proto != IPPROTO_TCP && key.proto != IPPROTO_UDP {
             return Err(());
         }
-        let ports: [u8; 4] = ctx.load(l4).map_err(|_| ())?;
+        let ports: [u8; 4] = load(ctx, l4)?;
         let sport = u16::from_be_bytes([ports[0], ports[1]]);
         let dport = u16::from_be_bytes([ports[2], ports[3]]);
         if to_pod {
