@@ -48,6 +48,9 @@ pub struct Args {
     /// Only the control-plane measurement, with this many endpoints (for profiling).
     #[arg(long, value_name = "N")]
     scale_only: Option<usize>,
+    /// Only the auth-entry measurement (100 × 1,000 pairs and a revoking policy edit).
+    #[arg(long)]
+    auth_only: bool,
 }
 
 const IPERF_PORT: u16 = 5201;
@@ -80,7 +83,7 @@ impl Setting {
     }
 }
 
-fn spec() -> Spec {
+pub fn spec() -> Spec {
     Spec {
         nodes: vec![
             NodeSpec::new("node-1", vec![PodSpec::new("client")]),
@@ -492,12 +495,8 @@ fn endpoint_scale(agent: &Path, n: usize) -> Result<(f64, f64, u64)> {
         probe: PathBuf::new(),
     }
     .status("node-1");
-    let pid = st["agent"]["pid"].as_u64().context("agent pid in status")?;
-    let rss_kib = std::fs::read_to_string(format!("/proc/{pid}/status"))?
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("VmRSS")?;
+    let pid = st["agent"]["pid"].as_i64().context("agent pid in status")?;
+    let rss_kib = crate::auth_scale::rss_kib(pid)?;
     #[expect(clippy::cast_precision_loss, reason = "milliseconds")]
     Ok((took_ms as f64, wall_ms, rss_kib))
 }
@@ -593,6 +592,11 @@ pub fn run(args: Args) -> Result<i32> {
             "{n} endpoints: {agent_ms:.0} ms in the agent, {wall_ms:.0} ms from the file write, RSS {:.1} MiB",
             rss_kib as f64 / 1024.0
         );
+        return Ok(0);
+    }
+    if args.auth_only {
+        let agent = cargo::build_agent_release()?;
+        println!("{}", crate::auth_scale::run(&agent, 100, 1_000)?);
         return Ok(0);
     }
     let (reps, seconds, rr_count) = if args.quick {
@@ -776,6 +780,23 @@ pub fn run(args: Args) -> Result<i32> {
         );
     }
 
+    let (locals, remotes) = if args.quick { (10, 100) } else { (100, 1_000) };
+    eprintln!(
+        "control plane: {} auth entries, then a policy edit revoking {}…",
+        locals * remotes,
+        remotes - 1
+    );
+    let auth = crate::auth_scale::run(&agent, locals, remotes)?;
+    eprintln!(
+        "  {} entries written at {:.0}/s, RSS {:.1} → {:.1} MiB; revocation: {:.1} ms in the agent, {:.0} ms from the file write",
+        auth["entries"],
+        auth["entries_per_s"].as_f64().unwrap_or(f64::NAN),
+        auth["rss_kib_before"].as_f64().unwrap_or(f64::NAN) / 1024.0,
+        auth["rss_kib"].as_f64().unwrap_or(f64::NAN) / 1024.0,
+        auth["revoke_agent_ms"].as_f64().unwrap_or(f64::NAN),
+        auth["revoke_wall_ms"].as_f64().unwrap_or(f64::NAN),
+    );
+
     eprintln!("handshakes: portcullis against a bare rustls loop…");
     let count = if args.quick { "50" } else { "300" };
     let mut hs_cmd = cargo::cargo();
@@ -904,6 +925,22 @@ pub fn run(args: Args) -> Result<i32> {
             s["rss_kib"].as_f64().unwrap_or(f64::NAN) / 1024.0
         );
     }
+    let _ = writeln!(
+        md,
+        "\n| auth entries written through the admin API | entries/s | agent RSS before → after (MiB) | policy edit revoking {} of them: agent (ms) | file write → revoked (ms, {} ms poll) |",
+        auth["revoked"], auth["poll_interval_ms"]
+    );
+    let _ = writeln!(md, "| --- | --- | --- | --- | --- |");
+    let _ = writeln!(
+        md,
+        "| {} | {:.0} | {:.1} → {:.1} | {:.1} | {:.0} |",
+        auth["entries"],
+        auth["entries_per_s"].as_f64().unwrap_or(f64::NAN),
+        auth["rss_kib_before"].as_f64().unwrap_or(f64::NAN) / 1024.0,
+        auth["rss_kib"].as_f64().unwrap_or(f64::NAN) / 1024.0,
+        auth["revoke_agent_ms"].as_f64().unwrap_or(f64::NAN),
+        auth["revoke_wall_ms"].as_f64().unwrap_or(f64::NAN),
+    );
     let (bl, bh) = minmax(&hs["bare_rustls_per_sec"]);
     let (ol, oh) = minmax(&hs["portcullis_per_sec"]);
     let _ = writeln!(
@@ -1042,6 +1079,7 @@ pub fn run(args: Args) -> Result<i32> {
             "program_cost_floor_ns": floor_ns,
             "handshakes": hs,
             "endpoint_scale": scale,
+            "auth_scale": auth,
         },
         "goals": goals.iter().map(|(g, met, m)| json!({"goal": g, "met": met, "measured": m})).collect::<Vec<_>>(),
     });
@@ -1075,7 +1113,7 @@ fn minmax(v: &Value) -> (f64, f64) {
 }
 
 /// The scenarios `bench.json` must hold (checked by the CI smoke run).
-pub const SCENARIOS: [&str; 8] = [
+pub const SCENARIOS: [&str; 9] = [
     "throughput_1_stream",
     "throughput_4_streams",
     "rr_latency",
@@ -1084,6 +1122,7 @@ pub const SCENARIOS: [&str; 8] = [
     "program_cost",
     "handshakes",
     "endpoint_scale",
+    "auth_scale",
 ];
 
 /// Checks a `bench.json`: well-formed, every scenario present, every setting measured.

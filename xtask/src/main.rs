@@ -3,6 +3,7 @@
 //! One module per command; a new command is a new module plus one variant in [`Command`] and
 //! one arm in `main`.
 
+mod auth_scale;
 mod bench;
 mod cargo;
 mod demo;
