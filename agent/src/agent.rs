@@ -601,9 +601,18 @@ impl Agent {
         let mut valid: HashMap<AuthKey, AuthValue> = HashMap::new();
         let mut revoked = Vec::new();
         let mut regranted = 0;
+        // Identities by number, parsed once: entries are pairs of far fewer identities.
+        let mut parsed: HashMap<u32, Result<SpiffeId, crate::identity::SpiffeIdError>> =
+            HashMap::new();
         for (k, v) in self.dp.auth_entries()? {
-            let local = SpiffeId::parse(&self.registry.name(Kind::Identity, k.local_identity));
-            let remote = SpiffeId::parse(&self.registry.name(Kind::Identity, k.remote_identity));
+            let mut identity = |n: u32| {
+                parsed
+                    .entry(n)
+                    .or_insert_with(|| SpiffeId::parse(&self.registry.name(Kind::Identity, n)))
+                    .clone()
+            };
+            let local = identity(k.local_identity);
+            let remote = identity(k.remote_identity);
             let decision = match (&local, &remote) {
                 (Ok(l), Ok(r))
                     if local_ids.contains(&k.local_identity)
