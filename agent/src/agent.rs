@@ -13,8 +13,8 @@ use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
 use portcullis_common::{
     AUTH_ALL_PORTS, AuthKey, AuthValue, Counter, EP_ADMIT_HOST, EP_AUDIT, EP_ENFORCE, EP_HOST,
-    EP_LOCAL, EP_OTHER_PASS, EVENT_AUTH_WANTED, EVENT_WOULD_DROP, Endpoint, Event, FLOW_HOST,
-    FLOW_INBOUND, FlowKey, FlowValue, IDENTITY_NONE, MAX_PORT_RANGES, PortRange, capacity,
+    EP_LOCAL, EP_OTHER_PASS, EVENT_WOULD_DROP, Endpoint, Event, FLOW_HOST, FLOW_INBOUND, FlowKey,
+    FlowValue, IDENTITY_NONE, MAX_PORT_RANGES, PortRange, capacity,
 };
 use tokio::{
     io::{Interest, unix::AsyncFd},
@@ -1112,32 +1112,9 @@ impl Agent {
 
     pub fn on_event(&mut self, ev: &Event) {
         self.events_total += 1;
-        let reason = Counter::from_u32(ev.reason).map_or("unknown", Counter::name);
-        let record = EventRecord {
-            kind: match ev.kind {
-                EVENT_AUTH_WANTED => "auth_wanted",
-                EVENT_WOULD_DROP => "would_drop",
-                _ => "denied",
-            }
-            .to_owned(),
-            reason: reason.to_owned(),
-            local: self.registry.name(Kind::Identity, ev.local_identity),
-            remote: self.registry.name(Kind::Identity, ev.remote_identity),
-            remote_node: self.registry.name(Kind::Node, ev.remote_node),
-            proto: status::proto_name(ev.flow.proto),
-            local_addr: status::sock(
-                status::flow_addr(ev.flow.family, &ev.flow.local_addr),
-                ev.flow.local_port,
-            ),
-            remote_addr: status::sock(
-                status::flow_addr(ev.flow.family, &ev.flow.remote_addr),
-                ev.flow.remote_port,
-            ),
-            #[expect(clippy::cast_precision_loss, reason = "seconds for display")]
-            boot_time_secs: ev.time_ns as f64 / 1e9,
-        };
+        let record = EventRecord::new(ev, |kind, n| self.registry.name(kind, n));
         tracing::info!(
-            kind = %record.kind, %reason, local = %record.local, remote = %record.remote,
+            kind = %record.kind, reason = %record.reason, local = %record.local, remote = %record.remote,
             remote_node = %record.remote_node, proto = %record.proto,
             from = %record.remote_addr, to = %record.local_addr,
             "datapath event"
@@ -1650,13 +1627,10 @@ async fn read_events(ring: RingBuf<MapData>, tx: mpsc::Sender<Event>) {
         };
         let ring = guard.get_inner_mut();
         while let Some(item) = ring.next() {
-            if item.len() < std::mem::size_of::<Event>() {
+            let Some(ev) = status::decode_event(&item) else {
                 tracing::warn!(len = item.len(), "short datapath event ignored");
                 continue;
-            }
-            // SAFETY: the buffer holds at least size_of::<Event>() bytes written by the kernel
-            // program as an `Event`; read_unaligned makes no alignment assumption.
-            let ev = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<Event>()) };
+            };
             if tx.try_send(ev).is_err() {
                 tracing::warn!("agent busy: datapath event dropped");
             }

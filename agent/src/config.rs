@@ -191,7 +191,7 @@ impl Config {
         Self::validate(path, file, node)
     }
 
-    #[cfg(test)]
+    /// Parses and validates config text as if read from `path` (nothing is read from disk).
     pub fn parse(path: &Path, text: &str) -> Result<Self, InputError> {
         Self::validate(path, input::parse(path, text)?, None)
     }

@@ -7,8 +7,8 @@ use std::{
 };
 
 use portcullis_common::{
-    AF_INET, AuthKey, AuthValue, Counter, FLOW_INBOUND, FlowKey, FlowValue, IPPROTO_TCP,
-    IPPROTO_UDP,
+    AF_INET, AuthKey, AuthValue, Counter, EVENT_AUTH_WANTED, EVENT_WOULD_DROP, Event, FLOW_INBOUND,
+    FlowKey, FlowValue, IPPROTO_TCP, IPPROTO_UDP,
 };
 use serde::{Deserialize, Serialize};
 
@@ -172,6 +172,18 @@ pub struct Flow {
     pub age_secs: u64,
 }
 
+/// A ring-buffer record as the programs write it: `None` when it is too short to be an
+/// [`Event`] (the kernel never writes one; the check is what makes the read sound).
+#[must_use]
+pub fn decode_event(bytes: &[u8]) -> Option<Event> {
+    if bytes.len() < std::mem::size_of::<Event>() {
+        return None;
+    }
+    // SAFETY: `bytes` holds at least size_of::<Event>() bytes, `Event` is plain integers and
+    // byte arrays (any bit pattern is a value), and read_unaligned assumes no alignment.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<Event>()) })
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EventRecord {
     /// `denied` or `auth_wanted`.
@@ -186,6 +198,39 @@ pub struct EventRecord {
     pub remote_addr: String,
     /// Seconds since boot (`CLOCK_BOOTTIME`), comparable with other events.
     pub boot_time_secs: f64,
+}
+
+impl EventRecord {
+    /// The readable form of `ev`, with identity and node numbers turned into names by `name`.
+    /// Every field of `ev` may hold any value: unknown kinds read as `denied`, unknown reasons
+    /// as `unknown`.
+    pub fn new(ev: &Event, name: impl Fn(Kind, u32) -> String) -> Self {
+        Self {
+            kind: match ev.kind {
+                EVENT_AUTH_WANTED => "auth_wanted",
+                EVENT_WOULD_DROP => "would_drop",
+                _ => "denied",
+            }
+            .to_owned(),
+            reason: Counter::from_u32(ev.reason)
+                .map_or("unknown", Counter::name)
+                .to_owned(),
+            local: name(Kind::Identity, ev.local_identity),
+            remote: name(Kind::Identity, ev.remote_identity),
+            remote_node: name(Kind::Node, ev.remote_node),
+            proto: proto_name(ev.flow.proto),
+            local_addr: sock(
+                flow_addr(ev.flow.family, &ev.flow.local_addr),
+                ev.flow.local_port,
+            ),
+            remote_addr: sock(
+                flow_addr(ev.flow.family, &ev.flow.remote_addr),
+                ev.flow.remote_port,
+            ),
+            #[expect(clippy::cast_precision_loss, reason = "seconds for display")]
+            boot_time_secs: ev.time_ns as f64 / 1e9,
+        }
+    }
 }
 
 /// `CLOCK_BOOTTIME` now, in nanoseconds: the clock the kernel programs use.
