@@ -509,28 +509,23 @@ impl Datapath {
 
     /// Removes an auth entry; `false` when there was none.
     pub fn revoke_pair(&mut self, key: &AuthKey) -> Result<bool, DatapathError> {
-        let removed = self.state.auth.remove(key);
-        if !matches!(&removed, Err(e) if !is_missing(e)) {
-            self.auth.remove(key);
-        }
-        match removed {
-            Ok(()) => Ok(true),
-            Err(e) if is_missing(&e) => Ok(false),
-            Err(source) => Err(DatapathError::Map {
-                name: map::AUTH,
-                source,
-            }),
-        }
+        let removed = match self.state.auth.remove(key) {
+            Ok(()) => true,
+            Err(e) if is_missing(&e) => false,
+            Err(source) => {
+                return Err(DatapathError::Map {
+                    name: map::AUTH,
+                    source,
+                });
+            }
+        };
+        self.auth.remove(key);
+        Ok(removed)
     }
 
     /// The auth map's entries (from the agent's copy, see [`Datapath::auth`]).
     pub fn auth_entries(&self) -> Result<Vec<(AuthKey, AuthValue)>, DatapathError> {
         Ok(self.auth.iter().map(|(k, v)| (*k, *v)).collect())
-    }
-
-    /// The number of auth entries.
-    pub fn auth_len(&self) -> usize {
-        self.auth.len()
     }
 
     pub fn flows(&self) -> Result<Vec<(FlowKey, FlowValue)>, DatapathError> {

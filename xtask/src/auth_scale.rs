@@ -6,6 +6,7 @@
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
+    net::Ipv4Addr,
     os::unix::net::UnixStream,
     path::Path,
     thread,
@@ -15,6 +16,8 @@ use std::{
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 use testbed::{Options, Testbed};
+
+use crate::bench::{log_field, rss_kib, scale_workload};
 
 const TD: &str = "cluster.local";
 
@@ -38,15 +41,6 @@ fn restricted() -> String {
         local_id(0),
         local_id(1),
     )
-}
-
-/// The resident memory of process `pid`, in KiB.
-pub fn rss_kib(pid: i64) -> Result<u64> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))?
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("VmRSS")
 }
 
 /// Sends admin requests over as few connections as the agent's per-connection byte limit
@@ -83,18 +77,10 @@ fn admin_batch(socket: &Path, requests: impl Iterator<Item = Value>) -> Result<u
 /// The last `auth entries and flows revalidated` record of node-1 that revoked entries:
 /// (entries revoked, the agent's time in µs).
 fn revalidated(tb: &Testbed) -> Option<(u64, u64)> {
-    let field = |l: &str, name: &str| -> Option<u64> {
-        let at = l.find(name)? + name.len();
-        l[at..]
-            .split(|c: char| !c.is_ascii_digit())
-            .next()?
-            .parse()
-            .ok()
-    };
     tb.agent_log("node-1")
         .lines()
         .filter(|l| l.contains("auth entries and flows revalidated"))
-        .filter_map(|l| Some((field(l, "entries_revoked=")?, field(l, "took_us=")?)))
+        .filter_map(|l| Some((log_field(l, "entries_revoked=")?, log_field(l, "took_us=")?)))
         .rfind(|(revoked, _)| *revoked > 0)
 }
 
@@ -112,28 +98,30 @@ pub fn run(agent: &Path, locals: usize, remotes: usize) -> Result<Value> {
     // Workloads without interfaces: their identities are all the agent needs for entries.
     tb.write_cluster_json(|c| {
         for i in 0..locals {
-            c.workloads.push(testbed::Workload {
-                name: format!("l{i}"),
-                namespace: "scale".into(),
-                service_account: format!("l{i}"),
-                node: "node-1".into(),
-                addresses: vec![std::net::Ipv4Addr::new(198, 19, 200, (i % 250 + 1) as u8).into()],
-                spiffe_id: None,
-                extra: Default::default(),
-            });
+            let (name, address) = (
+                format!("l{i}"),
+                Ipv4Addr::new(198, 19, 200, (i % 250 + 1) as u8),
+            );
+            c.workloads.push(scale_workload(
+                &name,
+                "scale",
+                &name,
+                "node-1",
+                address.into(),
+            ));
         }
         for j in 0..remotes {
-            c.workloads.push(testbed::Workload {
-                name: format!("r{j}"),
-                namespace: "remote".into(),
-                service_account: format!("r{j}"),
-                node: "node-2".into(),
-                addresses: vec![
-                    std::net::Ipv4Addr::new(198, 19, (j / 250) as u8, (j % 250 + 1) as u8).into(),
-                ],
-                spiffe_id: None,
-                extra: Default::default(),
-            });
+            let (name, address) = (
+                format!("r{j}"),
+                Ipv4Addr::new(198, 19, (j / 250) as u8, (j % 250 + 1) as u8),
+            );
+            c.workloads.push(scale_workload(
+                &name,
+                "remote",
+                &name,
+                "node-2",
+                address.into(),
+            ));
         }
     })?;
     // The testbed's own two pods, and ours.

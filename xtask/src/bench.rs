@@ -419,6 +419,44 @@ fn program_floor(s: &Scenario<'_>, seconds: u32) -> Result<f64> {
     measured
 }
 
+/// A workload for the control-plane scenarios: no interface, one address.
+pub fn scale_workload(
+    name: &str,
+    namespace: &str,
+    service_account: &str,
+    node: &str,
+    address: std::net::IpAddr,
+) -> testbed::Workload {
+    testbed::Workload {
+        name: name.into(),
+        namespace: namespace.into(),
+        service_account: service_account.into(),
+        node: node.into(),
+        addresses: vec![address],
+        spiffe_id: None,
+        extra: BTreeMap::default(),
+    }
+}
+
+/// The number after `name` (such as `took_ms=`) in an agent log line.
+pub fn log_field(line: &str, name: &str) -> Option<u64> {
+    let at = line.find(name)? + name.len();
+    line[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The resident memory of process `pid`, in KiB.
+pub fn rss_kib(pid: i64) -> Result<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("VmRSS")
+}
+
 /// Control plane at scale: `n` workloads (10 per service account) on node-2 are added to
 /// cluster state; the time until node-1's agent has programmed them all (from its own
 /// `cluster state applied` record) and its resident memory afterwards.
@@ -440,15 +478,14 @@ fn endpoint_scale(agent: &Path, n: usize) -> Result<(f64, f64, u64)> {
             } else {
                 std::net::Ipv6Addr::new(0xfd00, 0x19, 0, 0, 0, 0, (i >> 16) as u16, i as u16).into()
             };
-            c.workloads.push(testbed::Workload {
-                name: format!("w{i}"),
-                namespace: "scale".into(),
-                service_account: format!("sa{}", i / 10),
-                node: "node-2".into(),
-                addresses: vec![address],
-                spiffe_id: None,
-                extra: BTreeMap::default(),
-            });
+            let sa = format!("sa{}", i / 10);
+            c.workloads.push(scale_workload(
+                &format!("w{i}"),
+                "scale",
+                &sa,
+                "node-2",
+                address,
+            ));
         }
     })?;
     let start = Instant::now();
@@ -456,17 +493,7 @@ fn endpoint_scale(agent: &Path, n: usize) -> Result<(f64, f64, u64)> {
         tb.agent_log("node-1")
             .lines()
             .filter(|l| l.contains("cluster state applied"))
-            .filter_map(|l| {
-                let field = |name: &str| -> Option<u64> {
-                    let at = l.find(name)? + name.len();
-                    l[at..]
-                        .split(|c: char| !c.is_ascii_digit())
-                        .next()?
-                        .parse()
-                        .ok()
-                };
-                Some((field("endpoints_set=")?, field("took_ms=")?))
-            })
+            .filter_map(|l| Some((log_field(l, "endpoints_set=")?, log_field(l, "took_ms=")?)))
             .find(|(set, _)| *set as usize >= n)
             .map(|(_, ms)| ms)
     };
@@ -496,7 +523,7 @@ fn endpoint_scale(agent: &Path, n: usize) -> Result<(f64, f64, u64)> {
     }
     .status("node-1");
     let pid = st["agent"]["pid"].as_i64().context("agent pid in status")?;
-    let rss_kib = crate::auth_scale::rss_kib(pid)?;
+    let rss_kib = rss_kib(pid)?;
     #[expect(clippy::cast_precision_loss, reason = "milliseconds")]
     Ok((took_ms as f64, wall_ms, rss_kib))
 }
