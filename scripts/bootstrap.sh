@@ -12,7 +12,7 @@ llvm_major=22
 log() { printf '[bootstrap] %s\n' "$*" >&2; }
 
 need_pkgs=()
-for p in "llvm-${llvm_major}-dev" "clang-${llvm_major}" bpftool iproute2 iperf3 iputils-ping stunnel4 nftables libpolly-${llvm_major}-dev zlib1g-dev libzstd-dev; do
+for p in "llvm-${llvm_major}-dev" "clang-${llvm_major}" bpftool iproute2 iperf3 iputils-ping stunnel4 nftables g++ libpolly-${llvm_major}-dev zlib1g-dev libzstd-dev; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$p")
 done
 if ((${#need_pkgs[@]})); then

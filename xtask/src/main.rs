@@ -7,6 +7,7 @@ mod auth_scale;
 mod bench;
 mod cargo;
 mod demo;
+mod fuzz;
 mod test;
 mod testbed;
 
@@ -30,6 +31,9 @@ enum Command {
     /// Benchmarks against baselines measured in the same run (no enforcement, stunnel,
     /// nftables); `--quick` for a smoke run.
     Bench(bench::Args),
+    /// Fuzz every parser of outside input (libFuzzer targets in fuzz/), each for a bounded
+    /// time; fails when a target finds a crashing input.
+    Fuzz(fuzz::Args),
 }
 
 fn main() {
@@ -39,6 +43,7 @@ fn main() {
         Command::Test(args) => test::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Fuzz(args) => fuzz::run(args),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -20,6 +20,9 @@ pub struct Args {
     filter: Option<String>,
 }
 
+/// Seconds per fuzz target in the smoke round.
+const FUZZ_SMOKE_SECONDS: u32 = 10;
+
 /// Tallies cargo test's `test result:` lines.
 #[derive(Default)]
 struct Tally {
@@ -129,6 +132,22 @@ pub fn run(args: Args) -> Result<i32> {
                     println!("test bench_quick_writes_every_scenario ... FAILED: {e:#}");
                     tally.failed += 1;
                 }
+            }
+        }
+    }
+    if args.filter.is_none() {
+        // The fuzzing smoke round: every target builds and runs from its seeds for a few
+        // seconds without a crash (`cargo xtask fuzz` runs them for longer).
+        eprintln!("== fuzz smoke round: cargo xtask fuzz --seconds {FUZZ_SMOKE_SECONDS}");
+        let bins = crate::fuzz::build()?;
+        for t in crate::fuzz::TARGETS {
+            let o = crate::fuzz::run_one(&bins, t, FUZZ_SMOKE_SECONDS)?;
+            if o.crashed {
+                println!("test fuzz_smoke_{t} ... FAILED ({} executions)", o.execs);
+                tally.failed += 1;
+            } else {
+                println!("test fuzz_smoke_{t} ... ok ({} executions)", o.execs);
+                tally.passed += 1;
             }
         }
     }
