@@ -1416,6 +1416,8 @@ fn definitive(reason: Reason) -> bool {
             | Reason::Internal
             | Reason::NoLocalSvid
             | Reason::UnknownPeer
+            | Reason::Busy
+            | Reason::RateLimited
     )
 }
 
@@ -1538,8 +1540,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             agent.view_rx.clone(),
             write_tx,
             record_tx,
-            config.handshake.timeout,
-            config.handshake.max_concurrent,
+            config.handshake.limits(),
         ));
     } else {
         tracing::warn!(

@@ -72,6 +72,8 @@ struct HandshakeFile {
     port: Option<Spanned<u16>>,
     timeout_ms: Option<Spanned<u64>>,
     max_concurrent: Option<Spanned<u32>>,
+    peer_rate: Option<Spanned<u32>>,
+    peer_burst: Option<Spanned<u32>>,
     proactive: Option<bool>,
     proactive_per_tick: Option<Spanned<u32>>,
 }
@@ -99,12 +101,29 @@ pub struct Handshake {
     #[serde(with = "millis")]
     pub timeout: Duration,
     pub max_concurrent: u32,
+    /// New handshake connections per second one peer address may open, sustained.
+    pub peer_rate: u32,
+    /// New handshake connections one peer address may open at once after a quiet spell.
+    pub peer_burst: u32,
     /// Authenticate, in the background, every pair of a local workload and an endpoint of
     /// cluster state before any connection asks, and keep those entries renewed, so that a
     /// first connection finds its entry already there.
     pub proactive: bool,
     /// At most this many proactive handshakes are started per poll interval.
     pub proactive_per_tick: u32,
+}
+
+impl Handshake {
+    /// What the responder lets its peers hold.
+    #[must_use]
+    pub fn limits(&self) -> crate::handshake::Limits {
+        crate::handshake::Limits {
+            timeout: self.timeout,
+            max_concurrent: self.max_concurrent,
+            peer_rate: self.peer_rate,
+            peer_burst: self.peer_burst,
+        }
+    }
 }
 
 pub const DEFAULT_PROACTIVE_PER_TICK: u32 = 16;
@@ -135,6 +154,8 @@ pub enum LogFormat {
 pub const DEFAULT_SVID_TTL_SECS: u64 = 3600;
 pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 3000;
 pub const DEFAULT_MAX_CONCURRENT: u32 = 32;
+pub const DEFAULT_PEER_RATE: u32 = 100;
+pub const DEFAULT_PEER_BURST: u32 = 200;
 
 /// The validated configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -421,6 +442,20 @@ impl Config {
             1..=4096,
             DEFAULT_MAX_CONCURRENT,
         )?;
+        let peer_rate = ranged(
+            path,
+            h.peer_rate.as_ref(),
+            "handshake.peer_rate",
+            1..=100_000,
+            DEFAULT_PEER_RATE,
+        )?;
+        let peer_burst = ranged(
+            path,
+            h.peer_burst.as_ref(),
+            "handshake.peer_burst",
+            1..=100_000,
+            DEFAULT_PEER_BURST,
+        )?;
         let proactive_per_tick = ranged(
             path,
             h.proactive_per_tick.as_ref(),
@@ -432,6 +467,8 @@ impl Config {
             port: h.port.as_ref().map(|p| **p),
             timeout: Duration::from_millis(timeout_ms),
             max_concurrent,
+            peer_rate,
+            peer_burst,
             proactive: h.proactive.unwrap_or(true),
             proactive_per_tick,
         };

@@ -13,7 +13,7 @@ use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
     sync::Arc,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use bytes::{Buf, BufMut, BytesMut};
@@ -311,7 +311,7 @@ async fn initiate_inner(view: &View, rec: &mut Record) -> Result<SystemTime, Rea
     let mut stream = TlsConnector::from(config)
         .connect(name, tcp)
         .await
-        .map_err(|e| tls::rustls_error(&e).map_or(Reason::Tls, tls::reason_of))?;
+        .map_err(|e| tls_failure(rec, &e, Reason::Tls))?;
     let peer = peer_identity(
         stream.get_ref().1.peer_certificates(),
         &view.trust.trust_domain,
@@ -363,6 +363,20 @@ pub async fn respond(
     rec
 }
 
+/// The reason for a failed TLS handshake, with rustls's own words as the record's detail.
+fn tls_failure(rec: &mut Record, e: &std::io::Error, otherwise: Reason) -> Reason {
+    match tls::rustls_error(e) {
+        Some(err) => {
+            rec.detail = Some(err.to_string());
+            tls::reason_of(err)
+        }
+        None => {
+            rec.detail = Some(e.to_string());
+            otherwise
+        }
+    }
+}
+
 async fn respond_inner(
     view: &View,
     tcp: TcpStream,
@@ -372,7 +386,7 @@ async fn respond_inner(
     let _ = tcp.set_nodelay(true);
     let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp)
         .await
-        .map_err(|e| tls::rustls_error(&e).map_or(Reason::Protocol, tls::reason_of))?;
+        .map_err(|e| tls_failure(rec, &e, Reason::Protocol))?;
     let asked = start
         .client_hello()
         .server_name()
@@ -392,8 +406,7 @@ async fn respond_inner(
             Reason::NotHosted
         });
     }
-    let mut stream =
-        accepted.map_err(|e| tls::rustls_error(&e).map_or(Reason::Tls, tls::reason_of))?;
+    let mut stream = accepted.map_err(|e| tls_failure(rec, &e, Reason::Tls))?;
     let local = local.ok_or(Reason::NotHosted)?;
     let svid = view.svids.get(&local.id).ok_or(Reason::NoLocalSvid)?;
     let peer_cert = peer_identity(
@@ -471,29 +484,118 @@ async fn respond_inner(
     Ok(expires)
 }
 
-/// Accepts initiators: at most `max_concurrent` handshakes at once (more connections are
-/// closed at once, so idle or slow peers cannot exhaust descriptors), each bounded by
-/// `timeout`. Every outcome goes to `records` for the audit log.
+/// What the responder lets peers hold: at most `max_concurrent` handshakes at once, each
+/// bounded by `timeout`, and per peer address at most `peer_burst` new connections at once and
+/// `peer_rate` per second sustained (a token bucket), so that one noisy or hostile address
+/// cannot take the slots of the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub timeout: Duration,
+    pub max_concurrent: u32,
+    pub peer_rate: u32,
+    pub peer_burst: u32,
+}
+
+/// Per-address token buckets. Addresses whose bucket has refilled are forgotten once the
+/// table passes [`PeerRates::MAX_TRACKED`], so its size is bounded by the addresses that were
+/// active within the last `peer_burst / peer_rate` seconds.
+struct PeerRates {
+    buckets: HashMap<IpAddr, (f64, Instant)>,
+    rate: f64,
+    burst: f64,
+}
+
+impl PeerRates {
+    const MAX_TRACKED: usize = 4096;
+
+    fn new(limits: &Limits) -> Self {
+        Self {
+            buckets: HashMap::new(),
+            rate: f64::from(limits.peer_rate),
+            burst: f64::from(limits.peer_burst),
+        }
+    }
+
+    fn refill(&self, (tokens, last): (f64, Instant), now: Instant) -> f64 {
+        (tokens + now.saturating_duration_since(last).as_secs_f64() * self.rate).min(self.burst)
+    }
+
+    /// Takes one token for `ip`; false when its bucket is empty.
+    fn admit(&mut self, ip: IpAddr, now: Instant) -> bool {
+        if self.buckets.len() >= Self::MAX_TRACKED && !self.buckets.contains_key(&ip) {
+            let burst = self.burst;
+            let buckets = std::mem::take(&mut self.buckets);
+            self.buckets = buckets
+                .into_iter()
+                .filter(|(_, b)| self.refill(*b, now) < burst)
+                .collect();
+        }
+        let bucket = self.buckets.get(&ip).copied().unwrap_or((self.burst, now));
+        let tokens = self.refill(bucket, now);
+        let admitted = tokens >= 1.0;
+        self.buckets
+            .insert(ip, (if admitted { tokens - 1.0 } else { tokens }, now));
+        admitted
+    }
+}
+
+/// A connection refused before its handshake began, for the audit log and the metrics.
+fn refused(peer: SocketAddr, reason: Reason, detail: String) -> Record {
+    let mut rec = Record::new(Role::Responder);
+    rec.peer = Some(peer);
+    rec.result = Err(reason);
+    rec.detail = Some(detail);
+    rec
+}
+
+/// Accepts initiators within `limits`: connections over a limit are closed at once, so idle or
+/// slow peers cannot exhaust descriptors. Every outcome, refusals included, goes to `records`
+/// for the audit log (which rate-limits itself) and the metrics.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     views: tokio::sync::watch::Receiver<Option<Arc<View>>>,
     writes: tokio::sync::mpsc::Sender<WriteRequest>,
     records: tokio::sync::mpsc::Sender<Record>,
-    timeout: Duration,
-    max_concurrent: u32,
+    limits: Limits,
 ) {
-    let permits = Arc::new(tokio::sync::Semaphore::new(max_concurrent as usize));
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent as usize));
+    let mut rates = PeerRates::new(&limits);
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
+                // EMFILE and the like: back off instead of spinning.
                 tracing::warn!(error = %e, "handshake accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
+        // A refusal that cannot be queued is dropped: the queue is full of records already,
+        // and the connection is closed either way.
+        if !rates.admit(peer.ip(), Instant::now()) {
+            drop(tcp);
+            let _ = records.try_send(refused(
+                peer,
+                Reason::RateLimited,
+                format!(
+                    "more than {} new connections at once or {} per second from {} (handshake.peer_burst, handshake.peer_rate)",
+                    limits.peer_burst,
+                    limits.peer_rate,
+                    peer.ip()
+                ),
+            ));
+            continue;
+        }
         let Ok(permit) = permits.clone().try_acquire_owned() else {
-            tracing::debug!(%peer, "handshake refused: too many under way");
+            drop(tcp);
+            let _ = records.try_send(refused(
+                peer,
+                Reason::Busy,
+                format!(
+                    "{} handshakes under way (handshake.max_concurrent)",
+                    limits.max_concurrent
+                ),
+            ));
             continue;
         };
         let Some(view) = views.borrow().clone() else {
@@ -502,7 +604,7 @@ pub async fn serve(
         };
         let (writes, records) = (writes.clone(), records.clone());
         tokio::spawn(async move {
-            let record = respond(view, tcp, peer, timeout, writes).await;
+            let record = respond(view, tcp, peer, limits.timeout, writes).await;
             drop(permit);
             let _ = records.send(record).await;
         });
@@ -812,10 +914,13 @@ mod tests {
             sync::{mpsc, watch},
         };
 
+        use rcgen::KeyPair;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
         use super::loopback::{A, B, owners, svid};
         use crate::{
-            handshake::{Record, View, WriteRequest, initiate, serve},
-            identity::ca::Ca,
+            handshake::{Limits, Record, View, WriteRequest, initiate, serve},
+            identity::{ca::Ca, svid::tests::TestCa},
             policy::Policy,
             reason::Reason,
             tls::Trust,
@@ -825,13 +930,26 @@ mod tests {
             addr: SocketAddr,
             records: mpsc::Receiver<Record>,
             client: Arc<View>,
+            /// A second trusted CA, to issue leaves with chosen defects.
+            test_ca: Arc<TestCa>,
             _dir: tempfile::TempDir,
         }
 
         async fn server(max_concurrent: u32, timeout: Duration) -> Server {
+            server_with(Limits {
+                timeout,
+                max_concurrent,
+                peer_rate: 10_000,
+                peer_burst: 10_000,
+            })
+            .await
+        }
+
+        async fn server_with(limits: Limits) -> Server {
             use rustls_pki_types::pem::PemObject;
             let dir = tempfile::tempdir().unwrap();
             let ca = Ca::init("td", dir.path()).unwrap();
+            let test_ca = Arc::new(TestCa::new("td"));
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
             let nodes: std::collections::HashMap<String, SocketAddr> = [
@@ -845,6 +963,7 @@ mod tests {
                     &[
                         rustls_pki_types::CertificateDer::from_pem_slice(ca.cert_pem().as_bytes())
                             .unwrap(),
+                        test_ca.der.clone(),
                     ],
                 )
                 .unwrap()
@@ -873,30 +992,27 @@ mod tests {
             let (record_tx, records) = mpsc::channel(1024);
             tokio::spawn(async move {
                 let _keep = _view_tx;
-                serve(
-                    listener,
-                    views,
-                    write_tx,
-                    record_tx,
-                    timeout,
-                    max_concurrent,
-                )
-                .await;
+                serve(listener, views, write_tx, record_tx, limits).await;
             });
             Server {
                 addr,
                 records,
                 client: view("node-a", "spiffe://td/ns/default/sa/a"),
+                test_ca,
                 _dir: dir,
             }
         }
 
         impl Server {
-            async fn next_failure(&mut self) -> Reason {
-                let rec = tokio::time::timeout(Duration::from_secs(5), self.records.recv())
+            async fn next_record(&mut self) -> Record {
+                tokio::time::timeout(Duration::from_secs(5), self.records.recv())
                     .await
                     .expect("no record within 5 s")
-                    .expect("records closed");
+                    .expect("records closed")
+            }
+
+            async fn next_failure(&mut self) -> Reason {
+                let rec = self.next_record().await;
                 rec.result.expect_err("a hostile connection was accepted")
             }
 
@@ -1005,11 +1121,310 @@ mod tests {
                 "only {closed_at_once} of 200 closed at once"
             );
             drop(idle);
-            // The ones that held a slot time out; then the responder serves again.
-            for _ in 0..4 {
-                let r = srv.next_failure().await;
-                assert!(matches!(r, Reason::Timeout | Reason::Protocol), "{r:?}");
+            // Each refusal is on record as `busy`; the ones that held a slot time out; then
+            // the responder serves again.
+            let (mut busy, mut held) = (0, 0);
+            while held < 4 {
+                match srv.next_failure().await {
+                    Reason::Busy => busy += 1,
+                    Reason::Timeout | Reason::Protocol => held += 1,
+                    r => panic!("an idle connection refused with {r:?}"),
+                }
             }
+            assert!(busy >= 196, "only {busy} refusals on record");
+            srv.still_serves().await;
+        }
+
+        /// A TLS 1.2 ClientHello (no supported_versions extension) naming a hosted address.
+        fn tls12_client_hello() -> Vec<u8> {
+            let sni = crate::tls::sni_for(B.parse().unwrap());
+            let mut ext = Vec::new();
+            let mut put = |kind: u16, body: &[u8]| {
+                ext.extend_from_slice(&kind.to_be_bytes());
+                ext.extend_from_slice(&(body.len() as u16).to_be_bytes());
+                ext.extend_from_slice(body);
+            };
+            let mut name = vec![0u8];
+            name.extend_from_slice(&(sni.len() as u16).to_be_bytes());
+            name.extend_from_slice(sni.as_bytes());
+            let mut server_name = (name.len() as u16).to_be_bytes().to_vec();
+            server_name.extend_from_slice(&name);
+            put(0x0000, &server_name);
+            put(0x000a, &[0, 4, 0x00, 0x1d, 0x00, 0x17]); // x25519, secp256r1
+            put(0x000b, &[1, 0]); // uncompressed points
+            put(0x000d, &[0, 4, 0x04, 0x03, 0x08, 0x04]); // ecdsa p256, rsa-pss
+            let mut alpn = vec![0, 0, crate::tls::ALPN.len() as u8];
+            alpn.extend_from_slice(crate::tls::ALPN);
+            let alpn_len = (alpn.len() - 2) as u16;
+            alpn[..2].copy_from_slice(&alpn_len.to_be_bytes());
+            put(0x0010, &alpn);
+            let mut body = vec![3, 3]; // TLS 1.2
+            body.extend_from_slice(&[0x42; 32]); // random
+            body.push(0); // no session id
+            body.extend_from_slice(&[0, 4, 0xc0, 0x2b, 0xc0, 0x2f]); // ECDHE AES-GCM suites
+            body.extend_from_slice(&[1, 0]); // null compression
+            body.extend_from_slice(&(ext.len() as u16).to_be_bytes());
+            body.extend_from_slice(&ext);
+            let mut hs = vec![1]; // ClientHello
+            hs.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+            hs.extend_from_slice(&body);
+            let mut record = vec![0x16, 3, 1];
+            record.extend_from_slice(&(hs.len() as u16).to_be_bytes());
+            record.extend_from_slice(&hs);
+            record
+        }
+
+        #[tokio::test]
+        async fn a_tls12_only_client_is_refused() {
+            let mut srv = server(8, Duration::from_secs(2)).await;
+            send_and_wait_close(srv.addr, &tls12_client_hello()).await;
+            let rec = srv.next_record().await;
+            assert_eq!(rec.result, Err(Reason::Version), "{rec:?}");
+            assert!(
+                rec.detail
+                    .as_deref()
+                    .is_some_and(|d| d.contains("incompatible")),
+                "{rec:?}"
+            );
+            srv.still_serves().await;
+        }
+
+        /// Accepts any responder: these tests are about what the responder makes of us.
+        #[derive(Debug)]
+        struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
+
+        impl rustls::client::danger::ServerCertVerifier for AnyServer {
+            fn verify_server_cert(
+                &self,
+                _: &CertificateDer<'_>,
+                _: &[CertificateDer<'_>],
+                _: &rustls::pki_types::ServerName<'_>,
+                _: &[u8],
+                _: rustls::pki_types::UnixTime,
+            ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+                Ok(rustls::client::danger::ServerCertVerified::assertion())
+            }
+
+            fn verify_tls12_signature(
+                &self,
+                _: &[u8],
+                _: &CertificateDer<'_>,
+                _: &rustls::DigitallySignedStruct,
+            ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error>
+            {
+                Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+            }
+
+            fn verify_tls13_signature(
+                &self,
+                _: &[u8],
+                _: &CertificateDer<'_>,
+                _: &rustls::DigitallySignedStruct,
+            ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error>
+            {
+                Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+            }
+
+            fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+                self.0.signature_verification_algorithms.supported_schemes()
+            }
+        }
+
+        /// A TLS 1.3 handshake to the hosted address that presents `chain` (none: no client
+        /// certificate), then waits for the responder to close.
+        async fn present(addr: SocketAddr, chain: Option<(Vec<CertificateDer<'static>>, KeyPair)>) {
+            let provider = crate::tls::provider();
+            let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .unwrap()
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AnyServer(provider)));
+            let mut config = match chain {
+                Some((chain, key)) => builder
+                    .with_client_auth_cert(chain, PrivateKeyDer::Pkcs8(key.serialize_der().into()))
+                    .unwrap(),
+                None => builder.with_no_client_auth(),
+            };
+            config.alpn_protocols = vec![crate::tls::ALPN.to_vec()];
+            let name =
+                rustls::pki_types::ServerName::try_from(crate::tls::sni_for(B.parse().unwrap()))
+                    .unwrap();
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            // In TLS 1.3 the client finishes first; the refusal arrives on the next read.
+            if let Ok(mut tls) = tokio_rustls::TlsConnector::from(Arc::new(config))
+                .connect(name, tcp)
+                .await
+            {
+                let mut sink = Vec::new();
+                let closed =
+                    tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut sink)).await;
+                assert!(closed.is_ok(), "the responder kept the connection open");
+            }
+        }
+
+        #[tokio::test]
+        async fn certificate_defects_on_the_wire_are_refused_with_their_reason() {
+            use rcgen::{BasicConstraints, IsCa, SanType};
+            use time::{Duration as D, OffsetDateTime};
+            let mut srv = server(8, Duration::from_secs(2)).await;
+            let ca = srv.test_ca.clone();
+            let untrusted = TestCa::new("td");
+            let uri = |s: &str| SanType::URI(s.try_into().unwrap());
+            let leaf = |ca: &TestCa, edit: &dyn Fn(&mut rcgen::CertificateParams)| {
+                let (der, key) = ca.leaf_with_key(|p| {
+                    p.subject_alt_names = vec![uri("spiffe://td/ns/default/sa/a")];
+                    edit(p);
+                });
+                Some((vec![der], key))
+            };
+            let good = leaf(&ca, &|_| {});
+            let long = good.as_ref().map(|(chain, _)| {
+                let (der, key) = ca.leaf_with_key(|p| {
+                    p.subject_alt_names = vec![uri("spiffe://td/ns/default/sa/a")];
+                });
+                let mut long = vec![der];
+                long.extend(std::iter::repeat_n(ca.der.clone(), 8));
+                let _ = chain;
+                (long, key)
+            });
+            let huge = {
+                let (der, key) = ca.leaf_with_key(|p| {
+                    p.subject_alt_names = vec![uri("spiffe://td/ns/default/sa/a")];
+                });
+                let mut huge = vec![der];
+                huge.extend(std::iter::repeat_n(ca.der.clone(), 400));
+                Some((huge, key))
+            };
+            let cases: Vec<(
+                &str,
+                Option<(Vec<CertificateDer<'static>>, KeyPair)>,
+                &[Reason],
+            )> = vec![
+                ("no client certificate", None, &[Reason::NoCertificate]),
+                (
+                    "untrusted CA",
+                    leaf(&untrusted, &|_| {}),
+                    &[Reason::UntrustedChain],
+                ),
+                (
+                    "expired",
+                    leaf(&ca, &|p| {
+                        p.not_before = OffsetDateTime::now_utc() - D::hours(2);
+                        p.not_after = OffsetDateTime::now_utc() - D::hours(1);
+                    }),
+                    &[Reason::Expired],
+                ),
+                (
+                    "not yet valid",
+                    leaf(&ca, &|p| {
+                        p.not_before = OffsetDateTime::now_utc() + D::hours(1);
+                        p.not_after = OffsetDateTime::now_utc() + D::hours(2);
+                    }),
+                    &[Reason::NotYetValid],
+                ),
+                (
+                    "wrong trust domain",
+                    leaf(&ca, &|p| {
+                        p.subject_alt_names = vec![uri("spiffe://elsewhere/ns/default/sa/a")];
+                    }),
+                    &[Reason::WrongTrustDomain],
+                ),
+                (
+                    "no URI SAN",
+                    leaf(&ca, &|p| {
+                        p.subject_alt_names =
+                            vec![SanType::DnsName("a.example".try_into().unwrap())];
+                    }),
+                    &[Reason::NoUriSan],
+                ),
+                (
+                    "two URI SANs",
+                    leaf(&ca, &|p| {
+                        p.subject_alt_names = vec![
+                            uri("spiffe://td/ns/default/sa/a"),
+                            uri("spiffe://td/ns/default/sa/b"),
+                        ];
+                    }),
+                    &[Reason::MultipleUriSans],
+                ),
+                (
+                    "CA certificate as leaf",
+                    leaf(&ca, &|p| {
+                        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+                    }),
+                    &[Reason::CaAsLeaf],
+                ),
+                ("chain of ten", long, &[Reason::ChainTooLong]),
+                // Past the largest handshake message rustls reads.
+                ("chain of 400 kB", huge, &[Reason::Protocol, Reason::Tls]),
+            ];
+            for (what, chain, expected) in cases {
+                present(srv.addr, chain).await;
+                let rec = srv.next_record().await;
+                assert!(
+                    rec.result.is_err_and(|r| expected.contains(&r)),
+                    "{what}: expected one of {expected:?}, got {rec:?}"
+                );
+                srv.still_serves().await;
+            }
+            // The good leaf of the same CA gets through TLS; it is then refused for what it
+            // claims (it is not node-a's workload at A by cluster state's say), not for its
+            // certificate.
+            present(srv.addr, good).await;
+            let rec = srv.next_record().await;
+            assert!(
+                rec.result
+                    .is_err_and(|r| !matches!(r, Reason::UntrustedChain | Reason::Tls)),
+                "{rec:?}"
+            );
+        }
+
+        #[tokio::test]
+        async fn a_peer_over_its_handshake_rate_is_refused_and_others_are_not() {
+            let mut srv = server_with(Limits {
+                timeout: Duration::from_millis(500),
+                max_concurrent: 64,
+                peer_rate: 2,
+                peer_burst: 5,
+            })
+            .await;
+            // 20 connections at once from 127.0.0.1: the burst is admitted (and held idle),
+            // the rest closed at once.
+            let mut conns = Vec::new();
+            for _ in 0..20 {
+                conns.push(TcpStream::connect(srv.addr).await.unwrap());
+            }
+            // Another address is not held to 127.0.0.1's account.
+            let other = tokio::net::TcpSocket::new_v4().unwrap();
+            other.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+            let mut other = other.connect(srv.addr).await.unwrap();
+            let (mut limited, mut timed_out) = (0, 0);
+            let mut other_refused = false;
+            while timed_out < 6 {
+                let rec = srv.next_record().await;
+                match rec.result {
+                    Err(Reason::RateLimited) => {
+                        limited += 1;
+                        other_refused |=
+                            rec.peer.is_some_and(|p| p.ip().to_string() == "127.0.0.2");
+                        assert!(
+                            rec.detail
+                                .as_deref()
+                                .is_some_and(|d| d.contains("handshake.peer_rate")),
+                            "{rec:?}"
+                        );
+                    }
+                    Err(Reason::Timeout | Reason::Protocol) => timed_out += 1,
+                    r => panic!("unexpected {r:?}"),
+                }
+            }
+            assert_eq!(limited, 15, "refusals for the 15 over the burst");
+            assert!(!other_refused, "127.0.0.2 was refused for 127.0.0.1's rate");
+            let mut buf = [0u8; 1];
+            assert!(matches!(other.read(&mut buf).await, Ok(0) | Err(_)));
+            drop(conns);
+            // The bucket refills at 2 per second: a valid handshake gets through again.
+            tokio::time::sleep(Duration::from_millis(600)).await;
             srv.still_serves().await;
         }
     }

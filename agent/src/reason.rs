@@ -58,6 +58,10 @@ pub enum Reason {
     Internal,
     #[error("the authorization policy admits the pair in neither direction")]
     NotAuthorized,
+    #[error("the responder had too many handshakes under way")]
+    Busy,
+    #[error("the peer opened handshakes faster than its rate limit")]
+    RateLimited,
 }
 
 impl Reason {
@@ -91,6 +95,8 @@ impl Reason {
             Self::Version => "version",
             Self::Internal => "internal",
             Self::NotAuthorized => "not_authorized",
+            Self::Busy => "busy",
+            Self::RateLimited => "rate_limited",
         }
     }
 }

@@ -145,6 +145,31 @@ fn spiffe_checks(
         .map_err(spiffe_error)
 }
 
+/// Refuses a chain longer than [`svid::MAX_CHAIN`] before webpki builds paths through it.
+fn bounded(intermediates: &[CertificateDer<'_>]) -> Result<(), Error> {
+    if intermediates.len() >= svid::MAX_CHAIN {
+        return Err(spiffe_error(Reason::ChainTooLong));
+    }
+    Ok(())
+}
+
+/// webpki's refusal, made precise: an error rustls has no name for (a CA certificate used as
+/// the leaf, say) becomes the SPIFFE check's reason when that check fails too.
+fn refine(
+    err: Error,
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    td: &str,
+    now: UnixTime,
+) -> Error {
+    if matches!(err, Error::InvalidCertificate(CertificateError::Other(_)))
+        && let Err(spiffe) = spiffe_checks(end_entity, intermediates, td, now)
+    {
+        return spiffe;
+    }
+    err
+}
+
 /// Verifies initiators' certificates: webpki, then the SPIFFE rules.
 #[derive(Debug)]
 struct SpiffeClientVerifier {
@@ -163,9 +188,11 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
+        bounded(intermediates)?;
         let verified = self
             .inner
-            .verify_client_cert(end_entity, intermediates, now)?;
+            .verify_client_cert(end_entity, intermediates, now)
+            .map_err(|e| refine(e, end_entity, intermediates, &self.trust_domain, now))?;
         spiffe_checks(end_entity, intermediates, &self.trust_domain, now)?;
         Ok(verified)
     }
@@ -209,6 +236,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
+        bounded(intermediates)?;
         match self.inner.verify_server_cert(
             end_entity,
             intermediates,
@@ -223,7 +251,15 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             | Err(Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => {}
-            Err(e) => return Err(e),
+            Err(e) => {
+                return Err(refine(
+                    e,
+                    end_entity,
+                    intermediates,
+                    &self.trust_domain,
+                    now,
+                ));
+            }
         }
         spiffe_checks(end_entity, intermediates, &self.trust_domain, now)?;
         Ok(ServerCertVerified::assertion())
@@ -340,6 +376,8 @@ pub fn reason_of(err: &Error) -> Reason {
         Error::InvalidCertificate(CertificateError::BadEncoding) => Reason::Malformed,
         Error::InvalidCertificate(_) => Reason::UntrustedChain,
         Error::NoCertificatesPresented => Reason::NoCertificate,
+        // No TLS 1.3 offered (a TLS 1.2-only client), or nothing else in common.
+        Error::PeerIncompatible(_) => Reason::Version,
         Error::AlertReceived(A::AccessDenied) => Reason::NotHosted,
         Error::AlertReceived(
             A::BadCertificate

@@ -157,6 +157,14 @@ pub(crate) mod tests {
         }
 
         pub fn leaf(&self, edit: impl FnOnce(&mut CertificateParams)) -> CertificateDer<'static> {
+            self.leaf_with_key(edit).0
+        }
+
+        /// A leaf and its private key, to present it in a handshake.
+        pub fn leaf_with_key(
+            &self,
+            edit: impl FnOnce(&mut CertificateParams),
+        ) -> (CertificateDer<'static>, KeyPair) {
             let key = KeyPair::generate().unwrap();
             let mut params = CertificateParams::default();
             params.distinguished_name = DistinguishedName::new();
@@ -167,7 +175,8 @@ pub(crate) mod tests {
             params.subject_alt_names =
                 vec![SanType::URI("spiffe://td/ns/a/sa/b".try_into().unwrap())];
             edit(&mut params);
-            params.signed_by(&key, &self.issuer).unwrap().der().clone()
+            let der = params.signed_by(&key, &self.issuer).unwrap().der().clone();
+            (der, key)
         }
     }
 
