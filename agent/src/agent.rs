@@ -5,7 +5,10 @@
 use std::{
     collections::{BTreeMap, HashMap, HashSet, VecDeque},
     net::IpAddr,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -164,6 +167,10 @@ pub struct Agent {
     pending_reasons: HashMap<String, String>,
     events: VecDeque<EventRecord>,
     events_total: u64,
+    /// Events `read_events` could not hand over (the agent's queue was full).
+    pub events_dropped: Arc<AtomicU64>,
+    /// The per-event log line, rate-limited like the audit log.
+    event_log: AuditLimiter,
     /// Present when an identity source is configured.
     store: Option<Store>,
     auth: Option<AuthManager>,
@@ -282,6 +289,8 @@ impl Agent {
                 pending_reasons: HashMap::new(),
                 events: VecDeque::with_capacity(RECENT_EVENTS),
                 events_total: 0,
+                events_dropped: Arc::new(AtomicU64::new(0)),
+                event_log: AuditLimiter::new(),
                 store: None,
                 auth,
                 view_tx,
@@ -1113,12 +1122,15 @@ impl Agent {
     pub fn on_event(&mut self, ev: &Event) {
         self.events_total += 1;
         let record = EventRecord::new(ev, |kind, n| self.registry.name(kind, n));
-        tracing::info!(
-            kind = %record.kind, reason = %record.reason, local = %record.local, remote = %record.remote,
-            remote_node = %record.remote_node, proto = %record.proto,
-            from = %record.remote_addr, to = %record.local_addr,
-            "datapath event"
-        );
+        // A flood of connection attempts must not become a flood of log lines.
+        if let Some(suppressed_before) = self.event_log.admit() {
+            tracing::info!(
+                kind = %record.kind, reason = %record.reason, local = %record.local, remote = %record.remote,
+                remote_node = %record.remote_node, proto = %record.proto,
+                from = %record.remote_addr, to = %record.local_addr, suppressed_before,
+                "datapath event"
+            );
+        }
         if ev.kind == EVENT_WOULD_DROP {
             self.would_drop(&record);
         }
@@ -1372,6 +1384,8 @@ impl Agent {
             flows: status::flows(&self.registry, flows, now),
             events: self.events.iter().cloned().collect(),
             events_total: self.events_total,
+            events_dropped: self.events_dropped.load(Ordering::Relaxed),
+            handshakes_deferred: self.auth.as_ref().map_or(0, AuthManager::deferred),
             identities: self.identities(),
             identity_problems: self.store_problems.clone(),
             handshakes: self.handshakes.iter().cloned().collect(),
@@ -1550,7 +1564,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     let listener = admin::bind(&config.admin_socket)?;
     let (event_tx, mut event_rx) = mpsc::channel::<Event>(4096);
-    tokio::spawn(read_events(channels.events, event_tx));
+    tokio::spawn(read_events(
+        channels.events,
+        event_tx,
+        agent.events_dropped.clone(),
+    ));
     if let Some(logger) = channels.logger {
         tokio::spawn(forward_datapath_log(logger));
     }
@@ -1608,7 +1626,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn read_events(ring: RingBuf<MapData>, tx: mpsc::Sender<Event>) {
+async fn read_events(ring: RingBuf<MapData>, tx: mpsc::Sender<Event>, dropped: Arc<AtomicU64>) {
     // SAFETY: the ring buffer owns its descriptor and `fd` owns the ring buffer, so the
     // descriptor stays open for as long as it is registered.
     let mut fd = match unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) } {
@@ -1618,6 +1636,9 @@ async fn read_events(ring: RingBuf<MapData>, tx: mpsc::Sender<Event>) {
             return;
         }
     };
+    // Dropped events are counted (status, metrics) and logged at most once a second.
+    let mut warned = Instant::now() - Duration::from_secs(1);
+    let mut unwarned = 0u64;
     loop {
         let mut guard = match fd.readable_mut().await {
             Ok(g) => g,
@@ -1633,7 +1654,15 @@ async fn read_events(ring: RingBuf<MapData>, tx: mpsc::Sender<Event>) {
                 continue;
             };
             if tx.try_send(ev).is_err() {
-                tracing::warn!("agent busy: datapath event dropped");
+                dropped.fetch_add(1, Ordering::Relaxed);
+                unwarned += 1;
+                if warned.elapsed() >= Duration::from_secs(1) {
+                    tracing::warn!(
+                        dropped = unwarned,
+                        "agent busy: datapath events dropped since the last warning"
+                    );
+                    (warned, unwarned) = (Instant::now(), 0);
+                }
             }
         }
         guard.clear_ready();

@@ -3,7 +3,15 @@
 //! bounded in time, failures retried with exponential backoff and jitter. Results go back to
 //! the agent's core, which writes the maps and the audit log.
 
-use std::{collections::HashMap, net::IpAddr, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use tokio::{
     sync::{Semaphore, mpsc, watch},
@@ -20,6 +28,9 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Attempts per burst of demand before waiting for new demand.
 const MAX_ATTEMPTS: u32 = 6;
+/// Handshakes waiting for a slot, beyond which new demand is deferred (a flood of connection
+/// attempts from many pairs must not queue without bound ahead of the next legitimate one).
+const MAX_WAITING: usize = 1024;
 
 /// A pair of workload addresses, seen from this node: ours first.
 pub type AddrPair = (IpAddr, IpAddr);
@@ -35,6 +46,9 @@ struct PairState {
 pub struct AuthManager {
     pairs: HashMap<AddrPair, PairState>,
     permits: Arc<Semaphore>,
+    /// Handshakes started but still waiting for a permit.
+    waiting: Arc<AtomicUsize>,
+    deferred: u64,
     timeout: Duration,
     results: mpsc::Sender<Record>,
     rng: u64,
@@ -49,6 +63,8 @@ impl AuthManager {
         Self {
             pairs: HashMap::new(),
             permits: Arc::new(Semaphore::new(max_concurrent as usize)),
+            waiting: Arc::new(AtomicUsize::new(0)),
+            deferred: 0,
             timeout,
             results,
             rng: (seed as u64) | 1,
@@ -65,14 +81,23 @@ impl AuthManager {
         if state.in_flight || state.not_before.is_some_and(|t| Instant::now() < t) {
             return false;
         }
+        if self.waiting.load(Ordering::Relaxed) >= MAX_WAITING {
+            // The pair's next packet asks again (the kernel signals each pair every 100 ms).
+            self.deferred += 1;
+            return false;
+        }
         state.in_flight = true;
         state.attempts += 1;
         let permits = self.permits.clone();
         let results = self.results.clone();
         let timeout = self.timeout;
+        let waiting = self.waiting.clone();
+        waiting.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
             // The semaphore is never closed; a failure here would mean it was.
-            let Ok(_permit) = permits.acquire_owned().await else {
+            let permit = permits.acquire_owned().await;
+            waiting.fetch_sub(1, Ordering::Relaxed);
+            let Ok(_permit) = permit else {
                 return;
             };
             let record = handshake::initiate(view, pair.0, pair.1, timeout).await;
@@ -107,6 +132,12 @@ impl AuthManager {
             return None;
         }
         Some(delay)
+    }
+
+    /// Handshakes not started because [`MAX_WAITING`] were already waiting.
+    #[must_use]
+    pub fn deferred(&self) -> u64 {
+        self.deferred
     }
 
     /// Forgets pairs with no handshake under way whose backoff has passed.

@@ -1230,9 +1230,12 @@ mod tests {
             }
         }
 
+        /// A client certificate chain and its key.
+        type Presented = (Vec<CertificateDer<'static>>, KeyPair);
+
         /// A TLS 1.3 handshake to the hosted address that presents `chain` (none: no client
         /// certificate), then waits for the responder to close.
-        async fn present(addr: SocketAddr, chain: Option<(Vec<CertificateDer<'static>>, KeyPair)>) {
+        async fn present(addr: SocketAddr, chain: Option<Presented>) {
             let provider = crate::tls::provider();
             let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
                 .with_protocol_versions(&[&rustls::version::TLS13])
@@ -1278,28 +1281,17 @@ mod tests {
                 Some((vec![der], key))
             };
             let good = leaf(&ca, &|_| {});
-            let long = good.as_ref().map(|(chain, _)| {
+            // The leaf, then copies of its CA: `n` certificates in all.
+            let chain_of = |n: usize| {
                 let (der, key) = ca.leaf_with_key(|p| {
                     p.subject_alt_names = vec![uri("spiffe://td/ns/default/sa/a")];
                 });
-                let mut long = vec![der];
-                long.extend(std::iter::repeat_n(ca.der.clone(), 8));
-                let _ = chain;
-                (long, key)
-            });
-            let huge = {
-                let (der, key) = ca.leaf_with_key(|p| {
-                    p.subject_alt_names = vec![uri("spiffe://td/ns/default/sa/a")];
-                });
-                let mut huge = vec![der];
-                huge.extend(std::iter::repeat_n(ca.der.clone(), 400));
-                Some((huge, key))
+                let mut chain = vec![der];
+                chain.extend(std::iter::repeat_n(ca.der.clone(), n - 1));
+                Some((chain, key))
             };
-            let cases: Vec<(
-                &str,
-                Option<(Vec<CertificateDer<'static>>, KeyPair)>,
-                &[Reason],
-            )> = vec![
+            let (long, huge) = (chain_of(10), chain_of(400));
+            let cases: Vec<(&str, Option<Presented>, &[Reason])> = vec![
                 ("no client certificate", None, &[Reason::NoCertificate]),
                 (
                     "untrusted CA",

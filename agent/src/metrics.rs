@@ -68,6 +68,10 @@ pub struct Metrics {
     last_packets: HashMap<String, u64>,
     events_lost: Counter,
     events_rate_limited: Counter,
+    events_dropped: Counter,
+    handshakes_deferred: Counter,
+    last_dropped: u64,
+    last_deferred: u64,
     auth_entries: Gauge,
     flows: Gauge,
     map_fill: Family<MapLabels, Gauge<f64, AtomicU64>>,
@@ -120,6 +124,18 @@ impl Metrics {
             "Datapath events suppressed by the per-pair rate limit",
             events_rate_limited.clone(),
         );
+        let events_dropped = Counter::default();
+        registry.register(
+            "events_dropped",
+            "Datapath events read from the ring buffer that the agent was too busy to take",
+            events_dropped.clone(),
+        );
+        let handshakes_deferred = Counter::default();
+        registry.register(
+            "handshakes_deferred",
+            "Handshakes not started because too many were waiting for a slot (the pair asks again with its next packet)",
+            handshakes_deferred.clone(),
+        );
         let auth_entries = Gauge::default();
         registry.register(
             "auth_entries",
@@ -165,6 +181,10 @@ impl Metrics {
             last_packets: HashMap::new(),
             events_lost,
             events_rate_limited,
+            events_dropped,
+            handshakes_deferred,
+            last_dropped: 0,
+            last_deferred: 0,
             auth_entries,
             flows,
             map_fill,
@@ -223,6 +243,11 @@ impl Metrics {
                 }
             }
         }
+        self.events_dropped
+            .inc_by(s.events_dropped.saturating_sub(self.last_dropped));
+        self.handshakes_deferred
+            .inc_by(s.handshakes_deferred.saturating_sub(self.last_deferred));
+        (self.last_dropped, self.last_deferred) = (s.events_dropped, s.handshakes_deferred);
         self.auth_entries
             .set(i64::try_from(s.auth.len()).unwrap_or(i64::MAX));
         self.flows

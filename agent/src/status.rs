@@ -29,6 +29,14 @@ pub struct Status {
     /// Most recent datapath events, newest last.
     pub events: Vec<EventRecord>,
     pub events_total: u64,
+    /// Events read from the ring buffer that the agent was too busy to take (on top of those
+    /// the kernel could not queue: counter `event_lost`).
+    #[serde(default)]
+    pub events_dropped: u64,
+    /// Handshakes not started because too many were already waiting for a slot; the pair asks
+    /// again with its next packet.
+    #[serde(default)]
+    pub handshakes_deferred: u64,
     /// Local workloads' SVIDs.
     #[serde(default)]
     pub identities: Vec<IdentityInfo>,

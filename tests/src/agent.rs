@@ -107,6 +107,33 @@ impl Testbed {
         self.signal_agent(node, libc::SIGKILL)
     }
 
+    /// The pid of node `node`'s agent, if one runs.
+    pub fn agent_pid(&mut self, node: &str) -> Option<i32> {
+        if !self.agent_running(node) {
+            return None;
+        }
+        match self.children.get(node) {
+            Some(child) => i32::try_from(child.id()).ok(),
+            None => self.info.agent_pid(node),
+        }
+    }
+
+    /// Freezes node `node`'s agent (SIGSTOP): a stalled agent, as far as the kernel can tell.
+    /// [`Testbed::resume_agent`] thaws it; dropping the testbed kills it either way.
+    pub fn pause_agent(&mut self, node: &str) -> Result<()> {
+        let pid = self
+            .agent_pid(node)
+            .with_context(|| format!("no agent is running on {node}"))?;
+        process::signal(pid, libc::SIGSTOP)
+    }
+
+    pub fn resume_agent(&mut self, node: &str) -> Result<()> {
+        let pid = self
+            .agent_pid(node)
+            .with_context(|| format!("no agent is running on {node}"))?;
+        process::signal(pid, libc::SIGCONT)
+    }
+
     /// SIGTERMs node `node`'s agent (a graceful stop) and waits up to 15 s for it to exit,
     /// then SIGKILLs it. Returns the exit status when the agent is our child.
     pub fn stop_agent(&mut self, node: &str) -> Result<Option<ExitStatus>> {

@@ -95,6 +95,8 @@ fn offline(target: &Target) -> anyhow::Result<Status> {
         flows: status::flows(&registry, view.flows()?, now),
         events: Vec::new(),
         events_total: 0,
+        events_dropped: 0,
+        handshakes_deferred: 0,
         identities: Vec::new(),
         identity_problems: Vec::new(),
         handshakes: Vec::new(),
@@ -290,6 +292,14 @@ fn render(s: &Status) -> String {
                 h.took_ms
             );
         }
+    }
+    let lost = s.counters.get("event_lost").copied().unwrap_or(0);
+    if lost + s.events_dropped + s.handshakes_deferred > 0 {
+        let _ = writeln!(
+            o,
+            "\noverload: {lost} events lost (ring buffer full), {} dropped (agent busy), {} handshakes deferred",
+            s.events_dropped, s.handshakes_deferred
+        );
     }
     if !s.events.is_empty() {
         let _ = writeln!(o, "\nrecent events ({} in total)", s.events_total);

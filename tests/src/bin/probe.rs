@@ -25,6 +25,12 @@
 //! probe udp-serve --port P [--seconds S]       echo every datagram back to its sender.
 //! probe udp-send --to ADDR:PORT [--count N] [--size B] [--timeout-ms N]
 //!     N datagrams one at a time, each waiting for its echo; ok when all came back.
+//! probe flood --to ADDR:PORT --sources FIRST-IP --count N --packets P [--seconds S]
+//!     Raw TCP SYNs with forged sources (needs CAP_NET_RAW), for flooding a datapath with
+//!     connection attempts: packet i comes from source FIRST-IP + i % N (N consecutive
+//!     addresses, same family as ADDR), port 10000 + (i / N) % 50000. Stops after P packets or
+//!     S seconds (default 10); ENOBUFS/EAGAIN are retried after 100 µs. Nothing is received.
+//!     {"ok":true,"sent":…,"sources":N,"seconds":…,"per_sec":…,"retries":…}.
 //! ```
 //! `--timeout-ms` (default 10000) bounds each connect, read and write.
 
@@ -98,6 +104,7 @@ fn main() -> ExitCode {
         "udp-serve" => udp_serve(&args),
         "cps" => cps(&args),
         "udp-send" => udp_send(&args),
+        "flood" => flood(&args),
         m => return usage(&format!("unknown mode {m:?}")),
     };
     match result {
@@ -125,7 +132,7 @@ impl From<String> for Usage {
 
 fn usage(msg: &str) -> ExitCode {
     eprintln!(
-        "probe: {msg}\nusage: probe serve|connect|send|rr|udp-serve|udp-send [--opt value]… (see the source header)"
+        "probe: {msg}\nusage: probe serve|connect|send|rr|cps|udp-serve|udp-send|flood [--opt value]… (see the source header)"
     );
     ExitCode::from(2)
 }
@@ -542,4 +549,274 @@ fn udp_send(a: &Args) -> Result<Outcome, Usage> {
             stats,
         )
     })
+}
+
+/// Raw SYNs from `--count` consecutive forged sources; see the header. Never waits for an
+/// answer: what happens to the SYNs is for the caller to observe on the node.
+fn flood(a: &Args) -> Result<Outcome, Usage> {
+    let to: SocketAddr = a.req("to")?;
+    let first: IpAddr = a.req("sources")?;
+    let count: u64 = a.req("count")?;
+    let packets: u64 = a.req("packets")?;
+    let seconds: f64 = a.get("seconds")?.unwrap_or(10.0);
+    if count == 0 || !seconds.is_finite() || seconds < 0.0 {
+        return Err(Usage("--count must be > 0 and --seconds >= 0".into()));
+    }
+    if first.is_ipv4() != to.is_ipv4() {
+        return Err(Usage(
+            "--sources and --to must be of the same family".into(),
+        ));
+    }
+    if nth_source(first, count - 1).is_none() {
+        return Err(Usage(format!(
+            "--count {count} from {first} runs past the last address"
+        )));
+    }
+    let domain = if to.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    };
+    // IPPROTO_RAW implies IP_HDRINCL for IPv4; IPv6 needs IPV6_HDRINCL set.
+    let sock =
+        Socket::new(domain, Type::RAW, Some(Protocol::from(libc::IPPROTO_RAW))).and_then(|s| {
+            if to.is_ipv6() {
+                s.set_header_included_v6(true)?;
+            }
+            Ok(s)
+        });
+    let sock = match sock {
+        Ok(s) => s,
+        Err(e) => {
+            return Ok(fail(
+                kind(&e),
+                format!("raw socket: {e}"),
+                json!({"sent": 0}),
+            ));
+        }
+    };
+    // Raw sockets take the port of the destination sockaddr as 0.
+    let dst = SocketAddr::new(to.ip(), 0).into();
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+        ^ u64::from(std::process::id());
+    let limit = Duration::from_secs_f64(seconds);
+    let start = Instant::now();
+    let (mut sent, mut retries) = (0u64, 0u64);
+    while sent < packets && start.elapsed() < limit {
+        let src = nth_source(first, sent % count).expect("range checked above");
+        let sport = 10_000 + ((sent / count) % 50_000) as u16;
+        let r = mix(seed.wrapping_add(sent));
+        let pkt = syn_packet(SocketAddr::new(src, sport), to, r as u32, (r >> 32) as u16);
+        match sock.send_to(&pkt, &dst) {
+            Ok(_) => sent += 1,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOBUFS | libc::EAGAIN)) => {
+                retries += 1;
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Ok(fail(
+                    kind(&e),
+                    format!("packet {sent} from {src}:{sport} to {to}: {e}"),
+                    json!({"sent": sent, "sources": count, "retries": retries,
+                           "seconds": secs(start.elapsed())}),
+                ));
+            }
+        }
+    }
+    let elapsed = start.elapsed();
+    Ok(json_ok(
+        json!({"sent": sent, "sources": count, "seconds": secs(elapsed),
+               "per_sec": (sent as f64 / elapsed.as_secs_f64().max(1e-9)).round(),
+               "retries": retries}),
+    ))
+}
+
+/// Seconds with three decimals.
+fn secs(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e3).round() / 1e3
+}
+
+/// `first` + `n` (as a u32 for IPv4, a u128 for IPv6); `None` past the end of the space.
+fn nth_source(first: IpAddr, n: u64) -> Option<IpAddr> {
+    match first {
+        IpAddr::V4(a) => u32::from(a)
+            .checked_add(u32::try_from(n).ok()?)
+            .map(|x| IpAddr::V4(x.into())),
+        IpAddr::V6(a) => u128::from(a)
+            .checked_add(n.into())
+            .map(|x| IpAddr::V6(x.into())),
+    }
+}
+
+/// splitmix64: sequence numbers and IP ids that vary without a random-number crate.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+const TCP_SYN: u8 = 0x02;
+const IPPROTO_TCP: u8 = 6;
+/// The TCP header `syn_packet` writes: 20 bytes, no options.
+const TCP_LEN: u16 = 20;
+
+/// One bare SYN from `src` to `dst`: an IPv4 header (TTL 64, DF, identification `id`) or an
+/// IPv6 header (hop limit 64), then a 20-byte TCP header (window 64240, sequence number
+/// `seq`), both checksums filled in.
+///
+/// # Panics
+/// If `src` and `dst` are of different families (`flood` checks they are not).
+fn syn_packet(src: SocketAddr, dst: SocketAddr, seq: u32, id: u16) -> Vec<u8> {
+    let mut tcp = [0u8; TCP_LEN as usize];
+    tcp[0..2].copy_from_slice(&src.port().to_be_bytes());
+    tcp[2..4].copy_from_slice(&dst.port().to_be_bytes());
+    tcp[4..8].copy_from_slice(&seq.to_be_bytes());
+    // Acknowledgment number 0; data offset 5 words.
+    tcp[12] = 5 << 4;
+    tcp[13] = TCP_SYN;
+    tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    let mut pkt = match (src.ip(), dst.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let mut ip = [0u8; 20];
+            ip[0] = 0x45; // version 4, 5 words
+            ip[2..4].copy_from_slice(&(20 + TCP_LEN).to_be_bytes());
+            ip[4..6].copy_from_slice(&id.to_be_bytes());
+            ip[6] = 0x40; // DF, fragment offset 0
+            ip[8] = 64;
+            ip[9] = IPPROTO_TCP;
+            ip[12..16].copy_from_slice(&s.octets());
+            ip[16..20].copy_from_slice(&d.octets());
+            let c = checksum(&[&ip]);
+            ip[10..12].copy_from_slice(&c.to_be_bytes());
+            let pseudo = [0, IPPROTO_TCP, (TCP_LEN >> 8) as u8, TCP_LEN as u8];
+            let c = checksum(&[&s.octets(), &d.octets(), &pseudo, &tcp]);
+            tcp[16..18].copy_from_slice(&c.to_be_bytes());
+            ip.to_vec()
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let mut ip = [0u8; 40];
+            ip[0] = 0x60; // version 6, traffic class and flow label 0
+            ip[4..6].copy_from_slice(&TCP_LEN.to_be_bytes());
+            ip[6] = IPPROTO_TCP;
+            ip[7] = 64;
+            ip[8..24].copy_from_slice(&s.octets());
+            ip[24..40].copy_from_slice(&d.octets());
+            let mut pseudo = [0u8; 8]; // upper-layer length (32 bits), 3 zeros, next header
+            pseudo[0..4].copy_from_slice(&u32::from(TCP_LEN).to_be_bytes());
+            pseudo[7] = IPPROTO_TCP;
+            let c = checksum(&[&s.octets(), &d.octets(), &pseudo, &tcp]);
+            tcp[16..18].copy_from_slice(&c.to_be_bytes());
+            ip.to_vec()
+        }
+        _ => panic!("syn_packet: {src} and {dst} are of different families"),
+    };
+    pkt.extend_from_slice(&tcp);
+    pkt
+}
+
+/// The one's-complement sum (RFC 1071) of `parts` laid end to end, as big-endian 16-bit
+/// words; every part but the last must be of even length.
+fn ones_sum(parts: &[&[u8]]) -> u16 {
+    let mut acc = 0u64;
+    for w in parts.iter().flat_map(|p| p.chunks(2)) {
+        acc += u64::from(u16::from_be_bytes([w[0], w.get(1).copied().unwrap_or(0)]));
+    }
+    while acc > 0xffff {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    acc as u16
+}
+
+/// The Internet checksum of `parts` (see `ones_sum`).
+fn checksum(parts: &[&[u8]]) -> u16 {
+    !ones_sum(parts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    #[test]
+    fn checksum_of_a_known_ipv4_header() {
+        // The usual worked example: 192.168.0.1 -> 192.168.0.199, UDP, length 0x73.
+        let h = [
+            0x45, 0, 0, 0x73, 0, 0, 0x40, 0, 0x40, 0x11, 0, 0, 192, 168, 0, 1, 192, 168, 0, 199,
+        ];
+        assert_eq!(checksum(&[&h]), 0xb861);
+    }
+
+    #[test]
+    fn ipv4_syn() {
+        let (s, d) = (Ipv4Addr::new(10, 1, 2, 3), Ipv4Addr::new(10, 9, 8, 7));
+        let p = syn_packet(
+            SocketAddr::new(s.into(), 12345),
+            SocketAddr::new(d.into(), 80),
+            0xdead_beef,
+            0x1234,
+        );
+        assert_eq!(p.len(), 40);
+        let (ip, tcp) = p.split_at(20);
+        assert_eq!(ip[0], 0x45);
+        assert_eq!(u16::from_be_bytes([ip[2], ip[3]]), 40);
+        assert_eq!(&ip[4..6], &[0x12, 0x34]);
+        assert_eq!(&ip[6..8], &[0x40, 0], "DF, no fragment offset");
+        assert_eq!((ip[8], ip[9]), (64, 6));
+        assert_eq!(ones_sum(&[ip]), 0xffff, "IPv4 header checksum");
+        assert_eq!(checksum(&[ip]), 0);
+        assert_eq!(&ip[12..16], &s.octets());
+        assert_eq!(&ip[16..20], &d.octets());
+        assert_eq!(u16::from_be_bytes([tcp[0], tcp[1]]), 12345);
+        assert_eq!(u16::from_be_bytes([tcp[2], tcp[3]]), 80);
+        assert_eq!(&tcp[4..8], &0xdead_beefu32.to_be_bytes());
+        assert_eq!(&tcp[8..12], &[0; 4]);
+        assert_eq!(tcp[12], 0x50);
+        assert_eq!(tcp[13], TCP_SYN, "SYN only");
+        assert_eq!(u16::from_be_bytes([tcp[14], tcp[15]]), 64240);
+        let pseudo = [&s.octets()[..], &d.octets()[..], &[0, 6, 0, 20]].concat();
+        assert_eq!(ones_sum(&[&pseudo, tcp]), 0xffff, "TCP checksum");
+    }
+
+    #[test]
+    fn ipv6_syn() {
+        let s: Ipv6Addr = "2001:db8::1:2".parse().unwrap();
+        let d: Ipv6Addr = "fd00:10::7".parse().unwrap();
+        let p = syn_packet(
+            SocketAddr::new(s.into(), 40000),
+            SocketAddr::new(d.into(), 443),
+            7,
+            0,
+        );
+        assert_eq!(p.len(), 60);
+        let (ip, tcp) = p.split_at(40);
+        assert_eq!(ip[0] >> 4, 6);
+        assert_eq!(u16::from_be_bytes([ip[4], ip[5]]), 20, "payload length");
+        assert_eq!((ip[6], ip[7]), (6, 64), "next header TCP, hop limit 64");
+        assert_eq!(&ip[8..24], &s.octets());
+        assert_eq!(&ip[24..40], &d.octets());
+        assert_eq!(u16::from_be_bytes([tcp[0], tcp[1]]), 40000);
+        assert_eq!(u16::from_be_bytes([tcp[2], tcp[3]]), 443);
+        assert_eq!(&tcp[4..8], &7u32.to_be_bytes());
+        assert_eq!(tcp[13], TCP_SYN, "SYN only");
+        let pseudo = [&s.octets()[..], &d.octets()[..], &[0, 0, 0, 20, 0, 0, 0, 6]].concat();
+        assert_eq!(ones_sum(&[&pseudo, tcp]), 0xffff, "TCP checksum");
+        assert_eq!(checksum(&[&pseudo, tcp]), 0);
+    }
+
+    #[test]
+    fn sources() {
+        let v4 = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(nth_source(v4("10.0.0.255"), 1), Some(v4("10.0.1.0")));
+        assert_eq!(nth_source(v4("255.255.255.254"), 2), None);
+        assert_eq!(nth_source(v4("fd00::ffff"), 2), Some(v4("fd00::1:1")));
+        assert_eq!(
+            nth_source(v4("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"), 1),
+            None
+        );
+    }
 }
