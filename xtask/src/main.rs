@@ -8,6 +8,7 @@ mod bench;
 mod cargo;
 mod demo;
 mod fuzz;
+mod soak;
 mod test;
 mod testbed;
 
@@ -34,6 +35,9 @@ enum Command {
     /// Fuzz every parser of outside input (libFuzzer targets in fuzz/), each for a bounded
     /// time; fails when a target finds a crashing input.
     Fuzz(fuzz::Args),
+    /// The restart loop of the fault suite for many rounds (default 20): an agent SIGKILLed
+    /// and restarted under load, with counted outcomes.
+    Soak(soak::Args),
 }
 
 fn main() {
@@ -44,6 +48,7 @@ fn main() {
         Command::Demo(args) => demo::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Fuzz(args) => fuzz::run(args),
+        Command::Soak(args) => soak::run(args),
     };
     match result {
         Ok(code) => std::process::exit(code),
