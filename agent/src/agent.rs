@@ -1585,6 +1585,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ));
     }
     tokio::spawn(admin::serve(listener, call_tx));
+    // Everything that needed more is done: programs loaded and attached, bpffs mounted,
+    // sockets bound.
+    match crate::caps::drop_all(crate::caps::WORKERS).await {
+        Ok(()) => tracing::info!(kept = "CAP_BPF, CAP_NET_ADMIN", "capabilities dropped"),
+        Err(e) => tracing::warn!(
+            error = %e,
+            "cannot drop capabilities; the agent keeps those it was started with"
+        ),
+    }
 
     let mut tick = tokio::time::interval(config.poll_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

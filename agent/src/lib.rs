@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod agent;
 pub mod auth;
+pub mod caps;
 pub mod cli;
 pub mod cluster;
 pub mod config;

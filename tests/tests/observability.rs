@@ -314,3 +314,121 @@ fn doctor_passes_here_and_names_the_remedy_when_bpffs_is_missing() {
         "no named remedy:\n{text}"
     );
 }
+
+/// `CapEff` of every thread of `pid`, from `/proc/<pid>/task/*/status`.
+fn thread_caps(pid: i32) -> Vec<(String, u64)> {
+    let mut caps = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("reading /proc/<pid>/task") {
+        let task = task.expect("task entry").path();
+        let status = std::fs::read_to_string(task.join("status")).unwrap_or_default();
+        let eff = status
+            .lines()
+            .find_map(|l| l.strip_prefix("CapEff:"))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .unwrap_or(u64::MAX);
+        caps.push((task.display().to_string(), eff));
+    }
+    caps
+}
+
+/// Once set up, every thread of the agent holds CAP_BPF and CAP_NET_ADMIN and nothing else,
+/// and the agent still does what it does after that: attach to a pod that appears later,
+/// authenticate a pair, write and cut entries.
+#[test]
+fn the_agent_keeps_only_cap_bpf_and_cap_net_admin_once_set_up() {
+    const KEPT: u64 = 1 << 12 | 1 << 39;
+    let mut tb = up();
+    let pid = tb.agent_pid("node-2").expect("node-2's agent pid");
+    let mut last = Vec::new();
+    assert!(
+        eventually(Duration::from_secs(15), || {
+            last = thread_caps(pid);
+            !last.is_empty() && last.iter().all(|(_, eff)| *eff == KEPT)
+        }),
+        "threads with other capabilities than {KEPT:#x}: {last:x?}"
+    );
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(
+        status.lines().any(|l| l == "NoNewPrivs:\t1"),
+        "no_new_privs is not set"
+    );
+    tb.add_pod("node-2", PodSpec::new("late"))
+        .expect("adding a pod");
+    let s = scenario(&tb);
+    let _server = s.serve("late", PORT);
+    let late = s.addr("late", Family::V4);
+    // It attaches the programs to the new pod's interface…
+    let mut st = Value::Null;
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            st = s.status("node-2");
+            st["interfaces"].as_array().is_some_and(|is| {
+                is.iter().any(|i| {
+                    i["attached"] == "new" && i["addresses"].to_string().contains(&late.to_string())
+                })
+            })
+        }),
+        "no programs on the new pod's interface: {}\n{}",
+        st["interfaces"],
+        tb.agent_log("node-2")
+    );
+    // …and authenticates the pair, writing its entry.
+    assert!(
+        eventually(Duration::from_secs(20), || ok(
+            &s.connect("client", late, PORT, 3000)
+        )),
+        "with its capabilities dropped the agent did not admit the new pod's pair"
+    );
+    let st = s.status("node-2");
+    assert!(
+        st["auth"]
+            .as_array()
+            .is_some_and(|es| es.iter().any(|e| e["local"] == s.identity("late"))),
+        "no entry for the new pod: {}",
+        st["auth"]
+    );
+}
+
+/// With the log at debug level, nothing of a private key reaches the log, `status` (text and
+/// JSON) or the metrics: neither a PEM marker nor any line of the CA key's base64.
+#[test]
+fn no_private_key_material_reaches_logs_status_or_metrics() {
+    let tb = up();
+    let s = scenario(&tb);
+    let _server = s.serve("server", PORT);
+    let target = s.addr("server", Family::V4);
+    assert!(
+        eventually(Duration::from_secs(10), || ok(
+            &s.connect("client", target, PORT, 3000)
+        )),
+        "the pair did not authenticate"
+    );
+    let key = std::fs::read_to_string(tb.ca_dir().join("ca.key")).expect("reading the CA key");
+    let key_lines: Vec<&str> = key
+        .lines()
+        .filter(|l| !l.starts_with("-----") && l.len() >= 16)
+        .collect();
+    assert!(!key_lines.is_empty(), "the CA key has no body: {key}");
+    let mut outputs = Vec::new();
+    for node in ["node-1", "node-2"] {
+        outputs.push((
+            format!("{node} log"),
+            std::fs::read_to_string(&tb.node(node).log_file).unwrap_or_default(),
+        ));
+        outputs.push((format!("{node} status"), s.portcullis(node, &["status"]).1));
+        outputs.push((
+            format!("{node} status json"),
+            s.portcullis(node, &["status", "--output", "json"]).1,
+        ));
+        outputs.push((format!("{node} metrics"), http_get(&tb, node, "/metrics")));
+    }
+    for (what, text) in &outputs {
+        assert!(text.len() > 100, "{what} is (nearly) empty: {text}");
+        for marker in ["PRIVATE KEY", "-----BEGIN"] {
+            assert!(!text.contains(marker), "{what} contains {marker:?}");
+        }
+        for line in &key_lines {
+            assert!(!text.contains(line), "{what} contains a line of the CA key");
+        }
+    }
+}

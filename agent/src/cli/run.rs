@@ -29,8 +29,12 @@ pub fn execute(cli: &super::Cli, _args: &Args) -> anyhow::Result<ExitCode> {
             .init(),
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(crate::caps::WORKERS)
         .enable_all()
+        // Capabilities are per thread: each runtime thread drops them as it wakes, once the
+        // agent has asked (see `caps`).
+        .on_thread_start(crate::caps::on_thread_wake)
+        .on_thread_unpark(crate::caps::on_thread_wake)
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(crate::agent::run(config))?;
