@@ -180,7 +180,7 @@ async fn ours(count: u32, ca: &Ca) -> f64 {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<WriteRequest>(64);
     tokio::spawn(async move {
         while let Some((_, reply)) = rx.recv().await {
-            let _ = reply.send(true);
+            let _ = reply.send(Ok(()));
         }
     });
     tokio::spawn(async move {

@@ -137,6 +137,25 @@ fn with_grant(mut v: AuthValue, grant: &Grant) -> AuthValue {
     v
 }
 
+/// Writes the kernel refused. The agent carries on without them (fail closed: an endpoint left
+/// out is an unknown peer, an auth entry left out admits nothing) and says so in the log,
+/// `status` and the metrics.
+#[derive(Debug, Default)]
+struct Refusals {
+    /// Addresses of cluster state not in the endpoint maps after the last reconciliation.
+    endpoints_missing: usize,
+    /// Endpoint writes refused, since start.
+    endpoints: u64,
+    /// Auth entries refused, since start.
+    auth: u64,
+    /// Identity and node numbers that could not be stored, since start.
+    names: u64,
+    /// What the kernel said at the latest refusal, per map.
+    endpoint_error: Option<String>,
+    auth_error: Option<String>,
+    name_error: Option<String>,
+}
+
 struct Iface {
     mode: Mode,
     name: String,
@@ -190,6 +209,7 @@ pub struct Agent {
     host_addr_error: Option<String>,
     /// What the sockops program does, for `status`.
     first_connection: String,
+    refusals: Refusals,
 }
 
 /// Audit records are rate-limited (a token bucket: `AUDIT_BURST` at once, `AUDIT_PER_SEC`
@@ -306,6 +326,7 @@ impl Agent {
                 policy_error: None,
                 host_addr_error: None,
                 first_connection: String::new(),
+                refusals: Refusals::default(),
             },
             channels,
         ))
@@ -367,14 +388,45 @@ impl Agent {
         let mut desired: HashMap<IpAddr, Endpoint> = HashMap::new();
         let mut ifaces: BTreeMap<u32, Iface> = BTreeMap::new();
         let mut pending = Vec::new();
-        for w in &cluster.workloads {
-            let identity =
-                self.registry
-                    .intern(&mut self.dp, Kind::Identity, w.identity.as_str())?;
-            let node = self.registry.intern(&mut self.dp, Kind::Node, &w.node)?;
+        // What a full map leaves out must be a remote peer (then an unknown peer, dropped),
+        // never the node or a local pod: they are numbered and programmed first.
+        let mut refused: Option<String> = None;
+        let mut missing = self.host_endpoints(&mut desired, &mut refused);
+        let (here, elsewhere): (Vec<_>, Vec<_>) = cluster
+            .workloads
+            .iter()
+            .partition(|w| *w.node == *self.config.node);
+        for w in here.into_iter().chain(elsewhere) {
             let local = *w.node == *self.config.node;
-            let settings = policy_flags(self.policy.settings(&w.namespace, &w.identity));
-            let label = format!("{}/{}", w.namespace, w.name);
+            let numbered = self
+                .registry
+                .intern(&mut self.dp, Kind::Identity, w.identity.as_str())
+                .and_then(|i| Ok((i, self.registry.intern(&mut self.dp, Kind::Node, &w.node)?)));
+            let (identity, node) = match numbered {
+                Ok(n) => n,
+                Err(e) => {
+                    self.refusals.names += 1;
+                    missing += w.addresses.len();
+                    let e = e.to_string();
+                    if local {
+                        let label = format!("{}/{}", w.namespace, w.name);
+                        self.pending_reasons.insert(label.clone(), e.clone());
+                        pending.push(label);
+                    }
+                    self.refusals.name_error = Some(e.clone());
+                    refused.get_or_insert(e);
+                    continue;
+                }
+            };
+            // Only a local pod's endpoint carries its policy settings and has an interface.
+            let (settings, label) = if local {
+                (
+                    policy_flags(self.policy.settings(&w.namespace, &w.identity)),
+                    format!("{}/{}", w.namespace, w.name),
+                )
+            } else {
+                (0, String::new())
+            };
             for addr in &w.addresses {
                 let mut ep = Endpoint {
                     identity,
@@ -414,17 +466,10 @@ impl Agent {
             }
         }
         self.pending = pending;
-        self.host_endpoints(&mut desired)?;
 
         // Endpoints before links: a program must find its pod's endpoint from the first packet.
+        // Removals first, as they make room.
         let (mut endpoints_set, mut endpoints_removed) = (0usize, 0usize);
-        for (addr, ep) in &desired {
-            if self.programmed.get(addr) != Some(ep) {
-                self.dp.set_endpoint(*addr, ep)?;
-                self.programmed.insert(*addr, *ep);
-                endpoints_set += 1;
-            }
-        }
         let gone: Vec<IpAddr> = self
             .programmed
             .keys()
@@ -432,11 +477,52 @@ impl Agent {
             .copied()
             .collect();
         for addr in gone {
-            self.dp.remove_endpoint(addr)?;
+            if let Err(e) = self.dp.remove_endpoint(addr) {
+                tracing::error!(error = %e, %addr, "cannot remove an endpoint; retrying at the next reconciliation");
+                continue;
+            }
             self.programmed.remove(&addr);
             endpoints_removed += 1;
             tracing::info!(target: "portcullis::audit", event = "endpoint_removed", %addr, "endpoint removed from cluster state");
         }
+        // Per family (IPv4, IPv6): once a map is full, a new address is not tried again in
+        // this pass; changing an address already there still works.
+        let mut full = [false; 2];
+        for node_or_local in [true, false] {
+            for (addr, ep) in &desired {
+                if (ep.flags & (EP_LOCAL | EP_HOST) != 0) != node_or_local
+                    || self.programmed.get(addr) == Some(ep)
+                {
+                    continue;
+                }
+                let family = usize::from(addr.is_ipv6());
+                let known = self.programmed.contains_key(addr);
+                if !known && full[family] {
+                    missing += 1;
+                    continue;
+                }
+                match self.dp.set_endpoint(*addr, ep) {
+                    Ok(()) => {
+                        self.programmed.insert(*addr, *ep);
+                        endpoints_set += 1;
+                    }
+                    Err(e) => {
+                        full[family] |= e.is_full();
+                        self.refusals.endpoints += 1;
+                        missing += 1;
+                        if known {
+                            // Never leave an address with its previous owner's identity.
+                            if self.dp.remove_endpoint(*addr).is_ok() {
+                                self.programmed.remove(addr);
+                            }
+                        }
+                        self.refusals.endpoint_error = Some(e.to_string());
+                        refused.get_or_insert(e.to_string());
+                    }
+                }
+            }
+        }
+        self.note_refusals(missing, refused);
         let endpoints_changed = endpoints_set + endpoints_removed > 0;
         if endpoints_changed || cluster_changed || policy_changed {
             let why = if policy_changed {
@@ -455,10 +541,25 @@ impl Agent {
                 existing.addresses = iface.addresses;
                 continue;
             }
-            let how = self.dp.attach(&route::Interface {
+            // An interface can vanish between its lookup and here (a pod deleted): that pod
+            // waits, the others go on.
+            let how = match self.dp.attach(&route::Interface {
                 index,
                 name: iface.name.clone(),
-            })?;
+            }) {
+                Ok(how) => how,
+                Err(e) => {
+                    let reason = e.to_string();
+                    if self.pending_reasons.get(&iface.workload) != Some(&reason) {
+                        tracing::warn!(workload = %iface.workload, interface = %iface.name, ifindex = index, error = %reason, "cannot attach; retrying at the next reconciliation");
+                        self.pending_reasons.insert(iface.workload.clone(), reason);
+                    }
+                    if !self.pending.contains(&iface.workload) {
+                        self.pending.push(iface.workload);
+                    }
+                    continue;
+                }
+            };
             iface.attached = how;
             tracing::info!(workload = %iface.workload, interface = %iface.name, ifindex = index, attached = ?how, "enforcing");
             self.attached.insert(index, iface);
@@ -476,7 +577,10 @@ impl Agent {
             .copied()
             .collect();
         for index in released {
-            self.dp.detach(index)?;
+            if let Err(e) = self.dp.detach(index) {
+                tracing::error!(ifindex = index, error = %e, "cannot detach; retrying at the next reconciliation");
+                continue;
+            }
             if let Some(iface) = self.attached.remove(&index) {
                 tracing::info!(workload = %iface.workload, interface = %iface.name, ifindex = index, "released");
             } else {
@@ -540,10 +644,12 @@ impl Agent {
 
     /// Adds this node's own addresses (not claimed by a pod) to `desired`, so that the kernel
     /// can tell connections from the node (kubelet probes) from unknown peers.
+    /// Returns how many could not be numbered (the error in `refused`).
     fn host_endpoints(
         &mut self,
         desired: &mut HashMap<IpAddr, Endpoint>,
-    ) -> Result<(), DatapathError> {
+        refused: &mut Option<String>,
+    ) -> usize {
         let addrs = match route::local_addresses() {
             Ok(a) => {
                 self.host_addr_error = None;
@@ -558,27 +664,63 @@ impl Agent {
                 // Keep what is programmed rather than cut probes over a transient failure.
                 for (a, ep) in &self.programmed {
                     if ep.flags & EP_HOST != 0 {
-                        desired.entry(*a).or_insert(*ep);
+                        desired.insert(*a, *ep);
                     }
                 }
-                return Ok(());
+                return 0;
             }
         };
-        let identity = self
+        let numbered = self
             .registry
-            .intern(&mut self.dp, Kind::Identity, HOST_IDENTITY)?;
-        let node = self
-            .registry
-            .intern(&mut self.dp, Kind::Node, &self.config.node)?;
-        for a in addrs {
-            desired.entry(a).or_insert(Endpoint {
-                identity,
-                node,
-                ifindex: 0,
-                flags: EP_HOST,
+            .intern(&mut self.dp, Kind::Identity, HOST_IDENTITY)
+            .and_then(|i| {
+                Ok((
+                    i,
+                    self.registry
+                        .intern(&mut self.dp, Kind::Node, &self.config.node)?,
+                ))
             });
+        let (identity, node) = match numbered {
+            Ok(n) => n,
+            Err(e) => {
+                self.refusals.names += 1;
+                self.refusals.name_error = Some(e.to_string());
+                refused.get_or_insert(e.to_string());
+                return addrs.len();
+            }
+        };
+        for a in addrs {
+            // A pod's claim on an address (inserted later) wins over the node's.
+            desired.insert(
+                a,
+                Endpoint {
+                    identity,
+                    node,
+                    ifindex: 0,
+                    flags: EP_HOST,
+                },
+            );
         }
-        Ok(())
+        0
+    }
+
+    /// Records how many addresses of cluster state are not in the kernel, logging when that
+    /// changes rather than at every reconciliation.
+    fn note_refusals(&mut self, missing: usize, refused: Option<String>) {
+        let before = self.refusals.endpoints_missing;
+        self.refusals.endpoints_missing = missing;
+        if missing == before {
+            return;
+        }
+        if missing == 0 {
+            tracing::info!("every endpoint of cluster state is programmed again");
+        } else {
+            tracing::warn!(
+                missing,
+                error = refused.as_deref().unwrap_or("-"),
+                "endpoints of cluster state are not in the kernel; their addresses are treated as unknown peers (dropped where enforced) until there is room"
+            );
+        }
     }
 
     /// Makes the auth and flow maps agree with cluster state and policy: entries of pairs that
@@ -1038,11 +1180,11 @@ impl Agent {
     }
 
     /// Writes the auth entry a successful handshake earned.
-    pub fn write_entry(&mut self, rec: &Record) -> bool {
+    pub fn write_entry(&mut self, rec: &Record) -> Result<(), String> {
         let (Some(local), Some(remote), Some(node), Ok(expires)) =
             (&rec.local_id, &rec.remote_id, &rec.remote_node, rec.result)
         else {
-            return false;
+            return Err("the record names no pair".to_owned());
         };
         let key = match (|| {
             Ok::<_, DatapathError>(AuthKey {
@@ -1062,14 +1204,17 @@ impl Agent {
         })() {
             Ok(k) => k,
             Err(e) => {
-                tracing::error!(error = %e, "cannot number the pair");
-                return false;
+                self.refusals.names += 1;
+                let e = format!("cannot number the pair: {e}");
+                tracing::error!(error = %e, "auth entry not written; the pair is not admitted");
+                self.refusals.name_error = Some(e.clone());
+                return Err(e);
             }
         };
         // The policy may have changed since the handshake evaluated it.
         let decision = self.policy.decide(local, remote);
         if !decision.authorized() {
-            return false;
+            return Err(self.policy.denial(local, remote));
         }
         let now = status::boot_ns();
         let left = expires
@@ -1083,20 +1228,25 @@ impl Agent {
             },
             &decision.inbound,
         );
-        match self.dp.allow_pair(&key, &value) {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot write the auth entry");
-                false
-            }
-        }
+        self.dp.allow_pair(&key, &value).map_err(|e| {
+            self.refusals.auth += 1;
+            let e = e.to_string();
+            // One line per refusal is bounded by the handshake rate, which is limited.
+            tracing::error!(error = %e, local = %local, remote = %remote, "auth entry not written; the pair is not admitted");
+            self.refusals.auth_error = Some(e.clone());
+            e
+        })
     }
 
     /// A finished handshake: the initiator's entry is written here, the responder's was
     /// written before it answered. Either way, one audit record.
     pub fn on_record(&mut self, mut rec: Record) {
-        if rec.role == Role::Initiator && rec.result.is_ok() && !self.write_entry(&rec) {
+        if rec.role == Role::Initiator
+            && rec.result.is_ok()
+            && let Err(e) = self.write_entry(&rec)
+        {
             rec.result = Err(Reason::Internal);
+            rec.detail = Some(e);
         }
         if let Ok(m) = self.metrics.lock() {
             m.on_handshake(&rec);
@@ -1246,7 +1396,11 @@ impl Agent {
             flags: AUTH_ALL_PORTS,
             ..AuthValue::default()
         };
-        self.dp.allow_pair(&key, &value)?;
+        if let Err(e) = self.dp.allow_pair(&key, &value) {
+            self.refusals.auth += 1;
+            self.refusals.auth_error = Some(e.to_string());
+            return Err(e.into());
+        }
         tracing::info!(target: "portcullis::audit", event = "auth_allow", %local, %remote, %remote_node, ttl_secs, "auth entry written by hand");
         Ok(Response::Allowed {
             expires_in_secs: ttl_secs,
@@ -1317,6 +1471,7 @@ impl Agent {
         let not_ready = self.not_ready();
         let auth = self.dp.auth_entries()?;
         let flows = self.dp.flows()?;
+        let counters = self.dp.counters()?;
         Ok(Status {
             agent: AgentInfo {
                 running: true,
@@ -1362,24 +1517,10 @@ impl Agent {
                 })
                 .collect(),
             pending: self.pending.clone(),
-            counters: status::counters(self.dp.counters()?),
-            maps: vec![
-                MapFill {
-                    name: "endpoints".into(),
-                    entries: self.programmed.len() as u64,
-                    capacity: u64::from(capacity::ENDPOINTS) * 2,
-                },
-                MapFill {
-                    name: "auth".into(),
-                    entries: auth.len() as u64,
-                    capacity: u64::from(capacity::AUTH),
-                },
-                MapFill {
-                    name: "flows".into(),
-                    entries: flows.len() as u64,
-                    capacity: u64::from(capacity::FLOWS),
-                },
-            ],
+            counters: status::counters(counters.clone()),
+            maps: self.map_fill(auth.len(), flows.len(), &counters),
+            auth_total: auth.len() as u64,
+            flows_total: flows.len() as u64,
             auth: status::auth_entries(&self.registry, auth, now),
             flows: status::flows(&self.registry, flows, now),
             events: self.events.iter().cloned().collect(),
@@ -1390,6 +1531,45 @@ impl Agent {
             identity_problems: self.store_problems.clone(),
             handshakes: self.handshakes.iter().cloned().collect(),
         })
+    }
+
+    fn map_fill(&self, auth: usize, flows: usize, counters: &[(Counter, u64)]) -> Vec<MapFill> {
+        let r = &self.refusals;
+        let fill = |name: &str, entries: usize, capacity: u32, refused: u64| MapFill {
+            name: name.to_owned(),
+            entries: entries as u64,
+            capacity: u64::from(capacity),
+            refused,
+            missing: 0,
+            error: None,
+        };
+        let flows_refused = counters
+            .iter()
+            .find(|(c, _)| *c == Counter::DropFlowTableFull)
+            .map_or(0, |(_, n)| *n);
+        vec![
+            MapFill {
+                missing: r.endpoints_missing as u64,
+                error: (r.endpoints_missing > 0 || r.endpoints > 0)
+                    .then(|| r.endpoint_error.clone().or_else(|| r.name_error.clone()))
+                    .flatten(),
+                ..fill(
+                    "endpoints",
+                    self.programmed.len(),
+                    capacity::ENDPOINTS * 2,
+                    r.endpoints,
+                )
+            },
+            MapFill {
+                error: r.auth_error.clone(),
+                ..fill("auth", auth, capacity::AUTH, r.auth)
+            },
+            fill("flows", flows, capacity::FLOWS, flows_refused),
+            MapFill {
+                error: r.name_error.clone(),
+                ..fill("names", self.registry.len(), capacity::NAMES, r.names)
+            },
+        ]
     }
 
     fn identities(&self) -> Vec<IdentityInfo> {

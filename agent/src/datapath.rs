@@ -63,7 +63,7 @@ pub enum DatapathError {
         name: &'static str,
         source: ProgramError,
     },
-    #[error("map {name}: {source}")]
+    #[error("map {name}: {}", map_detail(source))]
     Map {
         name: &'static str,
         source: MapError,
@@ -86,8 +86,33 @@ pub enum DatapathError {
         hook: Hook,
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    #[error("map {name} is full ({capacity} entries)")]
+    Full { name: &'static str, capacity: u32 },
     #[error("name `{name}` is {len} bytes; the limit is {NAME_MAX}")]
     NameTooLong { name: String, len: usize },
+}
+
+/// A map error with the kernel's answer: aya's own message names only the system call.
+fn map_detail(e: &MapError) -> String {
+    match e {
+        MapError::SyscallError(s) => format!("{s}: {}", s.io_error),
+        other => other.to_string(),
+    }
+}
+
+impl DatapathError {
+    /// Whether the kernel refused a write because the map is at capacity.
+    #[must_use]
+    pub fn is_full(&self) -> bool {
+        match self {
+            Self::Full { .. } => true,
+            Self::Map {
+                source: MapError::SyscallError(s),
+                ..
+            } => s.io_error.raw_os_error() == Some(libc::E2BIG),
+            _ => false,
+        }
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DatapathError + '_ {

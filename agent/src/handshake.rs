@@ -248,7 +248,7 @@ impl Record {
 }
 
 /// The responder's request to the core: write this entry, then tell me whether it worked.
-pub type WriteRequest = (Record, oneshot::Sender<bool>);
+pub type WriteRequest = (Record, oneshot::Sender<Result<(), String>>);
 
 fn unix_ms(t: SystemTime) -> u64 {
     u64::try_from(t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis()).unwrap_or(u64::MAX)
@@ -463,7 +463,14 @@ async fn respond_inner(
     let mut pending = rec.clone();
     pending.result = Ok(expires);
     let (tx, rx) = oneshot::channel();
-    if core.send((pending, tx)).await.is_err() || !rx.await.unwrap_or(false) {
+    let written = match core.send((pending, tx)).await {
+        Ok(()) => rx
+            .await
+            .unwrap_or_else(|_| Err("the agent stopped".to_owned())),
+        Err(_) => Err("the agent stopped".to_owned()),
+    };
+    if let Err(e) = written {
+        rec.detail = Some(e);
         let _ = write_msg(
             &mut stream,
             &Message::Refuse(Refuse {
@@ -750,7 +757,7 @@ mod tests {
             let (tx, mut rx) = tokio::sync::mpsc::channel::<WriteRequest>(4);
             tokio::spawn(async move {
                 while let Some((_, reply)) = rx.recv().await {
-                    let _ = reply.send(true);
+                    let _ = reply.send(Ok(()));
                 }
             });
             let responder = tokio::spawn(async move {
@@ -986,7 +993,7 @@ mod tests {
             let (write_tx, mut write_rx) = mpsc::channel::<WriteRequest>(16);
             tokio::spawn(async move {
                 while let Some((_, reply)) = write_rx.recv().await {
-                    let _ = reply.send(true);
+                    let _ = reply.send(Ok(()));
                 }
             });
             let (record_tx, records) = mpsc::channel(1024);

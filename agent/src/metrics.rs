@@ -75,6 +75,9 @@ pub struct Metrics {
     auth_entries: Gauge,
     flows: Gauge,
     map_fill: Family<MapLabels, Gauge<f64, AtomicU64>>,
+    map_refused: Family<MapLabels, Counter>,
+    last_refused: HashMap<String, u64>,
+    map_missing: Family<MapLabels, Gauge>,
     svid_expiry: Family<IdentityLabels, Gauge>,
     ready: Gauge,
     would_drop: Family<ReasonLabels, Counter>,
@@ -154,6 +157,18 @@ impl Metrics {
             "Entries over capacity, per kernel map",
             map_fill.clone(),
         );
+        let map_refused = Family::<MapLabels, Counter>::default();
+        registry.register(
+            "map_writes_refused",
+            "Writes a kernel map refused (full), per map; for flows, connections dropped for want of an entry",
+            map_refused.clone(),
+        );
+        let map_missing = Family::<MapLabels, Gauge>::default();
+        registry.register(
+            "map_entries_missing",
+            "Entries cluster state wants in a kernel map that are not there (the map is full)",
+            map_missing.clone(),
+        );
         let svid_expiry = Family::<IdentityLabels, Gauge>::default();
         registry.register(
             "svid_expiry_seconds",
@@ -188,6 +203,9 @@ impl Metrics {
             auth_entries,
             flows,
             map_fill,
+            map_refused,
+            last_refused: HashMap::new(),
+            map_missing,
             svid_expiry,
             ready,
         }
@@ -249,9 +267,9 @@ impl Metrics {
             .inc_by(s.handshakes_deferred.saturating_sub(self.last_deferred));
         (self.last_dropped, self.last_deferred) = (s.events_dropped, s.handshakes_deferred);
         self.auth_entries
-            .set(i64::try_from(s.auth.len()).unwrap_or(i64::MAX));
+            .set(i64::try_from(s.auth_total).unwrap_or(i64::MAX));
         self.flows
-            .set(i64::try_from(s.flows.len()).unwrap_or(i64::MAX));
+            .set(i64::try_from(s.flows_total).unwrap_or(i64::MAX));
         for m in &s.maps {
             #[expect(clippy::cast_precision_loss, reason = "a ratio")]
             let ratio = if m.capacity == 0 {
@@ -259,11 +277,18 @@ impl Metrics {
             } else {
                 m.entries as f64 / m.capacity as f64
             };
-            self.map_fill
-                .get_or_create(&MapLabels {
-                    map: m.name.clone(),
-                })
-                .set(ratio);
+            let labels = MapLabels {
+                map: m.name.clone(),
+            };
+            self.map_fill.get_or_create(&labels).set(ratio);
+            let last = self.last_refused.entry(m.name.clone()).or_insert(0);
+            // A counter read from the kernel restarts when the maps were recreated.
+            let delta = m.refused.checked_sub(*last).unwrap_or(m.refused);
+            *last = m.refused;
+            self.map_refused.get_or_create(&labels).inc_by(delta);
+            self.map_missing
+                .get_or_create(&labels)
+                .set(i64::try_from(m.missing).unwrap_or(i64::MAX));
         }
         self.svid_expiry.clear();
         let now = std::time::SystemTime::now()

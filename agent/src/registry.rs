@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use portcullis_common::{NAME_IDENTITY, NAME_NODE, NameKey};
+use portcullis_common::{NAME_IDENTITY, NAME_NODE, NameKey, capacity, map};
 
 use crate::datapath::{Datapath, DatapathError};
 
@@ -63,6 +63,14 @@ impl Registry {
         if let Some(id) = self.ids.get(&(kind, name.to_owned())) {
             return Ok(*id);
         }
+        // Only the agent writes the map: once it holds as many names as it has room for, the
+        // kernel would refuse the next one, so the system call is saved.
+        if self.names.len() >= capacity::NAMES as usize {
+            return Err(DatapathError::Full {
+                name: map::NAMES,
+                capacity: capacity::NAMES,
+            });
+        }
         let id = *self.next.get(&kind).unwrap_or(&1);
         dp.set_name(
             &NameKey {
@@ -73,6 +81,17 @@ impl Registry {
         )?;
         self.remember(kind, id, name.to_owned());
         Ok(id)
+    }
+
+    /// How many names are numbered (and stored in the kernel).
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
     }
 
     /// The number of a known name.

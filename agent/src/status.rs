@@ -24,8 +24,14 @@ pub struct Status {
     pub counters: BTreeMap<String, u64>,
     #[serde(default)]
     pub maps: Vec<MapFill>,
+    /// At most [`LISTED`] entries; `auth_total` says how many there are.
     pub auth: Vec<AuthEntry>,
+    /// At most [`LISTED`] flows; `flows_total` says how many there are.
     pub flows: Vec<Flow>,
+    #[serde(default)]
+    pub auth_total: u64,
+    #[serde(default)]
+    pub flows_total: u64,
     /// Most recent datapath events, newest last.
     pub events: Vec<EventRecord>,
     pub events_total: u64,
@@ -138,6 +144,16 @@ pub struct MapFill {
     pub name: String,
     pub entries: u64,
     pub capacity: u64,
+    /// Writes the kernel refused since the agent started (for `flows`, connections dropped
+    /// because no entry could be made).
+    #[serde(default)]
+    pub refused: u64,
+    /// What should be in the map and is not, now (only `endpoints`).
+    #[serde(default)]
+    pub missing: u64,
+    /// What the kernel said at the latest refusal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -261,12 +277,23 @@ pub fn counters(values: Vec<(Counter, u64)>) -> BTreeMap<String, u64> {
         .collect()
 }
 
+/// How many auth entries and flows a status lists: a full table (hundreds of thousands) would
+/// make every `status` and metrics scrape slow and its output unreadable.
+pub const LISTED: usize = 1000;
+
+/// The first [`LISTED`] of `entries`, by local identity, remote identity and node.
 #[must_use]
 pub fn auth_entries(
     reg: &Registry,
-    entries: Vec<(AuthKey, AuthValue)>,
+    mut entries: Vec<(AuthKey, AuthValue)>,
     now: u64,
 ) -> Vec<AuthEntry> {
+    if entries.len() > LISTED {
+        // Numbers, not names, choose which are listed: converting every entry is what a
+        // full table cannot afford.
+        entries.sort_unstable_by_key(|(k, _)| (k.local_identity, k.remote_identity, k.remote_node));
+        entries.truncate(LISTED);
+    }
     let mut out: Vec<AuthEntry> = entries
         .into_iter()
         .map(|(k, v)| AuthEntry {
@@ -306,8 +333,21 @@ fn secs_signed(at: u64, now: u64) -> i64 {
     i64::try_from(d / 1_000_000_000).unwrap_or(if d < 0 { i64::MIN } else { i64::MAX })
 }
 
+/// The first [`LISTED`] of `entries`, by local then remote address and port.
 #[must_use]
-pub fn flows(reg: &Registry, entries: Vec<(FlowKey, FlowValue)>, now: u64) -> Vec<Flow> {
+pub fn flows(reg: &Registry, mut entries: Vec<(FlowKey, FlowValue)>, now: u64) -> Vec<Flow> {
+    if entries.len() > LISTED {
+        entries.sort_unstable_by_key(|(k, _)| {
+            (
+                k.family,
+                k.local_addr,
+                k.local_port,
+                k.remote_addr,
+                k.remote_port,
+            )
+        });
+        entries.truncate(LISTED);
+    }
     let mut out: Vec<Flow> = entries
         .into_iter()
         .map(|(k, v)| Flow {

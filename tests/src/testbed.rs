@@ -511,6 +511,12 @@ impl Testbed {
         cluster.store_json(&self.info.cluster_file)
     }
 
+    /// Replaces cluster.yaml with `cluster`, in JSON form: for documents too large to read
+    /// back and edit at every change.
+    pub fn set_cluster_json(&self, cluster: &ClusterFile) -> Result<()> {
+        cluster.store_json(&self.info.cluster_file)
+    }
+
     /// The current content of cluster.yaml.
     pub fn cluster(&self) -> Result<ClusterFile> {
         ClusterFile::load(&self.info.cluster_file)

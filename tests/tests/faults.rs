@@ -462,3 +462,387 @@ fn a_syn_flood_from_many_enrolled_sources_is_counted_and_a_legitimate_pair_still
         "the agent restarted under the flood"
     );
 }
+
+/// The entry for kernel map `name` in a status.
+fn map_of(status: &Value, name: &str) -> Value {
+    status["maps"]
+        .as_array()
+        .and_then(|ms| ms.iter().find(|m| m["name"] == name))
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+/// A pod's workload as the testbed enrolled it.
+fn workload_of(tb: &Testbed, pod: &str) -> Workload {
+    tb.pod(pod).workload()
+}
+
+/// Cluster state grows past what the kernel maps hold: 262,144 more IPv6 addresses (node-3's,
+/// whose agent is stopped) than the endpoint map has room for, and 131,072 more identities
+/// than the name map has. The node's own and local pods' endpoints stay; what is left out is
+/// a remote peer (dropped as unknown), counted in status; and reconciliation goes on: a
+/// workload removed meanwhile is revoked and its live transfer cut. When cluster state
+/// shrinks, everything is programmed again.
+#[test]
+fn full_endpoint_and_name_maps_leave_remote_peers_out_and_revocation_goes_on() {
+    const FLOOD: u32 = 262_144;
+    let spec = Spec {
+        nodes: vec![
+            NodeSpec::new("node-1", vec![PodSpec::new("client")]),
+            NodeSpec::new("node-2", vec![PodSpec::new("server")]),
+            NodeSpec::new("node-3", vec![]),
+        ],
+    };
+    let mut tb = up(&spec, &Options::default());
+    tb.stop_agent("node-3").expect("stopping node-3's agent");
+    let s = scenario(&tb);
+    let _server = s.serve("server", PORT);
+    let target = s.addr("server", Family::V6);
+    s.allow("server", "client");
+    assert!(
+        ok(&s.connect("client", target, PORT, 3000)),
+        "the allowed pair does not connect"
+    );
+    let client = workload_of(&tb, "client");
+    let first: Ipv6Addr = "fd00:18:3::1:0".parse().unwrap();
+    let t = Instant::now();
+    let mut cluster = tb.cluster().expect("reading cluster state");
+    for k in 0..FLOOD {
+        cluster.workloads.push(Workload {
+            name: format!("bulk-{k}"),
+            namespace: "bulk".into(),
+            // Two workloads per identity: 131,072 identities.
+            service_account: format!("b{}", k / 2),
+            node: "node-3".into(),
+            // Two addresses each: 524,288, twice what the IPv6 map holds.
+            addresses: (0..2u128)
+                .map(|i| IpAddr::V6(Ipv6Addr::from(u128::from(first) + 2 * u128::from(k) + i)))
+                .collect(),
+            spiffe_id: None,
+            extra: BTreeMap::new(),
+        });
+    }
+    tb.set_cluster_json(&cluster)
+        .expect("writing cluster state");
+    let mut full = Value::Null;
+    let applied = eventually(Duration::from_secs(120), || {
+        full = s.status("node-2");
+        map_of(&full, "endpoints")["missing"].as_u64() > Some(0)
+            && map_of(&full, "names")["refused"].as_u64() > Some(0)
+    });
+    let apply_s = t.elapsed().as_secs_f64();
+    assert!(
+        applied,
+        "node-2 never reported the maps full: {}",
+        full["maps"]
+    );
+    let endpoints = map_of(&full, "endpoints");
+    let names = map_of(&full, "names");
+    let still_connects = ok(&s.connect("client", target, PORT, 3000));
+    let (text_ok, text) = s.portcullis("node-2", &["status"]);
+
+    // A revocation while both maps are full: the client leaves cluster state mid-transfer.
+    let transfer = s.transfer("client", target, PORT, 2_000_000, 20, 3000);
+    thread::sleep(Duration::from_secs(2));
+    let t = Instant::now();
+    cluster.workloads.retain(|w| w.name != client.name);
+    tb.set_cluster_json(&cluster)
+        .expect("removing the client from cluster state");
+    let revoked = eventually(Duration::from_secs(60), || {
+        s.status("node-2")["auth"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+    });
+    let revoke_s = t.elapsed().as_secs_f64();
+    let cut = transfer.finish();
+    let refused_after_revocation = !ok(&s.connect("client", target, PORT, 1000));
+
+    // Room again: the bulk goes, the client comes back.
+    let t = Instant::now();
+    cluster.workloads.retain(|w| w.namespace != "bulk");
+    cluster.workloads.push(client.clone());
+    tb.set_cluster_json(&cluster)
+        .expect("shrinking cluster state");
+    let mut recovered_status = Value::Null;
+    let recovered = eventually(Duration::from_secs(120), || {
+        recovered_status = s.status("node-2");
+        map_of(&recovered_status, "endpoints")["missing"].as_u64() == Some(0)
+            && map_of(&recovered_status, "endpoints")["entries"].as_u64() < Some(100)
+    });
+    let recover_s = t.elapsed().as_secs_f64();
+    s.allow("server", "client");
+    let reconnects = eventually(Duration::from_secs(20), || {
+        ok(&s.connect("client", target, PORT, 2000))
+    });
+    let outcome = json!({
+        "bulk_addresses": FLOOD,
+        "bulk_identities": FLOOD / 2,
+        "applied_seconds": apply_s,
+        "endpoints": endpoints,
+        "names": names,
+        "allowed_pair_still_connects": still_connects,
+        "revocation_seconds": revoke_s,
+        "transfer_after_revocation": cut,
+        "refused_after_revocation": refused_after_revocation,
+        "recovered": recovered,
+        "recovery_seconds": recover_s,
+        "endpoints_after": map_of(&recovered_status, "endpoints"),
+        "reconnects": reconnects,
+    });
+    report("full_endpoint_and_name_maps", &outcome);
+    assert!(
+        endpoints["entries"].as_u64() >= Some(u64::from(FLOOD)),
+        "the IPv6 endpoint map did not fill: {outcome}"
+    );
+    assert!(
+        endpoints["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("full") || e.contains("os error 7")),
+        "the refusal's cause is not shown: {outcome}"
+    );
+    assert_eq!(
+        names["entries"].as_u64(),
+        names["capacity"].as_u64(),
+        "the name map did not fill: {outcome}"
+    );
+    assert!(
+        still_connects,
+        "a full map displaced an existing pair: {outcome}"
+    );
+    assert!(
+        text_ok && text.contains("FULL") && text.contains("not programmed"),
+        "`portcullis status` does not say the maps are full:\n{text}"
+    );
+    assert!(
+        revoked,
+        "the revocation did not happen while the maps were full: {outcome}"
+    );
+    assert!(
+        !ok(&cut),
+        "the revoked pair's transfer was not cut: {outcome}"
+    );
+    assert!(
+        refused_after_revocation,
+        "the revoked pair still connects: {outcome}"
+    );
+    assert!(recovered, "the maps did not recover: {outcome}");
+    assert!(reconnects, "the pair did not come back: {outcome}");
+    assert!(tb.agent_running("node-2") && tb.agent_running("node-1"));
+}
+
+/// Runs `probe map-fill` on the host against node `node`'s pinned map `map`.
+fn map_fill(s: &Scenario<'_>, node: &str, map: &str, count: u32, delete: bool) -> Value {
+    let pin = s.tb.node(node).bpffs_dir.join("maps").join(map);
+    let mut cmd = std::process::Command::new(&s.probe);
+    cmd.args(["map-fill", "--pin", pin.to_str().unwrap(), "--count"])
+        .arg(count.to_string());
+    if delete {
+        cmd.arg("--delete");
+    }
+    let out = cmd.output().expect("running probe map-fill");
+    last_json(&out.stdout)
+}
+
+/// The auth map full (node-2's, filled to capacity with entries of no pair): a handshake that
+/// succeeds cannot be written, so the responder refuses it as `internal` with the kernel's
+/// words, status counts the refusal, and the pair is not admitted. When there is room again,
+/// the pair's next connection authenticates by itself.
+#[test]
+fn a_full_auth_map_refuses_the_pair_visibly_and_recovers() {
+    let spec = Spec {
+        nodes: vec![
+            NodeSpec::new("node-1", vec![PodSpec::new("client")]),
+            NodeSpec::new("node-2", vec![PodSpec::new("server")]),
+        ],
+    };
+    let tb = up(
+        &spec,
+        &Options {
+            authenticate: true,
+            proactive: Some(false),
+            ..Options::default()
+        },
+    );
+    let s = scenario(&tb);
+    let _server = s.serve("server", PORT);
+    let target = s.addr("server", Family::V4);
+    let filled = map_fill(&s, "node-2", "PC_AUTH", 200_000, false);
+    assert!(
+        ok(&filled) && filled["refused"] == 1,
+        "could not fill node-2's auth map: {filled}"
+    );
+    let admitted_while_full = (0..3)
+        .filter(|_| ok(&s.connect("client", target, PORT, 2000)))
+        .count();
+    let mut st = Value::Null;
+    let counted = eventually(Duration::from_secs(20), || {
+        st = s.status("node-2");
+        map_of(&st, "auth")["refused"].as_u64() > Some(0)
+    });
+    let responder: Vec<Value> = st["handshakes"]
+        .as_array()
+        .map(|hs| {
+            hs.iter()
+                .filter(|h| h["role"] == "responder")
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default();
+    let (text_ok, text) = s.portcullis("node-2", &["status"]);
+    let emptied = map_fill(&s, "node-2", "PC_AUTH", 200_000, true);
+    let t = Instant::now();
+    let recovered = eventually(Duration::from_secs(60), || {
+        ok(&s.connect("client", target, PORT, 2000))
+    });
+    let outcome = json!({
+        "junk_entries": filled["done"],
+        "admitted_while_full": admitted_while_full,
+        "auth_map": map_of(&st, "auth"),
+        "responder_handshakes": responder,
+        "recovered": recovered,
+        "recovery_seconds": t.elapsed().as_secs_f64(),
+        "junk_removed": emptied["done"],
+    });
+    report("full_auth_map", &outcome);
+    assert_eq!(
+        admitted_while_full, 0,
+        "admitted without an entry: {outcome}"
+    );
+    assert!(counted, "the refused write was not counted: {outcome}");
+    assert!(
+        map_of(&st, "auth")["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("os error 7")),
+        "the kernel's refusal is not shown: {outcome}"
+    );
+    assert!(
+        responder.iter().any(|h| h["reason"] == "internal"
+            && h["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("os error 7"))),
+        "no responder handshake says why it failed: {outcome}"
+    );
+    assert!(
+        text_ok && text.contains("refused"),
+        "`portcullis status` does not show the refusals:\n{text}"
+    );
+    assert!(
+        recovered,
+        "the pair did not authenticate once there was room: {outcome}"
+    );
+}
+
+/// A pod floods the flow table (320,000 SYNs from its own address to 320,000 different ports
+/// of a peer; the table holds 262,144): the table fills and evicts the least recently used
+/// flows. Status says so, nothing unauthenticated gets in, the agent keeps answering, and new
+/// authenticated connections are made. What happens to a busy transfer and to a connection
+/// idle during the flood is counted.
+#[test]
+fn a_flow_table_flood_evicts_visibly_and_admits_nothing_unauthenticated() {
+    let spec = Spec {
+        nodes: vec![
+            NodeSpec::new(
+                "node-1",
+                vec![
+                    PodSpec::new("client"),
+                    PodSpec::new("other"),
+                    PodSpec::new("flooder"),
+                ],
+            ),
+            NodeSpec::new("node-2", vec![PodSpec::new("server")]),
+        ],
+    };
+    let mut tb = up(&spec, &Options::default());
+    let s = scenario(&tb);
+    let _server = s.serve("server", PORT);
+    let target = s.addr("server", Family::V4);
+    s.allow("server", "client");
+    let busy = s.transfer("client", target, PORT, 20_000_000, 16, 3000);
+    // Two bytes, eight seconds apart: the connection is idle while the flood runs.
+    let idle = s
+        .probe_cmd(
+            "client",
+            &[
+                "send",
+                "--to",
+                &testbed::scenario::sock(target, PORT),
+                "--bytes",
+                "2",
+                "--chunk",
+                "1",
+                "--seconds",
+                "16",
+                "--timeout-ms",
+                "3000",
+            ],
+        )
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawning the idle connection");
+    thread::sleep(Duration::from_secs(2));
+    let before = s.status("node-1");
+    let flooder = s.addr("flooder", Family::V4);
+    let flood = s.probe(
+        "flooder",
+        &[
+            "flood",
+            "--to",
+            &testbed::scenario::sock(target, 20_000),
+            "--sources",
+            &flooder.to_string(),
+            "--count",
+            "1",
+            "--packets",
+            "320000",
+            "--ports",
+            "7",
+            "--seconds",
+            "20",
+        ],
+    );
+    let t = Instant::now();
+    let during = s.status("node-1");
+    let status_ms = t.elapsed().as_millis() as u64;
+    let unauthenticated_admitted = ok(&s.connect("other", target, PORT, 1000));
+    let new_authenticated = ok(&s.connect("client", target, PORT, 3000));
+    let busy = busy.finish();
+    let idle = last_json(&idle.wait_with_output().expect("idle connection").stdout);
+    let after = s.status("node-1");
+    let delta = |name: &str| {
+        counters(&after).get(name).copied().unwrap_or(0)
+            - counters(&before).get(name).copied().unwrap_or(0)
+    };
+    let (text_ok, text) = s.portcullis("node-1", &["status"]);
+    let outcome = json!({
+        "flood": flood,
+        "flows": map_of(&during, "flows"),
+        "status_ms": status_ms,
+        "unauthenticated_admitted": unauthenticated_admitted,
+        "new_authenticated_connection": new_authenticated,
+        "busy_transfer": busy,
+        "idle_connection": idle,
+        "drop_no_flow": delta("drop_no_flow"),
+        "drop_flow_table_full": delta("drop_flow_table_full"),
+        "pass_outbound": delta("pass_outbound"),
+    });
+    report("flow_table_flood", &outcome);
+    assert!(ok(&flood), "the flood tool failed: {outcome}");
+    let flows = map_of(&during, "flows");
+    assert!(
+        flows["entries"].as_u64() >= flows["capacity"].as_u64().map(|c| c * 99 / 100),
+        "the flow table did not fill: {outcome}"
+    );
+    assert!(
+        text_ok && text.contains("evicting"),
+        "`portcullis status` does not say the flow table is evicting:\n{text}"
+    );
+    assert!(
+        !unauthenticated_admitted,
+        "an unauthenticated connection got in under the flood: {outcome}"
+    );
+    assert!(
+        new_authenticated,
+        "no new authenticated connection under a full flow table: {outcome}"
+    );
+    assert!(tb.agent_running("node-1"), "node-1's agent died");
+}

@@ -61,6 +61,7 @@ fn offline(target: &Target) -> anyhow::Result<Status> {
     let view = PinnedView::open(&target.bpffs_dir)?;
     let registry = Registry::load(view.names()?);
     let now = status::boot_ns();
+    let (auth, flows) = (view.auth_entries()?, view.flows()?);
     Ok(Status {
         agent: AgentInfo {
             running: false,
@@ -91,8 +92,10 @@ fn offline(target: &Target) -> anyhow::Result<Status> {
         pending: Vec::new(),
         counters: status::counters(view.counters()?),
         maps: Vec::new(),
-        auth: status::auth_entries(&registry, view.auth_entries()?, now),
-        flows: status::flows(&registry, view.flows()?, now),
+        auth_total: auth.len() as u64,
+        flows_total: flows.len() as u64,
+        auth: status::auth_entries(&registry, auth, now),
+        flows: status::flows(&registry, flows, now),
         events: Vec::new(),
         events_total: 0,
         events_dropped: 0,
@@ -245,7 +248,7 @@ fn render(s: &Status) -> String {
             let _ = writeln!(o, "  PROBLEM: {p}");
         }
     }
-    let _ = writeln!(o, "\nauth entries ({})", s.auth.len());
+    let _ = writeln!(o, "\nauth entries ({})", listed(s.auth.len(), s.auth_total));
     for e in &s.auth {
         let _ = writeln!(
             o,
@@ -253,7 +256,7 @@ fn render(s: &Status) -> String {
             e.local, e.remote, e.remote_node, e.age_secs, e.expires_in_secs, e.inbound_ports
         );
     }
-    let _ = writeln!(o, "\nflows ({})", s.flows.len());
+    let _ = writeln!(o, "\nflows ({})", listed(s.flows.len(), s.flows_total));
     for f in &s.flows {
         let arrow = if f.direction == "inbound" { "<-" } else { "->" };
         let _ = writeln!(
@@ -265,7 +268,25 @@ fn render(s: &Status) -> String {
     if !s.maps.is_empty() {
         let _ = writeln!(o, "\nmaps");
         for m in &s.maps {
-            let _ = writeln!(o, "  {:<10} {:>8} / {:<8}", m.name, m.entries, m.capacity);
+            let mut line = format!("  {:<10} {:>8} / {:<8}", m.name, m.entries, m.capacity);
+            // An LRU map stays a little short of its capacity (per-CPU free lists).
+            if m.entries.saturating_mul(100) >= m.capacity.saturating_mul(99) {
+                line.push_str(if m.name == "flows" {
+                    " FULL (evicting the least recently used)"
+                } else {
+                    " FULL"
+                });
+            }
+            if m.missing > 0 {
+                let _ = write!(line, " {} not programmed", m.missing);
+            }
+            if m.refused > 0 {
+                let _ = write!(line, " {} refused", m.refused);
+            }
+            if let Some(e) = &m.error {
+                let _ = write!(line, " ({e})");
+            }
+            let _ = writeln!(o, "{line}");
         }
     }
     let _ = writeln!(o, "\ncounters");
@@ -319,4 +340,13 @@ fn render(s: &Status) -> String {
         }
     }
     o
+}
+
+/// "N", or "N, the first M listed" when the agent listed only some.
+fn listed(shown: usize, total: u64) -> String {
+    if total > shown as u64 {
+        format!("{total}, the first {shown} listed")
+    } else {
+        shown.to_string()
+    }
 }

@@ -25,12 +25,18 @@
 //! probe udp-serve --port P [--seconds S]       echo every datagram back to its sender.
 //! probe udp-send --to ADDR:PORT [--count N] [--size B] [--timeout-ms N]
 //!     N datagrams one at a time, each waiting for its echo; ok when all came back.
-//! probe flood --to ADDR:PORT --sources FIRST-IP --count N --packets P [--seconds S]
+//! probe flood --to ADDR:PORT --sources FIRST-IP --count N --packets P [--seconds S] [--ports K]
 //!     Raw TCP SYNs with forged sources (needs CAP_NET_RAW), for flooding a datapath with
 //!     connection attempts: packet i comes from source FIRST-IP + i % N (N consecutive
-//!     addresses, same family as ADDR), port 10000 + (i / N) % 50000. Stops after P packets or
+//!     addresses, same family as ADDR), port 10000 + (i / N) % 50000, to port
+//!     PORT + (i / N / 50000) % K (K defaults to 1). Stops after P packets or
 //!     S seconds (default 10); ENOBUFS/EAGAIN are retried after 100 µs. Nothing is received.
 //!     {"ok":true,"sent":…,"sources":N,"seconds":…,"per_sec":…,"retries":…}.
+//! probe map-fill --pin PATH --count N [--base B] [--delete]
+//!     Writes N junk entries into the pinned eBPF hash map at PATH (run on the host, as root):
+//!     key i is the 32-bit little-endian number B + i (default 0x4000_0000) followed by zeros,
+//!     every value zeros. Stops early when the kernel refuses (the map is full). --delete
+//!     removes the same keys instead. {"ok":true,"done":…,"refused":…,"error":…}.
 //! ```
 //! `--timeout-ms` (default 10000) bounds each connect, read and write.
 
@@ -49,7 +55,7 @@ struct Args {
     flags: Vec<String>,
 }
 
-const FLAGS: &[&str] = &["echo"];
+const FLAGS: &[&str] = &["echo", "delete"];
 
 impl Args {
     fn parse() -> Result<Args, String> {
@@ -105,6 +111,7 @@ fn main() -> ExitCode {
         "cps" => cps(&args),
         "udp-send" => udp_send(&args),
         "flood" => flood(&args),
+        "map-fill" => map_fill(&args),
         m => return usage(&format!("unknown mode {m:?}")),
     };
     match result {
@@ -132,7 +139,7 @@ impl From<String> for Usage {
 
 fn usage(msg: &str) -> ExitCode {
     eprintln!(
-        "probe: {msg}\nusage: probe serve|connect|send|rr|cps|udp-serve|udp-send|flood [--opt value]… (see the source header)"
+        "probe: {msg}\nusage: probe serve|connect|send|rr|cps|udp-serve|udp-send|flood|map-fill [--opt value]… (see the source header)"
     );
     ExitCode::from(2)
 }
@@ -559,8 +566,17 @@ fn flood(a: &Args) -> Result<Outcome, Usage> {
     let count: u64 = a.req("count")?;
     let packets: u64 = a.req("packets")?;
     let seconds: f64 = a.get("seconds")?.unwrap_or(10.0);
-    if count == 0 || !seconds.is_finite() || seconds < 0.0 {
-        return Err(Usage("--count must be > 0 and --seconds >= 0".into()));
+    let ports: u64 = a.get("ports")?.unwrap_or(1);
+    if count == 0 || ports == 0 || !seconds.is_finite() || seconds < 0.0 {
+        return Err(Usage(
+            "--count and --ports must be > 0 and --seconds >= 0".into(),
+        ));
+    }
+    if u64::from(to.port()) + ports - 1 > u64::from(u16::MAX) {
+        return Err(Usage(format!(
+            "--ports {ports} from port {} runs past 65535",
+            to.port()
+        )));
     }
     if first.is_ipv4() != to.is_ipv4() {
         return Err(Usage(
@@ -608,8 +624,14 @@ fn flood(a: &Args) -> Result<Outcome, Usage> {
     while sent < packets && start.elapsed() < limit {
         let src = nth_source(first, sent % count).expect("range checked above");
         let sport = 10_000 + ((sent / count) % 50_000) as u16;
+        let dport = to.port() + ((sent / count / 50_000) % ports) as u16;
         let r = mix(seed.wrapping_add(sent));
-        let pkt = syn_packet(SocketAddr::new(src, sport), to, r as u32, (r >> 32) as u16);
+        let pkt = syn_packet(
+            SocketAddr::new(src, sport),
+            SocketAddr::new(to.ip(), dport),
+            r as u32,
+            (r >> 32) as u16,
+        );
         match sock.send_to(&pkt, &dst) {
             Ok(_) => sent += 1,
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENOBUFS | libc::EAGAIN)) => {
@@ -641,6 +663,92 @@ fn secs(d: Duration) -> f64 {
 }
 
 /// `first` + `n` (as a u32 for IPv4, a u128 for IPv6); `None` past the end of the space.
+/// One `bpf(2)` call on a zeroed attribute block.
+fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> io::Result<i64> {
+    // SAFETY: `attr` is a valid, large enough `union bpf_attr` for every command used here;
+    // the pointers it carries point at live buffers of the sizes the kernel was told.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(attr),
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+fn map_fill(a: &Args) -> Result<Outcome, Usage> {
+    const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+    const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    const BPF_NOEXIST: u64 = 1;
+    let pin: String = a.req("pin")?;
+    let count: u32 = a.req("count")?;
+    let base: u32 = a.get("base")?.unwrap_or(0x4000_0000);
+    let delete = a.flags.iter().any(|f| f == "delete");
+    let path = std::ffi::CString::new(pin.clone()).map_err(|e| Usage(e.to_string()))?;
+    let mut attr = [0u64; 16];
+    attr[0] = path.as_ptr() as u64;
+    let fd = match bpf(BPF_OBJ_GET, &mut attr) {
+        Ok(fd) => fd as u64,
+        Err(e) => return Ok(fail(kind(&e), format!("opening {pin}: {e}"), json!({}))),
+    };
+    // struct bpf_map_info begins: type, id, key_size, value_size, max_entries (u32 each).
+    let mut info = [0u32; 32];
+    let mut attr = [0u64; 16];
+    attr[0] = fd | ((std::mem::size_of_val(&info) as u64) << 32);
+    attr[1] = info.as_mut_ptr() as u64;
+    if let Err(e) = bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) {
+        return Ok(fail(kind(&e), format!("map info of {pin}: {e}"), json!({})));
+    }
+    let (key_size, value_size) = (info[2] as usize, info[3] as usize);
+    if key_size < 4 {
+        return Err(Usage(format!(
+            "{pin} has {key_size}-byte keys; need 4 or more"
+        )));
+    }
+    let mut key = vec![0u8; key_size];
+    let value = vec![0u8; value_size];
+    let (mut done, mut refused, mut error) = (0u32, 0u32, None);
+    for i in 0..count {
+        key[..4].copy_from_slice(&base.wrapping_add(i).to_le_bytes());
+        let mut attr = [0u64; 16];
+        attr[0] = fd;
+        attr[1] = key.as_ptr() as u64;
+        if !delete {
+            attr[2] = value.as_ptr() as u64;
+            attr[3] = BPF_NOEXIST;
+        }
+        let r = if delete {
+            bpf(BPF_MAP_DELETE_ELEM, &mut attr)
+        } else {
+            bpf(BPF_MAP_UPDATE_ELEM, &mut attr)
+        };
+        match r {
+            Ok(_) => done += 1,
+            Err(e) => {
+                refused += 1;
+                error = Some(e.to_string());
+                if !delete {
+                    break;
+                }
+            }
+        }
+    }
+    // SAFETY: `fd` came from BPF_OBJ_GET and is closed once.
+    unsafe { libc::close(fd as i32) };
+    Ok(json_ok(json!({
+        "done": done, "refused": refused, "error": error,
+        "max_entries": info[4], "key_size": key_size, "value_size": value_size,
+    })))
+}
+
 fn nth_source(first: IpAddr, n: u64) -> Option<IpAddr> {
     match first {
         IpAddr::V4(a) => u32::from(a)
