@@ -210,6 +210,9 @@ pub struct Agent {
     /// What the sockops program does, for `status`.
     first_connection: String,
     refusals: Refusals,
+    /// (identity, node) of every numbered workload of cluster state, as of the last
+    /// reconciliation: an auth entry is written only for a pair still in it.
+    enrolled: HashSet<(u32, u32)>,
 }
 
 /// Audit records are rate-limited (a token bucket: `AUDIT_BURST` at once, `AUDIT_PER_SEC`
@@ -327,6 +330,7 @@ impl Agent {
                 host_addr_error: None,
                 first_connection: String::new(),
                 refusals: Refusals::default(),
+                enrolled: HashSet::new(),
             },
             channels,
         ))
@@ -392,6 +396,7 @@ impl Agent {
         // never the node or a local pod: they are numbered and programmed first.
         let mut refused: Option<String> = None;
         let mut missing = self.host_endpoints(&mut desired, &mut refused);
+        let mut enrolled = HashSet::new();
         let (here, elsewhere): (Vec<_>, Vec<_>) = cluster
             .workloads
             .iter()
@@ -418,6 +423,7 @@ impl Agent {
                     continue;
                 }
             };
+            enrolled.insert((identity, node));
             // Only a local pod's endpoint carries its policy settings and has an interface.
             let (settings, label) = if local {
                 (
@@ -466,6 +472,7 @@ impl Agent {
             }
         }
         self.pending = pending;
+        self.enrolled = enrolled;
 
         // Endpoints before links: a program must find its pod's endpoint from the first packet.
         // Removals first, as they make room.
@@ -533,6 +540,17 @@ impl Agent {
             self.revalidate(why)?;
         }
 
+        let unpinned: Vec<u32> = self
+            .attached
+            .keys()
+            .filter(|i| !self.dp.pinned(**i))
+            .copied()
+            .collect();
+        for index in unpinned {
+            if let Some(iface) = self.attached.remove(&index) {
+                tracing::warn!(workload = %iface.workload, interface = %iface.name, ifindex = index, pins = %self.dp.dirs().links.display(), "the pinned links of an enforced interface vanished (and with them its programs); attaching again");
+            }
+        }
         for (index, mut iface) in ifaces {
             if let Some(existing) = self.attached.get_mut(&index) {
                 existing.workload = iface.workload;
@@ -1211,6 +1229,18 @@ impl Agent {
                 return Err(e);
             }
         };
+        // Cluster state may have changed while the handshake ran (a pod deleted): revalidation
+        // has then already run, and would not see an entry written now.
+        let this_node = self.registry.id_of(Kind::Node, &self.config.node);
+        if !this_node.is_some_and(|n| self.enrolled.contains(&(key.local_identity, n)))
+            || !self
+                .enrolled
+                .contains(&(key.remote_identity, key.remote_node))
+        {
+            return Err(format!(
+                "the pair is no longer in cluster state ({local} here, {remote} on {node})"
+            ));
+        }
         // The policy may have changed since the handshake evaluated it.
         let decision = self.policy.decide(local, remote);
         if !decision.authorized() {

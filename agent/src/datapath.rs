@@ -340,6 +340,15 @@ impl Datapath {
             source,
         };
         let path = self.dirs.link(iface.index, hook);
+        // A link lives on only while pinned: never attach one that cannot be (the pin
+        // directory removed, bpffs unmounted), or it would go with the agent. The directory is
+        // made again if it was removed.
+        fs::create_dir_all(&self.dirs.links).map_err(io_err(&self.dirs.links))?;
+        if !is_bpffs(&self.dirs.links)? {
+            return Err(DatapathError::NotBpffs {
+                path: self.dirs.links.clone(),
+            });
+        }
         let prog = classifier(&mut self.ebpf, hook)?;
         if path.exists() {
             let adopted = PinnedLink::from_pin(&path)
@@ -446,6 +455,15 @@ impl Datapath {
 
     /// Detaches from an interface by removing its pins (the kernel releases a link when its
     /// last reference goes). Missing pins are not an error: the interface may be gone.
+    /// Whether both of an interface's links are still pinned: a pin removed from outside
+    /// (bpffs cleaned up, unmounted) takes its link, and enforcement, with it.
+    #[must_use]
+    pub fn pinned(&self, ifindex: u32) -> bool {
+        Hook::ALL
+            .iter()
+            .all(|h| self.dirs.link(ifindex, *h).exists())
+    }
+
     pub fn detach(&mut self, ifindex: u32) -> Result<(), DatapathError> {
         for hook in Hook::ALL {
             let path = self.dirs.link(ifindex, hook);

@@ -75,62 +75,8 @@ impl Testbed {
         };
         netns::check_ifname(&pod.host_veth)?;
         self.info.pods.push(pod.clone());
-        let (ns, hv) = (&pod.netns, &pod.host_veth);
-        netns::add(ns)?;
-        cmd::ip_in(
-            &node.netns,
-            [
-                "link", "add", hv, "type", "veth", "peer", "name", "eth0", "netns", ns,
-            ],
-        )?;
-        // proxy_arp: the pod ARPs for every destination (its default route has no gateway) and
-        // the host end answers with its own MAC. proxy_delay 0: otherwise the kernel delays
-        // proxy replies to broadcast requests by up to 0.8 s.
-        netns::sysctl(
-            &node.netns,
-            &[
-                (format!("net.ipv4.conf.{hv}.proxy_arp"), "1".into()),
-                (format!("net.ipv4.neigh.{hv}.proxy_delay"), "0".into()),
-            ],
-        )?;
-        cmd::ip_in(
-            &node.netns,
-            ["addr", "add", "fe80::1/64", "dev", hv, "nodad"],
-        )?;
-        cmd::ip_in(&node.netns, ["link", "set", hv, "up"])?;
-        cmd::ip_in(
-            ns,
-            ["addr", "add", &format!("{}/32", pod.ipv4), "dev", "eth0"],
-        )?;
-        cmd::ip_in(
-            ns,
-            [
-                "addr",
-                "add",
-                &format!("{}/128", pod.ipv6),
-                "dev",
-                "eth0",
-                "nodad",
-            ],
-        )?;
-        cmd::ip_in_str(ns, "link set eth0 up")?;
-        cmd::ip_in_str(ns, "route add default dev eth0")?;
-        cmd::ip_in_str(ns, "-6 route add default via fe80::1 dev eth0")?;
-        cmd::ip_in(
-            &node.netns,
-            ["route", "add", &format!("{}/32", pod.ipv4), "dev", hv],
-        )?;
-        cmd::ip_in(
-            &node.netns,
-            [
-                "-6",
-                "route",
-                "add",
-                &format!("{}/128", pod.ipv6),
-                "dev",
-                hv,
-            ],
-        )?;
+        netns::add(&pod.netns)?;
+        plumb(&node.netns, &pod)?;
         cgroup::create(&pod.cgroup)?;
         Ok(pod)
     }
@@ -163,4 +109,77 @@ impl Testbed {
         self.info.pods.retain(|p| p.name != name);
         self.info.save()
     }
+
+    /// Deletes a pod's veth pair (its interface vanishes), leaving the pod otherwise as it is.
+    pub fn unplug_pod(&self, name: &str) -> Result<()> {
+        let pod = self.info.pod(name)?;
+        let node = self.info.node(&pod.node)?;
+        cmd::ip_in(&node.netns, ["link", "del", &pod.host_veth])?;
+        Ok(())
+    }
+
+    /// Gives an unplugged pod a new veth pair with the same names and addresses (a new
+    /// interface index).
+    pub fn replug_pod(&self, name: &str) -> Result<()> {
+        let pod = self.info.pod(name)?;
+        let node = self.info.node(&pod.node)?;
+        plumb(&node.netns, pod)
+    }
+}
+
+/// The veth pair between node namespace `node_ns` and the pod, its addresses and routes.
+fn plumb(node_ns: &str, pod: &PodInfo) -> Result<()> {
+    let (ns, hv) = (&pod.netns, &pod.host_veth);
+    cmd::ip_in(
+        node_ns,
+        [
+            "link", "add", hv, "type", "veth", "peer", "name", "eth0", "netns", ns,
+        ],
+    )?;
+    // proxy_arp: the pod ARPs for every destination (its default route has no gateway) and
+    // the host end answers with its own MAC. proxy_delay 0: otherwise the kernel delays
+    // proxy replies to broadcast requests by up to 0.8 s.
+    netns::sysctl(
+        node_ns,
+        &[
+            (format!("net.ipv4.conf.{hv}.proxy_arp"), "1".into()),
+            (format!("net.ipv4.neigh.{hv}.proxy_delay"), "0".into()),
+        ],
+    )?;
+    cmd::ip_in(node_ns, ["addr", "add", "fe80::1/64", "dev", hv, "nodad"])?;
+    cmd::ip_in(node_ns, ["link", "set", hv, "up"])?;
+    cmd::ip_in(
+        ns,
+        ["addr", "add", &format!("{}/32", pod.ipv4), "dev", "eth0"],
+    )?;
+    cmd::ip_in(
+        ns,
+        [
+            "addr",
+            "add",
+            &format!("{}/128", pod.ipv6),
+            "dev",
+            "eth0",
+            "nodad",
+        ],
+    )?;
+    cmd::ip_in_str(ns, "link set eth0 up")?;
+    cmd::ip_in_str(ns, "route add default dev eth0")?;
+    cmd::ip_in_str(ns, "-6 route add default via fe80::1 dev eth0")?;
+    cmd::ip_in(
+        node_ns,
+        ["route", "add", &format!("{}/32", pod.ipv4), "dev", hv],
+    )?;
+    cmd::ip_in(
+        node_ns,
+        [
+            "-6",
+            "route",
+            "add",
+            &format!("{}/128", pod.ipv6),
+            "dev",
+            hv,
+        ],
+    )?;
+    Ok(())
 }

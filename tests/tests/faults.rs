@@ -846,3 +846,223 @@ fn a_flow_table_flood_evicts_visibly_and_admits_nothing_unauthenticated() {
     );
     assert!(tb.agent_running("node-1"), "node-1's agent died");
 }
+
+/// Faults under a running agent, each with a clear account and recovery without a restart:
+/// a pod's interface vanishes and comes back (new index); the agent's pinned links are removed
+/// from bpffs (they take the programs with them); a pod is deleted while a handshake for it
+/// is under way. And a SYN-timeout cgroup that does not exist stops the agent at start with
+/// the path named, and it starts once the path exists.
+#[test]
+fn interface_loss_pin_loss_and_a_pod_deleted_mid_handshake_are_survived() {
+    let spec = Spec {
+        nodes: vec![
+            NodeSpec::new(
+                "node-1",
+                vec![
+                    PodSpec::new("client"),
+                    PodSpec::new("outsider").enroll(false),
+                ],
+            ),
+            NodeSpec::new(
+                "node-2",
+                vec![PodSpec::new("server"), PodSpec::new("doomed")],
+            ),
+        ],
+    };
+    let mut tb = up(
+        &spec,
+        &Options {
+            authenticate: true,
+            proactive: Some(false),
+            ..Options::default()
+        },
+    );
+    let server_label = "default/server";
+    let s = scenario(&tb);
+    let _server = s.serve("server", PORT);
+    let target = s.addr("server", Family::V4);
+    let enforced = |s: &Scenario<'_>| {
+        ok(&s.connect("client", target, PORT, 3000))
+            && !ok(&s.connect("outsider", target, PORT, 500))
+    };
+    assert!(enforced(&s), "the testbed does not enforce to begin with");
+    let ifindex_before = s.status("node-2")["interfaces"]
+        .as_array()
+        .and_then(|is| is.iter().find(|i| i["workload"] == server_label))
+        .map(|i| i["ifindex"].clone())
+        .expect("server's interface is not attached");
+
+    // 1. The interface vanishes (the pod stays in cluster state), then a new one appears.
+    tb.unplug_pod("server").expect("deleting server's veth");
+    let mut st = Value::Null;
+    let noticed = eventually(Duration::from_secs(10), || {
+        st = s.status("node-2");
+        st["agent"]["pending"]
+            .as_array()
+            .or(st["pending"].as_array())
+            .is_some_and(|p| p.iter().any(|w| w == server_label))
+    });
+    let pending_while_gone = st["pending"].clone();
+    let ready_while_gone = st["agent"]["ready"].clone();
+    tb.replug_pod("server").expect("re-creating server's veth");
+    let t = Instant::now();
+    let mut reattached = Value::Null;
+    let back = eventually(Duration::from_secs(20), || {
+        reattached = s.status("node-2");
+        reattached["interfaces"]
+            .as_array()
+            .and_then(|is| is.iter().find(|i| i["workload"] == server_label))
+            .is_some_and(|i| i["ifindex"] != ifindex_before)
+    });
+    let enforced_after_replug = back && enforced(&s);
+    let replug_s = t.elapsed().as_secs_f64();
+
+    // 2. The agent's pinned links are removed from under it.
+    let links = tb.node("node-2").bpffs_dir.join("links");
+    std::fs::remove_dir_all(&links).expect("removing node-2's pinned links");
+    let t = Instant::now();
+    let repinned = eventually(Duration::from_secs(10), || {
+        std::fs::read_dir(&links).is_ok_and(|d| d.count() >= 2)
+    });
+    let repin_s = t.elapsed().as_secs_f64();
+    let enforced_after_repin = repinned && enforced(&s);
+
+    // 3. A pod deleted while a handshake for it waits on a frozen responder.
+    let doomed = s.addr("doomed", Family::V4);
+    let doomed_id = s.identity("doomed");
+    tb.pause_agent("node-2").expect("SIGSTOP node-2's agent");
+    let s = scenario(&tb);
+    let attempt = s
+        .probe_cmd(
+            "client",
+            &[
+                "connect",
+                "--to",
+                &testbed::scenario::sock(doomed, PORT),
+                "--timeout-ms",
+                "3000",
+            ],
+        )
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("connecting to the doomed pod");
+    thread::sleep(Duration::from_millis(700));
+    let in_flight = s.status("node-1")["handshakes"].clone();
+    drop(s);
+    tb.remove_pod("doomed").expect("deleting the doomed pod");
+    tb.resume_agent("node-2").expect("SIGCONT node-2's agent");
+    let doomed_connect = last_json(&attempt.wait_with_output().expect("connect").stdout);
+    let s = scenario(&tb);
+    let entries_of_doomed = |node: &str| {
+        s.status(node)["auth"].as_array().map_or(0, |a| {
+            a.iter()
+                .filter(|e| e["local"] == doomed_id.as_str() || e["remote"] == doomed_id.as_str())
+                .count()
+        })
+    };
+    let no_leftover = eventually(Duration::from_secs(15), || {
+        entries_of_doomed("node-1") == 0 && entries_of_doomed("node-2") == 0
+    });
+    let handshakes_of_doomed: Vec<Value> = ["node-1", "node-2"]
+        .iter()
+        .flat_map(|n| {
+            s.status(n)["handshakes"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|h| h["local"] == doomed_id.as_str() || h["remote"] == doomed_id.as_str())
+                .map(|h| json!({"role": h["role"], "result": h["result"], "reason": h["reason"]}))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let enforced_after_delete = enforced(&s);
+    let log = tb.agent_log("node-2");
+    let panicked = log.contains("panicked");
+    let outcome = json!({
+        "interface_gone_noticed": noticed,
+        "pending_while_gone": pending_while_gone,
+        "ready_while_gone": ready_while_gone,
+        "enforced_after_replug": enforced_after_replug,
+        "replug_seconds": replug_s,
+        "links_repinned": repinned,
+        "repin_seconds": repin_s,
+        "enforced_after_repin": enforced_after_repin,
+        "handshakes_in_flight": in_flight.as_array().map_or(0, Vec::len),
+        "connect_to_deleted_pod": doomed_connect,
+        "no_entry_left_for_deleted_pod": no_leftover,
+        "handshakes_of_deleted_pod": handshakes_of_doomed,
+        "enforced_after_delete": enforced_after_delete,
+        "agent_panicked": panicked,
+    });
+    report("runtime_faults", &outcome);
+    assert!(
+        noticed,
+        "the vanished interface is not reported as pending: {outcome}"
+    );
+    assert!(
+        log.contains("waiting for the pod's interface"),
+        "the agent did not say it waits for the interface"
+    );
+    assert!(
+        enforced_after_replug,
+        "no enforcement on the new interface: {outcome}"
+    );
+    assert!(
+        repinned,
+        "the removed links were not pinned again: {outcome}"
+    );
+    assert!(
+        log.contains("pinned links of an enforced interface vanished"),
+        "the agent did not say the links vanished"
+    );
+    assert!(
+        enforced_after_repin,
+        "no enforcement after the links came back: {outcome}"
+    );
+    assert!(
+        !ok(&doomed_connect),
+        "a connection reached a deleted pod: {outcome}"
+    );
+    assert!(
+        no_leftover,
+        "an auth entry of the deleted pod remains: {outcome}"
+    );
+    assert!(
+        enforced_after_delete,
+        "enforcement broke after the deletion: {outcome}"
+    );
+    assert!(!panicked, "the agent panicked");
+    drop(s);
+
+    // 4. A SYN-timeout cgroup that does not exist: the agent refuses to start and names it.
+    let missing = tb.node("node-2").pods_cgroup.join("no-such-cgroup");
+    tb.stop_agent("node-2").expect("stopping node-2's agent");
+    tb.write_agent_config("node-2", |c| {
+        let fc = c
+            .extra
+            .entry("first_connection".to_owned())
+            .or_insert_with(|| serde_yaml::Value::Mapping(serde_yaml::Mapping::new()));
+        fc.as_mapping_mut()
+            .expect("first_connection is a mapping")
+            .insert("cgroup".into(), missing.display().to_string().into());
+    })
+    .expect("pointing the SYN timeout at a missing cgroup");
+    let refused = tb.start_agent("node-2");
+    let log = tb.agent_log("node-2");
+    assert!(refused.is_err(), "the agent started without its cgroup");
+    assert!(
+        log.contains(&missing.display().to_string()),
+        "the agent's error does not name the missing cgroup:\n{}",
+        log.lines().rev().take(5).collect::<Vec<_>>().join("\n")
+    );
+    testbed::cgroup::create(&missing).expect("creating the cgroup");
+    tb.start_agent("node-2")
+        .expect("the agent did not start once the cgroup existed");
+    let s = scenario(&tb);
+    assert!(
+        enforced(&s),
+        "no enforcement after the restart with the cgroup in place"
+    );
+    // The node's cgroup tree, this one included, goes with the testbed.
+}
