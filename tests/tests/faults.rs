@@ -1066,3 +1066,143 @@ fn interface_loss_pin_loss_and_a_pod_deleted_mid_handshake_are_survived() {
     );
     // The node's cgroup tree, this one included, goes with the testbed.
 }
+
+/// A handshake metric of node `node`'s agent, summed over the series whose labels contain
+/// every one of `labels`.
+fn handshake_metric(tb: &Testbed, node: &str, labels: &[&str]) -> u64 {
+    let script = "exec 3<>/dev/tcp/127.0.0.1/9464; printf 'GET /metrics HTTP/1.1\\r\\nHost: agent\\r\\n\\r\\n' >&3; cat <&3";
+    let out = tb
+        .exec_node(node, &["timeout", "10", "bash", "-c", script])
+        .output()
+        .expect("reading /metrics");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| {
+            l.starts_with("portcullis_handshakes_total{") && labels.iter().all(|x| l.contains(x))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// 10,000 connections opened to node-2's handshake port from another node and held idle:
+/// the agent's descriptors stay bounded by its concurrency limit, every connection beyond it
+/// is closed at once and counted (`busy`, `rate_limited`), the ones admitted end at the
+/// handshake time limit, and a legitimate pair from elsewhere still authenticates.
+#[test]
+fn ten_thousand_idle_handshake_connections_leave_descriptors_bounded() {
+    const CONNECTIONS: u64 = 10_000;
+    let spec = Spec {
+        nodes: vec![
+            NodeSpec::new("node-1", vec![PodSpec::new("client")]),
+            NodeSpec::new("node-2", vec![PodSpec::new("server")]),
+            NodeSpec::new("node-3", vec![]),
+        ],
+    };
+    let mut tb = up(
+        &spec,
+        &Options {
+            authenticate: true,
+            proactive: Some(false),
+            ..Options::default()
+        },
+    );
+    let pid = tb.agent_pid("node-2").expect("node-2's agent pid");
+    let fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count);
+    let baseline = fds();
+    let s = scenario(&tb);
+    let _server = s.serve("server", PORT);
+    let port = tb.node("node-2").agent_address.to_string();
+    let started = Instant::now();
+    let mut hold =
+        s.tb.exec_node(
+            "node-3",
+            &[
+                s.probe.to_str().unwrap(),
+                "hold",
+                "--to",
+                &port,
+                "--count",
+                &CONNECTIONS.to_string(),
+                "--seconds",
+                "8",
+                "--timeout-ms",
+                "2000",
+            ],
+        )
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawning probe hold");
+    let mut peak = baseline;
+    let mut legit: Option<f64> = None;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while hold.try_wait().expect("probe hold").is_none() && Instant::now() < deadline {
+        peak = peak.max(fds());
+        if legit.is_none() && started.elapsed() > Duration::from_secs(1) {
+            let t = Instant::now();
+            if ok(&s.connect("client", s.addr("server", Family::V4), PORT, 3000)) {
+                legit = Some(t.elapsed().as_secs_f64());
+            }
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    let _ = hold.kill();
+    let held = last_json(&hold.wait_with_output().expect("probe hold").stdout);
+    let hold_s = started.elapsed().as_secs_f64();
+    let after = fds();
+    let legit = legit.or_else(|| {
+        let t = Instant::now();
+        eventually(Duration::from_secs(30), || {
+            ok(&s.connect("client", s.addr("server", Family::V4), PORT, 3000))
+        })
+        .then(|| t.elapsed().as_secs_f64())
+    });
+    let busy = handshake_metric(&tb, "node-2", &["role=\"responder\"", "reason=\"busy\""]);
+    let limited = handshake_metric(
+        &tb,
+        "node-2",
+        &["role=\"responder\"", "reason=\"rate_limited\""],
+    );
+    let timeouts = handshake_metric(&tb, "node-2", &["role=\"responder\"", "reason=\"timeout\""]);
+    let outcome = json!({
+        "connections": CONNECTIONS,
+        "hold": held,
+        "hold_seconds": hold_s,
+        "agent_fds_before": baseline,
+        "agent_fds_peak": peak,
+        "agent_fds_after": after,
+        "refused_busy": busy,
+        "refused_rate_limited": limited,
+        "ended_by_time_limit": timeouts,
+        "legitimate_pair_seconds": legit,
+    });
+    report("idle_handshake_connections", &outcome);
+    assert!(ok(&held), "probe hold failed: {outcome}");
+    assert_eq!(
+        held["opened"].as_u64().unwrap_or(0) + held["failed"].as_u64().unwrap_or(0),
+        CONNECTIONS,
+        "not every connection was attempted: {outcome}"
+    );
+    assert!(
+        held["opened"].as_u64() >= Some(CONNECTIONS * 9 / 10),
+        "most connections were not even opened: {outcome}"
+    );
+    // 32 handshakes at once (the default), plus the agent's own descriptors and some slack
+    // for connections being closed.
+    assert!(
+        peak <= baseline + 32 + 32,
+        "descriptors grew with the idle connections: {outcome}"
+    );
+    assert_eq!(
+        held["still_open"], 0,
+        "connections were held past the handshake time limit: {outcome}"
+    );
+    assert!(
+        busy + limited + timeouts >= held["opened"].as_u64().unwrap_or(0) * 9 / 10,
+        "the closed connections were not counted: {outcome}"
+    );
+    assert!(
+        legit.is_some(),
+        "the legitimate pair did not authenticate: {outcome}"
+    );
+    assert!(tb.agent_running("node-2"), "node-2's agent died");
+}

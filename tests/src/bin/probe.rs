@@ -32,6 +32,11 @@
 //!     PORT + (i / N / 50000) % K (K defaults to 1). Stops after P packets or
 //!     S seconds (default 10); ENOBUFS/EAGAIN are retried after 100 µs. Nothing is received.
 //!     {"ok":true,"sent":…,"sources":N,"seconds":…,"per_sec":…,"retries":…}.
+//! probe hold --to ADDR:PORT --count N [--seconds S] [--timeout-ms N]
+//!     Opens N TCP connections one after another and holds them, sending nothing, for S
+//!     seconds (default 10); raises its own descriptor limit to fit. Then counts those the
+//!     server closed. {"ok":true,"opened":…,"failed":…,"closed_by_peer":…,"still_open":…,
+//!     "first_error":…}.
 //! probe map-fill --pin PATH --count N [--base B] [--delete]
 //!     Writes N junk entries into the pinned eBPF hash map at PATH (run on the host, as root):
 //!     key i is the 32-bit little-endian number B + i (default 0x4000_0000) followed by zeros,
@@ -112,6 +117,7 @@ fn main() -> ExitCode {
         "udp-send" => udp_send(&args),
         "flood" => flood(&args),
         "map-fill" => map_fill(&args),
+        "hold" => hold(&args),
         m => return usage(&format!("unknown mode {m:?}")),
     };
     match result {
@@ -139,7 +145,7 @@ impl From<String> for Usage {
 
 fn usage(msg: &str) -> ExitCode {
     eprintln!(
-        "probe: {msg}\nusage: probe serve|connect|send|rr|cps|udp-serve|udp-send|flood|map-fill [--opt value]… (see the source header)"
+        "probe: {msg}\nusage: probe serve|connect|send|rr|cps|udp-serve|udp-send|flood|hold|map-fill [--opt value]… (see the source header)"
     );
     ExitCode::from(2)
 }
@@ -663,6 +669,55 @@ fn secs(d: Duration) -> f64 {
 }
 
 /// `first` + `n` (as a u32 for IPv4, a u128 for IPv6); `None` past the end of the space.
+fn hold(a: &Args) -> Result<Outcome, Usage> {
+    let to: SocketAddr = a.req("to")?;
+    let count: u64 = a.req("count")?;
+    let seconds: f64 = a.get("seconds")?.unwrap_or(10.0);
+    if !seconds.is_finite() || seconds < 0.0 {
+        return Err(Usage("--seconds must be >= 0".into()));
+    }
+    let timeout = a.timeout()?;
+    let want = count + 64;
+    let limit = libc::rlimit {
+        rlim_cur: want,
+        rlim_max: want,
+    };
+    // SAFETY: a plain struct passed by pointer.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+        let e = io::Error::last_os_error();
+        return Ok(fail(
+            kind(&e),
+            format!("raising RLIMIT_NOFILE to {want}: {e}"),
+            json!({}),
+        ));
+    }
+    let (mut held, mut failed, mut first_error) = (Vec::new(), 0u64, None);
+    for _ in 0..count {
+        match TcpStream::connect_timeout(&to, timeout) {
+            Ok(s) => held.push(s),
+            Err(e) => {
+                failed += 1;
+                first_error.get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+    std::thread::sleep(Duration::from_secs_f64(seconds));
+    let mut closed = 0u64;
+    let mut buf = [0u8; 1];
+    for s in &held {
+        let _ = s.set_nonblocking(true);
+        match s.peek(&mut buf) {
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            // EOF, a reset, or bytes (a TLS alert) before the close: the server let go.
+            _ => closed += 1,
+        }
+    }
+    Ok(json_ok(json!({
+        "opened": held.len(), "failed": failed, "closed_by_peer": closed,
+        "still_open": held.len() as u64 - closed, "first_error": first_error,
+    })))
+}
+
 /// One `bpf(2)` call on a zeroed attribute block.
 fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> io::Result<i64> {
     // SAFETY: `attr` is a valid, large enough `union bpf_attr` for every command used here;
