@@ -148,8 +148,11 @@ struct Refusals {
     endpoints: u64,
     /// Auth entries refused, since start.
     auth: u64,
-    /// Identity and node numbers that could not be stored, since start.
+    /// Identity and node numbers the kernel refused to store, since start.
     names: u64,
+    /// Workloads (and the node itself) left unnumbered at the last reconciliation: the name
+    /// map is full. Their addresses are among `endpoints_missing`.
+    names_missing: usize,
     /// What the kernel said at the latest refusal, per map.
     endpoint_error: Option<String>,
     auth_error: Option<String>,
@@ -396,6 +399,7 @@ impl Agent {
         // never the node or a local pod: they are numbered and programmed first.
         let mut refused: Option<String> = None;
         let mut missing = self.host_endpoints(&mut desired, &mut refused);
+        let mut unnumbered = usize::from(missing > 0);
         let mut enrolled = HashSet::new();
         let (here, elsewhere): (Vec<_>, Vec<_>) = cluster
             .workloads
@@ -410,7 +414,10 @@ impl Agent {
             let (identity, node) = match numbered {
                 Ok(n) => n,
                 Err(e) => {
-                    self.refusals.names += 1;
+                    unnumbered += 1;
+                    if !matches!(e, DatapathError::Full { .. }) {
+                        self.refusals.names += 1;
+                    }
                     missing += w.addresses.len();
                     let e = e.to_string();
                     if local {
@@ -473,6 +480,7 @@ impl Agent {
         }
         self.pending = pending;
         self.enrolled = enrolled;
+        self.refusals.names_missing = unnumbered;
 
         // Endpoints before links: a program must find its pod's endpoint from the first packet.
         // Removals first, as they make room.
@@ -701,7 +709,9 @@ impl Agent {
         let (identity, node) = match numbered {
             Ok(n) => n,
             Err(e) => {
-                self.refusals.names += 1;
+                if !matches!(e, DatapathError::Full { .. }) {
+                    self.refusals.names += 1;
+                }
                 self.refusals.name_error = Some(e.to_string());
                 refused.get_or_insert(e.to_string());
                 return addrs.len();
@@ -1222,10 +1232,10 @@ impl Agent {
         })() {
             Ok(k) => k,
             Err(e) => {
-                self.refusals.names += 1;
+                self.refusals.auth += 1;
                 let e = format!("cannot number the pair: {e}");
                 tracing::error!(error = %e, "auth entry not written; the pair is not admitted");
-                self.refusals.name_error = Some(e.clone());
+                self.refusals.auth_error = Some(e.clone());
                 return Err(e);
             }
         };
@@ -1596,6 +1606,7 @@ impl Agent {
             },
             fill("flows", flows, capacity::FLOWS, flows_refused),
             MapFill {
+                missing: r.names_missing as u64,
                 error: r.name_error.clone(),
                 ..fill("names", self.registry.len(), capacity::NAMES, r.names)
             },

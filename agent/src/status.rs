@@ -148,7 +148,8 @@ pub struct MapFill {
     /// because no entry could be made).
     #[serde(default)]
     pub refused: u64,
-    /// What should be in the map and is not, now (only `endpoints`).
+    /// What cluster state wants in the map and is not there, now: addresses for `endpoints`,
+    /// workloads left unnumbered for `names`.
     #[serde(default)]
     pub missing: u64,
     /// What the kernel said at the latest refusal.

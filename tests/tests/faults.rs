@@ -528,7 +528,7 @@ fn full_endpoint_and_name_maps_leave_remote_peers_out_and_revocation_goes_on() {
     let applied = eventually(Duration::from_secs(120), || {
         full = s.status("node-2");
         map_of(&full, "endpoints")["missing"].as_u64() > Some(0)
-            && map_of(&full, "names")["refused"].as_u64() > Some(0)
+            && map_of(&full, "names")["missing"].as_u64() > Some(0)
     });
     let apply_s = t.elapsed().as_secs_f64();
     assert!(
