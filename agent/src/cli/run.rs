@@ -12,8 +12,13 @@ pub struct Args {}
 pub fn execute(cli: &super::Cli, _args: &Args) -> anyhow::Result<ExitCode> {
     let path = cli.config.as_deref().context("`run` needs --config FILE")?;
     let config = Config::load(path, cli.node.as_deref())?;
-    let filter = tracing_subscriber::EnvFilter::try_from_env("PORTCULLIS_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log_level));
+    // The config's filter was checked when it was loaded; a bad PORTCULLIS_LOG is reported.
+    let filter = match std::env::var("PORTCULLIS_LOG") {
+        Ok(spec) => crate::config::log_filter(&spec)
+            .with_context(|| format!("PORTCULLIS_LOG `{spec}` is not a level or filter"))?,
+        Err(_) => crate::config::log_filter(&config.log_level)
+            .with_context(|| format!("log_level `{}`", config.log_level))?,
+    };
     // Also installs the `log` bridge, through which the kernel programs' aya-log records arrive.
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
