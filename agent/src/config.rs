@@ -606,6 +606,11 @@ mod tests {
             e.to_string().contains("agent.yaml:3:") && e.to_string().contains("`log_level`"),
             "{e}"
         );
+        // The value is quoted with its control characters escaped.
+        assert!(
+            e.to_string().contains("\\u{15}") && !e.to_string().chars().any(char::is_control),
+            "{e}"
+        );
         // Field values are still accepted, matched exactly.
         let f = log_filter("portcullis[span{peer=a.b}]=debug").unwrap();
         assert!(f.to_string().contains("peer"));

@@ -36,7 +36,17 @@ impl fmt::Display for InputError {
         if let Some(field) = &self.field {
             write!(f, ": field `{field}`")?;
         }
-        write!(f, ": {}", self.message)
+        // The message quotes the input: control characters in it must not reach a terminal
+        // raw (a value could otherwise rewrite what the operator sees).
+        f.write_str(": ")?;
+        for c in self.message.chars() {
+            if c.is_control() {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                write!(f, "{c}")?;
+            }
+        }
+        Ok(())
     }
 }
 
