@@ -732,6 +732,17 @@ impl Agent {
         0
     }
 
+    /// Whether `key` pairs a local workload with a workload of cluster state, as of the last
+    /// reconciliation.
+    fn in_cluster(&self, key: &AuthKey) -> bool {
+        self.registry
+            .id_of(Kind::Node, &self.config.node)
+            .is_some_and(|n| self.enrolled.contains(&(key.local_identity, n)))
+            && self
+                .enrolled
+                .contains(&(key.remote_identity, key.remote_node))
+    }
+
     /// Records how many addresses of cluster state are not in the kernel, logging when that
     /// changes rather than at every reconciliation.
     fn note_refusals(&mut self, missing: usize, refused: Option<String>) {
@@ -759,24 +770,9 @@ impl Agent {
     /// does this for its own side, so a change that reaches both agents cuts both ends.
     fn revalidate(&mut self, why: &str) -> Result<(), DatapathError> {
         let started = Instant::now();
-        let Some(cluster) = self.cluster.as_ref() else {
+        if self.cluster.is_none() {
             return Ok(());
-        };
-        let id = |kind, name: &str| self.registry.id_of(kind, name);
-        let local_ids: HashSet<u32> = cluster
-            .local_workloads(&self.config.node)
-            .filter_map(|w| id(Kind::Identity, w.identity.as_str()))
-            .collect();
-        let remote_ids: HashSet<(u32, u32)> = cluster
-            .workloads
-            .iter()
-            .filter_map(|w| {
-                Some((
-                    id(Kind::Identity, w.identity.as_str())?,
-                    id(Kind::Node, &w.node)?,
-                ))
-            })
-            .collect();
+        }
         let mut valid: HashMap<AuthKey, AuthValue> = HashMap::new();
         let mut revoked = Vec::new();
         let mut regranted = 0;
@@ -793,12 +789,7 @@ impl Agent {
             let local = identity(k.local_identity);
             let remote = identity(k.remote_identity);
             let decision = match (&local, &remote) {
-                (Ok(l), Ok(r))
-                    if local_ids.contains(&k.local_identity)
-                        && remote_ids.contains(&(k.remote_identity, k.remote_node)) =>
-                {
-                    Some(self.policy.decide(l, r))
-                }
+                (Ok(l), Ok(r)) if self.in_cluster(&k) => Some(self.policy.decide(l, r)),
                 _ => None,
             };
             match decision {
@@ -1241,12 +1232,7 @@ impl Agent {
         };
         // Cluster state may have changed while the handshake ran (a pod deleted): revalidation
         // has then already run, and would not see an entry written now.
-        let this_node = self.registry.id_of(Kind::Node, &self.config.node);
-        if !this_node.is_some_and(|n| self.enrolled.contains(&(key.local_identity, n)))
-            || !self
-                .enrolled
-                .contains(&(key.remote_identity, key.remote_node))
-        {
+        if !self.in_cluster(&key) {
             return Err(format!(
                 "the pair is no longer in cluster state ({local} here, {remote} on {node})"
             ));

@@ -323,6 +323,15 @@ impl Datapath {
 
     /// Attaches both programs to a pod's host-side interface, adopting pinned links.
     pub fn attach(&mut self, iface: &Interface) -> Result<Attached, DatapathError> {
+        // A link lives on only while pinned: never attach one that cannot be (the pin
+        // directory removed, bpffs unmounted), or it would go with the agent. The directory is
+        // made again if it was removed.
+        fs::create_dir_all(&self.dirs.links).map_err(io_err(&self.dirs.links))?;
+        if !is_bpffs(&self.dirs.links)? {
+            return Err(DatapathError::NotBpffs {
+                path: self.dirs.links.clone(),
+            });
+        }
         let mut outcome = Attached::Adopted;
         for hook in Hook::ALL {
             if self.attach_hook(iface, hook)? == Attached::New {
@@ -340,15 +349,6 @@ impl Datapath {
             source,
         };
         let path = self.dirs.link(iface.index, hook);
-        // A link lives on only while pinned: never attach one that cannot be (the pin
-        // directory removed, bpffs unmounted), or it would go with the agent. The directory is
-        // made again if it was removed.
-        fs::create_dir_all(&self.dirs.links).map_err(io_err(&self.dirs.links))?;
-        if !is_bpffs(&self.dirs.links)? {
-            return Err(DatapathError::NotBpffs {
-                path: self.dirs.links.clone(),
-            });
-        }
         let prog = classifier(&mut self.ebpf, hook)?;
         if path.exists() {
             let adopted = PinnedLink::from_pin(&path)

@@ -553,6 +553,19 @@ impl Testbed {
             .unwrap_or_else(|e| panic!("exec on node {node}: {e:#}"))
     }
 
+    /// GETs `path` from node `node`'s agent's metrics port (127.0.0.1:9464 in the node's
+    /// namespace) and returns the whole response, status line included; bounded by 10 s.
+    pub fn agent_http(&self, node: &str, path: &str) -> String {
+        let script = format!(
+            "exec 3<>/dev/tcp/127.0.0.1/9464; printf 'GET {path} HTTP/1.1\\r\\nHost: agent\\r\\n\\r\\n' >&3; cat <&3"
+        );
+        let out = self
+            .exec_node(node, &["timeout", "10", "bash", "-c", &script])
+            .output()
+            .expect("bash /dev/tcp");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     pub fn try_exec_node<S: AsRef<OsStr>>(&self, node: &str, args: &[S]) -> Result<Command> {
         let node = self.info.node(node)?;
         command_in(&node.netns, &node.host_cgroup, args)

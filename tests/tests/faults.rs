@@ -35,6 +35,15 @@ fn up(spec: &Spec, opts: &Options) -> Testbed {
     Testbed::up(spec, opts).unwrap_or_else(|e| panic!("testbed up: {e:#}"))
 }
 
+/// Agents that authenticate pairs by handshake, only on demand (no proactive authentication).
+fn handshaking() -> Options {
+    Options {
+        authenticate: true,
+        proactive: Some(false),
+        ..Options::default()
+    }
+}
+
 fn scenario(tb: &Testbed) -> Scenario<'_> {
     Scenario {
         tb,
@@ -221,14 +230,7 @@ fn a_partitioned_peer_fails_closed_with_backoff_and_recovers_by_itself() {
             NodeSpec::new("node-2", vec![PodSpec::new("server")]),
         ],
     };
-    let tb = up(
-        &spec,
-        &Options {
-            authenticate: true,
-            proactive: Some(false),
-            ..Options::default()
-        },
-    );
+    let tb = up(&spec, &handshaking());
     let s = scenario(&tb);
     let target = s.addr("server", Family::V4);
     let _server = s.serve("server", PORT);
@@ -330,14 +332,7 @@ fn a_syn_flood_from_many_enrolled_sources_is_counted_and_a_legitimate_pair_still
             NodeSpec::new("node-3", vec![]),
         ],
     };
-    let mut tb = up(
-        &spec,
-        &Options {
-            authenticate: true,
-            proactive: Some(false),
-            ..Options::default()
-        },
-    );
+    let mut tb = up(&spec, &handshaking());
     tb.stop_agent("node-3").expect("stopping node-3's agent");
     let first: Ipv6Addr = "fd00:18:3::1:0".parse().unwrap();
     tb.write_cluster_json(|c| {
@@ -655,14 +650,7 @@ fn a_full_auth_map_refuses_the_pair_visibly_and_recovers() {
             NodeSpec::new("node-2", vec![PodSpec::new("server")]),
         ],
     };
-    let tb = up(
-        &spec,
-        &Options {
-            authenticate: true,
-            proactive: Some(false),
-            ..Options::default()
-        },
-    );
+    let tb = up(&spec, &handshaking());
     let s = scenario(&tb);
     let _server = s.serve("server", PORT);
     let target = s.addr("server", Family::V4);
@@ -869,14 +857,7 @@ fn interface_loss_pin_loss_and_a_pod_deleted_mid_handshake_are_survived() {
             ),
         ],
     };
-    let mut tb = up(
-        &spec,
-        &Options {
-            authenticate: true,
-            proactive: Some(false),
-            ..Options::default()
-        },
-    );
+    let mut tb = up(&spec, &handshaking());
     let server_label = "default/server";
     let s = scenario(&tb);
     let _server = s.serve("server", PORT);
@@ -1070,12 +1051,7 @@ fn interface_loss_pin_loss_and_a_pod_deleted_mid_handshake_are_survived() {
 /// A handshake metric of node `node`'s agent, summed over the series whose labels contain
 /// every one of `labels`.
 fn handshake_metric(tb: &Testbed, node: &str, labels: &[&str]) -> u64 {
-    let script = "exec 3<>/dev/tcp/127.0.0.1/9464; printf 'GET /metrics HTTP/1.1\\r\\nHost: agent\\r\\n\\r\\n' >&3; cat <&3";
-    let out = tb
-        .exec_node(node, &["timeout", "10", "bash", "-c", script])
-        .output()
-        .expect("reading /metrics");
-    String::from_utf8_lossy(&out.stdout)
+    tb.agent_http(node, "/metrics")
         .lines()
         .filter(|l| {
             l.starts_with("portcullis_handshakes_total{") && labels.iter().all(|x| l.contains(x))
@@ -1098,14 +1074,7 @@ fn ten_thousand_idle_handshake_connections_leave_descriptors_bounded() {
             NodeSpec::new("node-3", vec![]),
         ],
     };
-    let mut tb = up(
-        &spec,
-        &Options {
-            authenticate: true,
-            proactive: Some(false),
-            ..Options::default()
-        },
-    );
+    let mut tb = up(&spec, &handshaking());
     let pid = tb.agent_pid("node-2").expect("node-2's agent pid");
     let fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count);
     let baseline = fds();

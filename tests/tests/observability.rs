@@ -47,18 +47,6 @@ fn scenario(tb: &Testbed) -> Scenario<'_> {
     }
 }
 
-/// GET `path` from the agent's metrics port inside `node`'s namespace.
-fn http_get(tb: &Testbed, node: &str, path: &str) -> String {
-    let script = format!(
-        "exec 3<>/dev/tcp/127.0.0.1/9464; printf 'GET {path} HTTP/1.1\\r\\nHost: agent\\r\\n\\r\\n' >&3; cat <&3"
-    );
-    let out = tb
-        .exec_node(node, &["bash", "-c", &script])
-        .output()
-        .expect("bash /dev/tcp");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// Parses Prometheus/OpenMetrics text into `name{labels}` → value.
 fn parse_metrics(text: &str) -> HashMap<String, f64> {
     let mut out = HashMap::new();
@@ -178,7 +166,7 @@ fn metrics_are_prometheus_text_matching_events() {
         ok(&s.connect("client", s.addr("server", Family::V4), PORT, 5000)),
         "connection failed"
     );
-    let response = http_get(&tb, "node-2", "/metrics");
+    let response = tb.agent_http("node-2", "/metrics");
     assert!(response.starts_with("HTTP/1.1 200"), "metrics: {response}");
     let body = response
         .split_once("\r\n\r\n")
@@ -220,8 +208,14 @@ fn metrics_are_prometheus_text_matching_events() {
             .any(|k| k.starts_with("portcullis_svid_expiry_seconds{")),
         "no SVID expiry"
     );
-    assert!(http_get(&tb, "node-2", "/healthz").starts_with("HTTP/1.1 200"));
-    assert!(http_get(&tb, "node-2", "/readyz").starts_with("HTTP/1.1 200"));
+    assert!(
+        tb.agent_http("node-2", "/healthz")
+            .starts_with("HTTP/1.1 200")
+    );
+    assert!(
+        tb.agent_http("node-2", "/readyz")
+            .starts_with("HTTP/1.1 200")
+    );
 }
 
 #[test]
@@ -420,7 +414,7 @@ fn no_private_key_material_reaches_logs_status_or_metrics() {
             format!("{node} status json"),
             s.portcullis(node, &["status", "--output", "json"]).1,
         ));
-        outputs.push((format!("{node} metrics"), http_get(&tb, node, "/metrics")));
+        outputs.push((format!("{node} metrics"), tb.agent_http(node, "/metrics")));
     }
     for (what, text) in &outputs {
         assert!(text.len() > 100, "{what} is (nearly) empty: {text}");
