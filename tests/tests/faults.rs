@@ -537,13 +537,15 @@ fn full_endpoint_and_name_maps_leave_remote_peers_out_and_revocation_goes_on() {
     let (text_ok, text) = s.portcullis("node-2", &["status"]);
 
     // A revocation while both maps are full: the client leaves cluster state mid-transfer.
-    let transfer = s.transfer("client", target, PORT, 2_000_000, 20, 3000);
+    // The transfer is paced to outlast any plausible revocation (90 s), so that only a cut
+    // ends it early: a slow machine then fails on the revocation's own bound, not on a race.
+    let transfer = s.transfer("client", target, PORT, 90_000_000, 90, 3000);
     thread::sleep(Duration::from_secs(2));
     let t = Instant::now();
     cluster.workloads.retain(|w| w.name != client.name);
     tb.set_cluster_json(&cluster)
         .expect("removing the client from cluster state");
-    let revoked = eventually(Duration::from_secs(60), || {
+    let revoked = eventually(Duration::from_secs(80), || {
         s.status("node-2")["auth"]
             .as_array()
             .is_some_and(Vec::is_empty)
