@@ -216,6 +216,11 @@ pub struct Agent {
     /// (identity, node) of every numbered workload of cluster state, as of the last
     /// reconciliation: an auth entry is written only for a pair still in it.
     enrolled: HashSet<(u32, u32)>,
+    /// Remote workloads' share of `Refusals::endpoints_missing` and `names_missing`, as of the
+    /// last reconciliation that walked them.
+    remote_missing: (usize, usize),
+    /// The next reconciliation walks every workload, not only the node's and local pods'.
+    walk_all: bool,
 }
 
 /// Audit records are rate-limited (a token bucket: `AUDIT_BURST` at once, `AUDIT_PER_SEC`
@@ -334,6 +339,8 @@ impl Agent {
                 first_connection: String::new(),
                 refusals: Refusals::default(),
                 enrolled: HashSet::new(),
+                remote_missing: (0, 0),
+                walk_all: true,
             },
             channels,
         ))
@@ -392,21 +399,31 @@ impl Agent {
         let Some(cluster) = self.cluster.clone() else {
             return Ok(());
         };
+        // Remote workloads' endpoints change only with cluster state, and the room a full map
+        // lacks comes only from removals: a reconciliation walks them only then, or after an
+        // error worth retrying. The node's own and local pods' endpoints (interfaces come and
+        // go) are looked at every time.
+        let walk_all = cluster_changed || policy_changed || self.walk_all;
+        let mut retry = false;
         let mut desired: HashMap<IpAddr, Endpoint> = HashMap::new();
         let mut ifaces: BTreeMap<u32, Iface> = BTreeMap::new();
         let mut pending = Vec::new();
         // What a full map leaves out must be a remote peer (then an unknown peer, dropped),
         // never the node or a local pod: they are numbered and programmed first.
         let mut refused: Option<String> = None;
-        let mut missing = self.host_endpoints(&mut desired, &mut refused);
-        let mut unnumbered = usize::from(missing > 0);
+        // Endpoints and workloads left out: [the node and local pods, remote workloads].
+        let mut missing = [self.host_endpoints(&mut desired, &mut refused), 0];
+        let mut unnumbered = [usize::from(missing[0] > 0), 0];
         let mut enrolled = HashSet::new();
+        let mut local_addrs = HashSet::new();
         let (here, elsewhere): (Vec<_>, Vec<_>) = cluster
             .workloads
             .iter()
+            .filter(|w| walk_all || *w.node == *self.config.node)
             .partition(|w| *w.node == *self.config.node);
         for w in here.into_iter().chain(elsewhere) {
             let local = *w.node == *self.config.node;
+            let share = usize::from(!local);
             let numbered = self
                 .registry
                 .intern(&mut self.dp, Kind::Identity, w.identity.as_str())
@@ -414,11 +431,12 @@ impl Agent {
             let (identity, node) = match numbered {
                 Ok(n) => n,
                 Err(e) => {
-                    unnumbered += 1;
+                    unnumbered[share] += 1;
                     if !matches!(e, DatapathError::Full { .. }) {
                         self.refusals.names += 1;
+                        retry = true;
                     }
-                    missing += w.addresses.len();
+                    missing[share] += w.addresses.len();
                     let e = e.to_string();
                     if local {
                         let label = format!("{}/{}", w.namespace, w.name);
@@ -431,6 +449,9 @@ impl Agent {
                 }
             };
             enrolled.insert((identity, node));
+            if local {
+                local_addrs.extend(w.addresses.iter().copied());
+            }
             // Only a local pod's endpoint carries its policy settings and has an interface.
             let (settings, label) = if local {
                 (
@@ -478,22 +499,39 @@ impl Agent {
                 desired.insert(*addr, ep);
             }
         }
+        if !walk_all {
+            // The node's claim on an address never displaces a remote pod's, walked or not.
+            desired.retain(|a, ep| {
+                ep.flags & EP_HOST == 0
+                    || self
+                        .programmed
+                        .get(a)
+                        .is_none_or(|p| p.flags & EP_HOST != 0)
+            });
+        }
         self.pending = pending;
-        self.enrolled = enrolled;
-        self.refusals.names_missing = unnumbered;
+        if walk_all {
+            self.enrolled = enrolled;
+            self.remote_missing.1 = unnumbered[1];
+        } else {
+            self.enrolled.extend(enrolled);
+        }
+        self.refusals.names_missing = unnumbered[0] + self.remote_missing.1;
 
         // Endpoints before links: a program must find its pod's endpoint from the first packet.
-        // Removals first, as they make room.
+        // Removals first, as they make room. Without a walk of every workload, only the
+        // node's own addresses can have gone.
         let (mut endpoints_set, mut endpoints_removed) = (0usize, 0usize);
         let gone: Vec<IpAddr> = self
             .programmed
-            .keys()
-            .filter(|a| !desired.contains_key(a))
-            .copied()
+            .iter()
+            .filter(|(a, ep)| (walk_all || ep.flags & EP_HOST != 0) && !desired.contains_key(a))
+            .map(|(a, _)| *a)
             .collect();
         for addr in gone {
             if let Err(e) = self.dp.remove_endpoint(addr) {
                 tracing::error!(error = %e, %addr, "cannot remove an endpoint; retrying at the next reconciliation");
+                retry = true;
                 continue;
             }
             self.programmed.remove(&addr);
@@ -510,10 +548,11 @@ impl Agent {
                 {
                     continue;
                 }
+                let share = usize::from(!node_or_local && !local_addrs.contains(addr));
                 let family = usize::from(addr.is_ipv6());
                 let known = self.programmed.contains_key(addr);
                 if !known && full[family] {
-                    missing += 1;
+                    missing[share] += 1;
                     continue;
                 }
                 match self.dp.set_endpoint(*addr, ep) {
@@ -523,8 +562,9 @@ impl Agent {
                     }
                     Err(e) => {
                         full[family] |= e.is_full();
+                        retry |= !e.is_full();
                         self.refusals.endpoints += 1;
-                        missing += 1;
+                        missing[share] += 1;
                         if known {
                             // Never leave an address with its previous owner's identity.
                             if self.dp.remove_endpoint(*addr).is_ok() {
@@ -537,7 +577,12 @@ impl Agent {
                 }
             }
         }
-        self.note_refusals(missing, refused);
+        if walk_all {
+            self.remote_missing.0 = missing[1];
+        }
+        // Room made without a walk (a node address gone) is offered to remote workloads next.
+        self.walk_all = retry || (!walk_all && endpoints_removed > 0 && self.remote_missing.0 > 0);
+        self.note_refusals(missing[0] + self.remote_missing.0, refused);
         let endpoints_changed = endpoints_set + endpoints_removed > 0;
         if endpoints_changed || cluster_changed || policy_changed {
             let why = if policy_changed {

@@ -1177,3 +1177,126 @@ fn ten_thousand_idle_handshake_connections_leave_descriptors_bounded() {
     );
     assert!(tb.agent_running("node-2"), "node-2's agent died");
 }
+
+/// The node's own addresses change without any change to cluster state, and the agent follows
+/// them between full walks of cluster state: an address added to node-2 is programmed as the
+/// node's (its connections to a local pod are node traffic), one that a remote pod already
+/// claims keeps the pod's claim, and both are removed again when they leave the node — while
+/// the client's genuine connections go on.
+#[test]
+fn node_addresses_added_and_removed_at_runtime_are_followed_without_displacing_a_pod() {
+    let spec = Spec {
+        nodes: vec![
+            NodeSpec::new("node-1", vec![PodSpec::new("client")]),
+            NodeSpec::new("node-2", vec![PodSpec::new("server")]),
+        ],
+    };
+    let tb = up(&spec, &Options::default());
+    let s = scenario(&tb);
+    let _server = s.serve("server", PORT);
+    let target = s.addr("server", Family::V4);
+    let client = s.addr("client", Family::V4);
+    s.allow("server", "client");
+    assert!(
+        ok(&s.connect("client", target, PORT, 3000)),
+        "the allowed pair does not connect"
+    );
+    let entries = |s: &Scenario<'_>| map_of(&s.status("node-2"), "endpoints")["entries"].as_u64();
+    let before = entries(&s);
+    let ip = |args: &[&str]| {
+        let out = tb.exec_node("node-2", args).output().expect("running ip");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let from_node = |from: IpAddr| {
+        let out = tb
+            .exec_node(
+                "node-2",
+                &[
+                    s.probe.to_string_lossy().as_ref(),
+                    "connect",
+                    "--to",
+                    &format!("{target}:{PORT}"),
+                    "--from",
+                    &from.to_string(),
+                    "--timeout-ms",
+                    "1000",
+                ],
+            )
+            .output()
+            .expect("probe on node-2");
+        last_json(&out.stdout)
+    };
+    let pass_host = |s: &Scenario<'_>| counters(&s.status("node-2"))["pass_host"];
+
+    // A new address of the node: programmed as the node's, without a cluster-state change.
+    let added: IpAddr = "198.19.250.1".parse().unwrap();
+    ip(&["ip", "addr", "add", "198.19.250.1/32", "dev", "lo"]);
+    let t = Instant::now();
+    let programmed = eventually(Duration::from_secs(10), || {
+        entries(&s) == before.map(|n| n + 1)
+    });
+    let programmed_s = t.elapsed().as_secs_f64();
+    let host_before = pass_host(&s);
+    let node_conn = from_node(added);
+    let host_after = pass_host(&s);
+
+    // An address a remote pod claims, added to the node too: the pod's claim stays.
+    ip(&["ip", "addr", "add", &format!("{client}/32"), "dev", "lo"]);
+    thread::sleep(Duration::from_secs(2));
+    let entries_with_claimed = entries(&s);
+    let host_claimed_before = pass_host(&s);
+    let claimed_conn = from_node(client);
+    let host_claimed_after = pass_host(&s);
+
+    // Both leave the node: the node's address is removed, the pod's claim stays.
+    ip(&["ip", "addr", "del", &format!("{client}/32"), "dev", "lo"]);
+    ip(&["ip", "addr", "del", "198.19.250.1/32", "dev", "lo"]);
+    let t = Instant::now();
+    let removed = eventually(Duration::from_secs(10), || entries(&s) == before);
+    let removed_s = t.elapsed().as_secs_f64();
+    thread::sleep(Duration::from_secs(1));
+    let entries_after = entries(&s);
+    let client_connects = ok(&s.connect("client", target, PORT, 3000));
+    let outcome = json!({
+        "endpoints_before": before,
+        "programmed": programmed,
+        "programmed_seconds": programmed_s,
+        "node_connection": node_conn,
+        "pass_host_delta": host_after - host_before,
+        "endpoints_with_claimed_address": entries_with_claimed,
+        "claimed_address_connection": claimed_conn,
+        "pass_host_delta_claimed": host_claimed_after - host_claimed_before,
+        "removed": removed,
+        "removed_seconds": removed_s,
+        "endpoints_after": entries_after,
+        "client_connects": client_connects,
+    });
+    report("node_addresses_at_runtime", &outcome);
+    assert!(before.is_some(), "no endpoint count in status: {outcome}");
+    assert!(
+        programmed,
+        "a node address added at runtime was not programmed: {outcome}"
+    );
+    assert!(
+        ok(&node_conn) && host_after > host_before,
+        "a connection from the node's new address was not node traffic: {outcome}"
+    );
+    assert_eq!(
+        entries_with_claimed,
+        before.map(|n| n + 1),
+        "an address a pod claims was programmed anew: {outcome}"
+    );
+    assert_eq!(
+        host_claimed_after, host_claimed_before,
+        "the node's claim displaced a remote pod's: {outcome}"
+    );
+    assert!(
+        removed && entries_after == before,
+        "the node's address was not removed, or the pod's claim went with it: {outcome}"
+    );
+    assert!(client_connects, "the client no longer connects: {outcome}");
+}

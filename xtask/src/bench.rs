@@ -457,10 +457,37 @@ pub fn rss_kib(pid: i64) -> Result<u64> {
         .context("VmRSS")
 }
 
+/// The CPU time process `pid` has used so far (user and system), in seconds.
+fn cpu_seconds(pid: i64) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which ends at the last ')': state is field 3, utime 14,
+    // stime 15.
+    let rest = stat.rsplit_once(')').context("/proc/PID/stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).context("utime")?;
+    let sys: u64 = f.get(12).and_then(|v| v.parse().ok()).context("stime")?;
+    // SAFETY: no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
+    #[expect(clippy::cast_precision_loss, reason = "clock ticks")]
+    Ok((ticks + sys) as f64 / hz as f64)
+}
+
+/// What `endpoint_scale` measured.
+struct Scale {
+    /// The agent's own `took_ms` for the reconciliation that programmed them.
+    agent_ms: f64,
+    /// From the cluster-state file write to programmed.
+    wall_ms: f64,
+    rss_kib: u64,
+    /// The agent's CPU use afterwards, with nothing changing, in percent of one core.
+    rest_cpu_pct: f64,
+}
+
 /// Control plane at scale: `n` workloads (10 per service account) on node-2 are added to
 /// cluster state; the time until node-1's agent has programmed them all (from its own
-/// `cluster state applied` record) and its resident memory afterwards.
-fn endpoint_scale(agent: &Path, n: usize) -> Result<(f64, f64, u64)> {
+/// `cluster state applied` record), its resident memory afterwards, and the CPU it uses once
+/// nothing changes (measured over `rest`).
+fn endpoint_scale(agent: &Path, n: usize, rest: Duration) -> Result<Scale> {
     let tb = Testbed::up(
         &spec(),
         &Options {
@@ -524,8 +551,16 @@ fn endpoint_scale(agent: &Path, n: usize) -> Result<(f64, f64, u64)> {
     .status("node-1");
     let pid = st["agent"]["pid"].as_i64().context("agent pid in status")?;
     let rss_kib = rss_kib(pid)?;
+    let (cpu0, t0) = (cpu_seconds(pid)?, Instant::now());
+    thread::sleep(rest);
+    let rest_cpu_pct = 100.0 * (cpu_seconds(pid)? - cpu0) / t0.elapsed().as_secs_f64();
     #[expect(clippy::cast_precision_loss, reason = "milliseconds")]
-    Ok((took_ms as f64, wall_ms, rss_kib))
+    Ok(Scale {
+        agent_ms: took_ms as f64,
+        wall_ms,
+        rss_kib,
+        rest_cpu_pct,
+    })
 }
 
 /// Cold first connection for a new pair: connect() to established, in one setting.
@@ -614,10 +649,13 @@ pub fn run(args: Args) -> Result<i32> {
     let started = Instant::now();
     if let Some(n) = args.scale_only {
         let agent = cargo::build_agent_release()?;
-        let (agent_ms, wall_ms, rss_kib) = endpoint_scale(&agent, n)?;
+        let m = endpoint_scale(&agent, n, Duration::from_secs(10))?;
         println!(
-            "{n} endpoints: {agent_ms:.0} ms in the agent, {wall_ms:.0} ms from the file write, RSS {:.1} MiB",
-            rss_kib as f64 / 1024.0
+            "{n} endpoints: {:.0} ms in the agent, {:.0} ms from the file write, RSS {:.1} MiB, {:.1}% of a core at rest",
+            m.agent_ms,
+            m.wall_ms,
+            m.rss_kib as f64 / 1024.0,
+            m.rest_cpu_pct
         );
         return Ok(0);
     }
@@ -796,15 +834,24 @@ pub fn run(args: Args) -> Result<i32> {
     let mut scale = Vec::new();
     for &n in counts {
         eprintln!("control plane: programming {n} endpoints…");
-        let (agent_ms, wall_ms, rss_kib) = endpoint_scale(&agent, n)?;
+        let m = endpoint_scale(
+            &agent,
+            n,
+            Duration::from_secs(if args.quick { 2 } else { 5 }),
+        )?;
         #[expect(clippy::cast_precision_loss, reason = "MiB for display")]
-        let rss_mib = rss_kib as f64 / 1024.0;
+        let rss_mib = m.rss_kib as f64 / 1024.0;
         eprintln!(
-            "  {n} endpoints: {agent_ms:.0} ms in the agent, {wall_ms:.0} ms from the file write, RSS {rss_mib:.1} MiB"
+            "  {n} endpoints: {:.0} ms in the agent, {:.0} ms from the file write, RSS {rss_mib:.1} MiB, {:.1}% of a core at rest",
+            m.agent_ms, m.wall_ms, m.rest_cpu_pct
         );
-        scale.push(
-            json!({"endpoints": n, "agent_ms": agent_ms, "wall_ms": wall_ms, "rss_kib": rss_kib}),
-        );
+        scale.push(json!({
+            "endpoints": n,
+            "agent_ms": m.agent_ms,
+            "wall_ms": m.wall_ms,
+            "rss_kib": m.rss_kib,
+            "rest_cpu_pct": m.rest_cpu_pct,
+        }));
     }
 
     let (locals, remotes) = if args.quick { (10, 100) } else { (100, 1_000) };
@@ -939,17 +986,18 @@ pub fn run(args: Args) -> Result<i32> {
     }
     let _ = writeln!(
         md,
-        "\n| endpoints added to cluster state | programmed by the agent (ms) | file write → programmed (ms, incl. the 500 ms poll) | agent RSS after (MiB) |"
+        "\n| endpoints added to cluster state | programmed by the agent (ms) | file write → programmed (ms, incl. the 500 ms poll) | agent RSS after (MiB) | agent CPU at rest after (% of a core) |"
     );
-    let _ = writeln!(md, "| --- | --- | --- | --- |");
+    let _ = writeln!(md, "| --- | --- | --- | --- | --- |");
     for s in &scale {
         let _ = writeln!(
             md,
-            "| {} | {:.0} | {:.0} | {:.1} |",
+            "| {} | {:.0} | {:.0} | {:.1} | {:.1} |",
             s["endpoints"],
             s["agent_ms"].as_f64().unwrap_or(f64::NAN),
             s["wall_ms"].as_f64().unwrap_or(f64::NAN),
-            s["rss_kib"].as_f64().unwrap_or(f64::NAN) / 1024.0
+            s["rss_kib"].as_f64().unwrap_or(f64::NAN) / 1024.0,
+            s["rest_cpu_pct"].as_f64().unwrap_or(f64::NAN)
         );
     }
     let _ = writeln!(
