@@ -221,6 +221,8 @@ pub struct Agent {
     remote_missing: (usize, usize),
     /// The next reconciliation walks every workload, not only the node's and local pods'.
     walk_all: bool,
+    /// Why removed map pins could not be made again, last logged (log once).
+    map_pin_error: Option<String>,
 }
 
 /// Audit records are rate-limited (a token bucket: `AUDIT_BURST` at once, `AUDIT_PER_SEC`
@@ -341,6 +343,7 @@ impl Agent {
                 enrolled: HashSet::new(),
                 remote_missing: (0, 0),
                 walk_all: true,
+                map_pin_error: None,
             },
             channels,
         ))
@@ -593,6 +596,21 @@ impl Agent {
             self.revalidate(why)?;
         }
 
+        match self.dp.repin_maps() {
+            Ok(maps) => {
+                if !maps.is_empty() {
+                    tracing::warn!(?maps, pins = %self.dp.dirs().maps.display(), "pinned maps vanished while the agent ran; pinned them again, so that a restart keeps their state");
+                }
+                self.map_pin_error = None;
+            }
+            Err(e) => {
+                let e = e.to_string();
+                if self.map_pin_error.as_ref() != Some(&e) {
+                    tracing::error!(error = %e, "pinned maps vanished and cannot be pinned again: enforcement goes on, but an agent started after this one would begin from empty maps; retrying at each reconciliation");
+                    self.map_pin_error = Some(e);
+                }
+            }
+        }
         let unpinned: Vec<u32> = self
             .attached
             .keys()

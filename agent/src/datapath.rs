@@ -242,6 +242,9 @@ pub struct Datapath {
     /// and [`Datapath::revoke_pair`]: the timer and revalidation walk memory, not one syscall
     /// pair per entry (100,000 entries took 300 ms of system time per read).
     auth: std::collections::HashMap<AuthKey, AuthValue>,
+    /// A second handle on each pinned map, by name: a pin removed while the agent runs is
+    /// made again from it, so that the next agent still finds the state.
+    map_pins: Vec<(String, MapData)>,
 }
 
 /// Things the caller runs on its own tasks.
@@ -274,6 +277,18 @@ impl Datapath {
             .default_map_pin_directory(&dirs.maps)
             .override_global("AYA_LOG_LEVEL", &level, true)
             .load(PROGRAMS)?;
+        let map_pins = ebpf
+            .maps()
+            .map(|(name, _)| (name.to_owned(), dirs.maps.join(name)))
+            .filter(|(_, path)| path.exists())
+            .map(|(name, path)| {
+                let data = MapData::from_pin(&path).map_err(|source| DatapathError::Map {
+                    name: "pinned map",
+                    source,
+                })?;
+                Ok((name, data))
+            })
+            .collect::<Result<Vec<_>, DatapathError>>()?;
         let logger = if datapath_log {
             match aya_log::EbpfLogger::init(&mut ebpf) {
                 Ok(l) => Some(l),
@@ -312,6 +327,7 @@ impl Datapath {
             auth,
             dirs,
             ebpf,
+            map_pins,
         };
         Ok((dp, Channels { events, logger }))
     }
@@ -462,6 +478,39 @@ impl Datapath {
         Hook::ALL
             .iter()
             .all(|h| self.dirs.link(ifindex, *h).exists())
+    }
+
+    /// Pins again, from the agent's own handles, the maps whose pins were removed while it
+    /// ran (re-creating the directory), and returns their names. Without this the maps would
+    /// live on only as long as the agent: the next one would start from empty maps.
+    pub fn repin_maps(&self) -> Result<Vec<&str>, DatapathError> {
+        let missing: Vec<_> = self
+            .map_pins
+            .iter()
+            .filter(|(name, _)| !self.dirs.maps.join(name).exists())
+            .collect();
+        if missing.is_empty() {
+            return Ok(Vec::new());
+        }
+        let dir = &self.dirs.maps;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io_err(dir))?;
+        if !is_bpffs(dir)? {
+            return Err(DatapathError::NotBpffs { path: dir.clone() });
+        }
+        let mut pinned = Vec::new();
+        for (name, data) in missing {
+            let path = dir.join(name);
+            data.pin(&path).map_err(|e| DatapathError::Io {
+                path: path.clone(),
+                source: io::Error::other(e.to_string()),
+            })?;
+            pinned.push(name.as_str());
+        }
+        Ok(pinned)
     }
 
     pub fn detach(&mut self, ifindex: u32) -> Result<(), DatapathError> {

@@ -1300,3 +1300,89 @@ fn node_addresses_added_and_removed_at_runtime_are_followed_without_displacing_a
     );
     assert!(client_connects, "the client no longer connects: {outcome}");
 }
+
+/// The agent's map pins removed from bpffs while it runs (a clean-up gone wrong): the maps
+/// live on through the agent's descriptors, and it pins them again, directory and all, so that
+/// an agent killed and started after that finds the same state — the pair's auth entry and the
+/// counters — instead of empty maps.
+#[test]
+fn map_pins_removed_at_runtime_are_pinned_again_and_a_restart_keeps_the_state() {
+    let spec = Spec {
+        nodes: vec![
+            NodeSpec::new("node-1", vec![PodSpec::new("client")]),
+            NodeSpec::new("node-2", vec![PodSpec::new("server")]),
+        ],
+    };
+    let mut tb = up(&spec, &Options::default());
+    let maps = tb.node("node-2").bpffs_dir.join("maps");
+    let s = scenario(&tb);
+    let _server = s.serve("server", PORT);
+    let target = s.addr("server", Family::V4);
+    s.allow("server", "client");
+    assert!(
+        ok(&s.connect("client", target, PORT, 3000)),
+        "the allowed pair does not connect"
+    );
+    let listing = || {
+        let mut names: Vec<String> = std::fs::read_dir(&maps)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    };
+    let pins = listing();
+    let before = s.status("node-2");
+    let auth_before = before["auth_total"].as_u64();
+    let passed_before = counters(&before)["pass_authenticated"];
+
+    std::fs::remove_dir_all(&maps).expect("removing the map pins");
+    let t = Instant::now();
+    let repinned = eventually(Duration::from_secs(5), || listing() == pins);
+    let repin_s = t.elapsed().as_secs_f64();
+    let pinned_log = tb.agent_log("node-2").contains("pinned them again");
+    drop(s);
+
+    let killed = tb.kill_agent("node-2").expect("killing node-2's agent");
+    tb.start_agent("node-2")
+        .expect("starting node-2's agent again");
+    let s = scenario(&tb);
+    let after = s.status("node-2");
+    let connects = ok(&s.connect("client", target, PORT, 3000));
+    let outcome = json!({
+        "pins": pins,
+        "repinned": repinned,
+        "repin_seconds": repin_s,
+        "logged": pinned_log,
+        "killed": format!("{killed:?}"),
+        "auth_total_before": auth_before,
+        "auth_total_after_restart": after["auth_total"],
+        "pass_authenticated_before": passed_before,
+        "pass_authenticated_after_restart": counters(&after)["pass_authenticated"],
+        "connects_after_restart": connects,
+    });
+    report("map_pins_removed", &outcome);
+    assert!(
+        pins.len() >= 5 && pins.iter().any(|p| p == "PC_AUTH"),
+        "the agent's map pins were not found: {outcome}"
+    );
+    assert!(
+        repinned && pinned_log,
+        "the removed map pins were not pinned again: {outcome}"
+    );
+    assert!(
+        auth_before >= Some(1) && after["auth_total"].as_u64() == auth_before,
+        "the restarted agent did not find the auth entries: {outcome}"
+    );
+    assert!(
+        counters(&after)["pass_authenticated"] >= passed_before,
+        "the counters were reset: {outcome}"
+    );
+    assert!(
+        connects,
+        "the pair does not connect after the restart: {outcome}"
+    );
+}
