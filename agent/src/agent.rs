@@ -159,6 +159,15 @@ struct Refusals {
     name_error: Option<String>,
 }
 
+impl Refusals {
+    /// Counts an auth entry the kernel (or the numbering) refused, keeps why, and returns it.
+    fn auth_refused(&mut self, why: String) -> String {
+        self.auth += 1;
+        self.auth_error = Some(why.clone());
+        why
+    }
+}
+
 struct Iface {
     mode: Mode,
     name: String,
@@ -223,6 +232,16 @@ pub struct Agent {
     walk_all: bool,
     /// Why removed map pins could not be made again, last logged (log once).
     map_pin_error: Option<String>,
+}
+
+/// Records `now` as the latest of a recurring problem; true if it differs from the last one
+/// (so that it is logged once, not at every reconciliation).
+fn is_new(last: &mut Option<String>, now: String) -> bool {
+    if last.as_ref() == Some(&now) {
+        return false;
+    }
+    *last = Some(now);
+    true
 }
 
 /// Audit records are rate-limited (a token bucket: `AUDIT_BURST` at once, `AUDIT_PER_SEC`
@@ -604,10 +623,8 @@ impl Agent {
                 self.map_pin_error = None;
             }
             Err(e) => {
-                let e = e.to_string();
-                if self.map_pin_error.as_ref() != Some(&e) {
+                if is_new(&mut self.map_pin_error, e.to_string()) {
                     tracing::error!(error = %e, "pinned maps vanished and cannot be pinned again: enforcement goes on, but an agent started after this one would begin from empty maps; retrying at each reconciliation");
-                    self.map_pin_error = Some(e);
                 }
             }
         }
@@ -745,10 +762,8 @@ impl Agent {
                 a
             }
             Err(e) => {
-                let e = e.to_string();
-                if self.host_addr_error.as_ref() != Some(&e) {
+                if is_new(&mut self.host_addr_error, e.to_string()) {
                     tracing::warn!(error = %e, "cannot list this node's addresses; connections from the node are treated as from unknown peers");
-                    self.host_addr_error = Some(e);
                 }
                 // Keep what is programmed rather than cut probes over a transient failure.
                 for (a, ep) in &self.programmed {
@@ -1286,10 +1301,10 @@ impl Agent {
         })() {
             Ok(k) => k,
             Err(e) => {
-                self.refusals.auth += 1;
-                let e = format!("cannot number the pair: {e}");
+                let e = self
+                    .refusals
+                    .auth_refused(format!("cannot number the pair: {e}"));
                 tracing::error!(error = %e, "auth entry not written; the pair is not admitted");
-                self.refusals.auth_error = Some(e.clone());
                 return Err(e);
             }
         };
@@ -1318,11 +1333,9 @@ impl Agent {
             &decision.inbound,
         );
         self.dp.allow_pair(&key, &value).map_err(|e| {
-            self.refusals.auth += 1;
-            let e = e.to_string();
+            let e = self.refusals.auth_refused(e.to_string());
             // One line per refusal is bounded by the handshake rate, which is limited.
             tracing::error!(error = %e, local = %local, remote = %remote, "auth entry not written; the pair is not admitted");
-            self.refusals.auth_error = Some(e.clone());
             e
         })
     }
@@ -1486,8 +1499,7 @@ impl Agent {
             ..AuthValue::default()
         };
         if let Err(e) = self.dp.allow_pair(&key, &value) {
-            self.refusals.auth += 1;
-            self.refusals.auth_error = Some(e.to_string());
+            self.refusals.auth_refused(e.to_string());
             return Err(e.into());
         }
         tracing::info!(target: "portcullis::audit", event = "auth_allow", %local, %remote, %remote_node, ttl_secs, "auth entry written by hand");

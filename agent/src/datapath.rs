@@ -115,6 +115,32 @@ impl DatapathError {
     }
 }
 
+/// A failed `BPF_OBJ_PIN` at `path`.
+fn pin_err(path: &Path) -> impl FnOnce(aya::pin::PinError) -> DatapathError + '_ {
+    move |e| DatapathError::Io {
+        path: path.to_owned(),
+        source: io::Error::other(e.to_string()),
+    }
+}
+
+/// Makes pin directory `dir` (again, if it was removed while the agent ran) and checks that it
+/// is on bpffs: a pin anywhere else would be refused, and an object unpinned dies with the
+/// agent.
+fn pin_dir(dir: &Path) -> Result<(), DatapathError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io_err(dir))?;
+    if is_bpffs(dir)? {
+        Ok(())
+    } else {
+        Err(DatapathError::NotBpffs {
+            path: dir.to_owned(),
+        })
+    }
+}
+
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DatapathError + '_ {
     move |source| DatapathError::Io {
         path: path.to_owned(),
@@ -340,14 +366,8 @@ impl Datapath {
     /// Attaches both programs to a pod's host-side interface, adopting pinned links.
     pub fn attach(&mut self, iface: &Interface) -> Result<Attached, DatapathError> {
         // A link lives on only while pinned: never attach one that cannot be (the pin
-        // directory removed, bpffs unmounted), or it would go with the agent. The directory is
-        // made again if it was removed.
-        fs::create_dir_all(&self.dirs.links).map_err(io_err(&self.dirs.links))?;
-        if !is_bpffs(&self.dirs.links)? {
-            return Err(DatapathError::NotBpffs {
-                path: self.dirs.links.clone(),
-            });
-        }
+        // directory removed, bpffs unmounted), or it would go with the agent.
+        pin_dir(&self.dirs.links)?;
         let mut outcome = Attached::Adopted;
         for hook in Hook::ALL {
             if self.attach_hook(iface, hook)? == Attached::New {
@@ -442,10 +462,7 @@ impl Datapath {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err(&path)(e)),
         }
-        link.pin(&path).map_err(|e| DatapathError::Io {
-            path: path.clone(),
-            source: io::Error::other(e.to_string()),
-        })?;
+        link.pin(&path).map_err(pin_err(&path))?;
         self.set_syn_rto(jiffies)
     }
 
@@ -469,8 +486,6 @@ impl Datapath {
             })
     }
 
-    /// Detaches from an interface by removing its pins (the kernel releases a link when its
-    /// last reference goes). Missing pins are not an error: the interface may be gone.
     /// Whether both of an interface's links are still pinned: a pin removed from outside
     /// (bpffs cleaned up, unmounted) takes its link, and enforcement, with it.
     #[must_use]
@@ -492,27 +507,18 @@ impl Datapath {
         if missing.is_empty() {
             return Ok(Vec::new());
         }
-        let dir = &self.dirs.maps;
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(io_err(dir))?;
-        if !is_bpffs(dir)? {
-            return Err(DatapathError::NotBpffs { path: dir.clone() });
-        }
+        pin_dir(&self.dirs.maps)?;
         let mut pinned = Vec::new();
         for (name, data) in missing {
-            let path = dir.join(name);
-            data.pin(&path).map_err(|e| DatapathError::Io {
-                path: path.clone(),
-                source: io::Error::other(e.to_string()),
-            })?;
+            let path = self.dirs.maps.join(name);
+            data.pin(&path).map_err(pin_err(&path))?;
             pinned.push(name.as_str());
         }
         Ok(pinned)
     }
 
+    /// Detaches from an interface by removing its pins (the kernel releases a link when its
+    /// last reference goes). Missing pins are not an error: the interface may be gone.
     pub fn detach(&mut self, ifindex: u32) -> Result<(), DatapathError> {
         for hook in Hook::ALL {
             let path = self.dirs.link(ifindex, hook);

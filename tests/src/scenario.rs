@@ -124,6 +124,25 @@ impl Scenario<'_> {
         c
     }
 
+    /// `probe ARGS` on node `node` itself (its network namespace, outside any pod), stdout
+    /// piped like [`Scenario::probe_cmd`].
+    pub fn probe_node_cmd(&self, node: &str, args: &[&str]) -> std::process::Command {
+        let mut full: Vec<&std::ffi::OsStr> = vec![self.probe.as_os_str()];
+        full.extend(args.iter().map(|a| std::ffi::OsStr::new(*a)));
+        let mut c = self.tb.exec_node(node, &full);
+        c.stdout(Stdio::piped()).stderr(Stdio::inherit());
+        c
+    }
+
+    /// Runs `probe ARGS` on node `node` itself and returns its last JSON line.
+    pub fn probe_node(&self, node: &str, args: &[&str]) -> Value {
+        let out = self
+            .probe_node_cmd(node, args)
+            .output()
+            .expect("running probe on the node");
+        last_json(&out.stdout)
+    }
+
     /// Starts `probe send` in `pod`: `bytes` to `to:port`, paced over `seconds`, each I/O
     /// bounded by `timeout_ms`. [`Transfer::finish`] waits for its verdict.
     pub fn transfer(
@@ -178,6 +197,28 @@ impl Scenario<'_> {
                 &timeout_ms.to_string(),
             ],
         )
+    }
+
+    /// `probe connect` run on node `node` itself (its network namespace, outside any pod),
+    /// from address `from` of the node if given.
+    pub fn connect_from_node(
+        &self,
+        node: &str,
+        from: Option<IpAddr>,
+        to: IpAddr,
+        port: u16,
+        timeout_ms: u32,
+    ) -> Value {
+        let (to, timeout, from) = (
+            sock(to, port),
+            timeout_ms.to_string(),
+            from.map(|a| a.to_string()),
+        );
+        let mut args = vec!["connect", "--to", &to, "--timeout-ms", &timeout];
+        if let Some(from) = &from {
+            args.extend(["--from", from]);
+        }
+        self.probe_node(node, &args)
     }
 
     /// The agent CLI on `node`: success and combined output.

@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use testbed::{
     NodeSpec, Options, PodSpec, Spec, Testbed,
     cluster::Workload,
-    scenario::{Family, Scenario, eventually, last_json, ok},
+    scenario::{Family, Scenario, Server, eventually, last_json, ok},
 };
 
 const PORT: u16 = 8080;
@@ -33,6 +33,31 @@ fn root() {
 fn up(spec: &Spec, opts: &Options) -> Testbed {
     root();
     Testbed::up(spec, opts).unwrap_or_else(|e| panic!("testbed up: {e:#}"))
+}
+
+/// `client` on node-1 and `server` on node-2, and an empty node-3 if `spare`.
+fn pair_spec(spare: bool) -> Spec {
+    let mut nodes = vec![
+        NodeSpec::new("node-1", vec![PodSpec::new("client")]),
+        NodeSpec::new("node-2", vec![PodSpec::new("server")]),
+    ];
+    if spare {
+        nodes.push(NodeSpec::new("node-3", vec![]));
+    }
+    Spec { nodes }
+}
+
+/// `server` listening on `PORT` and the pair (client → server) allowed by entry; asserts the
+/// client connects. Returns the server and its address in `family`.
+fn allowed_pair(s: &Scenario<'_>, family: Family) -> (Server, IpAddr) {
+    let server = s.serve("server", PORT);
+    let target = s.addr("server", family);
+    s.allow("server", "client");
+    assert!(
+        ok(&s.connect("client", target, PORT, 3000)),
+        "the allowed pair does not connect"
+    );
+    (server, target)
 }
 
 /// Agents that authenticate pairs by handshake, only on demand (no proactive authentication).
@@ -325,13 +350,7 @@ fn a_partitioned_peer_fails_closed_with_backoff_and_recovers_by_itself() {
 #[test]
 fn a_syn_flood_from_many_enrolled_sources_is_counted_and_a_legitimate_pair_still_authenticates() {
     const SOURCES: u32 = 20_000;
-    let spec = Spec {
-        nodes: vec![
-            NodeSpec::new("node-1", vec![PodSpec::new("client")]),
-            NodeSpec::new("node-2", vec![PodSpec::new("server")]),
-            NodeSpec::new("node-3", vec![]),
-        ],
-    };
+    let spec = pair_spec(true);
     let mut tb = up(&spec, &handshaking());
     tb.stop_agent("node-3").expect("stopping node-3's agent");
     let first: Ipv6Addr = "fd00:18:3::1:0".parse().unwrap();
@@ -368,27 +387,22 @@ fn a_syn_flood_from_many_enrolled_sources_is_counted_and_a_legitimate_pair_still
     let before = s.status("node-2");
     tb.pause_agent("node-2").expect("SIGSTOP node-2's agent");
     let s = scenario(&tb);
-    let flood =
-        s.tb.exec_node(
-            "node-3",
-            &[
-                s.probe.to_str().unwrap(),
-                "flood",
-                "--to",
-                &format!("[{server}]:{PORT}"),
-                "--sources",
-                &first.to_string(),
-                "--count",
-                &SOURCES.to_string(),
-                "--packets",
-                &(2 * SOURCES).to_string(),
-                "--seconds",
-                "20",
-            ],
-        )
-        .output()
-        .expect("running probe flood");
-    let flood = last_json(&flood.stdout);
+    let flood = s.probe_node(
+        "node-3",
+        &[
+            "flood",
+            "--to",
+            &format!("[{server}]:{PORT}"),
+            "--sources",
+            &first.to_string(),
+            "--count",
+            &SOURCES.to_string(),
+            "--packets",
+            &(2 * SOURCES).to_string(),
+            "--seconds",
+            "20",
+        ],
+    );
     tb.resume_agent("node-2").expect("SIGCONT node-2's agent");
     let s = scenario(&tb);
     assert!(ok(&flood), "the flood tool failed: {flood}");
@@ -481,23 +495,11 @@ fn workload_of(tb: &Testbed, pod: &str) -> Workload {
 #[test]
 fn full_endpoint_and_name_maps_leave_remote_peers_out_and_revocation_goes_on() {
     const FLOOD: u32 = 262_144;
-    let spec = Spec {
-        nodes: vec![
-            NodeSpec::new("node-1", vec![PodSpec::new("client")]),
-            NodeSpec::new("node-2", vec![PodSpec::new("server")]),
-            NodeSpec::new("node-3", vec![]),
-        ],
-    };
+    let spec = pair_spec(true);
     let mut tb = up(&spec, &Options::default());
     tb.stop_agent("node-3").expect("stopping node-3's agent");
     let s = scenario(&tb);
-    let _server = s.serve("server", PORT);
-    let target = s.addr("server", Family::V6);
-    s.allow("server", "client");
-    assert!(
-        ok(&s.connect("client", target, PORT, 3000)),
-        "the allowed pair does not connect"
-    );
+    let (_server, target) = allowed_pair(&s, Family::V6);
     let client = workload_of(&tb, "client");
     let first: Ipv6Addr = "fd00:18:3::1:0".parse().unwrap();
     let t = Instant::now();
@@ -646,12 +648,7 @@ fn map_fill(s: &Scenario<'_>, node: &str, map: &str, count: u32, delete: bool) -
 /// the pair's next connection authenticates by itself.
 #[test]
 fn a_full_auth_map_refuses_the_pair_visibly_and_recovers() {
-    let spec = Spec {
-        nodes: vec![
-            NodeSpec::new("node-1", vec![PodSpec::new("client")]),
-            NodeSpec::new("node-2", vec![PodSpec::new("server")]),
-        ],
-    };
+    let spec = pair_spec(false);
     let tb = up(&spec, &handshaking());
     let s = scenario(&tb);
     let _server = s.serve("server", PORT);
@@ -766,7 +763,6 @@ fn a_flow_table_flood_evicts_visibly_and_admits_nothing_unauthenticated() {
                 "3000",
             ],
         )
-        .stdout(Stdio::piped())
         .spawn()
         .expect("spawning the idle connection");
     thread::sleep(Duration::from_secs(2));
@@ -926,7 +922,6 @@ fn interface_loss_pin_loss_and_a_pod_deleted_mid_handshake_are_survived() {
                 "3000",
             ],
         )
-        .stdout(Stdio::piped())
         .spawn()
         .expect("connecting to the doomed pod");
     thread::sleep(Duration::from_millis(700));
@@ -1069,13 +1064,7 @@ fn handshake_metric(tb: &Testbed, node: &str, labels: &[&str]) -> u64 {
 #[test]
 fn ten_thousand_idle_handshake_connections_leave_descriptors_bounded() {
     const CONNECTIONS: u64 = 10_000;
-    let spec = Spec {
-        nodes: vec![
-            NodeSpec::new("node-1", vec![PodSpec::new("client")]),
-            NodeSpec::new("node-2", vec![PodSpec::new("server")]),
-            NodeSpec::new("node-3", vec![]),
-        ],
-    };
+    let spec = pair_spec(true);
     let mut tb = up(&spec, &handshaking());
     let pid = tb.agent_pid("node-2").expect("node-2's agent pid");
     let fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count);
@@ -1084,11 +1073,10 @@ fn ten_thousand_idle_handshake_connections_leave_descriptors_bounded() {
     let _server = s.serve("server", PORT);
     let port = tb.node("node-2").agent_address.to_string();
     let started = Instant::now();
-    let mut hold =
-        s.tb.exec_node(
+    let mut hold = s
+        .probe_node_cmd(
             "node-3",
             &[
-                s.probe.to_str().unwrap(),
                 "hold",
                 "--to",
                 &port,
@@ -1100,7 +1088,6 @@ fn ten_thousand_idle_handshake_connections_leave_descriptors_bounded() {
                 "2000",
             ],
         )
-        .stdout(Stdio::piped())
         .spawn()
         .expect("spawning probe hold");
     let mut peak = baseline;
@@ -1185,22 +1172,11 @@ fn ten_thousand_idle_handshake_connections_leave_descriptors_bounded() {
 /// the client's genuine connections go on.
 #[test]
 fn node_addresses_added_and_removed_at_runtime_are_followed_without_displacing_a_pod() {
-    let spec = Spec {
-        nodes: vec![
-            NodeSpec::new("node-1", vec![PodSpec::new("client")]),
-            NodeSpec::new("node-2", vec![PodSpec::new("server")]),
-        ],
-    };
+    let spec = pair_spec(false);
     let tb = up(&spec, &Options::default());
     let s = scenario(&tb);
-    let _server = s.serve("server", PORT);
-    let target = s.addr("server", Family::V4);
+    let (_server, target) = allowed_pair(&s, Family::V4);
     let client = s.addr("client", Family::V4);
-    s.allow("server", "client");
-    assert!(
-        ok(&s.connect("client", target, PORT, 3000)),
-        "the allowed pair does not connect"
-    );
     let entries = |s: &Scenario<'_>| map_of(&s.status("node-2"), "endpoints")["entries"].as_u64();
     let before = entries(&s);
     let ip = |args: &[&str]| {
@@ -1211,25 +1187,7 @@ fn node_addresses_added_and_removed_at_runtime_are_followed_without_displacing_a
             String::from_utf8_lossy(&out.stderr)
         );
     };
-    let from_node = |from: IpAddr| {
-        let out = tb
-            .exec_node(
-                "node-2",
-                &[
-                    s.probe.to_string_lossy().as_ref(),
-                    "connect",
-                    "--to",
-                    &format!("{target}:{PORT}"),
-                    "--from",
-                    &from.to_string(),
-                    "--timeout-ms",
-                    "1000",
-                ],
-            )
-            .output()
-            .expect("probe on node-2");
-        last_json(&out.stdout)
-    };
+    let from_node = |from: IpAddr| s.connect_from_node("node-2", Some(from), target, PORT, 1000);
     let pass_host = |s: &Scenario<'_>| counters(&s.status("node-2"))["pass_host"];
 
     // A new address of the node: programmed as the node's, without a cluster-state change.
@@ -1307,22 +1265,11 @@ fn node_addresses_added_and_removed_at_runtime_are_followed_without_displacing_a
 /// counters — instead of empty maps.
 #[test]
 fn map_pins_removed_at_runtime_are_pinned_again_and_a_restart_keeps_the_state() {
-    let spec = Spec {
-        nodes: vec![
-            NodeSpec::new("node-1", vec![PodSpec::new("client")]),
-            NodeSpec::new("node-2", vec![PodSpec::new("server")]),
-        ],
-    };
+    let spec = pair_spec(false);
     let mut tb = up(&spec, &Options::default());
     let maps = tb.node("node-2").bpffs_dir.join("maps");
     let s = scenario(&tb);
-    let _server = s.serve("server", PORT);
-    let target = s.addr("server", Family::V4);
-    s.allow("server", "client");
-    assert!(
-        ok(&s.connect("client", target, PORT, 3000)),
-        "the allowed pair does not connect"
-    );
+    let (_server, target) = allowed_pair(&s, Family::V4);
     let listing = || {
         let mut names: Vec<String> = std::fs::read_dir(&maps)
             .map(|d| {

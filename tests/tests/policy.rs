@@ -377,23 +377,7 @@ fn node_traffic_and_other_protocols_follow_the_policy() {
     let _server = s.serve("server", PORT);
     warm(&s, "client", "server");
     let server = s.addr("server", Family::V4);
-    let from_node = || {
-        let out = tb
-            .exec_node(
-                "node-2",
-                &[
-                    s.probe.to_string_lossy().as_ref(),
-                    "connect",
-                    "--to",
-                    &sock(server, PORT),
-                    "--timeout-ms",
-                    "1000",
-                ],
-            )
-            .output()
-            .expect("probe on node-2");
-        testbed::scenario::last_json(&out.stdout)
-    };
+    let from_node = || s.connect_from_node("node-2", None, server, PORT, 1000);
     let ping = || {
         tb.exec(
             "client",
