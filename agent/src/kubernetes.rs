@@ -130,6 +130,25 @@ impl KubeSource {
     }
 }
 
+/// Tells the builder that a store changed. Raising it never waits, and any number of raises
+/// before the builder looks again wake it once: a watcher's stream is polled however slowly the
+/// builder works. (A list of thousands of objects arrives as thousands of events before the
+/// builder runs even once: a bounded queue of one message per event would fill, stop the stream
+/// that must finish the list, and the builder, waiting for that list, would never run.)
+#[derive(Debug, Clone, Default)]
+pub struct Changed(Arc<Notify>);
+
+impl Changed {
+    pub fn raise(&self) {
+        self.0.notify_one();
+    }
+
+    /// Returns at once if raised since the last wait, else at the next raise.
+    pub async fn wait(&self) {
+        self.0.notified().await;
+    }
+}
+
 async fn run(
     client: Client,
     config: KubeConfig,
@@ -139,7 +158,8 @@ async fn run(
     let (pods, pod_writer) = reflector::store::<Pod>();
     let (nodes, node_writer) = reflector::store::<Node>();
     let (cms, cm_writer) = reflector::store::<ConfigMap>();
-    let (changed_tx, mut changed_rx) = tokio::sync::mpsc::channel::<&'static str>(64);
+    let changed = Changed::default();
+    let mut drivers = tokio::task::JoinSet::new();
 
     let pod_stream = reflector(
         pod_writer,
@@ -148,7 +168,7 @@ async fn run(
             watcher::Config::default().any_semantic(),
         ),
     );
-    tokio::spawn(drive("pods", pod_stream, changed_tx.clone()));
+    drivers.spawn(drive("pods", pod_stream, changed.clone()));
     let node_stream = reflector(
         node_writer,
         watcher(
@@ -156,7 +176,7 @@ async fn run(
             watcher::Config::default().any_semantic(),
         ),
     );
-    tokio::spawn(drive("nodes", node_stream, changed_tx.clone()));
+    drivers.spawn(drive("nodes", node_stream, changed.clone()));
     if let Some((ns, name)) = &config.policy_configmap {
         let cm_stream = reflector(
             cm_writer,
@@ -167,11 +187,10 @@ async fn run(
                     .fields(&format!("metadata.name={name}")),
             ),
         );
-        tokio::spawn(drive("configmap", cm_stream, changed_tx.clone()));
+        drivers.spawn(drive("configmap", cm_stream, changed.clone()));
     } else {
         drop(cm_writer);
     }
-    drop(changed_tx);
     // Nothing is published before the first complete lists: a partial view would revoke pairs.
     let _ = pods.wait_until_ready().await;
     let _ = nodes.wait_until_ready().await;
@@ -212,21 +231,22 @@ async fn run(
         });
         notify.notify_one();
         // Coalesce bursts: rebuild at most once per change batch.
-        if changed_rx.recv().await.is_none() {
-            tracing::error!("every Kubernetes watcher stopped");
-            return;
+        tokio::select! {
+            () = changed.wait() => {}
+            _ = drivers.join_next() => {
+                tracing::error!("a Kubernetes watcher stopped; cluster state is no longer followed");
+                return;
+            }
         }
-        while changed_rx.try_recv().is_ok() {}
     }
 }
 
 /// Runs one watcher to completion (never, normally), logging its errors (the watcher backs off
-/// and retries by itself: a 410 Gone becomes a fresh list) and signalling every change.
-async fn drive<K, S>(
-    what: &'static str,
-    stream: S,
-    changed: tokio::sync::mpsc::Sender<&'static str>,
-) where
+/// and retries by itself: a 410 Gone becomes a fresh list) and raising `changed` at every
+/// event. It never waits for the builder: the stream must go on being polled, for the store
+/// sees the end of a list only through it.
+async fn drive<K, S>(what: &'static str, stream: S, changed: Changed)
+where
     S: futures_util::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send,
 {
     let stream = stream.default_backoff();
@@ -240,9 +260,7 @@ async fn drive<K, S>(
                 if matches!(ev, watcher::Event::InitDone) {
                     tracing::info!(what, "list complete; watching");
                 }
-                if changed.send(what).await.is_err() {
-                    return;
-                }
+                changed.raise();
             }
             Ok(None) => return,
             Err(e) => {
@@ -408,6 +426,44 @@ mod tests {
             handshake_port: 4181,
             policy_configmap: None,
         }
+    }
+
+    /// A list far longer than any queue between the watcher and the builder: the driver takes
+    /// every event while nobody looks at the signal, and the signal then wakes the builder once.
+    #[tokio::test(start_paused = true)]
+    async fn a_long_list_is_taken_whole_while_the_builder_waits() {
+        let events: Vec<Result<watcher::Event<Pod>, watcher::Error>> =
+            std::iter::once(Ok(watcher::Event::Init))
+                .chain((0..10_000).map(|i| {
+                    let mut p = Pod::default();
+                    p.metadata.name = Some(format!("p{i}"));
+                    Ok(watcher::Event::InitApply(p))
+                }))
+                .chain(std::iter::once(Ok(watcher::Event::InitDone)))
+                .collect();
+        let taken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = taken.clone();
+        let stream =
+            futures_util::StreamExt::inspect(futures_util::stream::iter(events), move |_| {
+                counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            });
+        let changed = Changed::default();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            drive("pods", stream, changed.clone()),
+        )
+        .await
+        .expect("the driver blocked before the end of the list");
+        assert_eq!(taken.load(std::sync::atomic::Ordering::Relaxed), 10_002);
+        tokio::time::timeout(Duration::from_millis(1), changed.wait())
+            .await
+            .expect("the builder is woken");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(1), changed.wait())
+                .await
+                .is_err(),
+            "10,002 raises wake the builder once"
+        );
     }
 
     #[test]

@@ -4,6 +4,12 @@
 //! - `GET /api/v1/pods`, `/api/v1/nodes`, `/api/v1/namespaces/{ns}/configmaps` (with
 //!   `fieldSelector=metadata.name=…`): a `PodList`/`NodeList`/`ConfigMapList` whose
 //!   `metadata.resourceVersion` is the current version;
+//! - with `limit=N`, the list in pages, as the API server pages a list for a client that asks:
+//!   each page carries at most N items and, but for the last, an opaque `continue` token and
+//!   `remainingItemCount`; every page of one list shows the same snapshot, taken at the first
+//!   page, with that page's `resourceVersion`. A `continue` token whose snapshot is older than
+//!   the last [`FakeApi::expire`] gets `410 Gone` (reason `Expired`), as after an etcd
+//!   compaction, and the client must list again from the start;
 //! - the same with `watch=true&resourceVersion=N`: a chunked stream of watch events (`ADDED`,
 //!   `MODIFIED`, `DELETED` with the object, `BOOKMARK` every second when
 //!   `allowWatchBookmarks=true`), ended after `timeoutSeconds`; a `resourceVersion` older than
@@ -11,12 +17,15 @@
 //!   `ERROR` event carrying a `Status` with code 410 (reason `Expired`).
 //!
 //! Objects are JSON values as a real server would return them (the test writes real Pod and
-//! Node manifests); the server stamps `metadata.resourceVersion` and `metadata.uid`.
+//! Node manifests, or [`realistic_pod`] ones); the server stamps `metadata.resourceVersion` and
+//! `metadata.uid`. Each object is serialized once, when it is applied: lists and watch events
+//! are assembled from those bytes, so serving 100,000 objects costs copying them, not encoding
+//! them again per request.
 
 use std::{
-    collections::BTreeMap,
-    io::{BufRead, BufReader, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
+    collections::{BTreeMap, VecDeque},
+    io::{BufRead, BufReader, BufWriter, Write},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
     sync::{
         Arc, Condvar, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -45,18 +54,41 @@ impl Kind {
     }
 }
 
+/// (kind, namespace, name): the order lists are served in, as the API server serves them in
+/// key order.
 type Key = (Kind, String, String);
+
+/// A watch event, with its object already serialized.
+struct Event {
+    rv: u64,
+    key: Key,
+    kind_of_event: &'static str,
+    object: Arc<str>,
+}
+
+/// The items of one list at the resource version of its first page, kept while its client
+/// pages through it.
+struct Snapshot {
+    rv: u64,
+    items: Arc<Vec<Arc<str>>>,
+}
+
+/// Lists paged through at once, at most (the oldest is forgotten beyond: its token then gets
+/// 410, as an expired one does).
+const MAX_SNAPSHOTS: usize = 64;
 
 #[derive(Default)]
 struct State {
     rv: u64,
-    objects: BTreeMap<Key, Value>,
-    /// (resource version, kind, event type, object).
-    events: Vec<(u64, Kind, &'static str, Value)>,
+    objects: BTreeMap<Key, Arc<str>>,
+    /// In resource-version order.
+    events: VecDeque<Event>,
     /// Watches from a version below this are answered with 410 Gone.
     compacted_before: u64,
     /// Bumped by `expire`: open watches end with 410.
     epoch: u64,
+    snapshots: BTreeMap<u64, Snapshot>,
+    next_snapshot: u64,
     /// Request lines served, for the test to inspect.
     requests: Vec<String>,
 }
@@ -115,70 +147,100 @@ impl FakeApi {
         format!("http://{}", self.addr)
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.shared.state.lock().expect("fake API state")
+    }
+
     /// Creates or replaces an object (ADDED or MODIFIED).
-    pub fn apply(&self, kind: Kind, mut obj: Value) {
-        let ns = obj["metadata"]["namespace"]
-            .as_str()
-            .unwrap_or("")
-            .to_owned();
-        let name = obj["metadata"]["name"]
-            .as_str()
-            .expect("object without metadata.name")
-            .to_owned();
-        let mut st = self.shared.state.lock().expect("fake API state");
-        st.rv += 1;
-        let rv = st.rv;
-        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
-        obj["metadata"]["uid"] = json!(format!("uid-{}-{ns}-{name}", kind.name()));
-        obj["apiVersion"] = json!("v1");
-        obj["kind"] = json!(kind.name());
-        let key = (kind, ns, name);
-        let kind_of_event = if st.objects.contains_key(&key) {
-            "MODIFIED"
-        } else {
-            "ADDED"
-        };
-        st.objects.insert(key, obj.clone());
-        st.events.push((rv, kind, kind_of_event, obj));
+    pub fn apply(&self, kind: Kind, obj: Value) {
+        self.apply_all(kind, std::iter::once(obj));
+    }
+
+    /// Creates or replaces many objects, each one event, under one lock.
+    pub fn apply_all(&self, kind: Kind, objs: impl IntoIterator<Item = Value>) {
+        let mut st = self.lock();
+        for mut obj in objs {
+            let ns = obj["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned();
+            let name = obj["metadata"]["name"]
+                .as_str()
+                .expect("object without metadata.name")
+                .to_owned();
+            st.rv += 1;
+            let rv = st.rv;
+            obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+            obj["metadata"]["uid"] = json!(format!("uid-{}-{ns}-{name}", kind.name()));
+            obj["apiVersion"] = json!("v1");
+            obj["kind"] = json!(kind.name());
+            let object: Arc<str> = obj.to_string().into();
+            let key = (kind, ns, name);
+            let kind_of_event = if st.objects.insert(key.clone(), object.clone()).is_some() {
+                "MODIFIED"
+            } else {
+                "ADDED"
+            };
+            st.events.push_back(Event {
+                rv,
+                key,
+                kind_of_event,
+                object,
+            });
+        }
         drop(st);
         self.shared.changed.notify_all();
     }
 
     /// Deletes an object (DELETED).
     pub fn delete(&self, kind: Kind, namespace: &str, name: &str) {
-        let mut st = self.shared.state.lock().expect("fake API state");
-        let Some(mut obj) = st
-            .objects
-            .remove(&(kind, namespace.to_owned(), name.to_owned()))
-        else {
+        let mut st = self.lock();
+        let key = (kind, namespace.to_owned(), name.to_owned());
+        let Some(object) = st.objects.remove(&key) else {
             return;
         };
         st.rv += 1;
         let rv = st.rv;
+        let mut obj: Value = serde_json::from_str(&object).expect("stored JSON");
         obj["metadata"]["resourceVersion"] = json!(rv.to_string());
-        st.events.push((rv, kind, "DELETED", obj));
+        st.events.push_back(Event {
+            rv,
+            key,
+            kind_of_event: "DELETED",
+            object: obj.to_string().into(),
+        });
         drop(st);
         self.shared.changed.notify_all();
     }
 
     /// Compacts history: every open watch ends with 410 Gone, and so does any watch resumed
-    /// from a version up to now, forcing clients to list again.
+    /// from a version up to now and any `continue` token of a list taken before now, forcing
+    /// clients to list again.
     pub fn expire(&self) {
-        let mut st = self.shared.state.lock().expect("fake API state");
+        let mut st = self.lock();
         st.compacted_before = st.rv + 1;
         st.epoch += 1;
+        let before = st.compacted_before;
+        st.snapshots.retain(|_, s| s.rv >= before);
+        while st.events.front().is_some_and(|e| e.rv < before) {
+            st.events.pop_front();
+        }
         drop(st);
         self.shared.changed.notify_all();
     }
 
     /// Request lines served so far.
     pub fn requests(&self) -> Vec<String> {
-        self.shared
-            .state
-            .lock()
-            .expect("fake API state")
-            .requests
-            .clone()
+        self.lock().requests.clone()
+    }
+
+    /// How many objects of `kind` the server holds.
+    pub fn count(&self, kind: Kind) -> usize {
+        self.lock()
+            .objects
+            .keys()
+            .filter(|(k, _, _)| *k == kind)
+            .count()
     }
 }
 
@@ -244,19 +306,19 @@ fn decode(v: &str) -> String {
 }
 
 impl Request {
-    fn selects(&self, kind: Kind, obj: &Value) -> bool {
-        if kind != self.kind {
+    fn selects(&self, (kind, ns, name): &Key) -> bool {
+        if *kind != self.kind {
             return false;
         }
-        if let Some(ns) = &self.namespace
-            && obj["metadata"]["namespace"].as_str() != Some(ns.as_str())
+        if let Some(want) = &self.namespace
+            && want != ns
         {
             return false;
         }
         if let Some(sel) = self.query.get("fieldSelector") {
             for term in sel.split(',').filter(|t| !t.is_empty()) {
-                if let Some(name) = term.strip_prefix("metadata.name=")
-                    && obj["metadata"]["name"].as_str() != Some(name)
+                if let Some(want) = term.strip_prefix("metadata.name=")
+                    && want != name
                 {
                     return false;
                 }
@@ -288,15 +350,8 @@ fn handle(shared: &Shared, conn: TcpStream) -> Result<()> {
     let mut parts = request_line.split_whitespace();
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let Some(req) = (method == "GET").then(|| parse_target(target)).flatten() else {
-        let body = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                          "message": format!("not served: {request_line}"), "reason": "NotFound", "code": 404})
-        .to_string();
-        write!(
-            conn,
-            "HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )?;
-        return Ok(());
+        let body = status_body(404, "NotFound", &format!("not served: {request_line}"));
+        return respond(&mut conn, "404 Not Found", &[body.as_bytes()]);
     };
     let watch = matches!(
         req.query.get("watch").map(String::as_str),
@@ -309,34 +364,136 @@ fn handle(shared: &Shared, conn: TcpStream) -> Result<()> {
     }
 }
 
-fn serve_list(shared: &Shared, conn: &mut TcpStream, req: &Request) -> Result<()> {
-    let st = shared.state.lock().expect("fake API state");
-    let items: Vec<&Value> = st
-        .objects
-        .iter()
-        .filter(|((k, _, _), v)| req.selects(*k, v))
-        .map(|(_, v)| v)
-        .collect();
-    let body = json!({
-        "apiVersion": "v1",
-        "kind": format!("{}List", req.kind.name()),
-        "metadata": {"resourceVersion": st.rv.to_string()},
-        "items": items,
-    })
-    .to_string();
-    drop(st);
+/// A `Status` object, as the API server answers a failed request.
+fn status_body(code: u16, reason: &str, message: &str) -> String {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": message, "reason": reason, "code": code})
+    .to_string()
+}
+
+/// A complete response whose body is `parts`, written without joining them first.
+fn respond(conn: &mut TcpStream, status: &str, parts: &[&[u8]]) -> Result<()> {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let mut w = BufWriter::with_capacity(1 << 16, conn);
     write!(
-        conn,
-        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
+        w,
+        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
     )?;
+    for p in parts {
+        w.write_all(p)?;
+    }
+    w.flush()?;
     Ok(())
 }
 
-fn chunk(conn: &mut TcpStream, v: &Value) -> std::io::Result<()> {
-    let line = format!("{v}\n");
-    write!(conn, "{:x}\r\n{line}\r\n", line.len())?;
-    conn.flush()
+/// A `continue` token: opaque to clients, like the API server's (base64 of a small JSON
+/// document there; hex here).
+fn continue_token(snapshot: u64, rv: u64, offset: usize) -> String {
+    json!({"v": "meta.k8s.io/v1", "rv": rv, "snapshot": snapshot, "offset": offset})
+        .to_string()
+        .bytes()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn parse_continue(token: &str) -> Option<(u64, usize)> {
+    let bytes: Vec<u8> = (0..token.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(token.get(i..i + 2)?, 16).ok())
+        .collect::<Option<_>>()?;
+    let v: Value = serde_json::from_slice(&bytes).ok()?;
+    Some((
+        v["snapshot"].as_u64()?,
+        usize::try_from(v["offset"].as_u64()?).ok()?,
+    ))
+}
+
+fn serve_list(shared: &Shared, conn: &mut TcpStream, req: &Request) -> Result<()> {
+    let limit: Option<usize> = req
+        .query
+        .get("limit")
+        .and_then(|l| l.parse().ok())
+        .filter(|l| *l > 0);
+    let mut st = shared.state.lock().expect("fake API state");
+    let (snapshot, rv, items, offset) = match req.query.get("continue").filter(|c| !c.is_empty()) {
+        Some(token) => {
+            let Some((id, offset)) = parse_continue(token) else {
+                drop(st);
+                let body = status_body(400, "BadRequest", "invalid continue token");
+                return respond(conn, "400 Bad Request", &[body.as_bytes()]);
+            };
+            match st.snapshots.get(&id) {
+                Some(s) if s.rv >= st.compacted_before => (id, s.rv, s.items.clone(), offset),
+                _ => {
+                    drop(st);
+                    let body = status_body(
+                        410,
+                        "Expired",
+                        "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter.",
+                    );
+                    return respond(conn, "410 Gone", &[body.as_bytes()]);
+                }
+            }
+        }
+        None => {
+            let items: Arc<Vec<Arc<str>>> = Arc::new(
+                st.objects
+                    .iter()
+                    .filter(|(k, _)| req.selects(k))
+                    .map(|(_, v)| v.clone())
+                    .collect(),
+            );
+            let id = st.next_snapshot;
+            st.next_snapshot += 1;
+            (id, st.rv, items, 0)
+        }
+    };
+    let end = limit.map_or(items.len(), |l| (offset + l).min(items.len()));
+    let more = end < items.len();
+    if more {
+        st.snapshots.insert(
+            snapshot,
+            Snapshot {
+                rv,
+                items: items.clone(),
+            },
+        );
+        while st.snapshots.len() > MAX_SNAPSHOTS {
+            st.snapshots.pop_first();
+        }
+    } else {
+        st.snapshots.remove(&snapshot);
+    }
+    drop(st);
+    let mut meta = json!({"resourceVersion": rv.to_string()});
+    if more {
+        meta["continue"] = json!(continue_token(snapshot, rv, end));
+        meta["remainingItemCount"] = json!(items.len() - end);
+    }
+    let head = format!(
+        "{{\"apiVersion\":\"v1\",\"kind\":\"{}List\",\"metadata\":{meta},\"items\":[",
+        req.kind.name()
+    );
+    let page = &items[offset.min(end)..end];
+    let mut parts: Vec<&[u8]> = Vec::with_capacity(2 * page.len() + 2);
+    parts.push(head.as_bytes());
+    for (i, item) in page.iter().enumerate() {
+        if i > 0 {
+            parts.push(b",");
+        }
+        parts.push(item.as_bytes());
+    }
+    parts.push(b"]}");
+    respond(conn, "200 OK", &parts)
+}
+
+fn chunk(w: &mut impl Write, parts: &[&[u8]]) -> std::io::Result<()> {
+    let len: usize = parts.iter().map(|p| p.len()).sum::<usize>() + 1;
+    write!(w, "{len:x}\r\n")?;
+    for p in parts {
+        w.write_all(p)?;
+    }
+    w.write_all(b"\n\r\n")
 }
 
 fn serve_watch(shared: &Shared, conn: &mut TcpStream, req: &Request) -> Result<()> {
@@ -352,19 +509,23 @@ fn serve_watch(shared: &Shared, conn: &mut TcpStream, req: &Request) -> Result<(
         .unwrap_or(30u64)
         .min(30);
     let bookmarks = req.query.get("allowWatchBookmarks").map(String::as_str) == Some("true");
+    let mut w = BufWriter::with_capacity(1 << 16, conn);
     write!(
-        conn,
+        w,
         "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
     )?;
+    w.flush()?;
     let gone = json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "metadata": {},
-        "status": "Failure", "message": "too old resource version", "reason": "Expired", "code": 410}});
+        "status": "Failure", "message": "too old resource version", "reason": "Expired", "code": 410}})
+    .to_string();
     let start = Instant::now();
     let mut last_bookmark = Instant::now();
     let mut st = shared.state.lock().expect("fake API state");
     if from < st.compacted_before && from != 0 {
         drop(st);
-        chunk(conn, &gone)?;
-        write!(conn, "0\r\n\r\n")?;
+        chunk(&mut w, &[gone.as_bytes()])?;
+        write!(w, "0\r\n\r\n")?;
+        w.flush()?;
         return Ok(());
     }
     if from == 0 {
@@ -377,30 +538,42 @@ fn serve_watch(shared: &Shared, conn: &mut TcpStream, req: &Request) -> Result<(
         }
         if st.epoch != epoch {
             drop(st);
-            chunk(conn, &gone)?;
-            write!(conn, "0\r\n\r\n")?;
+            chunk(&mut w, &[gone.as_bytes()])?;
+            write!(w, "0\r\n\r\n")?;
+            w.flush()?;
             return Ok(());
         }
-        let pending: Vec<Value> = st
+        let first = st.events.partition_point(|e| e.rv <= from);
+        let pending: Vec<(&'static str, Arc<str>)> = st
             .events
-            .iter()
-            .filter(|(rv, k, _, obj)| *rv > from && req.selects(*k, obj))
-            .map(|(_, _, t, obj)| json!({"type": t, "object": obj}))
+            .range(first..)
+            .filter(|e| req.selects(&e.key))
+            .map(|e| (e.kind_of_event, e.object.clone()))
             .collect();
         let head = st.rv;
         drop(st);
-        for ev in &pending {
-            chunk(conn, ev)?;
+        for (t, obj) in &pending {
+            chunk(
+                &mut w,
+                &[
+                    b"{\"type\":\"",
+                    t.as_bytes(),
+                    b"\",\"object\":",
+                    obj.as_bytes(),
+                    b"}",
+                ],
+            )?;
         }
         from = head;
         if bookmarks && last_bookmark.elapsed() >= Duration::from_secs(1) {
-            chunk(
-                conn,
-                &json!({"type": "BOOKMARK", "object": {"kind": req.kind.name(), "apiVersion": "v1",
-                        "metadata": {"resourceVersion": head.to_string()}}}),
-            )?;
+            let bookmark =
+                json!({"type": "BOOKMARK", "object": {"kind": req.kind.name(), "apiVersion": "v1",
+                    "metadata": {"resourceVersion": head.to_string()}}})
+                .to_string();
+            chunk(&mut w, &[bookmark.as_bytes()])?;
             last_bookmark = Instant::now();
         }
+        w.flush()?;
         st = shared.state.lock().expect("fake API state");
         if st.rv == head && st.epoch == epoch {
             st = shared
@@ -411,7 +584,8 @@ fn serve_watch(shared: &Shared, conn: &mut TcpStream, req: &Request) -> Result<(
         }
     }
     drop(st);
-    write!(conn, "0\r\n\r\n")?;
+    write!(w, "0\r\n\r\n")?;
+    w.flush()?;
     Ok(())
 }
 
@@ -426,4 +600,284 @@ pub fn serve_in_netns(netns: &str, addr: SocketAddr) -> Result<FakeApi> {
     .join()
     .map_err(|_| anyhow::anyhow!("the binding thread panicked"))??;
     FakeApi::serve(listener)
+}
+
+/// A Node as a kubelet registers it: addresses, pod CIDRs, capacity, conditions, the images it
+/// holds, and managed fields.
+pub fn realistic_node(name: &str, ip: IpAddr, pod_cidr: &str) -> Value {
+    json!({
+        "metadata": {
+            "name": name,
+            "labels": {
+                "beta.kubernetes.io/arch": "amd64", "beta.kubernetes.io/os": "linux",
+                "kubernetes.io/arch": "amd64", "kubernetes.io/hostname": name,
+                "kubernetes.io/os": "linux", "node.kubernetes.io/instance-type": "m6i.xlarge",
+                "topology.kubernetes.io/region": "eu-west-1", "topology.kubernetes.io/zone": "eu-west-1a"
+            },
+            "annotations": {
+                "node.alpha.kubernetes.io/ttl": "0",
+                "volumes.kubernetes.io/controller-managed-attach-detach": "true"
+            },
+            "creationTimestamp": "2026-11-01T08:00:00Z"
+        },
+        "spec": {"podCIDR": pod_cidr, "podCIDRs": [pod_cidr], "providerID": format!("aws:///eu-west-1a/i-{name}")},
+        "status": {
+            "addresses": [{"type": "InternalIP", "address": ip.to_string()},
+                          {"type": "Hostname", "address": name}],
+            "allocatable": {"cpu": "3920m", "ephemeral-storage": "95551679124", "memory": "15225564Ki", "pods": "110"},
+            "capacity": {"cpu": "4", "ephemeral-storage": "103609152Ki", "memory": "16318684Ki", "pods": "110"},
+            "conditions": [
+                {"type": "MemoryPressure", "status": "False", "reason": "KubeletHasSufficientMemory",
+                 "lastHeartbeatTime": "2026-11-23T10:00:00Z", "lastTransitionTime": "2026-11-01T08:00:00Z",
+                 "message": "kubelet has sufficient memory available"},
+                {"type": "Ready", "status": "True", "reason": "KubeletReady",
+                 "lastHeartbeatTime": "2026-11-23T10:00:00Z", "lastTransitionTime": "2026-11-01T08:01:00Z",
+                 "message": "kubelet is posting ready status"}
+            ],
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
+            "nodeInfo": {"architecture": "amd64", "bootID": "3f0c1f5e-2b6e-4c63-9a55-0f0a1b2c3d4e",
+                         "containerRuntimeVersion": "containerd://1.7.22", "kernelVersion": "6.18.0",
+                         "kubeProxyVersion": "v1.33.2", "kubeletVersion": "v1.33.2",
+                         "machineID": "ec2a1b2c3d4e5f60718293a4b5c6d7e8", "operatingSystem": "linux",
+                         "osImage": "Debian GNU/Linux 12 (bookworm)", "systemUUID": "ec2a1b2c-3d4e-5f60-7182-93a4b5c6d7e8"}
+        }
+    })
+}
+
+/// A Pod as the API server returns it for a Deployment's replica: labels, annotations, owner
+/// reference, managed fields of three managers, a container with environment, resources,
+/// probes and volume mounts, volumes, tolerations, and a full status — about 4 KB of JSON, the
+/// size of pods on real clusters. `i` varies the names and hashes.
+pub fn realistic_pod(
+    name: &str,
+    namespace: &str,
+    node: &str,
+    service_account: &str,
+    ips: &[IpAddr],
+    i: usize,
+) -> Value {
+    let app = service_account;
+    let hash = format!(
+        "{:010x}",
+        (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 24
+    );
+    let uid = format!(
+        "{:08x}-{:04x}-4{:03x}-a{:03x}-{:012x}",
+        i,
+        i % 65_536,
+        i % 4096,
+        i % 4096,
+        i
+    );
+    let ips_json: Vec<Value> = ips.iter().map(|ip| json!({"ip": ip.to_string()})).collect();
+    let first_ip = ips.first().map(ToString::to_string).unwrap_or_default();
+    json!({
+        "metadata": {
+            "name": name,
+            "generateName": format!("{app}-{hash}-"),
+            "namespace": namespace,
+            "creationTimestamp": "2026-11-23T09:30:00Z",
+            "labels": {"app": app, "app.kubernetes.io/name": app, "app.kubernetes.io/part-of": "shop",
+                       "pod-template-hash": hash, "version": "v1"},
+            "annotations": {
+                "kubectl.kubernetes.io/restartedAt": "2026-11-20T12:00:00Z",
+                "prometheus.io/port": "9090", "prometheus.io/scrape": "true"
+            },
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": format!("{app}-{hash}"),
+                                 "uid": uid, "controller": true, "blockOwnerDeletion": true}],
+            "managedFields": [
+                {"manager": "kube-controller-manager", "operation": "Update", "apiVersion": "v1",
+                 "time": "2026-11-23T09:30:00Z", "fieldsType": "FieldsV1",
+                 "fieldsV1": {"f:metadata": {"f:generateName": {}, "f:labels": {".": {}, "f:app": {}, "f:pod-template-hash": {}, "f:version": {}},
+                                             "f:ownerReferences": {".": {}, "k:{\"uid\":\"0\"}": {}}},
+                              "f:spec": {"f:containers": {"k:{\"name\":\"app\"}": {".": {}, "f:env": {".": {}, "k:{\"name\":\"LOG_LEVEL\"}": {".": {}, "f:name": {}, "f:value": {}}},
+                                                                                  "f:image": {}, "f:imagePullPolicy": {}, "f:livenessProbe": {}, "f:name": {},
+                                                                                  "f:ports": {}, "f:readinessProbe": {}, "f:resources": {}, "f:volumeMounts": {}}},
+                                         "f:dnsPolicy": {}, "f:enableServiceLinks": {}, "f:restartPolicy": {}, "f:schedulerName": {},
+                                         "f:securityContext": {}, "f:serviceAccount": {}, "f:serviceAccountName": {},
+                                         "f:terminationGracePeriodSeconds": {}, "f:volumes": {}}}},
+                {"manager": "kubelet", "operation": "Update", "apiVersion": "v1", "time": "2026-11-23T09:30:05Z",
+                 "fieldsType": "FieldsV1", "subresource": "status",
+                 "fieldsV1": {"f:status": {"f:conditions": {"k:{\"type\":\"ContainersReady\"}": {".": {}, "f:lastProbeTime": {}, "f:lastTransitionTime": {}, "f:status": {}, "f:type": {}},
+                                                            "k:{\"type\":\"Initialized\"}": {".": {}, "f:lastProbeTime": {}, "f:lastTransitionTime": {}, "f:status": {}, "f:type": {}},
+                                                            "k:{\"type\":\"Ready\"}": {".": {}, "f:lastProbeTime": {}, "f:lastTransitionTime": {}, "f:status": {}, "f:type": {}}},
+                                           "f:containerStatuses": {}, "f:hostIP": {}, "f:hostIPs": {}, "f:phase": {}, "f:podIP": {},
+                                           "f:podIPs": {".": {}, "k:{\"ip\":\"0\"}": {".": {}, "f:ip": {}}}, "f:startTime": {}}}},
+                {"manager": "kubectl-rollout", "operation": "Update", "apiVersion": "v1", "time": "2026-11-20T12:00:00Z",
+                 "fieldsType": "FieldsV1", "fieldsV1": {"f:metadata": {"f:annotations": {".": {}, "f:kubectl.kubernetes.io/restartedAt": {}}}}}
+            ]
+        },
+        "spec": {
+            "containers": [{
+                "name": "app",
+                "image": format!("registry.invalid/shop/{app}:1.42.{}", i % 7),
+                "imagePullPolicy": "IfNotPresent",
+                "args": ["--listen=:8080", "--metrics=:9090"],
+                "env": [{"name": "LOG_LEVEL", "value": "info"},
+                        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.name"}}}],
+                "ports": [{"containerPort": 8080, "name": "http", "protocol": "TCP"},
+                          {"containerPort": 9090, "name": "metrics", "protocol": "TCP"}],
+                "resources": {"limits": {"cpu": "500m", "memory": "256Mi"}, "requests": {"cpu": "100m", "memory": "128Mi"}},
+                "livenessProbe": {"httpGet": {"path": "/healthz", "port": 8080, "scheme": "HTTP"},
+                                  "periodSeconds": 10, "timeoutSeconds": 1, "successThreshold": 1, "failureThreshold": 3},
+                "readinessProbe": {"httpGet": {"path": "/ready", "port": 8080, "scheme": "HTTP"},
+                                   "periodSeconds": 5, "timeoutSeconds": 1, "successThreshold": 1, "failureThreshold": 3},
+                "terminationMessagePath": "/dev/termination-log", "terminationMessagePolicy": "File",
+                "volumeMounts": [{"mountPath": "/var/run/secrets/kubernetes.io/serviceaccount", "name": format!("kube-api-access-{hash}"), "readOnly": true}]
+            }],
+            "dnsPolicy": "ClusterFirst", "enableServiceLinks": true, "nodeName": node,
+            "preemptionPolicy": "PreemptLowerPriority", "priority": 0, "restartPolicy": "Always",
+            "schedulerName": "default-scheduler", "securityContext": {"runAsNonRoot": true, "seccompProfile": {"type": "RuntimeDefault"}},
+            "serviceAccount": service_account, "serviceAccountName": service_account,
+            "terminationGracePeriodSeconds": 30,
+            "tolerations": [{"effect": "NoExecute", "key": "node.kubernetes.io/not-ready", "operator": "Exists", "tolerationSeconds": 300},
+                            {"effect": "NoExecute", "key": "node.kubernetes.io/unreachable", "operator": "Exists", "tolerationSeconds": 300}],
+            "volumes": [{"name": format!("kube-api-access-{hash}"),
+                         "projected": {"defaultMode": 420, "sources": [
+                             {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
+                             {"configMap": {"items": [{"key": "ca.crt", "path": "ca.crt"}], "name": "kube-root-ca.crt"}},
+                             {"downwardAPI": {"items": [{"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}, "path": "namespace"}]}}]}}]
+        },
+        "status": {
+            "phase": "Running",
+            "conditions": [
+                {"type": "Initialized", "status": "True", "lastProbeTime": null, "lastTransitionTime": "2026-11-23T09:30:01Z"},
+                {"type": "Ready", "status": "True", "lastProbeTime": null, "lastTransitionTime": "2026-11-23T09:30:05Z"},
+                {"type": "ContainersReady", "status": "True", "lastProbeTime": null, "lastTransitionTime": "2026-11-23T09:30:05Z"},
+                {"type": "PodScheduled", "status": "True", "lastProbeTime": null, "lastTransitionTime": "2026-11-23T09:30:00Z"}
+            ],
+            "containerStatuses": [{
+                "name": "app", "ready": true, "restartCount": 0, "started": true,
+                "image": format!("registry.invalid/shop/{app}:1.42.{}", i % 7),
+                "imageID": format!("registry.invalid/shop/{app}@sha256:{hash}{hash}{hash}{hash}{hash}{hash}abcd"),
+                "containerID": format!("containerd://{hash}{hash}{hash}{hash}{hash}{hash}0123"),
+                "lastState": {}, "state": {"running": {"startedAt": "2026-11-23T09:30:03Z"}}
+            }],
+            "hostIP": "198.18.0.2", "hostIPs": [{"ip": "198.18.0.2"}],
+            "podIP": first_ip, "podIPs": ips_json,
+            "qosClass": "Burstable", "startTime": "2026-11-23T09:30:00Z"
+        }
+    })
+}
+
+/// The address of the `i`-th of many pods: 198.19.0.0/16 holds the first 64,000, the rest go to
+/// fd00:19::/96.
+#[must_use]
+pub fn scale_address(i: usize) -> IpAddr {
+    if i < 64_000 {
+        std::net::Ipv4Addr::new(198, 19, (i / 250) as u8, (i % 250 + 1) as u8).into()
+    } else {
+        std::net::Ipv6Addr::new(0xfd00, 0x19, 0, 0, 0, 0, (i >> 16) as u16, i as u16).into()
+    }
+}
+
+/// `n` realistic pods on `node` at [`scale_address`]es, in 20 namespaces and 100 service
+/// accounts, for tests and benchmarks at the sizes users run. `i0` offsets their names and
+/// addresses.
+pub fn scale_pods(n: usize, node: &str, i0: usize) -> impl Iterator<Item = Value> + '_ {
+    (i0..i0 + n).map(move |i| {
+        realistic_pod(
+            &format!("web-{i:06}"),
+            &format!("shop-{}", i % 20),
+            node,
+            &format!("web-{}", i % 100),
+            &[scale_address(i)],
+            i,
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn get(api: &FakeApi, target: &str) -> (u16, Value) {
+        let mut c = TcpStream::connect(api.addr).expect("connect");
+        write!(c, "GET {target} HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut c, &mut text).expect("read");
+        let (head, body) = text.split_once("\r\n\r\n").expect("head");
+        let code = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .expect("status code");
+        (code, serde_json::from_str(body).expect("JSON body"))
+    }
+
+    fn pods(n: usize) -> Vec<Value> {
+        (0..n)
+            .map(|i| {
+                realistic_pod(
+                    &format!("p{i:05}"),
+                    "shop",
+                    "node-2",
+                    "web",
+                    &[IpAddr::from([
+                        198,
+                        19,
+                        (i / 250) as u8,
+                        (i % 250 + 1) as u8,
+                    ])],
+                    i,
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_realistic_pod_is_about_four_kilobytes_of_json() {
+        let len = pods(1)[0].to_string().len();
+        assert!((3_500..6_000).contains(&len), "{len} bytes");
+    }
+
+    /// Pages of one list show the snapshot of its first page, however the objects change
+    /// meanwhile, and together they hold every object once.
+    #[test]
+    fn pages_follow_continue_tokens_over_one_snapshot() {
+        let api = FakeApi::serve(TcpListener::bind("127.0.0.1:0").unwrap()).unwrap();
+        api.apply_all(Kind::Pod, pods(1_050));
+        let (code, first) = get(&api, "/api/v1/pods?limit=500");
+        assert_eq!(code, 200);
+        assert_eq!(first["items"].as_array().unwrap().len(), 500);
+        assert_eq!(first["metadata"]["remainingItemCount"], 550);
+        let rv = first["metadata"]["resourceVersion"].clone();
+        // Changes after the first page do not show in the later ones.
+        api.delete(Kind::Pod, "shop", "p01049");
+        let mut names = Vec::new();
+        let mut page = first;
+        loop {
+            for item in page["items"].as_array().unwrap() {
+                names.push(item["metadata"]["name"].as_str().unwrap().to_owned());
+            }
+            let Some(token) = page["metadata"]["continue"].as_str().map(str::to_owned) else {
+                break;
+            };
+            let (code, next) = get(&api, &format!("/api/v1/pods?limit=500&continue={token}"));
+            assert_eq!(code, 200, "{next}");
+            assert_eq!(next["metadata"]["resourceVersion"], rv);
+            page = next;
+        }
+        assert_eq!(names.len(), 1_050);
+        names.dedup();
+        assert_eq!(names.len(), 1_050, "an object was served twice");
+        assert_eq!(names.last().map(String::as_str), Some("p01049"));
+        // Without a limit, one page of the current objects.
+        let (_, all) = get(&api, "/api/v1/pods");
+        assert_eq!(all["items"].as_array().unwrap().len(), 1_049);
+        assert!(all["metadata"]["continue"].is_null());
+    }
+
+    #[test]
+    fn a_continue_token_older_than_a_compaction_is_gone() {
+        let api = FakeApi::serve(TcpListener::bind("127.0.0.1:0").unwrap()).unwrap();
+        api.apply_all(Kind::Pod, pods(20));
+        let (_, first) = get(&api, "/api/v1/pods?limit=5");
+        let token = first["metadata"]["continue"].as_str().unwrap().to_owned();
+        api.expire();
+        let (code, gone) = get(&api, &format!("/api/v1/pods?limit=5&continue={token}"));
+        assert_eq!(code, 410);
+        assert_eq!(gone["reason"], "Expired");
+        assert_eq!(gone["code"], 410);
+    }
 }

@@ -4,12 +4,19 @@
 //! expires (410 Gone) recovers by listing again without losing an update. Privileged: run as
 //! root (`cargo xtask test`).
 
-use std::{net::Ipv4Addr, process::Command, time::Duration};
+use std::{
+    collections::HashSet,
+    net::{IpAddr, Ipv4Addr},
+    process::Command,
+    time::{Duration, Instant},
+};
 
 use serde_json::{Value, json};
 use testbed::{
     NodeSpec, Options, PodSpec, Spec, Testbed,
-    kube_api::{FakeApi, Kind, serve_in_netns},
+    kube_api::{
+        FakeApi, Kind, realistic_node, realistic_pod, scale_address, scale_pods, serve_in_netns,
+    },
     scenario::eventually,
 };
 
@@ -191,6 +198,134 @@ fn pods_and_nodes_from_the_api_reach_the_maps_and_an_expired_watch_loses_nothing
         status["agent"]
     );
     assert_eq!(status["interfaces"][0]["workload"], "default/client");
+}
+
+/// Points node `n`'s agent at the fake API server instead of a cluster-state file.
+fn use_api(tb: &Testbed, n: &str, api: &FakeApi) {
+    let url = api.url();
+    tb.write_agent_config(n, |c| {
+        c.cluster_state = None;
+        c.extra.insert(
+            "kubernetes".into(),
+            serde_yaml::to_value(json!({"api_server": url, "trust_domain": "cluster.local"}))
+                .expect("yaml"),
+        );
+    })
+    .expect("agent config");
+}
+
+/// Pods at the size users run: 10,000 realistic Pod objects (about 4 KB of JSON each, managed
+/// fields and all) listed in pages through the API's wire format. The agent must become ready and
+/// program every one of them; before the watcher's events stopped queueing ahead of the list's
+/// end, an agent never became ready past about 60 pods.
+#[test]
+fn ten_thousand_realistic_pods_are_listed_in_pages_and_every_one_is_programmed() {
+    assert!(
+        // SAFETY: no preconditions.
+        unsafe { libc::geteuid() } == 0,
+        "the Kubernetes watcher test needs root (namespaces, eBPF); run it with `cargo xtask test`"
+    );
+    const PODS: usize = 10_000;
+    let spec = Spec {
+        nodes: vec![
+            NodeSpec::new("node-1", vec![PodSpec::new("client")]),
+            NodeSpec::new("node-2", vec![PodSpec::new("server")]),
+        ],
+    };
+    let mut tb = Testbed::up(
+        &spec,
+        &Options {
+            // The debug agent, listing 40 MB of JSON before its admin socket appears.
+            agent_ready_timeout: Duration::from_secs(300),
+            ..Options::without_agents()
+        },
+    )
+    .unwrap_or_else(|e| panic!("testbed up: {e:#}"));
+    let n1 = tb.node("node-1").clone();
+    let api: FakeApi = serve_in_netns(&n1.netns, (n1.ipv4, 0).into()).expect("fake API server");
+    for (i, n) in ["node-1", "node-2"].into_iter().enumerate() {
+        api.apply(
+            Kind::Node,
+            realistic_node(n, tb.node(n).ipv4.into(), &format!("198.18.{}.0/24", i + 1)),
+        );
+    }
+    // A third node that exists only in the API, holding the many pods (no traffic goes to it).
+    api.apply(
+        Kind::Node,
+        realistic_node(
+            "node-3",
+            "198.18.0.250".parse().expect("addr"),
+            "198.19.0.0/16",
+        ),
+    );
+    let mut want: HashSet<Ipv4Addr> = HashSet::new();
+    let mut pods = Vec::with_capacity(PODS + 2);
+    for (i, p) in ["client", "server"].into_iter().enumerate() {
+        let info = tb.pod(p).clone();
+        want.insert(info.ipv4);
+        pods.push(realistic_pod(
+            p,
+            "default",
+            &info.node,
+            p,
+            &[info.ipv4.into(), info.ipv6.into()],
+            i,
+        ));
+    }
+    pods.extend(scale_pods(PODS, "node-3", 0));
+    want.extend((0..PODS).map(|i| match scale_address(i) {
+        IpAddr::V4(a) => a,
+        IpAddr::V6(_) => unreachable!("the first 64,000 are IPv4"),
+    }));
+    api.apply_all(Kind::Pod, pods);
+    assert_eq!(api.count(Kind::Pod), PODS + 2);
+    use_api(&tb, "node-1", &api);
+    let start = Instant::now();
+    tb.start_agent("node-1")
+        .unwrap_or_else(|e| panic!("starting node-1's agent: {e:#}"));
+    let ready = eventually(Duration::from_secs(300), || {
+        let out = tb
+            .portcullis("node-1", &["status", "--output", "json"])
+            .output()
+            .expect("status");
+        serde_json::from_slice::<Value>(&out.stdout)
+            .is_ok_and(|s| s["agent"]["ready"].as_bool() == Some(true))
+    });
+    let took = start.elapsed();
+    assert!(
+        ready,
+        "node-1's agent was not ready after {took:?}; its log:\n{}",
+        tb.agent_log("node-1")
+    );
+    let programmed: HashSet<Ipv4Addr> = endpoints_v4(&tb, "node-1").into_iter().collect();
+    let missing: Vec<&Ipv4Addr> = want.difference(&programmed).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} pod addresses are not in node-1's endpoint map, such as {:?}",
+        missing.len(),
+        want.len(),
+        &missing[..missing.len().min(5)]
+    );
+    let requests = api.requests();
+    let pod_pages = requests
+        .iter()
+        .filter(|r| r.contains("/api/v1/pods?") && !r.contains("watch=true"))
+        .count();
+    assert!(
+        pod_pages >= PODS / 500 && requests.iter().any(|r| r.contains("continue=")),
+        "the pods were not listed in pages: {pod_pages} list requests"
+    );
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.contains("/api/v1/pods?") && r.contains("watch=true")),
+        "the agent never opened the pod watch: {requests:?}"
+    );
+    eprintln!(
+        "kubernetes outcome: {}",
+        json!({"pods": PODS + 2, "ready_s": took.as_secs_f64(), "pod_list_pages": pod_pages,
+               "endpoints_v4": programmed.len()})
+    );
 }
 
 /// Pod list requests served (not watches).

@@ -30,6 +30,8 @@ use testbed::{
 
 use crate::cargo;
 
+mod kube;
+
 #[derive(clap::Args)]
 pub struct Args {
     /// Repetitions per setting.
@@ -51,6 +53,10 @@ pub struct Args {
     /// Only the auth-entry measurement (100 × 1,000 pairs and a revoking policy edit).
     #[arg(long)]
     auth_only: bool,
+    /// Only the Kubernetes-source measurement: time to ready and RSS with this many realistic
+    /// Pod objects (comma-separated sizes, such as 1000,10000,100000).
+    #[arg(long, value_name = "N,N…", value_delimiter = ',')]
+    kube_only: Vec<usize>,
 }
 
 const IPERF_PORT: u16 = 5201;
@@ -657,6 +663,21 @@ pub fn run(args: Args) -> Result<i32> {
             m.rss_kib as f64 / 1024.0,
             m.rest_cpu_pct
         );
+        return Ok(0);
+    }
+    if !args.kube_only.is_empty() {
+        let agent = cargo::build_agent_release()?;
+        println!("| Pod objects in the API | agent start → ready (s) | agent RSS (MiB) |");
+        println!("| --- | --- | --- |");
+        for n in &args.kube_only {
+            let r = kube::ready(&agent, *n)?;
+            println!(
+                "| {} | {:.1} | {:.1} |",
+                r.pods,
+                r.ready_s,
+                r.rss_kib as f64 / 1024.0
+            );
+        }
         return Ok(0);
     }
     if args.auth_only {
