@@ -15,6 +15,7 @@
 //! the root network namespace and uses only 198.18.0.0/15 and fd00::/8 (plus fe80::1).
 
 mod agent;
+pub mod bpfmap;
 pub mod cgroup;
 pub mod cluster;
 pub mod cmd;

@@ -3,7 +3,6 @@
 //! One module per command; a new command is a new module plus one variant in [`Command`] and
 //! one arm in `main`.
 
-mod auth_scale;
 mod bench;
 mod cargo;
 mod demo;

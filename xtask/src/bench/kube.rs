@@ -15,7 +15,10 @@ use testbed::{
     kube_api::{FakeApi, Kind, realistic_node, realistic_pod, scale_pods, serve_in_netns},
 };
 
-use super::{rss_kib, spec};
+use super::{
+    table::Table,
+    util::{rss_kib, spec},
+};
 
 /// What one size measured.
 pub struct Ready {
@@ -97,6 +100,11 @@ impl World {
 
 /// Starts node-1's agent against `n` pods and waits until it is ready.
 pub fn ready(agent: &std::path::Path, n: usize) -> Result<Ready> {
+    start(agent, n).map(|(_, r)| r)
+}
+
+/// Like [`ready`], keeping the world (testbed, API server, agent) for more measurements.
+pub fn start(agent: &std::path::Path, n: usize) -> Result<(World, Ready)> {
     let mut w = World::up(agent, n)?;
     eprintln!(
         "kubernetes source: serving {} realistic pods",
@@ -135,9 +143,31 @@ pub fn ready(agent: &std::path::Path, n: usize) -> Result<Ready> {
         "  {n} pods: ready in {ready_s:.1} s, RSS {:.1} MiB",
         rss_kib as f64 / 1024.0
     );
-    Ok(Ready {
+    let ready = Ready {
         pods: n,
         ready_s,
         rss_kib,
-    })
+    };
+    Ok((w, ready))
+}
+
+/// `--kube-only N,N…`: time to ready and RSS at each size, one table row each as it comes.
+pub fn only(agent: &std::path::Path, sizes: &[usize]) -> Result<i32> {
+    let table = Table::new([
+        "Pod objects in the API",
+        "agent start → ready (s)",
+        "agent RSS (MiB)",
+    ]);
+    print!("{}", table.finish());
+    for n in sizes {
+        let r = ready(agent, *n)?;
+        let mut row = Table::rows();
+        row.row([
+            r.pods.to_string(),
+            format!("{:.1}", r.ready_s),
+            format!("{:.1}", r.rss_kib as f64 / 1024.0),
+        ]);
+        print!("{}", row.finish());
+    }
+    Ok(0)
 }

@@ -17,7 +17,10 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 use testbed::{Options, Testbed};
 
-use crate::bench::{log_field, rss_kib, scale_workload};
+use super::{
+    table::{Section, Table},
+    util::{log_field, num, rss_kib, scale_workload, spec},
+};
 
 const TD: &str = "cluster.local";
 
@@ -84,18 +87,10 @@ fn revalidated(tb: &Testbed) -> Option<(u64, u64)> {
         .rfind(|(revoked, _)| *revoked > 0)
 }
 
-pub fn run(agent: &Path, locals: usize, remotes: usize) -> Result<Value> {
-    let tb = Testbed::up(
-        &crate::bench::spec(),
-        &Options {
-            agent_bin: Some(agent.to_owned()),
-            log_level: "info".into(),
-            policy: Some(OPEN.into()),
-            poll_interval_ms: Some(50),
-            ..Options::default()
-        },
-    )?;
-    // Workloads without interfaces: their identities are all the agent needs for entries.
+/// `locals` workloads on node-1 and `remotes` on node-2 added to cluster state, without
+/// interfaces (their identities are all the agent needs for entries); waits until node-1 has
+/// loaded them.
+fn add_workloads(tb: &Testbed, locals: usize, remotes: usize) -> Result<()> {
     tb.write_cluster_json(|c| {
         for i in 0..locals {
             let (name, address) = (
@@ -137,6 +132,22 @@ pub fn run(agent: &Path, locals: usize, remotes: usize) -> Result<Value> {
         }
         thread::sleep(Duration::from_millis(50));
     }
+    Ok(())
+}
+
+/// `locals × remotes` entries written, then the revoking policy edit.
+pub fn run(agent: &Path, locals: usize, remotes: usize) -> Result<Value> {
+    let tb = Testbed::up(
+        &spec(),
+        &Options {
+            agent_bin: Some(agent.to_owned()),
+            log_level: "info".into(),
+            policy: Some(OPEN.into()),
+            poll_interval_ms: Some(50),
+            ..Options::default()
+        },
+    )?;
+    add_workloads(&tb, locals, remotes)?;
     let socket = tb.info().node("node-1")?.admin_socket.clone();
     let pid = i64::from(tb.info().agent_pid("node-1").context("node-1 agent pid")?);
     let rss_before = rss_kib(pid)?;
@@ -187,4 +198,55 @@ pub fn run(agent: &Path, locals: usize, remotes: usize) -> Result<Value> {
         "revoke_wall_ms": wall_ms,
         "poll_interval_ms": 50,
     }))
+}
+
+/// The full run's measurement (`--quick`: 10 × 100 pairs), with its table.
+pub fn section(agent: &Path, quick: bool) -> Result<Section> {
+    let (locals, remotes) = if quick { (10, 100) } else { (100, 1_000) };
+    eprintln!(
+        "control plane: {} auth entries, then a policy edit revoking {}…",
+        locals * remotes,
+        remotes - 1
+    );
+    let auth = run(agent, locals, remotes)?;
+    eprintln!(
+        "  {} entries written at {:.0}/s, RSS {:.1} → {:.1} MiB; revocation: {:.1} ms in the agent, {:.0} ms from the file write",
+        auth["entries"],
+        num(&auth["entries_per_s"]),
+        num(&auth["rss_kib_before"]) / 1024.0,
+        num(&auth["rss_kib"]) / 1024.0,
+        num(&auth["revoke_agent_ms"]),
+        num(&auth["revoke_wall_ms"]),
+    );
+    let mut t = Table::new([
+        "auth entries written through the admin API".to_owned(),
+        "entries/s".to_owned(),
+        "agent RSS before → after (MiB)".to_owned(),
+        format!(
+            "policy edit revoking {} of them: agent (ms)",
+            auth["revoked"]
+        ),
+        format!(
+            "file write → revoked (ms, {} ms poll)",
+            auth["poll_interval_ms"]
+        ),
+    ]);
+    t.row([
+        auth["entries"].to_string(),
+        format!("{:.0}", num(&auth["entries_per_s"])),
+        format!(
+            "{:.1} → {:.1}",
+            num(&auth["rss_kib_before"]) / 1024.0,
+            num(&auth["rss_kib"]) / 1024.0
+        ),
+        format!("{:.1}", num(&auth["revoke_agent_ms"])),
+        format!("{:.0}", num(&auth["revoke_wall_ms"])),
+    ]);
+    Ok(Section::default().md(t.finish()).json("auth_scale", auth))
+}
+
+/// `--auth-only`: 100 × 1,000 pairs; prints the measurement's JSON.
+pub fn only(agent: &Path) -> Result<i32> {
+    println!("{}", run(agent, 100, 1_000)?);
+    Ok(0)
 }
