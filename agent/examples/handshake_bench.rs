@@ -11,7 +11,7 @@ use std::{
 };
 
 use portcullis_agent::{
-    handshake::{self, Owner, View, WriteRequest},
+    handshake::{self, Owner, StaticDirectory, View, WriteRequest},
     identity::{SpiffeId, ca::Ca, store::Svid, svid},
     policy::Policy,
     tls::{self, Trust},
@@ -159,8 +159,10 @@ async fn ours(count: u32, ca: &Ca) -> f64 {
         View::build(
             "node-a",
             trust.clone(),
-            owners.clone(),
-            nodes.clone(),
+            Arc::new(StaticDirectory {
+                owners: owners.clone(),
+                nodes: nodes.clone(),
+            }),
             &[svid(ca, "spiffe://td/ns/default/sa/a")],
             Arc::new(Policy::default()),
         )
@@ -170,8 +172,7 @@ async fn ours(count: u32, ca: &Ca) -> f64 {
         View::build(
             "node-b",
             trust,
-            owners,
-            nodes,
+            Arc::new(StaticDirectory { owners, nodes }),
             &[svid(ca, "spiffe://td/ns/default/sa/b")],
             Arc::new(Policy::default()),
         )

@@ -36,7 +36,17 @@ struct File {
     handshake: HandshakeFile,
     #[serde(default)]
     first_connection: FirstConnectionFile,
+    #[serde(default)]
+    flows: FlowsFile,
 }
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FlowsFile {
+    udp_idle_secs: Option<Spanned<u64>>,
+}
+
+pub const DEFAULT_UDP_IDLE_SECS: u64 = 120;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -44,6 +54,7 @@ struct KubernetesFile {
     api_server: Option<Spanned<String>>,
     trust_domain: Spanned<String>,
     policy_configmap: Option<Spanned<String>>,
+    pod_cidrs: Option<Spanned<String>>,
 }
 
 /// The handshake port when `handshake.port` is not set and cluster state comes from Kubernetes.
@@ -168,7 +179,7 @@ pub struct Config {
     /// Exactly one of this and `kubernetes`.
     pub cluster_state: Option<PathBuf>,
     /// Cluster state (and optionally the policy) from the Kubernetes API.
-    pub kubernetes: Option<crate::kubernetes::KubeConfig>,
+    pub kubernetes: Option<crate::inputs::KubeConfig>,
     /// The authorization policy file (see `policy.rs`), resolved like `cluster_state`;
     /// `None`: every workload enforced, any authenticated peer of the trust domain admitted.
     pub policy: Option<PathBuf>,
@@ -194,6 +205,10 @@ pub struct Config {
     pub identity: Option<Identity>,
     pub handshake: Handshake,
     pub first_connection: FirstConnection,
+    /// UDP flows (UDP has no end of connection) with no packet for this long are cut, like any
+    /// other flow; the pair's next datagram is a new connection.
+    #[serde(with = "millis")]
+    pub udp_idle: Duration,
 }
 
 mod millis {
@@ -309,7 +324,20 @@ impl Config {
                         format!("`{}` is not an http:// or https:// URL", url.as_str()),
                     ));
                 }
-                Some(crate::kubernetes::KubeConfig {
+                let check_pod_cidrs = match k.pod_cidrs.as_ref().map(|v| (v, v.as_str())) {
+                    None | Some((_, "enforce")) => true,
+                    Some((_, "ignore")) => false,
+                    Some((v, other)) => {
+                        return Err(InputError::value(
+                            path,
+                            v,
+                            "kubernetes.pod_cidrs",
+                            format!("`{other}` is not `enforce` or `ignore`"),
+                        ));
+                    }
+                };
+                Some(crate::inputs::KubeConfig {
+                    check_pod_cidrs,
                     api_server: k.api_server.as_ref().map(|u| u.to_string()),
                     trust_domain: k.trust_domain.to_string(),
                     handshake_port: f
@@ -501,7 +529,15 @@ impl Config {
                 )?),
             },
         };
+        let udp_idle_secs = ranged(
+            path,
+            f.flows.udp_idle_secs.as_ref(),
+            "flows.udp_idle_secs",
+            10..=86_400,
+            DEFAULT_UDP_IDLE_SECS,
+        )?;
         Ok(Self {
+            udp_idle: Duration::from_secs(udp_idle_secs),
             first_connection,
             identity,
             handshake,

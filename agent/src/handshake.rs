@@ -13,7 +13,7 @@ use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
     sync::Arc,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use bytes::{Buf, BufMut, BytesMut};
@@ -25,6 +25,9 @@ use tokio::{
 };
 use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
 
+mod listener;
+
+pub use self::listener::{Limits, serve};
 use crate::{
     identity::{SpiffeId, store::Svid, svid},
     policy::Policy,
@@ -140,15 +143,38 @@ pub struct Owner {
     pub node: Arc<str>,
 }
 
-/// Everything a handshake needs to know, as one immutable snapshot that the agent's core
-/// republishes whenever cluster state or credentials change.
-#[derive(Debug)]
+/// Cluster state as a handshake asks it: who owns an address, where a node accepts
+/// handshakes. The agent's index answers it live, so that a change of cluster state reaches
+/// handshakes without rebuilding anything.
+pub trait Directory: Send + Sync {
+    fn owner(&self, addr: &IpAddr) -> Option<Owner>;
+    fn node_address(&self, node: &str) -> Option<SocketAddr>;
+}
+
+/// A fixed directory (tests, benchmarks).
+#[derive(Debug, Default, Clone)]
+pub struct StaticDirectory {
+    pub owners: HashMap<IpAddr, Owner>,
+    pub nodes: HashMap<String, SocketAddr>,
+}
+
+impl Directory for StaticDirectory {
+    fn owner(&self, addr: &IpAddr) -> Option<Owner> {
+        self.owners.get(addr).cloned()
+    }
+
+    fn node_address(&self, node: &str) -> Option<SocketAddr> {
+        self.nodes.get(node).copied()
+    }
+}
+
+/// Everything a handshake needs to know: the credentials and policy as one immutable snapshot
+/// that the agent's core republishes whenever they change, and cluster state through the live
+/// [`Directory`].
 pub struct View {
     pub node: String,
     pub trust: Trust,
-    pub owners: HashMap<IpAddr, Owner>,
-    /// Handshake address of each node.
-    pub nodes: HashMap<String, SocketAddr>,
+    pub directory: Arc<dyn Directory>,
     pub svids: HashMap<SpiffeId, LocalSvid>,
     /// The authorization policy both sides evaluate.
     pub policy: Arc<Policy>,
@@ -157,14 +183,23 @@ pub struct View {
     pub clients: HashMap<SpiffeId, Arc<rustls::ClientConfig>>,
 }
 
+impl std::fmt::Debug for View {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("View")
+            .field("node", &self.node)
+            .field("svids", &self.svids.keys().collect::<Vec<_>>())
+            .field("policy", &self.policy.name)
+            .finish_non_exhaustive()
+    }
+}
+
 impl View {
     /// Builds the snapshot: rustls keys for the SVIDs, and a server configuration that presents,
-    /// for each local address, the SVID of the workload that owns it.
+    /// for the local address an initiator names, the SVID of the workload that owns it.
     pub fn build(
         node: &str,
         trust: Trust,
-        owners: HashMap<IpAddr, Owner>,
-        nodes: HashMap<String, SocketAddr>,
+        directory: Arc<dyn Directory>,
         svids: &[Svid],
         policy: Arc<Policy>,
     ) -> Result<Self, tls::TlsError> {
@@ -172,12 +207,16 @@ impl View {
             .iter()
             .map(|s| Ok((s.id.clone(), tls::local_svid(s)?)))
             .collect::<Result<_, tls::TlsError>>()?;
-        let hosted = owners
+        let keys: HashMap<SpiffeId, Arc<rustls::sign::CertifiedKey>> = svids
             .iter()
-            .filter(|(_, o)| *o.node == *node)
-            .filter_map(|(addr, o)| svids.get(&o.id).map(|s| (*addr, s.key.clone())))
+            .map(|(id, s)| (id.clone(), s.key.clone()))
             .collect();
-        let server = tls::server_config(&trust, tls::HostedKeys(hosted))?;
+        let (dir, here) = (directory.clone(), node.to_owned());
+        let hosted = tls::HostedKeys(Box::new(move |addr| {
+            let owner = dir.owner(&addr).filter(|o| *o.node == *here)?;
+            keys.get(&owner.id).cloned()
+        }));
+        let server = tls::server_config(&trust, hosted)?;
         let clients = svids
             .iter()
             .map(|(id, s)| Ok((id.clone(), tls::client_config(&trust, s)?)))
@@ -186,12 +225,16 @@ impl View {
             clients,
             node: node.to_owned(),
             trust,
-            owners,
-            nodes,
+            directory,
             svids,
             policy,
             server,
         })
+    }
+
+    /// The owner of `addr`, if it is a workload of this node.
+    fn local_owner(&self, addr: &IpAddr) -> Option<Owner> {
+        self.directory.owner(addr).filter(|o| *o.node == *self.node)
     }
 }
 
@@ -231,7 +274,7 @@ pub struct Record {
 }
 
 impl Record {
-    fn new(role: Role) -> Self {
+    pub(crate) fn new(role: Role) -> Self {
         Self {
             role,
             peer: None,
@@ -284,18 +327,20 @@ async fn initiate_inner(view: &View, rec: &mut Record) -> Result<SystemTime, Rea
         rec.local_addr.ok_or(Reason::Internal)?,
         rec.remote_addr.ok_or(Reason::Internal)?,
     );
-    let local = view
-        .owners
-        .get(&local_addr)
-        .filter(|o| *o.node == *view.node)
-        .ok_or(Reason::UnknownPeer)?;
+    let local = view.local_owner(&local_addr).ok_or(Reason::UnknownPeer)?;
     rec.local_id = Some(local.id.clone());
-    let remote = view.owners.get(&remote_addr).ok_or(Reason::UnknownPeer)?;
+    let remote = view
+        .directory
+        .owner(&remote_addr)
+        .ok_or(Reason::UnknownPeer)?;
     rec.remote_node = Some(remote.node.to_string());
     // The identity we ask to be proven; replaced by the one the peer proves, if it gets that far.
     rec.remote_id = Some(remote.id.clone());
     let svid = view.svids.get(&local.id).ok_or(Reason::NoLocalSvid)?;
-    let target = *view.nodes.get(&*remote.node).ok_or(Reason::UnknownPeer)?;
+    let target = view
+        .directory
+        .node_address(&remote.node)
+        .ok_or(Reason::UnknownPeer)?;
     rec.peer = Some(target);
     let tcp = TcpStream::connect(target)
         .await
@@ -392,11 +437,11 @@ async fn respond_inner(
         .server_name()
         .and_then(tls::addr_from_sni);
     rec.local_addr = asked;
-    let local = asked
-        .and_then(|a| view.owners.get(&a))
-        .filter(|o| *o.node == *view.node);
-    rec.local_id = local.map(|o| o.id.clone());
-    let hosted = local.is_some_and(|o| view.svids.contains_key(&o.id));
+    let local = asked.and_then(|a| view.local_owner(&a));
+    rec.local_id = local.as_ref().map(|o| o.id.clone());
+    let hosted = local
+        .as_ref()
+        .is_some_and(|o| view.svids.contains_key(&o.id));
     let accepted = start.into_stream(view.server.clone()).await;
     if !hosted {
         // The resolver found no SVID and rustls has refused with `access_denied`.
@@ -429,8 +474,8 @@ async fn respond_inner(
             return Err(Reason::Protocol);
         }
         let initiator = view
-            .owners
-            .get(&hello.initiator_addr)
+            .directory
+            .owner(&hello.initiator_addr)
             .ok_or(Reason::UnknownInitiator)?;
         if *initiator.node != *hello.initiator_node {
             return Err(Reason::UnknownInitiator);
@@ -439,8 +484,8 @@ async fn respond_inner(
             return Err(Reason::IdentityMismatch);
         }
         let node_addr = view
-            .nodes
-            .get(&hello.initiator_node)
+            .directory
+            .node_address(&hello.initiator_node)
             .ok_or(Reason::UnknownInitiator)?;
         if Some(node_addr.ip()) != rec.peer.map(|p| p.ip()) {
             return Err(Reason::NodeMismatch);
@@ -489,133 +534,6 @@ async fn respond_inner(
     .await?;
     let _ = stream.shutdown().await;
     Ok(expires)
-}
-
-/// What the responder lets peers hold: at most `max_concurrent` handshakes at once, each
-/// bounded by `timeout`, and per peer address at most `peer_burst` new connections at once and
-/// `peer_rate` per second sustained (a token bucket), so that one noisy or hostile address
-/// cannot take the slots of the others.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
-    pub timeout: Duration,
-    pub max_concurrent: u32,
-    pub peer_rate: u32,
-    pub peer_burst: u32,
-}
-
-/// Per-address token buckets. Addresses whose bucket has refilled are forgotten once the
-/// table passes [`PeerRates::MAX_TRACKED`], so its size is bounded by the addresses that were
-/// active within the last `peer_burst / peer_rate` seconds.
-struct PeerRates {
-    buckets: HashMap<IpAddr, (f64, Instant)>,
-    rate: f64,
-    burst: f64,
-}
-
-impl PeerRates {
-    const MAX_TRACKED: usize = 4096;
-
-    fn new(limits: &Limits) -> Self {
-        Self {
-            buckets: HashMap::new(),
-            rate: f64::from(limits.peer_rate),
-            burst: f64::from(limits.peer_burst),
-        }
-    }
-
-    fn refill(&self, (tokens, last): (f64, Instant), now: Instant) -> f64 {
-        (tokens + now.saturating_duration_since(last).as_secs_f64() * self.rate).min(self.burst)
-    }
-
-    /// Takes one token for `ip`; false when its bucket is empty.
-    fn admit(&mut self, ip: IpAddr, now: Instant) -> bool {
-        if self.buckets.len() >= Self::MAX_TRACKED && !self.buckets.contains_key(&ip) {
-            let burst = self.burst;
-            let buckets = std::mem::take(&mut self.buckets);
-            self.buckets = buckets
-                .into_iter()
-                .filter(|(_, b)| self.refill(*b, now) < burst)
-                .collect();
-        }
-        let bucket = self.buckets.get(&ip).copied().unwrap_or((self.burst, now));
-        let tokens = self.refill(bucket, now);
-        let admitted = tokens >= 1.0;
-        self.buckets
-            .insert(ip, (if admitted { tokens - 1.0 } else { tokens }, now));
-        admitted
-    }
-}
-
-/// A connection refused before its handshake began, for the audit log and the metrics.
-fn refused(peer: SocketAddr, reason: Reason, detail: String) -> Record {
-    let mut rec = Record::new(Role::Responder);
-    rec.peer = Some(peer);
-    rec.result = Err(reason);
-    rec.detail = Some(detail);
-    rec
-}
-
-/// Accepts initiators within `limits`: connections over a limit are closed at once, so idle or
-/// slow peers cannot exhaust descriptors. Every outcome, refusals included, goes to `records`
-/// for the audit log (which rate-limits itself) and the metrics.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    views: tokio::sync::watch::Receiver<Option<Arc<View>>>,
-    writes: tokio::sync::mpsc::Sender<WriteRequest>,
-    records: tokio::sync::mpsc::Sender<Record>,
-    limits: Limits,
-) {
-    let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent as usize));
-    let mut rates = PeerRates::new(&limits);
-    loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                // EMFILE and the like: back off instead of spinning.
-                tracing::warn!(error = %e, "handshake accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        // A refusal that cannot be queued is dropped: the queue is full of records already,
-        // and the connection is closed either way.
-        if !rates.admit(peer.ip(), Instant::now()) {
-            drop(tcp);
-            let _ = records.try_send(refused(
-                peer,
-                Reason::RateLimited,
-                format!(
-                    "more than {} new connections at once or {} per second from {} (handshake.peer_burst, handshake.peer_rate)",
-                    limits.peer_burst,
-                    limits.peer_rate,
-                    peer.ip()
-                ),
-            ));
-            continue;
-        }
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            drop(tcp);
-            let _ = records.try_send(refused(
-                peer,
-                Reason::Busy,
-                format!(
-                    "{} handshakes under way (handshake.max_concurrent)",
-                    limits.max_concurrent
-                ),
-            ));
-            continue;
-        };
-        let Some(view) = views.borrow().clone() else {
-            // No credentials yet: fail closed.
-            continue;
-        };
-        let (writes, records) = (writes.clone(), records.clone());
-        tokio::spawn(async move {
-            let record = respond(view, tcp, peer, limits.timeout, writes).await;
-            drop(permit);
-            let _ = records.send(record).await;
-        });
-    }
 }
 
 #[cfg(test)]
@@ -736,11 +654,16 @@ mod tests {
                 )
                 .unwrap()
             };
+            let dir = |owners| {
+                Arc::new(StaticDirectory {
+                    owners,
+                    nodes: nodes.clone(),
+                }) as Arc<dyn Directory>
+            };
             let view_a = View::build(
                 "node-a",
                 trust(a_ca),
-                a_owners,
-                nodes.clone(),
+                dir(a_owners),
                 &[svid(a_ca, a_id)],
                 Arc::new(policies[0].clone()),
             )
@@ -748,8 +671,7 @@ mod tests {
             let view_b = View::build(
                 "node-b",
                 trust(b_ca),
-                owners(),
-                nodes,
+                dir(owners()),
                 &[svid(b_ca, "spiffe://td/ns/default/sa/b")],
                 Arc::new(policies[1].clone()),
             )
@@ -926,7 +848,7 @@ mod tests {
 
         use super::loopback::{A, B, owners, svid};
         use crate::{
-            handshake::{Limits, Record, View, WriteRequest, initiate, serve},
+            handshake::{Limits, Record, StaticDirectory, View, WriteRequest, initiate, serve},
             identity::{ca::Ca, svid::tests::TestCa},
             policy::Policy,
             reason::Reason,
@@ -980,8 +902,10 @@ mod tests {
                     View::build(
                         node,
                         trust(),
-                        owners(),
-                        nodes.clone(),
+                        Arc::new(StaticDirectory {
+                            owners: owners(),
+                            nodes: nodes.clone(),
+                        }),
                         &[svid(&ca, id)],
                         Arc::new(Policy::default()),
                     )

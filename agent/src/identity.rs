@@ -162,6 +162,12 @@ impl SpiffeId {
     pub fn as_str(&self) -> &str {
         &self.id
     }
+
+    /// The text, shared (for indexes keyed by it).
+    #[must_use]
+    pub fn shared(&self) -> &std::sync::Arc<str> {
+        &self.id
+    }
 }
 
 fn shift(e: SpiffeIdError, by: usize) -> SpiffeIdError {

@@ -1,14 +1,26 @@
-//! Prometheus metrics, `/healthz` and `/readyz`, on a local HTTP port.
+//! Prometheus metrics, `/healthz` and `/readyz`, on a local HTTP port (hyper).
 //!
 //! Handshake metrics are recorded as handshakes finish; everything the datapath counts (drops
 //! and passes by reason, map fill, ring-buffer losses) is read from the core's status snapshot
-//! at scrape time, so a scrape always sees the kernel's current numbers.
+//! at scrape time, so a scrape always sees the kernel's current numbers. The probes answer from
+//! [`Health`], a value the core publishes at every pass: cheap, and never stuck behind a busy
+//! core.
 
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex, atomic::AtomicU64},
-    time::Duration,
+    time::{Duration, Instant},
 };
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{
+    Method, Request as HttpRequest, Response as HttpResponse, StatusCode,
+    body::Incoming,
+    header::{CONTENT_TYPE, HeaderValue},
+    service::service_fn,
+};
+use hyper_util::rt::TokioIo;
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
@@ -16,9 +28,8 @@ use prometheus_client::{
     registry::Registry,
 };
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
-    sync::{mpsc, oneshot},
+    net::TcpListener,
+    sync::{mpsc, oneshot, watch},
 };
 
 use crate::{
@@ -81,6 +92,12 @@ pub struct Metrics {
     svid_expiry: Family<IdentityLabels, Gauge>,
     ready: Gauge,
     would_drop: Family<ReasonLabels, Counter>,
+    flows_evicted: Counter,
+    last_evicted: u64,
+    cluster_refusals: Family<ReasonLabels, Counter>,
+    last_cluster_refusals: HashMap<String, u64>,
+    pods_refused: Gauge,
+    workloads: Gauge,
 }
 
 impl Default for Metrics {
@@ -187,7 +204,33 @@ impl Metrics {
             "Connections mode audit admitted that enforce would drop, by drop reason (reported events; per-pair rate-limited)",
             would_drop.clone(),
         );
+        let flows_evicted = Counter::default();
+        registry.register(
+            "flows_evicted",
+            "Flow entries the kernel's LRU evicted to make room (their connections are cut)",
+            flows_evicted.clone(),
+        );
+        let cluster_refusals = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "cluster_refusals",
+            "Pods the Kubernetes source left out of cluster state (or some of their addresses), by reason",
+            cluster_refusals.clone(),
+        );
+        let pods_refused = Gauge::default();
+        registry.register(
+            "pods_refused",
+            "Pods left out of cluster state now",
+            pods_refused.clone(),
+        );
+        let workloads = Gauge::default();
+        registry.register("workloads", "Workloads in cluster state", workloads.clone());
         Self {
+            flows_evicted,
+            last_evicted: 0,
+            cluster_refusals,
+            last_cluster_refusals: HashMap::new(),
+            pods_refused,
+            workloads,
             would_drop,
             registry,
             handshakes,
@@ -305,6 +348,33 @@ impl Metrics {
                 .set(left);
         }
         self.ready.set(i64::from(s.agent.ready));
+        if let Some(f) = s.maps.iter().find(|m| m.name == "flows") {
+            // Recomputed from the kernel's counts at each scrape: it only grows, unless the maps
+            // were recreated.
+            let delta = f
+                .evicted
+                .checked_sub(self.last_evicted)
+                .unwrap_or(f.evicted);
+            self.flows_evicted.inc_by(delta);
+            self.last_evicted = f.evicted;
+        }
+        if let Some(r) = &s.cluster_refusals {
+            for (reason, total) in &r.total {
+                let last = self
+                    .last_cluster_refusals
+                    .insert(reason.clone(), *total)
+                    .unwrap_or(0);
+                self.cluster_refusals
+                    .get_or_create(&ReasonLabels {
+                        reason: reason.clone(),
+                    })
+                    .inc_by(total.saturating_sub(last));
+            }
+            self.pods_refused
+                .set(i64::try_from(r.current).unwrap_or(i64::MAX));
+        }
+        self.workloads
+            .set(i64::try_from(s.workloads).unwrap_or(i64::MAX));
     }
 
     #[must_use]
@@ -316,17 +386,72 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` on `addr`.
-pub async fn serve(listener: TcpListener, metrics: Arc<Mutex<Metrics>>, core: mpsc::Sender<Call>) {
+/// What `/healthz` and `/readyz` answer from: published by the core at every pass, read
+/// without asking it (a probe must not queue behind the core's work, or build a status).
+#[derive(Debug, Clone)]
+pub struct Health {
+    pub ready: bool,
+    pub not_ready: Vec<String>,
+    /// When the core last published.
+    pub beat: Instant,
+    /// How often it publishes (its tick).
+    pub interval: Duration,
+}
+
+impl Health {
+    #[must_use]
+    pub fn starting() -> Self {
+        Self {
+            ready: false,
+            not_ready: vec!["starting".to_owned()],
+            beat: Instant::now(),
+            interval: Duration::from_secs(1),
+        }
+    }
+
+    /// How long without a beat the core counts as stuck: ten ticks, and at least 5 s.
+    #[must_use]
+    pub fn stuck_after(&self) -> Duration {
+        (self.interval * 10).max(Duration::from_secs(5))
+    }
+
+    /// `Err(how long since the last beat)` when the core has not published for too long.
+    pub fn alive(&self) -> Result<(), Duration> {
+        let since = self.beat.elapsed();
+        if since > self.stuck_after() {
+            Err(since)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` (HTTP/1.1) on `listener`; each connection is
+/// bounded in time.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Mutex<Metrics>>,
+    core: mpsc::Sender<Call>,
+    health: watch::Receiver<Health>,
+) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let (metrics, core) = (metrics.clone(), core.clone());
+        let (metrics, core, health) = (metrics.clone(), core.clone(), health.clone());
         tokio::spawn(async move {
-            let _ =
-                tokio::time::timeout(Duration::from_secs(10), answer(stream, metrics, core)).await;
+            let service = service_fn(move |req| {
+                let (metrics, core, health) = (metrics.clone(), core.clone(), health.clone());
+                async move {
+                    Ok::<_, std::convert::Infallible>(answer(&req, &metrics, &core, &health).await)
+                }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(stream), service);
+            // A client that never finishes its request is dropped.
+            let _ = tokio::time::timeout(Duration::from_secs(10), conn).await;
         });
     }
 }
@@ -340,25 +465,37 @@ async fn status(core: &mpsc::Sender<Call>) -> Option<Status> {
     }
 }
 
+fn reply(code: StatusCode, ctype: &'static str, body: String) -> HttpResponse<Full<Bytes>> {
+    let mut r = HttpResponse::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = code;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(ctype));
+    r
+}
+
 async fn answer(
-    mut stream: TcpStream,
-    metrics: Arc<Mutex<Metrics>>,
-    core: mpsc::Sender<Call>,
-) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 || buf.len() > 8192 {
-            return Ok(());
-        }
-        buf.extend_from_slice(&chunk[..n]);
+    req: &HttpRequest<Incoming>,
+    metrics: &Mutex<Metrics>,
+    core: &mpsc::Sender<Call>,
+    health: &watch::Receiver<Health>,
+) -> HttpResponse<Full<Bytes>> {
+    const TEXT: &str = "text/plain";
+    if req.method() != Method::GET {
+        return reply(StatusCode::METHOD_NOT_ALLOWED, TEXT, "GET only\n".into());
     }
-    let request = String::from_utf8_lossy(&buf);
-    let mut parts = request.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (code, ctype, body) = match (method, path) {
-        ("GET", "/metrics") => match status(&core).await {
+    let h = health.borrow().clone();
+    let stuck = |since: Duration| {
+        reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            TEXT,
+            format!(
+                "the agent's core has not answered for {} s\n",
+                since.as_secs()
+            ),
+        )
+    };
+    match req.uri().path() {
+        "/metrics" => match status(core).await {
             Some(s) => {
                 let body = match metrics.lock() {
                     Ok(mut m) => {
@@ -367,55 +504,106 @@ async fn answer(
                     }
                     Err(_) => String::new(),
                 };
-                (
-                    "200 OK",
+                reply(
+                    StatusCode::OK,
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
                     body,
                 )
             }
-            None => (
-                "503 Service Unavailable",
-                "text/plain",
-                "the agent does not answer\n".to_owned(),
+            None => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                TEXT,
+                "the agent does not answer\n".into(),
             ),
         },
-        ("GET", "/healthz") => match status(&core).await {
-            Some(_) => ("200 OK", "text/plain", "ok\n".to_owned()),
-            None => (
-                "503 Service Unavailable",
-                "text/plain",
-                "the agent does not answer\n".to_owned(),
+        "/healthz" => match h.alive() {
+            Ok(()) => reply(StatusCode::OK, TEXT, "ok\n".into()),
+            Err(since) => stuck(since),
+        },
+        "/readyz" => match h.alive() {
+            Err(since) => stuck(since),
+            Ok(()) if h.ready => reply(StatusCode::OK, TEXT, "ready\n".into()),
+            Ok(()) => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                TEXT,
+                format!("not ready: {}\n", h.not_ready.join("; ")),
             ),
         },
-        ("GET", "/readyz") => match status(&core).await {
-            Some(s) if s.agent.ready => ("200 OK", "text/plain", "ready\n".to_owned()),
-            Some(s) => (
-                "503 Service Unavailable",
-                "text/plain",
-                format!("not ready: {}\n", s.agent.not_ready.join("; ")),
-            ),
-            None => (
-                "503 Service Unavailable",
-                "text/plain",
-                "the agent does not answer\n".to_owned(),
-            ),
-        },
-        ("GET", _) => (
-            "404 Not Found",
-            "text/plain",
-            "try /metrics, /healthz or /readyz\n".to_owned(),
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            TEXT,
+            "try /metrics, /healthz or /readyz\n".into(),
         ),
-        _ => (
-            "405 Method Not Allowed",
-            "text/plain",
-            "GET only\n".to_owned(),
-        ),
-    };
-    let head = format!(
-        "HTTP/1.1 {code}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    stream.shutdown().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn get(addr: std::net::SocketAddr, path: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = String::new();
+        c.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    /// Probes are answered from the published readiness, without asking the core: a core that
+    /// never answers does not make `/healthz` wait, and one that stops publishing is reported.
+    #[tokio::test]
+    async fn probes_answer_from_the_published_readiness() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // A core that never answers: requests queue and are never read.
+        let (core, _never_read) = mpsc::channel(1);
+        let (tx, rx) = watch::channel(Health {
+            ready: false,
+            not_ready: vec!["no interface yet for default/web".into()],
+            beat: Instant::now(),
+            interval: Duration::from_millis(500),
+        });
+        tokio::spawn(serve(
+            listener,
+            Arc::new(Mutex::new(Metrics::new())),
+            core,
+            rx,
+        ));
+        let started = Instant::now();
+        assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
+        let readyz = get(addr, "/readyz").await;
+        assert!(readyz.starts_with("HTTP/1.1 503"), "{readyz}");
+        assert!(
+            readyz.contains("no interface yet for default/web"),
+            "{readyz}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "the probes waited for the core"
+        );
+        tx.send_modify(|h| {
+            h.ready = true;
+            h.not_ready.clear();
+        });
+        assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
+        tx.send_modify(|h| h.beat = Instant::now() - Duration::from_secs(60));
+        let stuck = get(addr, "/healthz").await;
+        assert!(stuck.starts_with("HTTP/1.1 503"), "{stuck}");
+        assert!(stuck.contains("has not answered for 60 s"), "{stuck}");
+        assert!(get(addr, "/nope").await.starts_with("HTTP/1.1 404"));
+        let post = {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            c.write_all(b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+                .await
+                .unwrap();
+            let mut out = String::new();
+            c.read_to_string(&mut out).await.unwrap();
+            out
+        };
+        assert!(post.starts_with("HTTP/1.1 405"), "{post}");
+    }
 }

@@ -1,14 +1,20 @@
 //! Numbers for identities and nodes: the kernel maps speak in `u32`s, people in SPIFFE IDs and
 //! node names. The numbering is stored in the pinned `PC_NAMES` map so that a restarted agent
 //! reads back the same numbers the surviving auth entries and flows were written with.
+//!
+//! Numbers are reclaimed: a number whose name has left cluster state is removed from the map
+//! once nothing uses it any more (no workload, no auth entry), so that a map filled with the
+//! identities of pods long gone never leaves new local pods unnumbered. A reclaimed number is
+//! not handed out again until the counter wraps (after 2^32 − 1 numbers), so a stale reference
+//! can never come to mean another name.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use portcullis_common::{NAME_IDENTITY, NAME_NODE, NameKey, capacity, map};
 
-use crate::datapath::{Datapath, DatapathError};
+use crate::datapath::{DatapathError, NameMap};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Kind {
     Identity,
     Node,
@@ -21,19 +27,34 @@ impl Kind {
             Self::Node => NAME_NODE,
         }
     }
+
+    const fn slot(self) -> usize {
+        match self {
+            Self::Identity => 0,
+            Self::Node => 1,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
 pub struct Registry {
-    ids: HashMap<(Kind, String), u32>,
-    names: HashMap<(Kind, u32), String>,
-    next: HashMap<Kind, u32>,
+    /// Per kind: name → number.
+    ids: [HashMap<String, u32>; 2],
+    /// Per kind: number → name.
+    names: [HashMap<u32, String>; 2],
+    next: [u32; 2],
+    /// Numbers that may have lost their last user since the last [`Registry::reclaim`].
+    candidates: HashSet<(Kind, u32)>,
+    reclaimed: u64,
 }
 
 impl Registry {
     /// Reads the numbering back from the pinned map.
     pub fn load(entries: Vec<(NameKey, String)>) -> Self {
-        let mut r = Self::default();
+        let mut r = Self {
+            next: [1, 1],
+            ..Self::default()
+        };
         for (key, name) in entries {
             let kind = match key.kind {
                 NAME_IDENTITY => Kind::Identity,
@@ -46,33 +67,47 @@ impl Registry {
     }
 
     fn remember(&mut self, kind: Kind, id: u32, name: String) {
-        let next = self.next.entry(kind).or_insert(1);
-        *next = (*next).max(id + 1);
-        self.ids.insert((kind, name.clone()), id);
-        self.names.insert((kind, id), name);
+        let s = kind.slot();
+        self.next[s] = self.next[s].max(id.saturating_add(1));
+        self.ids[s].insert(name.clone(), id);
+        self.names[s].insert(id, name);
+    }
+
+    /// The next free number of `kind`: after the highest ever given, or, once the counter has
+    /// wrapped, the lowest one not in use.
+    fn fresh(&mut self, kind: Kind) -> u32 {
+        let s = kind.slot();
+        if self.next[s] < u32::MAX {
+            let id = self.next[s];
+            self.next[s] += 1;
+            return id;
+        }
+        (1..u32::MAX)
+            .find(|id| !self.names[s].contains_key(id))
+            .unwrap_or(u32::MAX)
     }
 
     /// The number of `name`, assigning (and persisting) a new one on first sight. Numbers
     /// start at 1: 0 means "no identity" in the kernel maps.
     pub fn intern(
         &mut self,
-        dp: &mut Datapath,
+        maps: &mut impl NameMap,
         kind: Kind,
         name: &str,
     ) -> Result<u32, DatapathError> {
-        if let Some(id) = self.ids.get(&(kind, name.to_owned())) {
+        if let Some(id) = self.ids[kind.slot()].get(name) {
             return Ok(*id);
         }
         // Only the agent writes the map: once it holds as many names as it has room for, the
         // kernel would refuse the next one, so the system call is saved.
-        if self.names.len() >= capacity::NAMES as usize {
+        if self.len() >= capacity::NAMES as usize {
             return Err(DatapathError::Full {
                 name: map::NAMES,
                 capacity: capacity::NAMES,
             });
         }
-        let id = *self.next.get(&kind).unwrap_or(&1);
-        dp.set_name(
+        let id = self.fresh(kind);
+        maps.set_name(
             &NameKey {
                 kind: kind.tag(),
                 id,
@@ -80,31 +115,95 @@ impl Registry {
             name,
         )?;
         self.remember(kind, id, name.to_owned());
+        // Until something uses it, it is a candidate like any number that lost its users.
+        self.candidates.insert((kind, id));
         Ok(id)
+    }
+
+    /// Notes that `id` may have lost its last user; [`Registry::reclaim`] decides.
+    pub fn release(&mut self, kind: Kind, id: u32) {
+        if self.names[kind.slot()].contains_key(&id) {
+            self.candidates.insert((kind, id));
+        }
+    }
+
+    /// Notes that the number of `name`, if any, may have lost its last user.
+    pub fn release_name(&mut self, kind: Kind, name: &str) {
+        if let Some(id) = self.id_of(kind, name) {
+            self.candidates.insert((kind, id));
+        }
+    }
+
+    /// Removes every candidate that `in_use` says nothing uses any more, from the map and from
+    /// the numbering; returns how many. A number whose removal the kernel refuses stays a
+    /// candidate.
+    pub fn reclaim(
+        &mut self,
+        maps: &mut impl NameMap,
+        mut in_use: impl FnMut(Kind, u32, &str) -> bool,
+    ) -> usize {
+        let candidates = std::mem::take(&mut self.candidates);
+        let mut removed = 0;
+        for (kind, id) in candidates {
+            let s = kind.slot();
+            let Some(name) = self.names[s].get(&id) else {
+                continue;
+            };
+            if in_use(kind, id, name) {
+                continue;
+            }
+            let key = NameKey {
+                kind: kind.tag(),
+                id,
+            };
+            if let Err(e) = maps.remove_name(&key) {
+                tracing::warn!(error = %e, "cannot remove a number nothing uses; retrying later");
+                self.candidates.insert((kind, id));
+                continue;
+            }
+            if let Some(name) = self.names[s].remove(&id) {
+                self.ids[s].remove(&name);
+            }
+            removed += 1;
+        }
+        self.reclaimed += removed as u64;
+        removed
     }
 
     /// How many names are numbered (and stored in the kernel).
     #[must_use]
     pub fn len(&self) -> usize {
-        self.names.len()
+        self.names[0].len() + self.names[1].len()
     }
 
     #[must_use]
     pub fn is_empty(&self) -> bool {
-        self.names.is_empty()
+        self.len() == 0
+    }
+
+    /// Numbers reclaimed since start.
+    #[must_use]
+    pub fn reclaimed(&self) -> u64 {
+        self.reclaimed
     }
 
     /// The number of a known name.
     #[must_use]
     pub fn id_of(&self, kind: Kind, name: &str) -> Option<u32> {
-        self.ids.get(&(kind, name.to_owned())).copied()
+        self.ids[kind.slot()].get(name).copied()
+    }
+
+    /// The name of a number, if it is known.
+    #[must_use]
+    pub fn lookup(&self, kind: Kind, id: u32) -> Option<&str> {
+        self.names[kind.slot()].get(&id).map(String::as_str)
     }
 
     /// The name of a number, or a placeholder naming the number when it is unknown.
     #[must_use]
     pub fn name(&self, kind: Kind, id: u32) -> String {
-        match self.names.get(&(kind, id)) {
-            Some(n) => n.clone(),
+        match self.lookup(kind, id) {
+            Some(n) => n.to_owned(),
             None if id == 0 => "-".to_owned(),
             None => format!("#{id}"),
         }
@@ -114,6 +213,7 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::datapath::memory::Maps;
 
     #[test]
     fn loads_numbering_and_continues_after_the_highest() {
@@ -138,6 +238,37 @@ mod tests {
         assert_eq!(r.name(Kind::Node, 1), "node-1");
         assert_eq!(r.name(Kind::Node, 7), "#7");
         assert_eq!(r.name(Kind::Identity, 0), "-");
-        assert_eq!(r.next[&Kind::Identity], 4);
+        assert_eq!(r.next[Kind::Identity.slot()], 4);
+    }
+
+    /// Identities come and go without the map filling: a number nothing uses is removed from
+    /// the kernel, and is not handed to the next name.
+    #[test]
+    fn numbers_nothing_uses_are_reclaimed_and_not_reused() {
+        let mut maps = Maps::default();
+        let mut r = Registry::load(Vec::new());
+        let a = r
+            .intern(&mut maps, Kind::Identity, "spiffe://td/a")
+            .unwrap();
+        let b = r
+            .intern(&mut maps, Kind::Identity, "spiffe://td/b")
+            .unwrap();
+        // Both in use: nothing goes.
+        assert_eq!(r.reclaim(&mut maps, |_, _, _| true), 0);
+        assert_eq!(maps.names.len(), 2);
+        // `a` leaves cluster state.
+        r.release(Kind::Identity, a);
+        assert_eq!(r.reclaim(&mut maps, |_, id, _| id != a), 1);
+        assert_eq!(r.id_of(Kind::Identity, "spiffe://td/a"), None);
+        assert_eq!(maps.names.len(), 1);
+        assert_eq!(r.id_of(Kind::Identity, "spiffe://td/b"), Some(b));
+        let c = r
+            .intern(&mut maps, Kind::Identity, "spiffe://td/c")
+            .unwrap();
+        assert!(c != a && c != b, "a reclaimed number is not reused");
+        // A candidate that is used again is kept.
+        r.release(Kind::Identity, b);
+        assert_eq!(r.reclaim(&mut maps, |_, _, _| true), 0);
+        assert_eq!(r.len(), 2);
     }
 }

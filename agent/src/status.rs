@@ -10,6 +10,8 @@ use portcullis_common::{
     AF_INET, AuthKey, AuthValue, Counter, EVENT_AUTH_WANTED, EVENT_WOULD_DROP, Event, FLOW_INBOUND,
     FlowKey, FlowValue, IPPROTO_TCP, IPPROTO_UDP,
 };
+
+pub use crate::datapath::decode_event;
 use serde::{Deserialize, Serialize};
 
 use crate::registry::{Kind, Registry};
@@ -52,6 +54,28 @@ pub struct Status {
     /// Most recent handshakes, newest last.
     #[serde(default)]
     pub handshakes: Vec<HandshakeInfo>,
+    /// Pods the Kubernetes source left out of cluster state (mirror pods, addresses outside
+    /// their node's pod CIDRs, node addresses, addresses an older pod still holds, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_refusals: Option<ClusterRefusals>,
+    /// Workloads in cluster state.
+    #[serde(default)]
+    pub workloads: u64,
+    /// Identity and node numbers reclaimed since start (their names left cluster state).
+    #[serde(default)]
+    pub names_reclaimed: u64,
+}
+
+/// What the Kubernetes source refused.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ClusterRefusals {
+    /// Refusals since start, by kind (`mirror_pod`, `outside_pod_cidrs`, `node_address`,
+    /// `address_in_use`, `unknown_node`, `bad_address`, `identity`).
+    pub total: BTreeMap<String, u64>,
+    /// Pods refused now.
+    pub current: u64,
+    /// The first of them, with why.
+    pub pods: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -152,6 +176,10 @@ pub struct MapFill {
     /// workloads left unnumbered for `names`.
     #[serde(default)]
     pub missing: u64,
+    /// `flows`: entries the kernel's LRU evicted to make room (connections recorded, neither
+    /// removed by the agent nor still there).
+    #[serde(default)]
+    pub evicted: u64,
     /// What the kernel said at the latest refusal.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -169,6 +197,9 @@ pub struct InterfaceInfo {
     /// The pod's policy mode.
     #[serde(default)]
     pub mode: String,
+    /// Why the interface's lookup fails while the pod stays enforced on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -197,18 +228,6 @@ pub struct Flow {
     pub age_secs: u64,
 }
 
-/// A ring-buffer record as the programs write it: `None` when it is too short to be an
-/// [`Event`] (the kernel never writes one; the check is what makes the read sound).
-#[must_use]
-pub fn decode_event(bytes: &[u8]) -> Option<Event> {
-    if bytes.len() < std::mem::size_of::<Event>() {
-        return None;
-    }
-    // SAFETY: `bytes` holds at least size_of::<Event>() bytes, `Event` is plain integers and
-    // byte arrays (any bit pattern is a value), and read_unaligned assumes no alignment.
-    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<Event>()) })
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EventRecord {
     /// `denied` or `auth_wanted`.
@@ -221,8 +240,16 @@ pub struct EventRecord {
     pub proto: String,
     pub local_addr: String,
     pub remote_addr: String,
-    /// Seconds since boot (`CLOCK_BOOTTIME`), comparable with other events.
+    /// Seconds since boot (`CLOCK_BOOTTIME`) of the latest event of its group, comparable with
+    /// other events.
     pub boot_time_secs: f64,
+    /// Identical events (but for the opener's ephemeral port) grouped into this one.
+    #[serde(default = "one")]
+    pub count: u64,
+}
+
+fn one() -> u64 {
+    1
 }
 
 impl EventRecord {
@@ -254,6 +281,7 @@ impl EventRecord {
             ),
             #[expect(clippy::cast_precision_loss, reason = "seconds for display")]
             boot_time_secs: ev.time_ns as f64 / 1e9,
+            count: 1,
         }
     }
 }

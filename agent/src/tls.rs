@@ -7,7 +7,6 @@
 //! one cluster state expects for an address is the handshake's business: it knows the address.
 
 use std::{
-    collections::HashMap,
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::Arc,
@@ -288,15 +287,23 @@ impl ServerCertVerifier for SpiffeServerVerifier {
     }
 }
 
+/// The key of the local workload at an address, if this node hosts one with an SVID.
+pub type KeyLookup = Box<dyn Fn(IpAddr) -> Option<Arc<CertifiedKey>> + Send + Sync>;
+
 /// Picks the SVID of the local workload the initiator names in SNI; none means "not hosted",
 /// which rustls answers with an `access_denied` alert.
-#[derive(Debug)]
-pub struct HostedKeys(pub HashMap<IpAddr, Arc<CertifiedKey>>);
+pub struct HostedKeys(pub KeyLookup);
+
+impl std::fmt::Debug for HostedKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HostedKeys")
+    }
+}
 
 impl ResolvesServerCert for HostedKeys {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let addr = addr_from_sni(hello.server_name()?)?;
-        self.0.get(&addr).cloned()
+        (self.0)(addr)
     }
 }
 

@@ -32,7 +32,20 @@ pub mod map {
     /// Array of one `u32`: the initial SYN retransmission timeout, in jiffies, that the sockops
     /// program gives a connection whose pair is not yet authenticated; 0: leave the kernel's.
     pub const SYN_RTO: &str = "PC_SYN_RTO";
+    /// Per-CPU array of `u64`, indexed by `FLOW_STAT_*`: what happened to the flow table,
+    /// so that the entries the kernel's LRU evicted can be told from those the agent removed.
+    pub const FLOW_STATS: &str = "PC_FLOW_STATS";
 }
+
+/// [`map::FLOW_STATS`]: flows recorded under a key the table did not hold (kernel).
+pub const FLOW_STAT_RECORDED: u32 = 0;
+/// [`map::FLOW_STATS`]: flows recorded over an entry of the same key (kernel).
+pub const FLOW_STAT_REPLACED: u32 = 1;
+/// [`map::FLOW_STATS`]: entries the agent removed (cuts, idle UDP flows); written by the
+/// agent into CPU 0's slot.
+pub const FLOW_STAT_REMOVED: u32 = 2;
+/// Slots of [`map::FLOW_STATS`].
+pub const FLOW_STATS: u32 = 4;
 
 /// Program names (the function names in `ebpf/src/main.rs`).
 pub mod program {
@@ -220,7 +233,17 @@ pub struct FlowValue {
     /// that interface passes without the endpoint lookup: the pod's address was checked against
     /// it when the flow was created, and the agent cuts the flow if the endpoint goes away.
     pub ifindex: u32,
-    pub _pad: u32,
+    /// UDP flows: when a packet of the flow was last seen, in units of 2^30 ns (about a
+    /// second) of `CLOCK_BOOTTIME` ([`seen_units`]); the agent cuts flows idle for longer than
+    /// its UDP idle timeout. 0 for TCP flows.
+    pub seen: u32,
+}
+
+/// `CLOCK_BOOTTIME` nanoseconds in [`FlowValue::seen`]'s units (a shift, cheap in the kernel).
+#[inline(always)]
+#[must_use]
+pub const fn seen_units(boot_ns: u64) -> u32 {
+    (boot_ns >> 30) as u32
 }
 const _: () = assert!(size_of::<FlowValue>() == 32);
 
@@ -444,6 +467,7 @@ mod tests {
         assert_eq!(offset_of!(Event, time_ns), 24);
         assert_eq!(offset_of!(Event, flow), 32);
         assert_eq!(offset_of!(FlowValue, created_ns), 16);
+        assert_eq!(offset_of!(FlowValue, seen), 28);
         assert_eq!(align_of::<Event>(), 8);
         assert_eq!(offset_of!(Name, bytes), 4);
     }

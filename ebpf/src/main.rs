@@ -25,8 +25,9 @@ use aya_log_ebpf::debug;
 use portcullis_common::{
     AuthKey, AuthValue, Counter, EP_ADMIT_HOST, EP_AUDIT, EP_ENFORCE, EP_HOST, EP_LOCAL,
     EP_OTHER_PASS, EVENT_AUTH_WANTED, EVENT_DENIED, EVENT_INTERVAL_NS, EVENT_WOULD_DROP, Endpoint,
-    Event, FLOW_HOST, FLOW_INBOUND, FLOW_OUTBOUND, FLOW_UNCHECKED, FlowKey, FlowValue,
-    IDENTITY_NONE, IPPROTO_TCP, IPPROTO_UDP, Name, NameKey, capacity,
+    Event, FLOW_HOST, FLOW_INBOUND, FLOW_OUTBOUND, FLOW_STAT_RECORDED, FLOW_STAT_REPLACED,
+    FLOW_STATS, FLOW_UNCHECKED, FlowKey, FlowValue, IDENTITY_NONE, IPPROTO_TCP, IPPROTO_UDP, Name,
+    NameKey, capacity, seen_units,
 };
 
 use crate::packet::{ICMP_ERROR, ICMP_NONE, Packet, Parsed};
@@ -54,6 +55,8 @@ static NAMES: HashMap<NameKey, Name> = HashMap::pinned(capacity::NAMES, BPF_F_NO
 
 #[map(name = "PC_SYN_RTO")]
 static SYN_RTO: Array<u32> = Array::pinned(1, 0);
+#[map(name = "PC_FLOW_STATS")]
+static FLOW_STATS_MAP: PerCpuArray<u64> = PerCpuArray::pinned(FLOW_STATS, 0);
 
 const BPF_F_NO_PREALLOC: u32 = 1;
 const AF_INET: u32 = 2;
@@ -107,6 +110,14 @@ fn count(counter: Counter) {
 }
 
 #[inline(always)]
+fn count_flow(stat: u32) {
+    if let Some(slot) = FLOW_STATS_MAP.get_ptr_mut(stat) {
+        // SAFETY: as for `count`.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
 fn endpoint(pkt: &Packet, addr: &[u8; 16]) -> Option<Endpoint> {
     // SAFETY (both): the value is copied out at once; a concurrent update at worst gives the
     // old or the new endpoint.
@@ -143,14 +154,61 @@ fn has_flow(pkt: &Packet) -> bool {
     pkt.icmp == ICMP_NONE && (pkt.proto == IPPROTO_TCP || pkt.proto == IPPROTO_UDP)
 }
 
-/// Whether `key` is a flow admitted on this interface. An entry made on another interface (a
-/// pod that has since been replaced by one with the same address) does not count.
+/// What the flow table holds for a packet's key.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Tracked {
+    /// No entry.
+    No,
+    /// An entry made on another interface (a pod that has since been replaced by one with the
+    /// same address): it does not admit this packet.
+    Elsewhere,
+    /// A flow admitted on this interface.
+    Here,
+}
+
+/// Looks `key` up. A UDP flow of this interface is marked as seen now, so that the agent can
+/// tell idle ones (UDP has no end of connection) from live ones.
 #[inline(always)]
-fn tracked(ctx: &TcContext, key: &FlowKey) -> bool {
-    // SAFETY: a field copied out at once.
-    FLOWS
-        .get_ptr(key)
-        .is_some_and(|f| unsafe { (*f).ifindex } == ifindex(ctx))
+fn tracked(ctx: &TcContext, key: &FlowKey) -> Tracked {
+    let Some(f) = FLOWS.get_ptr_mut(key) else {
+        return Tracked::No;
+    };
+    // SAFETY: a valid map value pointer; a concurrent writer at worst stores the same second.
+    unsafe {
+        if (*f).ifindex != ifindex(ctx) {
+            return Tracked::Elsewhere;
+        }
+        if key.proto == IPPROTO_UDP {
+            let seen = seen_units(now());
+            if (*f).seen != seen {
+                (*f).seen = seen;
+            }
+        }
+    }
+    Tracked::Here
+}
+
+/// Records a flow, counting whether it replaced an entry of the same key (the agent tells the
+/// LRU's evictions from its own removals with these counts).
+#[inline(always)]
+fn record(key: &FlowKey, flow: &FlowValue, existing: Tracked) -> bool {
+    if FLOWS.insert(key, flow, 0).is_err() {
+        return false;
+    }
+    count_flow(if existing == Tracked::No {
+        FLOW_STAT_RECORDED
+    } else {
+        FLOW_STAT_REPLACED
+    });
+    true
+}
+
+/// Whether the pod's mode is `off`: it is not enforced, so its connections need no flow entry
+/// (the table is shared by the node's pods: a busy unenforced pod such as a DNS server must
+/// not evict the flows of enforced ones).
+#[inline(always)]
+fn unenforced(local: &Endpoint) -> bool {
+    local.flags & (EP_ENFORCE | EP_AUDIT) == 0
 }
 
 /// Whether a TCP or UDP packet opens a connection (goes through admission) rather than
@@ -203,9 +261,13 @@ fn other_protocol(ctx: &TcContext, pkt: &Packet, local: &Endpoint, to_pod: bool)
 fn to_pod(ctx: &TcContext, pkt: &Packet) -> Counter {
     // The common case first: a packet of an established flow of this interface's pod.
     let key = pkt.flow_key(false);
-    let tracked = has_flow(pkt) && tracked(ctx, &key);
-    let new = is_new(pkt, tracked);
-    if tracked && !new {
+    let existing = if has_flow(pkt) {
+        tracked(ctx, &key)
+    } else {
+        Tracked::No
+    };
+    let new = is_new(pkt, existing == Tracked::Here);
+    if existing == Tracked::Here && !new {
         return Counter::PassFlow;
     }
     let Some(local) = local_endpoint(ctx, pkt, &pkt.dst) else {
@@ -213,6 +275,9 @@ fn to_pod(ctx: &TcContext, pkt: &Packet) -> Counter {
     };
     if !has_flow(pkt) {
         return other_protocol(ctx, pkt, &local, true);
+    }
+    if unenforced(&local) {
+        return Counter::PassUnenforced;
     }
     if !new {
         return Counter::DropNoFlow;
@@ -230,10 +295,7 @@ fn to_pod(ctx: &TcContext, pkt: &Packet) -> Counter {
         kind: 0,
     };
     let mut flags = FLOW_INBOUND;
-    let verdict = if local.flags & (EP_ENFORCE | EP_AUDIT) == 0 {
-        flags |= FLOW_UNCHECKED;
-        Counter::PassUnenforced
-    } else if remote.is_none() {
+    let verdict = if remote.is_none() {
         Counter::DropUnknownPeer
     } else if remote_flags & EP_HOST != 0 {
         flags |= FLOW_HOST;
@@ -269,9 +331,13 @@ fn to_pod(ctx: &TcContext, pkt: &Packet) -> Counter {
         flags,
         created_ns: now,
         ifindex: ifindex(ctx),
-        _pad: 0,
+        seen: if pkt.proto == IPPROTO_UDP {
+            seen_units(now)
+        } else {
+            0
+        },
     };
-    if FLOWS.insert(&key, &flow, 0).is_err() {
+    if !record(&key, &flow, existing) {
         return Counter::DropFlowTableFull;
     }
     verdict
@@ -283,9 +349,13 @@ fn from_pod(ctx: &TcContext, pkt: &Packet) -> Counter {
     // A tracked flow of this interface has this pod's address as its source: no spoofing check
     // beyond the flow lookup is needed.
     let key = pkt.flow_key(true);
-    let tracked = has_flow(pkt) && tracked(ctx, &key);
-    let new = is_new(pkt, tracked);
-    if tracked && !new {
+    let existing = if has_flow(pkt) {
+        tracked(ctx, &key)
+    } else {
+        Tracked::No
+    };
+    let new = is_new(pkt, existing == Tracked::Here);
+    if existing == Tracked::Here && !new {
         return Counter::PassFlow;
     }
     let Some(local) = local_endpoint(ctx, pkt, &pkt.src) else {
@@ -294,8 +364,13 @@ fn from_pod(ctx: &TcContext, pkt: &Packet) -> Counter {
     if !has_flow(pkt) {
         return other_protocol(ctx, pkt, &local, false);
     }
+    let off = unenforced(&local);
     if !new {
-        return Counter::DropNoFlow;
+        return if off {
+            Counter::PassUnenforced
+        } else {
+            Counter::DropNoFlow
+        };
     }
     let now = now();
     let (remote_identity, remote_node, remote_flags) = match endpoint(pkt, &pkt.dst) {
@@ -313,9 +388,14 @@ fn from_pod(ctx: &TcContext, pkt: &Packet) -> Counter {
         flags,
         created_ns: now,
         ifindex: ifindex(ctx),
-        _pad: 0,
+        seen: if pkt.proto == IPPROTO_UDP {
+            seen_units(now)
+        } else {
+            0
+        },
     };
-    if FLOWS.insert(&key, &flow, 0).is_err() {
+    // A pod in mode `off` is admitted everything both ways: its connections need no entry.
+    if !off && !record(&key, &flow, existing) {
         return Counter::DropFlowTableFull;
     }
     if remote_identity != IDENTITY_NONE && remote_flags & EP_HOST == 0 {

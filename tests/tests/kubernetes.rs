@@ -20,10 +20,12 @@ use testbed::{
     scenario::eventually,
 };
 
+/// A Node at `ip` (198.18.0.i), whose pods are in 198.18.i.0/24 as the testbed places them.
 fn node(name: &str, ip: Ipv4Addr) -> Value {
+    let cidr = format!("198.18.{}.0/24", ip.octets()[3]);
     json!({
         "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
-        "spec": {"podCIDR": "198.18.0.0/24"},
+        "spec": {"podCIDR": cidr, "podCIDRs": [cidr]},
         "status": {
             "addresses": [{"type": "InternalIP", "address": ip.to_string()},
                           {"type": "Hostname", "address": name}],

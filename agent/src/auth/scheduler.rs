@@ -1,7 +1,8 @@
-//! The auth manager: turns "this pair needs authenticating" (datapath events, renewals,
-//! rotations) into handshakes, one in flight per pair, at most `max_concurrent` at once, each
-//! bounded in time, failures retried with exponential backoff and jitter. Results go back to
-//! the agent's core, which writes the maps and the audit log.
+//! The initiator's scheduler: turns "this pair needs authenticating" (datapath events,
+//! renewals, rotations, warm-up) into handshakes, one in flight per pair, at most
+//! `max_concurrent` at once, each bounded in time, failures retried with exponential backoff
+//! and jitter. It is the one owner of retry state. Results go back to the agent's core, which
+//! hands them to the auth owner.
 
 use std::{
     collections::HashMap,
@@ -43,8 +44,10 @@ struct PairState {
     not_before: Option<Instant>,
 }
 
-pub struct AuthManager {
+pub struct Scheduler {
     pairs: HashMap<AddrPair, PairState>,
+    /// Pairs to try again once their backoff has passed, and when.
+    retries: Vec<(Instant, AddrPair)>,
     permits: Arc<Semaphore>,
     /// Handshakes started but still waiting for a permit.
     waiting: Arc<AtomicUsize>,
@@ -54,7 +57,7 @@ pub struct AuthManager {
     rng: u64,
 }
 
-impl AuthManager {
+impl Scheduler {
     pub fn new(max_concurrent: u32, timeout: Duration, results: mpsc::Sender<Record>) -> Self {
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -62,6 +65,7 @@ impl AuthManager {
             .as_nanos();
         Self {
             pairs: HashMap::new(),
+            retries: Vec::new(),
             permits: Arc::new(Semaphore::new(max_concurrent as usize)),
             waiting: Arc::new(AtomicUsize::new(0)),
             deferred: 0,
@@ -107,9 +111,35 @@ impl AuthManager {
         true
     }
 
-    /// Records the end of a handshake this manager started; on failure, returns the delay
-    /// before the pair may be retried (`None`: give up until new demand arrives).
-    pub fn finished(&mut self, pair: AddrPair, result: Result<(), Reason>) -> Option<Duration> {
+    /// Records the end of a handshake this scheduler started; after a failure the pair is
+    /// retried once its backoff has passed, a few times, then only on new demand.
+    pub fn finished(&mut self, pair: AddrPair, result: Result<(), Reason>) {
+        if let Some(delay) = self.backoff(pair, result) {
+            self.retries.push((Instant::now() + delay, pair));
+        }
+    }
+
+    /// Starts the retries whose backoff has passed, and forgets idle pairs.
+    pub fn tick(&mut self, view: &watch::Receiver<Option<Arc<View>>>) {
+        let now = Instant::now();
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.retries)
+            .into_iter()
+            .partition(|(t, _)| *t <= now);
+        self.retries = later;
+        for (_, pair) in due {
+            self.want(pair, view);
+        }
+        self.prune();
+    }
+
+    /// Pairs waiting for a retry.
+    #[must_use]
+    pub fn retrying(&self) -> usize {
+        self.retries.len()
+    }
+
+    /// The delay before `pair` may be retried (`None`: give up until new demand arrives).
+    fn backoff(&mut self, pair: AddrPair, result: Result<(), Reason>) -> Option<Duration> {
         let state = self.pairs.entry(pair).or_default();
         state.in_flight = false;
         if result.is_ok() {
@@ -141,7 +171,7 @@ impl AuthManager {
     }
 
     /// Forgets pairs with no handshake under way whose backoff has passed.
-    pub fn prune(&mut self) {
+    fn prune(&mut self) {
         let now = Instant::now();
         self.pairs
             .retain(|_, p| p.in_flight || p.not_before.is_some_and(|t| now < t) || p.attempts > 0);
@@ -155,12 +185,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn failures_back_off_exponentially_with_jitter_and_stop() {
         let (tx, _rx) = mpsc::channel(1);
-        let mut m = AuthManager::new(4, Duration::from_secs(1), tx);
+        let mut m = Scheduler::new(4, Duration::from_secs(1), tx);
         let pair: AddrPair = ("198.18.1.2".parse().unwrap(), "198.18.2.2".parse().unwrap());
         let mut delays = Vec::new();
         for _ in 0..MAX_ATTEMPTS {
             m.pairs.entry(pair).or_default().attempts += 1;
-            delays.push(m.finished(pair, Err(Reason::Unreachable)));
+            delays.push(m.backoff(pair, Err(Reason::Unreachable)));
         }
         let d: Vec<Duration> = delays
             .iter()
@@ -182,7 +212,7 @@ mod tests {
         );
         // A success clears the pair.
         m.pairs.entry(pair).or_default().in_flight = true;
-        assert_eq!(m.finished(pair, Ok(())), None);
+        assert_eq!(m.backoff(pair, Ok(())), None);
         assert!(m.pairs.is_empty());
     }
 }

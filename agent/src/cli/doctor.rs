@@ -3,7 +3,7 @@ use std::{fmt::Write as _, net::TcpStream, path::Path, process::ExitCode, time::
 use serde::Serialize;
 
 use super::{Target, status::Output};
-use crate::{cluster::ClusterState, datapath};
+use crate::{datapath, inputs::ClusterState};
 
 /// Preflight checks: can this node run the agent? Each failure comes with its remedy. Exits
 /// non-zero when a check fails.

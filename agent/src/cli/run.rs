@@ -42,6 +42,6 @@ pub fn execute(cli: &super::Cli, _args: &Args) -> anyhow::Result<ExitCode> {
         .on_thread_unpark(crate::caps::on_thread_wake)
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(crate::agent::run(config))?;
+    runtime.block_on(crate::run::run(config))?;
     Ok(ExitCode::SUCCESS)
 }

@@ -103,6 +103,9 @@ fn offline(target: &Target) -> anyhow::Result<Status> {
         identities: Vec::new(),
         identity_problems: Vec::new(),
         handshakes: Vec::new(),
+        cluster_refusals: None,
+        workloads: 0,
+        names_reclaimed: 0,
     })
 }
 
@@ -209,6 +212,35 @@ fn render(s: &Status) -> String {
     if let Some(fc) = &a.first_connection {
         let _ = writeln!(o, "first conn {fc}");
     }
+    if a.running {
+        let _ = writeln!(
+            o,
+            "workloads  {} in cluster state{}",
+            s.workloads,
+            if s.names_reclaimed > 0 {
+                format!("; {} numbers of names gone reclaimed", s.names_reclaimed)
+            } else {
+                String::new()
+            }
+        );
+    }
+    if let Some(r) = &s.cluster_refusals
+        && (r.current > 0 || !r.total.is_empty())
+    {
+        let totals: Vec<String> = r.total.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        let _ = writeln!(
+            o,
+            "refused    {} pods left out now (since start: {})",
+            r.current,
+            totals.join(", ")
+        );
+        for p in &r.pods {
+            let _ = writeln!(o, "  {p}");
+        }
+        if r.current > r.pods.len() as u64 {
+            let _ = writeln!(o, "  … and {} more", r.current - r.pods.len() as u64);
+        }
+    }
     let _ = writeln!(o, "\ninterfaces ({})", s.interfaces.len());
     for i in &s.interfaces {
         let addrs: Vec<String> = i.addresses.iter().map(ToString::to_string).collect();
@@ -227,6 +259,9 @@ fn render(s: &Status) -> String {
                 format!(", mode {}", i.mode)
             }
         );
+        if let Some(p) = &i.problem {
+            let _ = writeln!(o, "    PROBLEM: {p}");
+        }
     }
     for p in &s.pending {
         let _ = writeln!(o, "  (waiting for the interface of {p})");
@@ -283,6 +318,9 @@ fn render(s: &Status) -> String {
             if m.refused > 0 {
                 let _ = write!(line, " {} refused", m.refused);
             }
+            if m.evicted > 0 {
+                let _ = write!(line, " {} evicted", m.evicted);
+            }
             if let Some(e) = &m.error {
                 let _ = write!(line, " ({e})");
             }
@@ -325,9 +363,14 @@ fn render(s: &Status) -> String {
     if !s.events.is_empty() {
         let _ = writeln!(o, "\nrecent events ({} in total)", s.events_total);
         for e in s.events.iter().rev().take(10) {
+            let times = if e.count > 1 {
+                format!(" ×{}", e.count)
+            } else {
+                String::new()
+            };
             let _ = writeln!(
                 o,
-                "  {} {}: {} {} -> {} ({} <- {} @ {})",
+                "  {} {}{times}: {} {} -> {} ({} <- {} @ {})",
                 e.kind,
                 e.reason,
                 e.proto,

@@ -25,6 +25,35 @@ pub enum RouteError {
     Decode(String),
 }
 
+/// The host's routing as the agent asks it (a seam, so the endpoint owner is tested without a
+/// kernel).
+pub trait Routes {
+    /// The interface the kernel routes `addr` through.
+    fn lookup(&self, addr: IpAddr) -> Result<Interface, RouteError>;
+    /// The name of interface `index`, while it exists.
+    fn interface(&self, index: u32) -> Option<String>;
+    /// This node's own addresses (see [`local_addresses`]).
+    fn local_addresses(&self) -> io::Result<Vec<IpAddr>>;
+}
+
+/// The kernel's answers, over netlink and `getifaddrs`, in the agent's network namespace.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Netlink;
+
+impl Routes for Netlink {
+    fn lookup(&self, addr: IpAddr) -> Result<Interface, RouteError> {
+        lookup(addr)
+    }
+
+    fn interface(&self, index: u32) -> Option<String> {
+        if_name(index).ok()
+    }
+
+    fn local_addresses(&self) -> io::Result<Vec<IpAddr>> {
+        local_addresses()
+    }
+}
+
 /// An interface found by route lookup.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Interface {

@@ -1,0 +1,93 @@
+//! What the policy grants a pair, computed once per policy and pair, and what a handshake
+//! failure means for it.
+
+use std::{collections::HashMap, sync::Arc};
+
+use portcullis_common::{AUTH_ALL_PORTS, AuthValue, MAX_PORT_RANGES, PortRange};
+
+use crate::{
+    identity::SpiffeId,
+    policy::{Decision, Grant, Policy},
+    reason::Reason,
+    registry::{Kind, Registry},
+};
+
+/// The policy's decision for each pair of identity numbers, computed once per policy.
+#[derive(Debug, Default)]
+pub(super) struct Decisions {
+    policy: Option<Arc<Policy>>,
+    cache: HashMap<(u32, u32), Decision>,
+}
+
+impl Decisions {
+    pub(super) fn get(
+        &mut self,
+        policy: &Arc<Policy>,
+        names: &Registry,
+        local: u32,
+        remote: u32,
+    ) -> Option<Decision> {
+        if !self.policy.as_ref().is_some_and(|p| Arc::ptr_eq(p, policy)) {
+            self.policy = Some(policy.clone());
+            self.cache.clear();
+        }
+        if let Some(d) = self.cache.get(&(local, remote)) {
+            return Some(d.clone());
+        }
+        // Numbers are not reused, so old pairs only take room: start over past a bound.
+        if self.cache.len() >= 1 << 20 {
+            self.cache.clear();
+        }
+        let id = |n| SpiffeId::parse(names.lookup(Kind::Identity, n)?).ok();
+        let d = policy.decide(&id(local)?, &id(remote)?);
+        self.cache.insert((local, remote), d.clone());
+        Some(d)
+    }
+}
+
+/// An auth entry's value with the ports `grant` admits towards the local workload.
+#[must_use]
+pub fn with_grant(mut v: AuthValue, grant: &Grant) -> AuthValue {
+    v.flags &= !AUTH_ALL_PORTS;
+    v.nports = 0;
+    v.ports = [PortRange::default(); MAX_PORT_RANGES];
+    match grant {
+        Grant::None => {}
+        Grant::All => v.flags |= AUTH_ALL_PORTS,
+        Grant::Ports(ranges) => {
+            // The loader refuses rules with more ranges than fit; several rules together can
+            // still exceed it, and then the excess is not admitted (never widened).
+            if ranges.len() > MAX_PORT_RANGES {
+                tracing::warn!(
+                    ranges = ranges.len(),
+                    max = MAX_PORT_RANGES,
+                    "a pair's rules admit more port ranges than an auth entry holds; the excess is not admitted"
+                );
+            }
+            for (slot, r) in v.ports.iter_mut().zip(ranges) {
+                *slot = *r;
+            }
+            v.nports = u32::try_from(ranges.len().min(MAX_PORT_RANGES)).unwrap_or(0);
+        }
+    }
+    v
+}
+
+/// Whether a handshake failure says the pair cannot be authenticated (as opposed to a failure
+/// that a retry may overcome: time-outs, unreachable peers, our own missing SVID).
+#[must_use]
+pub fn definitive(reason: Reason) -> bool {
+    !matches!(
+        reason,
+        Reason::Timeout
+            | Reason::Unreachable
+            | Reason::Tls
+            | Reason::Protocol
+            | Reason::Version
+            | Reason::Internal
+            | Reason::NoLocalSvid
+            | Reason::UnknownPeer
+            | Reason::Busy
+            | Reason::RateLimited
+    )
+}

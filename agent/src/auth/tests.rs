@@ -1,0 +1,299 @@
+//! The entry lifecycle against in-memory maps.
+
+use std::{collections::HashMap, net::IpAddr, sync::Arc, time::Duration};
+
+use portcullis_common::{
+    AF_INET, EP_ENFORCE, EP_LOCAL, Endpoint, FLOW_INBOUND, FlowKey, FlowValue, IPPROTO_TCP,
+    IPPROTO_UDP,
+};
+use tokio::sync::watch;
+
+use super::*;
+use crate::{
+    datapath::memory::Maps,
+    inputs::{Node, Workload},
+    policy::Grant,
+};
+
+struct World {
+    maps: Maps,
+    names: Registry,
+    index: Index,
+    endpoints: HashMap<IpAddr, Endpoint>,
+    policy: Arc<Policy>,
+    view: watch::Receiver<Option<Arc<View>>>,
+    auth: Auth,
+}
+
+const WEB: &str = "198.18.1.2";
+const API: &str = "198.18.2.2";
+const DB: &str = "198.18.2.3";
+
+fn workload(name: &str, node: &str, addr: &str) -> Workload {
+    Workload {
+        name: name.into(),
+        namespace: "default".into(),
+        identity: SpiffeId::for_service_account("td", "default", name).unwrap(),
+        node: node.into(),
+        addresses: vec![addr.parse().unwrap()],
+    }
+}
+
+impl World {
+    fn new() -> Self {
+        let mut index = Index::new("n1");
+        index.set_trust_domain("td");
+        for (n, a) in [("n1", "198.18.0.1:4181"), ("n2", "198.18.0.2:4181")] {
+            index.set_node(Node {
+                name: n.into(),
+                address: a.parse().unwrap(),
+            });
+        }
+        index.upsert(workload("web", "n1", WEB));
+        index.upsert(workload("api", "n2", API));
+        index.upsert(workload("db", "n2", DB));
+        index.take_changes();
+        let (_tx, view) = watch::channel(None);
+        let mut w = Self {
+            maps: Maps::default(),
+            names: Registry::load(Vec::new()),
+            index,
+            endpoints: HashMap::new(),
+            policy: Arc::new(Policy::default()),
+            view,
+            auth: Auth::new("n1", Entries::default(), None, false, 16),
+        };
+        // The endpoints as the enforcer would program them.
+        for (name, node, addr, local) in [
+            ("web", "n1", WEB, true),
+            ("api", "n2", API, false),
+            ("db", "n2", DB, false),
+        ] {
+            let ep = Endpoint {
+                identity: w.id(name),
+                node: w.node(node),
+                ifindex: if local { 7 } else { 0 },
+                flags: if local { EP_LOCAL | EP_ENFORCE } else { 0 },
+            };
+            w.endpoints.insert(addr.parse().unwrap(), ep);
+        }
+        w
+    }
+
+    fn id(&mut self, name: &str) -> u32 {
+        let id = format!("spiffe://td/ns/default/sa/{name}");
+        self.names
+            .intern(&mut self.maps, Kind::Identity, &id)
+            .unwrap()
+    }
+
+    fn node(&mut self, name: &str) -> u32 {
+        self.names.intern(&mut self.maps, Kind::Node, name).unwrap()
+    }
+
+    fn key(&mut self, local: &str, remote: &str) -> AuthKey {
+        AuthKey {
+            local_identity: self.id(local),
+            remote_identity: self.id(remote),
+            remote_node: self.node("n2"),
+            kind: 0,
+        }
+    }
+
+    /// An entry for (web, `remote`) valid for `secs` from now, and an inbound flow of it.
+    fn admitted(&mut self, remote: &str, remote_addr: &str, port: u16, secs: i64) -> AuthKey {
+        let key = self.key("web", remote);
+        let now = boot_ns();
+        let expires = now.saturating_add_signed(secs * 1_000_000_000);
+        let value = with_grant(
+            AuthValue {
+                created_ns: now.saturating_sub(1_000_000_000),
+                expires_ns: expires,
+                ..AuthValue::default()
+            },
+            &Grant::All,
+        );
+        self.auth
+            .entries
+            .insert(&mut self.maps, key, value)
+            .unwrap();
+        self.flow(remote_addr, port, IPPROTO_TCP, key, 0);
+        key
+    }
+
+    fn flow(&mut self, remote_addr: &str, port: u16, proto: u8, key: AuthKey, seen: u32) {
+        let mut k = FlowKey {
+            local_port: 8080,
+            remote_port: port,
+            proto,
+            family: AF_INET,
+            ..FlowKey::default()
+        };
+        k.local_addr[..4].copy_from_slice(&WEB.parse::<std::net::Ipv4Addr>().unwrap().octets());
+        k.remote_addr[..4]
+            .copy_from_slice(&remote_addr.parse::<std::net::Ipv4Addr>().unwrap().octets());
+        self.maps.flows.insert(
+            k,
+            FlowValue {
+                local_identity: key.local_identity,
+                remote_identity: key.remote_identity,
+                remote_node: key.remote_node,
+                flags: FLOW_INBOUND,
+                created_ns: 0,
+                ifindex: 7,
+                seen,
+            },
+        );
+    }
+
+    fn revalidate(&mut self, scope: Scope<'_>) -> Report {
+        let ctx = Ctx {
+            index: &self.index,
+            names: &self.names,
+            endpoints: &self.endpoints,
+            policy: &self.policy,
+            view: &self.view,
+        };
+        self.auth
+            .revalidate(&mut self.maps, &ctx, scope, "test")
+            .unwrap()
+    }
+
+    fn tick(&mut self) {
+        let ctx = Ctx {
+            index: &self.index,
+            names: &self.names,
+            endpoints: &self.endpoints,
+            policy: &self.policy,
+            view: &self.view,
+        };
+        self.auth.tick(&mut self.maps, &ctx);
+    }
+}
+
+/// A workload leaving cluster state costs a look at its own entries and flows only: its
+/// entry is revoked and its flows cut, the others are not even checked.
+#[test]
+fn a_workload_leaving_revokes_only_its_entries_and_flows() {
+    let mut w = World::new();
+    let api = w.admitted("api", API, 40_000, 3600);
+    let db = w.admitted("db", DB, 40_001, 3600);
+    w.index.remove("default", "api");
+    w.endpoints.remove(&API.parse().unwrap());
+    let changes = w.index.take_changes();
+    let report = w.revalidate(Scope::Touched {
+        pairs: &changes.pairs,
+        addrs: &changes.addrs,
+    });
+    assert_eq!(report.entries_checked, 1);
+    assert_eq!(report.revoked.len(), 1);
+    assert_eq!(report.revoked[0].0, api);
+    assert_eq!(report.flows_cut, 1);
+    assert!(w.maps.auth.contains_key(&db) && !w.maps.auth.contains_key(&api));
+    assert_eq!(w.maps.flows.len(), 1);
+    // Nothing touched: nothing looked at, not even the flow table.
+    let none = std::collections::HashSet::new();
+    let report = w.revalidate(Scope::Touched {
+        pairs: &std::collections::HashSet::new(),
+        addrs: &none,
+    });
+    assert_eq!((report.entries_checked, report.flows_checked), (0, 0));
+}
+
+/// An entry that expires takes the flows it admitted with it: renewal keeps live pairs'
+/// entries fresh, so an expiry means the pair could not be proven again (before, the entry
+/// went and its connections carried on).
+#[test]
+fn an_expired_entry_takes_its_flows_with_it() {
+    let mut w = World::new();
+    let gone = w.admitted("api", API, 40_000, -1);
+    let kept = w.admitted("db", DB, 40_001, 3600);
+    w.tick();
+    assert!(!w.maps.auth.contains_key(&gone) && w.maps.auth.contains_key(&kept));
+    assert_eq!(w.maps.flows.len(), 1, "the expired pair's flow was not cut");
+    assert!(w.maps.flows.values().all(|v| v.pair() == kept));
+}
+
+/// UDP flows idle past the timeout are cut; live ones and TCP flows are not.
+#[test]
+fn idle_udp_flows_are_cut() {
+    let mut w = World::new();
+    w.auth =
+        Auth::new("n1", Entries::default(), None, false, 16).with_udp_idle(Duration::from_secs(30));
+    let key = w.key("web", "api");
+    let now = portcullis_common::seen_units(boot_ns());
+    w.flow(API, 5353, IPPROTO_UDP, key, now - 60);
+    w.flow(API, 5354, IPPROTO_UDP, key, now);
+    w.flow(API, 40_000, IPPROTO_TCP, key, 0);
+    w.auth.sweep_udp(&mut w.maps, boot_ns());
+    let left: Vec<u16> = w.maps.flows.keys().map(|k| k.remote_port).collect();
+    assert_eq!(left.len(), 2);
+    assert!(!left.contains(&5353), "{left:?}");
+}
+
+/// A policy edit revalidates every entry: what it no longer authorizes is revoked, what it
+/// narrows gets its new ports, and flows on ports no longer admitted are cut.
+#[test]
+fn a_policy_edit_revokes_and_regrants() {
+    let mut w = World::new();
+    let api = w.admitted("api", API, 40_000, 3600);
+    let db = w.admitted("db", DB, 40_001, 3600);
+    w.policy = Arc::new(
+        Policy::parse(
+            std::path::Path::new("p.yaml"),
+            "name: p\nrules:\n  - name: api-to-web\n    from: [\"spiffe://td/ns/default/sa/api\"]\n    to: [\"spiffe://td/ns/default/sa/web\"]\n    ports: [9090]\n  - name: api-to-db\n    from: [\"spiffe://td/ns/default/sa/api\"]\n    to: [\"spiffe://td/ns/default/sa/db\"]\n",
+        )
+        .unwrap(),
+    );
+    let report = w.revalidate(Scope::All);
+    assert_eq!(report.revoked.len(), 1, "{:?}", report.revoked);
+    assert_eq!(report.revoked[0].0, db);
+    assert!(
+        report.revoked[0].1.contains("policy `p`"),
+        "{}",
+        report.revoked[0].1
+    );
+    assert_eq!(report.regranted, 1);
+    assert_eq!(w.maps.auth[&api].nports, 1);
+    // Both flows were on port 8080: neither stands.
+    assert_eq!(report.flows_cut, 2);
+    assert!(w.maps.flows.is_empty());
+}
+
+/// A handshake whose pair the policy refuses by the time its entry is written is recorded as
+/// `not_authorized`, not as an internal error.
+#[test]
+fn a_denial_at_write_time_is_not_authorized() {
+    let mut w = World::new();
+    w.policy = Arc::new(
+        Policy::parse(
+            std::path::Path::new("p.yaml"),
+            "name: p\nrules:\n  - name: db-only\n    from: [\"spiffe://td/ns/default/sa/db\"]\n    to: [\"spiffe://td/ns/default/sa/web\"]\n  - name: nothing-to-api\n    from: [\"spiffe://td/ns/default/sa/db\"]\n    to: [\"spiffe://td/ns/default/sa/api\"]\n",
+        )
+        .unwrap(),
+    );
+    let mut rec = Record::new(Role::Initiator);
+    rec.local_id = Some(SpiffeId::parse("spiffe://td/ns/default/sa/web").unwrap());
+    rec.remote_id = Some(SpiffeId::parse("spiffe://td/ns/default/sa/api").unwrap());
+    rec.remote_node = Some("n2".into());
+    rec.result = Ok(SystemTime::now() + Duration::from_secs(600));
+    let err = w
+        .auth
+        .write(&mut w.maps, &mut w.names, &w.index, &w.policy, &rec)
+        .unwrap_err();
+    assert_eq!(err.reason(), Reason::NotAuthorized, "{err}");
+    assert!(w.maps.auth.is_empty());
+    // The pair authorized: written, with its expiry.
+    w.policy = Arc::new(Policy::default());
+    w.auth
+        .write(&mut w.maps, &mut w.names, &w.index, &w.policy, &rec)
+        .unwrap();
+    assert_eq!(w.maps.auth.len(), 1);
+    // A pair that left cluster state meanwhile is refused.
+    w.index.remove("default", "api");
+    let err = w
+        .auth
+        .write(&mut w.maps, &mut w.names, &w.index, &w.policy, &rec)
+        .unwrap_err();
+    assert!(matches!(err, WriteError::NotInCluster { .. }), "{err}");
+}

@@ -1,0 +1,489 @@
+//! Enforcement state: which addresses the endpoint maps hold (every workload of cluster state,
+//! and this node's own addresses), and which local pods' interfaces carry the programs.
+//!
+//! [`desired`] is the pure part: what the map should hold for one address, given the index,
+//! the policy and the local pods' interfaces. [`Enforcer::sync`] applies it to the addresses a
+//! change touched, and only to those; [`Enforcer::tick`] looks at what can change without
+//! cluster state saying so (the node's own addresses, local pods' interfaces, pins removed from
+//! outside), in time proportional to the node, not the cluster.
+//!
+//! A full map never stops the agent (fail closed): the node's and local pods' endpoints go in
+//! first, making room by leaving out a remote peer if they must; a remote peer left out is an
+//! unknown peer, dropped where enforced; what is left out is retried when room appears.
+
+mod locals;
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::IpAddr,
+};
+
+use portcullis_common::{
+    EP_ADMIT_HOST, EP_AUDIT, EP_ENFORCE, EP_HOST, EP_LOCAL, EP_OTHER_PASS, Endpoint,
+};
+
+pub use self::locals::{Iface, LocalState};
+use crate::{
+    datapath::{Attached, DatapathError, EndpointMap, Links, NameMap, route::Routes},
+    inputs::{Changes, Index},
+    policy::{self, Mode, Policy},
+    registry::{Kind, Registry},
+};
+
+/// The identity name of this node's own addresses (connections from the node: kubelet probes).
+pub const HOST_IDENTITY: &str = "host";
+
+/// The endpoint flags that carry a local pod's policy settings.
+#[must_use]
+pub fn policy_flags(s: policy::Settings) -> u32 {
+    let mut flags = match s.mode {
+        Mode::Enforce => EP_ENFORCE,
+        Mode::Audit => EP_AUDIT,
+        Mode::Off => 0,
+    };
+    if s.node_traffic {
+        flags |= EP_ADMIT_HOST;
+    }
+    if s.other_protocols {
+        flags |= EP_OTHER_PASS;
+    }
+    flags
+}
+
+/// Why an address cluster state wants is not in the map.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Missing {
+    /// The map is full.
+    Full,
+    /// Its workload (`label`) could not be numbered: the name map is full or refused.
+    Unnumbered(String),
+    /// The kernel refused the write for another reason; retried at each tick.
+    Refused,
+}
+
+/// What the kernel refused, for `status` and the metrics.
+#[derive(Debug, Default, Clone)]
+pub struct Refusals {
+    /// Endpoint writes refused, since start.
+    pub endpoints: u64,
+    /// Identity and node numbers the kernel refused to store, since start.
+    pub names: u64,
+    pub endpoint_error: Option<String>,
+    pub name_error: Option<String>,
+}
+
+/// Why a workload's (or the node's) names could not be numbered.
+#[derive(Debug)]
+pub struct Unnumbered {
+    /// The workload, or the node's address.
+    pub label: String,
+    pub error: String,
+    /// The name map is full (rather than refusing for another reason).
+    pub full: bool,
+}
+
+/// What the endpoint map should hold for `addr`. `numbers` gives the (identity, node) numbers
+/// of a name pair, or why they cannot be had.
+///
+/// A workload's claim wins over the node's own address; a local workload is local (with its
+/// interface and policy settings) only once its interface is known, and until then is known to
+/// the kernel like any peer.
+pub fn desired(
+    addr: IpAddr,
+    index: &Index,
+    locals: &LocalState,
+    policy: &Policy,
+    host: bool,
+    mut numbers: impl FnMut(&str, &str) -> Result<(u32, u32), DatapathError>,
+) -> Result<Option<Endpoint>, Unnumbered> {
+    let failed = |e: DatapathError, label: String| Unnumbered {
+        label,
+        full: e.is_full(),
+        error: e.to_string(),
+    };
+    if let Some(w) = index.owner(&addr) {
+        let (identity, node) =
+            numbers(w.identity.as_str(), &w.node).map_err(|e| failed(e, w.label()))?;
+        let mut ep = Endpoint {
+            identity,
+            node,
+            ifindex: 0,
+            flags: 0,
+        };
+        if *w.node == *index.here()
+            && let Some(iface) = locals.interface(&w.namespace, &w.name)
+        {
+            ep.ifindex = iface.index;
+            ep.flags = EP_LOCAL | policy_flags(policy.settings(&w.namespace, &w.identity));
+        }
+        return Ok(Some(ep));
+    }
+    if host {
+        let (identity, node) = numbers(HOST_IDENTITY, index.here())
+            .map_err(|e| failed(e, format!("this node's own address {addr}")))?;
+        return Ok(Some(Endpoint {
+            identity,
+            node,
+            ifindex: 0,
+            flags: EP_HOST,
+        }));
+    }
+    Ok(None)
+}
+
+/// What a sync changed, for revalidation.
+#[derive(Debug, Default)]
+pub struct Synced {
+    /// Addresses whose endpoint changed or went: flows of theirs may have lost their footing.
+    pub changed: HashSet<IpAddr>,
+    pub set: usize,
+    pub removed: usize,
+}
+
+#[derive(Debug, Default)]
+pub struct Enforcer<R = crate::datapath::route::Netlink> {
+    /// The host's routing, asked for local pods' interfaces and the node's addresses.
+    routes: R,
+    /// What the endpoint maps hold, mirrored.
+    programmed: HashMap<IpAddr, Endpoint>,
+    /// The node's own addresses, as last listed.
+    host: HashSet<IpAddr>,
+    host_error: Option<String>,
+    locals: LocalState,
+    missing: BTreeMap<IpAddr, Missing>,
+    refusals: Refusals,
+    /// Pinned links found at start that no local pod claimed yet.
+    leftover_pins: Vec<u32>,
+}
+
+impl<R: Routes> Enforcer<R> {
+    /// Starts from what the kernel already holds (a restart adopts it).
+    #[must_use]
+    pub fn new(routes: R, programmed: HashMap<IpAddr, Endpoint>, leftover_pins: Vec<u32>) -> Self {
+        Self {
+            routes,
+            programmed,
+            host: HashSet::new(),
+            host_error: None,
+            locals: LocalState::default(),
+            missing: BTreeMap::new(),
+            refusals: Refusals::default(),
+            leftover_pins,
+        }
+    }
+
+    #[must_use]
+    pub fn routes(&self) -> &R {
+        &self.routes
+    }
+
+    #[must_use]
+    pub fn endpoint(&self, addr: &IpAddr) -> Option<&Endpoint> {
+        self.programmed.get(addr)
+    }
+
+    #[must_use]
+    pub fn programmed(&self) -> &HashMap<IpAddr, Endpoint> {
+        &self.programmed
+    }
+
+    #[must_use]
+    pub fn locals(&self) -> &LocalState {
+        &self.locals
+    }
+
+    #[must_use]
+    pub fn refusals(&self) -> &Refusals {
+        &self.refusals
+    }
+
+    /// Addresses cluster state wants that the map does not hold.
+    #[must_use]
+    pub fn missing(&self) -> usize {
+        self.missing.len()
+    }
+
+    /// Workloads (and the node itself) left unnumbered.
+    #[must_use]
+    pub fn unnumbered(&self) -> usize {
+        self.missing
+            .values()
+            .filter_map(|m| match m {
+                Missing::Unnumbered(l) => Some(l),
+                _ => None,
+            })
+            .collect::<HashSet<_>>()
+            .len()
+    }
+
+    /// Applies a change of cluster state or policy: the addresses it touched, and with a
+    /// policy change every local pod's (their endpoints carry its settings).
+    pub fn apply<M: EndpointMap + NameMap + Links>(
+        &mut self,
+        maps: &mut M,
+        names: &mut Registry,
+        index: &Index,
+        policy: &Policy,
+        changes: &Changes,
+        policy_changed: bool,
+    ) -> Synced {
+        let mut addrs: HashSet<IpAddr> = changes.addrs.clone();
+        if changes.all {
+            addrs.extend(index.workloads().flat_map(|w| w.addresses.iter().copied()));
+            addrs.extend(self.programmed.keys().copied());
+            addrs.extend(self.host.iter().copied());
+        }
+        if changes.local || changes.all || policy_changed {
+            addrs.extend(self.locals.refresh(index, &self.routes));
+        }
+        if policy_changed {
+            addrs.extend(self.locals.addresses());
+        }
+        let synced = self.sync(maps, names, index, policy, addrs);
+        self.links(maps);
+        synced
+    }
+
+    /// What can change without cluster state saying so: the node's own addresses, local pods'
+    /// interfaces, links whose pins were removed, and writes to retry.
+    pub fn tick<M: EndpointMap + NameMap + Links>(
+        &mut self,
+        maps: &mut M,
+        names: &mut Registry,
+        index: &Index,
+        policy: &Policy,
+    ) -> Synced {
+        let mut addrs = self.host_addresses();
+        addrs.extend(self.locals.refresh(index, &self.routes));
+        addrs.extend(
+            self.missing
+                .iter()
+                .filter(|(_, m)| !matches!(m, Missing::Full))
+                .map(|(a, _)| *a),
+        );
+        let synced = self.sync(maps, names, index, policy, addrs);
+        self.links(maps);
+        synced
+    }
+
+    /// Lists the node's own addresses; returns those that came or went.
+    fn host_addresses(&mut self) -> HashSet<IpAddr> {
+        match self.routes.local_addresses() {
+            Ok(now) => {
+                self.host_error = None;
+                let now: HashSet<IpAddr> = now.into_iter().collect();
+                let touched = now.symmetric_difference(&self.host).copied().collect();
+                self.host = now;
+                touched
+            }
+            Err(e) => {
+                // Keep what is programmed rather than cut probes over a transient failure.
+                if crate::journal::is_new(&mut self.host_error, e.to_string()) {
+                    tracing::warn!(error = %e, "cannot list this node's addresses; keeping the last ones");
+                }
+                HashSet::new()
+            }
+        }
+    }
+
+    /// Makes the map hold [`desired`] for each of `addrs`: the node's and local pods' first,
+    /// then the rest. Removals come first, as they make room.
+    fn sync<M: EndpointMap + NameMap>(
+        &mut self,
+        maps: &mut M,
+        names: &mut Registry,
+        index: &Index,
+        policy: &Policy,
+        addrs: HashSet<IpAddr>,
+    ) -> Synced {
+        let mut out = Synced::default();
+        let mut wanted: Vec<(IpAddr, Endpoint)> = Vec::new();
+        for addr in addrs {
+            let host = self.host.contains(&addr);
+            let want = desired(addr, index, &self.locals, policy, host, |id, node| {
+                Ok((
+                    names.intern(maps, Kind::Identity, id)?,
+                    names.intern(maps, Kind::Node, node)?,
+                ))
+            });
+            match want {
+                Ok(Some(ep)) => {
+                    if self.programmed.get(&addr) == Some(&ep) {
+                        self.missing.remove(&addr);
+                    } else {
+                        wanted.push((addr, ep));
+                    }
+                }
+                Ok(None) => {
+                    self.missing.remove(&addr);
+                    if self.programmed.contains_key(&addr) {
+                        self.remove(maps, addr, &mut out);
+                    }
+                }
+                Err(u) => {
+                    if !u.full {
+                        self.refusals.names += 1;
+                    }
+                    self.refusals.name_error = Some(u.error);
+                    // Never leave an address with a previous owner's identity.
+                    if self.programmed.contains_key(&addr) {
+                        self.remove(maps, addr, &mut out);
+                    }
+                    self.missing.insert(addr, Missing::Unnumbered(u.label));
+                }
+            }
+        }
+        // The node's and local pods' first: a full map leaves out a remote peer, never them.
+        wanted.sort_by_key(|(_, ep)| ep.flags & (EP_LOCAL | EP_HOST) == 0);
+        let mut full = [false; 2];
+        for (addr, ep) in wanted {
+            self.set(maps, addr, ep, &mut full, &mut out);
+        }
+        // Room made by removals is offered to what a full map left out.
+        if out.removed > 0 {
+            let waiting: Vec<IpAddr> = self
+                .missing
+                .iter()
+                .filter(|(_, m)| matches!(m, Missing::Full))
+                .map(|(a, _)| *a)
+                .take(out.removed)
+                .collect();
+            if !waiting.is_empty() {
+                let more = self.sync(maps, names, index, policy, waiting.into_iter().collect());
+                out.changed.extend(more.changed);
+                out.set += more.set;
+                out.removed += more.removed;
+            }
+        }
+        out
+    }
+
+    fn remove(&mut self, maps: &mut impl EndpointMap, addr: IpAddr, out: &mut Synced) {
+        match maps.remove_endpoint(addr) {
+            Ok(()) => {
+                self.programmed.remove(&addr);
+                out.changed.insert(addr);
+                out.removed += 1;
+                tracing::info!(target: "portcullis::audit", event = "endpoint_removed", %addr, "endpoint removed from cluster state");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, %addr, "cannot remove an endpoint; retrying at the next tick");
+                self.missing.insert(addr, Missing::Refused);
+            }
+        }
+    }
+
+    fn set(
+        &mut self,
+        maps: &mut impl EndpointMap,
+        addr: IpAddr,
+        ep: Endpoint,
+        full: &mut [bool; 2],
+        out: &mut Synced,
+    ) {
+        let family = usize::from(addr.is_ipv6());
+        let known = self.programmed.contains_key(&addr);
+        let first = ep.flags & (EP_LOCAL | EP_HOST) != 0;
+        // Once a map is full, a new remote address is not tried again in this pass.
+        if !known && full[family] && !first {
+            self.missing.insert(addr, Missing::Full);
+            return;
+        }
+        let mut result = maps.set_endpoint(addr, &ep);
+        if first
+            && result.as_ref().is_err_and(DatapathError::is_full)
+            && self.evict_remote(maps, addr.is_ipv6(), out)
+        {
+            result = maps.set_endpoint(addr, &ep);
+        }
+        match result {
+            Ok(()) => {
+                self.programmed.insert(addr, ep);
+                self.missing.remove(&addr);
+                out.changed.insert(addr);
+                out.set += 1;
+            }
+            Err(e) => {
+                full[family] |= e.is_full();
+                self.refusals.endpoints += 1;
+                self.refusals.endpoint_error = Some(e.to_string());
+                if known {
+                    // Never leave an address with its previous owner's identity.
+                    self.remove(maps, addr, out);
+                }
+                let why = if e.is_full() {
+                    Missing::Full
+                } else {
+                    Missing::Refused
+                };
+                self.missing.insert(addr, why);
+            }
+        }
+    }
+
+    /// Makes room for the node's or a local pod's endpoint by leaving out a remote peer of the
+    /// same family.
+    fn evict_remote(&mut self, maps: &mut impl EndpointMap, v6: bool, out: &mut Synced) -> bool {
+        let Some(victim) = self
+            .programmed
+            .iter()
+            .find(|(a, ep)| a.is_ipv6() == v6 && ep.flags & (EP_LOCAL | EP_HOST) == 0)
+            .map(|(a, _)| *a)
+        else {
+            return false;
+        };
+        if maps.remove_endpoint(victim).is_err() {
+            return false;
+        }
+        self.programmed.remove(&victim);
+        self.missing.insert(victim, Missing::Full);
+        out.changed.insert(victim);
+        true
+    }
+
+    /// Attaches the programs to every local pod's interface whose endpoint is programmed, and
+    /// detaches them from interfaces no local pod has any more.
+    fn links(&mut self, links: &mut impl Links) {
+        let wanted: HashSet<u32> = self
+            .programmed
+            .values()
+            .filter(|e| e.flags & EP_LOCAL != 0)
+            .map(|e| e.ifindex)
+            .collect();
+        self.locals.attach(links, &wanted);
+        let released: Vec<u32> = self
+            .locals
+            .attached_indices()
+            .into_iter()
+            .chain(self.leftover_pins.iter().copied())
+            .filter(|i| !wanted.contains(i))
+            .collect();
+        for index in released {
+            if let Err(e) = links.detach(index) {
+                tracing::error!(ifindex = index, error = %e, "cannot detach; retrying at the next tick");
+                continue;
+            }
+            match self.locals.detached(index) {
+                Some(i) => {
+                    tracing::info!(workload = %i.workload, interface = %i.name, ifindex = index, "released");
+                }
+                None => {
+                    tracing::info!(ifindex = index, "removed a pinned link no local pod claims")
+                }
+            }
+        }
+        self.leftover_pins.clear();
+    }
+}
+
+/// For status: how an interface got its programs.
+#[must_use]
+pub fn attached_str(a: Attached) -> &'static str {
+    match a {
+        Attached::Adopted => "adopted",
+        Attached::New => "new",
+    }
+}
+
+#[cfg(test)]
+mod tests;

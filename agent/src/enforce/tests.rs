@@ -1,0 +1,220 @@
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+};
+
+use portcullis_common::{EP_ENFORCE, EP_HOST, EP_LOCAL};
+
+use super::*;
+use crate::{
+    datapath::memory::{FakeRoutes, Maps},
+    identity::SpiffeId,
+    inputs::{Node, Workload},
+};
+
+fn workload(name: &str, node: &str, addr: &str) -> Workload {
+    Workload {
+        name: name.into(),
+        namespace: "default".into(),
+        identity: SpiffeId::for_service_account("td", "default", name).unwrap(),
+        node: node.into(),
+        addresses: vec![addr.parse().unwrap()],
+    }
+}
+
+struct World {
+    maps: Maps,
+    names: Registry,
+    index: Index,
+    policy: Policy,
+    e: Enforcer<FakeRoutes>,
+}
+
+impl World {
+    fn new() -> Self {
+        let mut index = Index::new("n1");
+        index.set_trust_domain("td");
+        for (n, a) in [("n1", "198.18.0.1:4181"), ("n2", "198.18.0.2:4181")] {
+            index.set_node(Node {
+                name: n.into(),
+                address: a.parse().unwrap(),
+            });
+        }
+        Self {
+            maps: Maps::default(),
+            names: Registry::load(Vec::new()),
+            index,
+            policy: Policy::default(),
+            e: Enforcer::new(
+                FakeRoutes {
+                    host: vec!["198.18.0.1".parse().unwrap()],
+                    ..FakeRoutes::default()
+                },
+                HashMap::new(),
+                Vec::new(),
+            ),
+        }
+    }
+
+    fn apply(&mut self) -> Synced {
+        let changes = self.index.take_changes();
+        self.e.apply(
+            &mut self.maps,
+            &mut self.names,
+            &self.index,
+            &self.policy,
+            &changes,
+            false,
+        )
+    }
+
+    fn tick(&mut self) -> Synced {
+        self.e
+            .tick(&mut self.maps, &mut self.names, &self.index, &self.policy)
+    }
+
+    fn ep(&self, addr: &str) -> Option<Endpoint> {
+        self.maps
+            .endpoints
+            .get(&addr.parse::<IpAddr>().unwrap())
+            .copied()
+    }
+}
+
+#[test]
+fn workloads_are_programmed_and_only_local_ones_attached() {
+    let mut w = World::new();
+    w.e.routes().pod("198.18.1.2", 7);
+    w.index.upsert(workload("web", "n1", "198.18.1.2"));
+    w.index.upsert(workload("api", "n2", "198.18.2.2"));
+    w.tick();
+    w.apply();
+    let web = w.ep("198.18.1.2").expect("local endpoint");
+    assert_eq!(web.flags & EP_LOCAL, EP_LOCAL);
+    assert_eq!(web.flags & EP_ENFORCE, EP_ENFORCE);
+    assert_eq!(web.ifindex, 7);
+    let api = w.ep("198.18.2.2").expect("remote endpoint");
+    assert_eq!(api.flags & EP_LOCAL, 0);
+    assert_eq!(w.ep("198.18.0.1").map(|e| e.flags), Some(EP_HOST));
+    assert_eq!(w.maps.links, [7].into());
+    assert!(w.e.locals().pending().is_empty());
+    // A change to a remote workload touches its two addresses and nothing else.
+    w.index.upsert(workload("api", "n2", "198.18.2.3"));
+    let synced = w.apply();
+    let touched: HashSet<IpAddr> = ["198.18.2.2", "198.18.2.3"]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+    assert_eq!(synced.changed, touched);
+    assert!(w.ep("198.18.2.2").is_none());
+    // The local pod leaves: released.
+    w.index.remove("default", "web");
+    w.apply();
+    assert!(w.ep("198.18.1.2").is_none());
+    assert!(w.maps.links.is_empty());
+}
+
+/// A failed route lookup for a pod whose interface is known and still exists keeps it
+/// enforced (before, it was programmed as a remote peer and its programs detached).
+#[test]
+fn a_failing_route_lookup_keeps_an_attached_pod_enforced() {
+    let mut w = World::new();
+    w.tick();
+    w.e.routes().pod("198.18.1.2", 7);
+    w.index.upsert(workload("web", "n1", "198.18.1.2"));
+    w.apply();
+    assert_eq!(w.maps.links, [7].into());
+    // The route goes; the interface stays.
+    w.e.routes().routes.borrow_mut().clear();
+    let synced = w.tick();
+    assert!(synced.changed.is_empty(), "{:?}", synced.changed);
+    let web = w.ep("198.18.1.2").unwrap();
+    assert_eq!((web.flags & EP_LOCAL, web.ifindex), (EP_LOCAL, 7));
+    assert_eq!(w.maps.links, [7].into(), "the programs were detached");
+    let degraded = w.e.locals().degraded();
+    assert_eq!(degraded.len(), 1);
+    assert!(
+        degraded[0].1.contains("still enforcing on veth7"),
+        "{degraded:?}"
+    );
+    // The interface itself goes: now the pod waits for a new one.
+    w.e.routes().links.borrow_mut().clear();
+    w.tick();
+    assert_eq!(w.ep("198.18.1.2").unwrap().flags & EP_LOCAL, 0);
+    assert!(w.maps.links.is_empty());
+    assert_eq!(w.e.locals().pending()[0].0, "default/web");
+    // A new interface appears.
+    w.e.routes().pod("198.18.1.2", 9);
+    w.tick();
+    assert_eq!(w.ep("198.18.1.2").unwrap().ifindex, 9);
+    assert_eq!(w.maps.links, [9].into());
+}
+
+/// A full map leaves out a remote peer, never the node or a local pod, and the peer gets in
+/// once there is room.
+#[test]
+fn a_full_map_leaves_out_a_remote_peer_and_retries_it_when_room_appears() {
+    let mut w = World::new();
+    w.maps.endpoint_capacity = Some(3);
+    w.tick();
+    for i in 2..6 {
+        w.index
+            .upsert(workload(&format!("r{i}"), "n2", &format!("198.18.2.{i}")));
+    }
+    w.apply();
+    assert_eq!(w.maps.endpoints.len(), 3);
+    assert_eq!(w.e.missing(), 2);
+    // A local pod arrives at a full map: a remote peer makes room.
+    w.e.routes().pod("198.18.1.2", 7);
+    w.index.upsert(workload("web", "n1", "198.18.1.2"));
+    w.apply();
+    assert_eq!(
+        w.ep("198.18.1.2").map(|e| e.flags & EP_LOCAL),
+        Some(EP_LOCAL)
+    );
+    assert_eq!(w.ep("198.18.0.1").map(|e| e.flags), Some(EP_HOST));
+    assert_eq!(w.e.missing(), 3);
+    // Two remote peers leave: two of the left-out ones get in.
+    let gone: Vec<String> = w
+        .index
+        .workloads()
+        .filter(|x| x.node.as_ref() == "n2" && w.maps.endpoints.contains_key(&x.addresses[0]))
+        .map(|x| x.name.clone())
+        .collect();
+    assert_eq!(gone.len(), 1);
+    w.index.remove("default", &gone[0]);
+    let other = w
+        .index
+        .workloads()
+        .find(|x| x.node.as_ref() == "n2" && x.name != gone[0])
+        .map(|x| x.name.clone())
+        .unwrap();
+    w.index.remove("default", &other);
+    w.apply();
+    assert_eq!(w.maps.endpoints.len(), 3);
+    assert_eq!(w.e.missing(), 1);
+}
+
+#[test]
+fn a_policy_change_rewrites_the_local_pods_settings_only() {
+    let mut w = World::new();
+    w.e.routes().pod("198.18.1.2", 7);
+    w.index.upsert(workload("web", "n1", "198.18.1.2"));
+    w.index.upsert(workload("api", "n2", "198.18.2.2"));
+    w.apply();
+    w.policy = Policy::parse(std::path::Path::new("p.yaml"), "name: p\nmode: audit\n").unwrap();
+    let changes = w.index.take_changes();
+    let synced = w.e.apply(
+        &mut w.maps,
+        &mut w.names,
+        &w.index,
+        &w.policy,
+        &changes,
+        true,
+    );
+    assert_eq!(synced.changed, ["198.18.1.2".parse().unwrap()].into());
+    assert_eq!(
+        w.ep("198.18.1.2").unwrap().flags & (EP_ENFORCE | portcullis_common::EP_AUDIT),
+        portcullis_common::EP_AUDIT
+    );
+}
