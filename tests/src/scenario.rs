@@ -87,13 +87,22 @@ impl Scenario<'_> {
 
     /// Starts `probe serve` on `port` in `pod` and waits until it listens.
     pub fn serve(&self, pod: &str, port: u16) -> Server {
+        self.serve_mode(pod, "serve", port)
+    }
+
+    /// Starts `probe udp-serve` (an echo server) on `port` in `pod` and waits until it listens.
+    pub fn udp_serve(&self, pod: &str, port: u16) -> Server {
+        self.serve_mode(pod, "udp-serve", port)
+    }
+
+    fn serve_mode(&self, pod: &str, mode: &str, port: u16) -> Server {
         let mut child = self
             .tb
             .exec(
                 pod,
                 &[
                     self.probe.as_os_str(),
-                    "serve".as_ref(),
+                    mode.as_ref(),
                     "--port".as_ref(),
                     port.to_string().as_ref(),
                     "--seconds".as_ref(),

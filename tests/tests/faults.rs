@@ -810,6 +810,7 @@ fn a_flow_table_flood_evicts_visibly_and_admits_nothing_unauthenticated() {
         "drop_no_flow": delta("drop_no_flow"),
         "drop_flow_table_full": delta("drop_flow_table_full"),
         "pass_outbound": delta("pass_outbound"),
+        "evicted": map_of(&after, "flows")["evicted"],
     });
     report("flow_table_flood", &outcome);
     assert!(ok(&flood), "the flood tool failed: {outcome}");
@@ -821,6 +822,15 @@ fn a_flow_table_flood_evicts_visibly_and_admits_nothing_unauthenticated() {
     assert!(
         text_ok && text.contains("evicting"),
         "`portcullis status` does not say the flow table is evicting:\n{text}"
+    );
+    // More flows than the table holds: the LRU evicted some, and they are counted.
+    assert!(
+        map_of(&after, "flows")["evicted"].as_u64().unwrap_or(0) > 0,
+        "the evictions were not counted: {outcome}"
+    );
+    assert!(
+        text.contains(" evicted"),
+        "`portcullis status` does not show the evictions:\n{text}"
     );
     assert!(
         !unauthenticated_admitted,

@@ -339,3 +339,142 @@ fn pod_lists(api: &FakeApi) -> usize {
         })
         .count()
 }
+
+/// What a node's kubelet writes into its pods cannot bend cluster state: a pod claiming another
+/// node's pod address, one claiming a node address and a mirror pod are left out, each counted
+/// and shown in `status`; a terminating pod keeps its address until it is gone, and only then
+/// does the new pod that was given it get it.
+#[test]
+fn a_kubelet_cannot_bend_cluster_state_and_a_reused_address_waits_for_the_old_pod() {
+    assert!(
+        // SAFETY: no preconditions.
+        unsafe { libc::geteuid() } == 0,
+        "the Kubernetes watcher test needs root (namespaces, eBPF); run it with `cargo xtask test`"
+    );
+    let spec = Spec {
+        nodes: vec![
+            NodeSpec::new("node-1", vec![PodSpec::new("client")]),
+            NodeSpec::new("node-2", vec![PodSpec::new("server")]),
+        ],
+    };
+    let mut tb = Testbed::up(&spec, &Options::without_agents())
+        .unwrap_or_else(|e| panic!("testbed up: {e:#}"));
+    let n1 = tb.node("node-1").clone();
+    let api: FakeApi = serve_in_netns(&n1.netns, (n1.ipv4, 0).into()).expect("fake API server");
+    for n in ["node-1", "node-2"] {
+        api.apply(Kind::Node, node(n, tb.node(n).ipv4));
+    }
+    for p in ["client", "server"] {
+        let info = tb.pod(p).clone();
+        api.apply(
+            Kind::Pod,
+            pod(
+                p,
+                "default",
+                &info.node,
+                &[info.ipv4.to_string(), info.ipv6.to_string()],
+            ),
+        );
+    }
+    let server = tb.pod("server").ipv4;
+    // node-1's kubelet reports node-2's pod address, node-2's own address, and a mirror pod.
+    api.apply(
+        Kind::Pod,
+        pod("thief", "shop", "node-1", &[server.to_string()]),
+    );
+    api.apply(
+        Kind::Pod,
+        pod(
+            "node-ip",
+            "shop",
+            "node-1",
+            &[tb.node("node-2").ipv4.to_string()],
+        ),
+    );
+    let mut mirror = pod("static", "shop", "node-1", &["198.18.1.50".to_owned()]);
+    mirror["metadata"]["annotations"] = json!({"kubernetes.io/config.mirror": "0123abcd"});
+    api.apply(Kind::Pod, mirror);
+    // A terminating pod, and the new pod its address was given to.
+    let reused = "198.18.2.60".to_owned();
+    let mut old = pod("old", "shop", "node-2", std::slice::from_ref(&reused));
+    old["metadata"]["creationTimestamp"] = json!("2026-11-22T00:00:00Z");
+    old["metadata"]["deletionTimestamp"] = json!("2026-11-23T00:00:10Z");
+    api.apply(Kind::Pod, old);
+    api.apply(
+        Kind::Pod,
+        pod("new", "shop", "node-2", std::slice::from_ref(&reused)),
+    );
+    use_api(&tb, "node-1", &api);
+    tb.start_agent("node-1")
+        .unwrap_or_else(|e| panic!("starting node-1's agent: {e:#}"));
+    let status = || {
+        let out = tb
+            .portcullis("node-1", &["status", "--output", "json"])
+            .output()
+            .expect("status");
+        serde_json::from_slice::<Value>(&out.stdout).unwrap_or(Value::Null)
+    };
+    let mut st = Value::Null;
+    let refused = eventually(Duration::from_secs(10), || {
+        st = status();
+        st["cluster_refusals"]["current"].as_u64() == Some(4)
+    });
+    let totals = st["cluster_refusals"]["total"].clone();
+    let pods = st["cluster_refusals"]["pods"].clone();
+    let workloads_before = st["workloads"].as_u64();
+    api.delete(Kind::Pod, "shop", "old");
+    let handed_over = eventually(Duration::from_secs(10), || {
+        st = status();
+        st["cluster_refusals"]["current"].as_u64() == Some(3)
+    });
+    let (text_ok, text) = {
+        let out = tb
+            .portcullis("node-1", &["status"])
+            .output()
+            .expect("status");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let metrics = tb.agent_http("node-1", "/metrics");
+    let outcome = json!({
+        "refusals": totals,
+        "pods": pods,
+        "workloads_before": workloads_before,
+        "workloads_after": st["workloads"],
+        "handed_over": handed_over,
+    });
+    eprintln!("kubernetes outcome: {outcome}");
+    assert!(refused, "the four bad pods were not refused: {outcome}");
+    for kind in [
+        "outside_pod_cidrs",
+        "node_address",
+        "mirror_pod",
+        "address_in_use",
+    ] {
+        assert_eq!(totals[kind], 1, "{kind} not counted once: {outcome}");
+    }
+    assert!(
+        pods.as_array().is_some_and(|p| p.iter().any(|l| l
+            .as_str()
+            .is_some_and(|l| l.starts_with("shop/thief") && l.contains("podCIDRs")))),
+        "status does not name the pod and why: {outcome}"
+    );
+    // client, server and old.
+    assert_eq!(workloads_before, Some(3), "{outcome}");
+    assert!(
+        handed_over,
+        "the new pod never got the old one's address: {outcome}"
+    );
+    assert_eq!(st["workloads"], 3, "old gone, new in: {outcome}");
+    assert!(
+        endpoints_v4(&tb, "node-1").contains(&reused.parse().expect("addr")),
+        "the reused address is not programmed"
+    );
+    assert!(text_ok && text.contains("pods left out now"), "{text}");
+    assert!(
+        metrics.contains("portcullis_cluster_refusals_total{reason=\"mirror_pod\"} 1"),
+        "the refusals are not in the metrics:\n{metrics}"
+    );
+}
