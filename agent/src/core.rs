@@ -33,7 +33,7 @@ use crate::{
         route::{Netlink, Routes},
     },
     enforce::{Enforcer, HOST_IDENTITY},
-    handshake::{Record, Role},
+    handshake::{Record, Role, WriteRefused},
     inputs::{ClusterSource, Inputs},
     journal::Journal,
     metrics::{Health, Metrics},
@@ -259,8 +259,8 @@ impl<K: Kernel, R: Routes> Core<K, R> {
         if changes.all || changes.workloads > 0 || update.policy || synced.set + synced.removed > 0
         {
             if changes.all {
-                // Decoding a large cluster-state document leaves the allocator holding memory
-                // the agent no longer uses: give it back, so RSS reflects what is live.
+                // The first state (a list of every pod, or a whole file) leaves the allocator
+                // holding memory the agent no longer uses: give it back.
                 // SAFETY: glibc's malloc_trim has no preconditions.
                 unsafe { libc::malloc_trim(0) };
             }
@@ -458,7 +458,7 @@ impl<K: Kernel, R: Routes> Core<K, R> {
     }
 
     /// The responder's request: write this entry before answering.
-    pub fn on_write(&mut self, rec: &Record) -> Result<(), String> {
+    pub fn on_write(&mut self, rec: &Record) -> Result<(), WriteRefused> {
         let index = self.inputs.index();
         self.auth
             .write(
@@ -468,7 +468,10 @@ impl<K: Kernel, R: Routes> Core<K, R> {
                 self.inputs.policy(),
                 rec,
             )
-            .map_err(|e| e.to_string())
+            .map_err(|e| WriteRefused {
+                reason: e.reason(),
+                detail: e.to_string(),
+            })
     }
 
     /// A finished handshake: the initiator's entry is written here, the responder's was

@@ -290,8 +290,17 @@ impl Record {
     }
 }
 
+/// Why the core did not write the entry a responder asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteRefused {
+    /// What the handshake's record and the initiator are told (`not_authorized` for a policy
+    /// that changed meanwhile, `internal` for a kernel refusal).
+    pub reason: Reason,
+    pub detail: String,
+}
+
 /// The responder's request to the core: write this entry, then tell me whether it worked.
-pub type WriteRequest = (Record, oneshot::Sender<Result<(), String>>);
+pub type WriteRequest = (Record, oneshot::Sender<Result<(), WriteRefused>>);
 
 fn unix_ms(t: SystemTime) -> u64 {
     u64::try_from(t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis()).unwrap_or(u64::MAX)
@@ -508,22 +517,18 @@ async fn respond_inner(
     let mut pending = rec.clone();
     pending.result = Ok(expires);
     let (tx, rx) = oneshot::channel();
+    let stopped = || WriteRefused {
+        reason: Reason::Internal,
+        detail: "the agent stopped".to_owned(),
+    };
     let written = match core.send((pending, tx)).await {
-        Ok(()) => rx
-            .await
-            .unwrap_or_else(|_| Err("the agent stopped".to_owned())),
-        Err(_) => Err("the agent stopped".to_owned()),
+        Ok(()) => rx.await.unwrap_or_else(|_| Err(stopped())),
+        Err(_) => Err(stopped()),
     };
     if let Err(e) = written {
-        rec.detail = Some(e);
-        let _ = write_msg(
-            &mut stream,
-            &Message::Refuse(Refuse {
-                reason: Reason::Internal,
-            }),
-        )
-        .await;
-        return Err(Reason::Internal);
+        rec.detail = Some(e.detail);
+        let _ = write_msg(&mut stream, &Message::Refuse(Refuse { reason: e.reason })).await;
+        return Err(e.reason);
     }
     write_msg(
         &mut stream,

@@ -229,6 +229,11 @@ impl Inputs {
                                 tracing::warn!(node = %ix.here(), "this node is not in cluster state; no local pod will be enforced");
                             }
                             drop(ix);
+                            // Decoding a large document leaves the allocator holding memory
+                            // the agent no longer uses: give it back, so RSS reflects what is
+                            // live.
+                            // SAFETY: glibc's malloc_trim has no preconditions.
+                            unsafe { libc::malloc_trim(0) };
                             self.loaded = true;
                             self.cluster_error = None;
                         }
@@ -304,7 +309,7 @@ impl Inputs {
             kube::parse_policy(&label, text)
         } else {
             match self.policy_file.as_mut().and_then(Watched::poll) {
-                Some(r) => r.map_err(|e| e.to_string()),
+                Some(r) => r,
                 None => return false,
             }
         };
@@ -320,7 +325,7 @@ impl Inputs {
             }
             Err(e) => {
                 tracing::error!(error = %e, "policy rejected; the last good policy stays in force");
-                self.policy_error = Some(e);
+                self.policy_error = Some(e.to_string());
                 false
             }
         }

@@ -602,9 +602,10 @@ pub fn serve_in_netns(netns: &str, addr: SocketAddr) -> Result<FakeApi> {
     FakeApi::serve(listener)
 }
 
-/// A Node as a kubelet registers it: addresses, pod CIDRs, capacity, conditions, the images it
-/// holds, and managed fields.
-pub fn realistic_node(name: &str, ip: IpAddr, pod_cidr: &str) -> Value {
+/// A Node as a kubelet registers it: addresses, pod CIDRs (the first also as `podCIDR`),
+/// capacity, conditions and node info.
+pub fn realistic_node(name: &str, ip: IpAddr, pod_cidrs: &[&str]) -> Value {
+    let pod_cidr = pod_cidrs.first().copied().unwrap_or_default();
     json!({
         "metadata": {
             "name": name,
@@ -620,7 +621,7 @@ pub fn realistic_node(name: &str, ip: IpAddr, pod_cidr: &str) -> Value {
             },
             "creationTimestamp": "2026-11-01T08:00:00Z"
         },
-        "spec": {"podCIDR": pod_cidr, "podCIDRs": [pod_cidr], "providerID": format!("aws:///eu-west-1a/i-{name}")},
+        "spec": {"podCIDR": pod_cidr, "podCIDRs": pod_cidrs, "providerID": format!("aws:///eu-west-1a/i-{name}")},
         "status": {
             "addresses": [{"type": "InternalIP", "address": ip.to_string()},
                           {"type": "Hostname", "address": name}],
@@ -759,6 +760,9 @@ pub fn realistic_pod(
         }
     })
 }
+
+/// The pod CIDRs that hold every [`scale_address`].
+pub const SCALE_CIDRS: [&str; 2] = ["198.19.0.0/16", "fd00:19::/96"];
 
 /// The address of the `i`-th of many pods: 198.19.0.0/16 holds the first 64,000, the rest go to
 /// fd00:19::/96.

@@ -15,7 +15,8 @@ use serde_json::{Value, json};
 use testbed::{
     NodeSpec, Options, PodSpec, Spec, Testbed,
     kube_api::{
-        FakeApi, Kind, realistic_node, realistic_pod, scale_address, scale_pods, serve_in_netns,
+        FakeApi, Kind, SCALE_CIDRS, realistic_node, realistic_pod, scale_address, scale_pods,
+        serve_in_netns,
     },
     scenario::eventually,
 };
@@ -248,7 +249,11 @@ fn ten_thousand_realistic_pods_are_listed_in_pages_and_every_one_is_programmed()
     for (i, n) in ["node-1", "node-2"].into_iter().enumerate() {
         api.apply(
             Kind::Node,
-            realistic_node(n, tb.node(n).ipv4.into(), &format!("198.18.{}.0/24", i + 1)),
+            realistic_node(
+                n,
+                tb.node(n).ipv4.into(),
+                &[&format!("198.18.{}.0/24", i + 1)],
+            ),
         );
     }
     // A third node that exists only in the API, holding the many pods (no traffic goes to it).
@@ -257,7 +262,7 @@ fn ten_thousand_realistic_pods_are_listed_in_pages_and_every_one_is_programmed()
         realistic_node(
             "node-3",
             "198.18.0.250".parse().expect("addr"),
-            "198.19.0.0/16",
+            &SCALE_CIDRS,
         ),
     );
     let mut want: HashSet<Ipv4Addr> = HashSet::new();

@@ -411,11 +411,17 @@ where
     }
 }
 
-/// Parses the policy ConfigMap's text.
-pub fn parse_policy(label: &std::path::Path, text: Option<String>) -> Result<Policy, String> {
+/// Parses the policy ConfigMap's text (`None`: no such ConfigMap, or no such key in it).
+pub fn parse_policy(
+    label: &std::path::Path,
+    text: Option<String>,
+) -> Result<Policy, crate::input::InputError> {
     match text {
-        Some(text) => Policy::parse(label, &text).map_err(|e| e.to_string()),
-        None => Err(format!("{}: no such ConfigMap or key", label.display())),
+        Some(text) => Policy::parse(label, &text),
+        None => Err(crate::input::InputError::file(
+            label,
+            "no such ConfigMap, or no such key in it",
+        )),
     }
 }
 

@@ -77,7 +77,11 @@ impl Plan {
         Self {
             sizes,
             window: Duration::from_secs(if quick { 5 } else { 10 }),
-            kube_rates: if quick { vec![1, 10] } else { vec![1, 10, 100] },
+            kube_rates: if quick {
+                vec![1, 10]
+            } else {
+                vec![1, 10, 20, 100]
+            },
             file_rates: vec![1, 10],
             settle: Duration::from_secs(if quick { 1 } else { 2 }),
         }

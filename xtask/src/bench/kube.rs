@@ -12,7 +12,9 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 use testbed::{
     Options, Testbed,
-    kube_api::{FakeApi, Kind, realistic_node, realistic_pod, scale_pods, serve_in_netns},
+    kube_api::{
+        FakeApi, Kind, SCALE_CIDRS, realistic_node, realistic_pod, scale_pods, serve_in_netns,
+    },
 };
 
 use super::{
@@ -54,13 +56,13 @@ impl World {
                 realistic_node(
                     name,
                     tb.node(name).ipv4.into(),
-                    &format!("198.18.{}.0/24", i + 1),
+                    &[&format!("198.18.{}.0/24", i + 1)],
                 ),
             );
         }
         api.apply(
             Kind::Node,
-            realistic_node("node-3", "198.18.0.250".parse()?, "198.19.0.0/16"),
+            realistic_node("node-3", "198.18.0.250".parse()?, &SCALE_CIDRS),
         );
         let own = ["client", "server"].into_iter().enumerate().map(|(i, p)| {
             let info = tb.pod(p);

@@ -17,9 +17,8 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
+    sync::Arc,
 };
-
-use k8s_openapi::jiff::Timestamp;
 
 use super::objects::{NodeObject, PodObject};
 use crate::{
@@ -75,9 +74,6 @@ impl std::fmt::Display for Refusal {
     }
 }
 
-/// A pod's claim on an address: the oldest wins.
-type Claim = (Option<Timestamp>, WorkloadKey);
-
 #[derive(Debug, Clone)]
 struct NodeFacts {
     /// The handshake address: the InternalIP, IPv4 preferred.
@@ -87,11 +83,36 @@ struct NodeFacts {
     cidrs: Vec<(IpAddr, u8)>,
 }
 
+/// What the agent keeps of a Pod: a few dozen bytes, its strings shared with the other pods of
+/// its namespace, node and service account.
 #[derive(Debug)]
 struct PodFacts {
-    pod: PodObject,
+    namespace: Arc<str>,
+    name: Arc<str>,
+    /// Creation time, in Unix seconds: the oldest claim on an address wins.
+    created: Option<i64>,
+    node: Option<Arc<str>>,
+    service_account: Arc<str>,
+    mirror: bool,
+    /// Host network, or finished (`Succeeded`, `Failed`): not a workload, nothing wrong.
+    inert: bool,
+    ips: Box<[IpAddr]>,
+    /// The first address that is not an IP, as written.
+    bad_ip: Option<Box<str>>,
     /// The addresses it claims (valid ones, while it is a candidate).
-    claims: Vec<IpAddr>,
+    claims: Box<[IpAddr]>,
+}
+
+impl PodFacts {
+    fn key(&self) -> WorkloadKey {
+        (self.namespace.to_string(), self.name.to_string())
+    }
+
+    /// The order of claims on an address: the oldest first, then by namespace and name, so every
+    /// agent decides alike.
+    fn rank(&self) -> (Option<i64>, &str, &str) {
+        (self.created, &self.namespace, &self.name)
+    }
 }
 
 /// Refusals of pods now in the API, and counts of every refusal since start.
@@ -103,20 +124,32 @@ pub struct Refusals {
     pub total: BTreeMap<&'static str, u64>,
 }
 
+type PodId = u32;
+
+/// The pods that list an address, and whether each claims it (listing an address that is
+/// valid for it, while it is a candidate). Almost always one.
+#[derive(Debug, Default)]
+struct Holders(Vec<(PodId, bool)>);
+
 #[derive(Debug)]
 pub struct KubeCluster {
     trust_domain: String,
     handshake_port: u16,
     check_pod_cidrs: bool,
-    pods: HashMap<WorkloadKey, PodFacts>,
+    /// Pods by id; a freed id is reused.
+    pods: Vec<Option<PodFacts>>,
+    free: Vec<PodId>,
+    by_key: HashMap<(Arc<str>, Arc<str>), PodId>,
+    by_node: HashMap<Arc<str>, HashSet<PodId>>,
+    /// Address → the pods that list it.
+    by_ip: HashMap<IpAddr, Holders>,
     nodes: HashMap<String, NodeFacts>,
-    pods_by_node: HashMap<String, HashSet<WorkloadKey>>,
-    /// Address → pods listing it (any pod, valid or not): a node address change re-derives
-    /// the pods that name it.
-    pods_by_ip: HashMap<IpAddr, HashSet<WorkloadKey>>,
-    claims: HashMap<IpAddr, BTreeSet<Claim>>,
     /// Node IP → nodes that have it.
     node_ips: HashMap<IpAddr, BTreeSet<String>>,
+    /// Shared strings: namespaces, names of nodes and service accounts.
+    strings: HashSet<Arc<str>>,
+    /// Identities made, by namespace and service account.
+    identities: HashMap<(Arc<str>, Arc<str>), Result<SpiffeId, String>>,
     dirty_pods: HashSet<WorkloadKey>,
     dirty_nodes: HashSet<String>,
     refusals: Refusals,
@@ -163,12 +196,15 @@ impl KubeCluster {
             trust_domain: trust_domain.to_owned(),
             handshake_port,
             check_pod_cidrs,
-            pods: HashMap::new(),
+            pods: Vec::new(),
+            free: Vec::new(),
+            by_key: HashMap::new(),
+            by_node: HashMap::new(),
+            by_ip: HashMap::new(),
             nodes: HashMap::new(),
-            pods_by_node: HashMap::new(),
-            pods_by_ip: HashMap::new(),
-            claims: HashMap::new(),
             node_ips: HashMap::new(),
+            strings: HashSet::new(),
+            identities: HashMap::new(),
             dirty_pods: HashSet::new(),
             dirty_nodes: HashSet::new(),
             refusals: Refusals::default(),
@@ -182,7 +218,7 @@ impl KubeCluster {
 
     #[must_use]
     pub fn pod_keys(&self) -> Vec<WorkloadKey> {
-        self.pods.keys().cloned().collect()
+        self.pods.iter().flatten().map(PodFacts::key).collect()
     }
 
     #[must_use]
@@ -190,127 +226,181 @@ impl KubeCluster {
         self.nodes.keys().cloned().collect()
     }
 
-    fn key(pod: &PodObject) -> WorkloadKey {
-        (
+    fn share(&mut self, s: &str) -> Arc<str> {
+        if let Some(a) = self.strings.get(s) {
+            return a.clone();
+        }
+        let a: Arc<str> = Arc::from(s);
+        self.strings.insert(a.clone());
+        a
+    }
+
+    fn pod(&self, id: PodId) -> Option<&PodFacts> {
+        self.pods.get(id as usize).and_then(Option::as_ref)
+    }
+
+    fn id_of(&self, pod: &PodObject) -> Option<PodId> {
+        let ns: Arc<str> = pod.meta.namespace.as_deref().unwrap_or("default").into();
+        let name: Arc<str> = pod.meta.name.as_deref().unwrap_or("").into();
+        self.by_key.get(&(ns, name)).copied()
+    }
+
+    fn facts(&mut self, pod: &PodObject) -> PodFacts {
+        let mut ips = Vec::with_capacity(pod.ips.len());
+        let mut bad_ip = None;
+        for raw in &pod.ips {
+            match raw.parse::<IpAddr>() {
+                Ok(ip) => ips.push(ip),
+                Err(_) => {
+                    bad_ip.get_or_insert_with(|| raw.as_str().into());
+                }
+            }
+        }
+        PodFacts {
+            namespace: self.share(pod.meta.namespace.as_deref().unwrap_or("default")),
+            name: pod.meta.name.as_deref().unwrap_or("").into(),
+            created: pod.created().map(|t| t.0.as_second()),
+            node: pod.node.as_deref().map(|n| self.share(n)),
+            service_account: self.share(pod.service_account.as_deref().unwrap_or("default")),
+            mirror: pod.is_mirror(),
+            inert: pod.host_network || matches!(pod.phase.as_deref(), Some("Succeeded" | "Failed")),
+            ips: ips.into(),
+            bad_ip,
+            claims: Box::new([]),
+        }
+    }
+
+    pub fn apply_pod(&mut self, pod: PodObject) {
+        if let Some(id) = self.id_of(&pod) {
+            self.forget(id);
+        }
+        let facts = self.facts(&pod);
+        let id = self.free.pop().unwrap_or_else(|| {
+            self.pods.push(None);
+            PodId::try_from(self.pods.len() - 1).unwrap_or(PodId::MAX)
+        });
+        self.by_key
+            .insert((facts.namespace.clone(), facts.name.clone()), id);
+        if let Some(node) = &facts.node {
+            self.by_node.entry(node.clone()).or_default().insert(id);
+        }
+        for ip in &facts.ips {
+            self.by_ip.entry(*ip).or_default().0.push((id, false));
+        }
+        self.dirty_pods.insert(facts.key());
+        self.pods[id as usize] = Some(facts);
+        self.claim(id);
+    }
+
+    pub fn delete_pod(&mut self, pod: &PodObject) {
+        let key = (
             pod.meta
                 .namespace
                 .clone()
                 .unwrap_or_else(|| "default".to_owned()),
             pod.meta.name.clone().unwrap_or_default(),
-        )
-    }
-
-    pub fn apply_pod(&mut self, pod: PodObject) {
-        let key = Self::key(&pod);
-        self.forget_pod(&key);
-        if let Some(node) = &pod.node {
-            self.pods_by_node
-                .entry(node.clone())
-                .or_default()
-                .insert(key.clone());
-        }
-        for ip in pod.ips.iter().filter_map(|i| i.parse::<IpAddr>().ok()) {
-            self.pods_by_ip.entry(ip).or_default().insert(key.clone());
-        }
-        self.pods.insert(
-            key.clone(),
-            PodFacts {
-                pod,
-                claims: Vec::new(),
-            },
         );
-        self.claim(&key);
-        self.dirty_pods.insert(key);
-    }
-
-    pub fn delete_pod(&mut self, pod: &PodObject) {
-        let key = Self::key(pod);
-        self.forget_pod(&key);
+        if let Some(id) = self.id_of(pod) {
+            self.forget(id);
+        }
         self.dirty_pods.insert(key);
     }
 
     /// Removes a pod from every index (its claims released, their next owners marked).
-    fn forget_pod(&mut self, key: &WorkloadKey) {
-        let Some(facts) = self.pods.remove(key) else {
+    fn forget(&mut self, id: PodId) {
+        self.release(id);
+        let Some(facts) = self.pods.get_mut(id as usize).and_then(Option::take) else {
             return;
         };
-        self.release(key, &facts);
-        if let Some(node) = &facts.pod.node
-            && let Some(set) = self.pods_by_node.get_mut(node)
+        self.by_key
+            .remove(&(facts.namespace.clone(), facts.name.clone()));
+        if let Some(node) = &facts.node
+            && let Some(set) = self.by_node.get_mut(node)
         {
-            set.remove(key);
+            set.remove(&id);
             if set.is_empty() {
-                self.pods_by_node.remove(node);
+                self.by_node.remove(node);
             }
         }
-        for ip in facts
-            .pod
-            .ips
-            .iter()
-            .filter_map(|i| i.parse::<IpAddr>().ok())
-        {
-            if let Some(set) = self.pods_by_ip.get_mut(&ip) {
-                set.remove(key);
-                if set.is_empty() {
-                    self.pods_by_ip.remove(&ip);
+        for ip in &facts.ips {
+            if let Some(h) = self.by_ip.get_mut(ip) {
+                h.0.retain(|(p, _)| *p != id);
+                if h.0.is_empty() {
+                    self.by_ip.remove(ip);
                 }
             }
         }
+        self.free.push(id);
     }
 
-    fn release(&mut self, key: &WorkloadKey, facts: &PodFacts) {
-        let claim = (facts.pod.created().map(|t| t.0), key.clone());
-        for addr in &facts.claims {
-            if let Some(set) = self.claims.get_mut(addr) {
-                set.remove(&claim);
-                self.dirty_pods.extend(set.iter().map(|(_, k)| k.clone()));
-                if set.is_empty() {
-                    self.claims.remove(addr);
+    /// Withdraws the pod's claims, marking the other claimants of those addresses.
+    fn release(&mut self, id: PodId) {
+        let Some(claims) = self
+            .pods
+            .get_mut(id as usize)
+            .and_then(Option::as_mut)
+            .map(|f| std::mem::take(&mut f.claims))
+        else {
+            return;
+        };
+        for addr in claims.iter() {
+            let mut others = Vec::new();
+            if let Some(h) = self.by_ip.get_mut(addr) {
+                for (p, claims) in &mut h.0 {
+                    if *p == id {
+                        *claims = false;
+                    } else if *claims {
+                        others.push(*p);
+                    }
+                }
+            }
+            for p in others {
+                if let Some(k) = self.pod(p).map(PodFacts::key) {
+                    self.dirty_pods.insert(k);
                 }
             }
         }
     }
 
     /// Whether the pod could be a workload at all, and the addresses it may claim.
-    fn candidate(&self, pod: &PodObject) -> Result<Option<Vec<IpAddr>>, Refusal> {
-        if pod.is_mirror() {
+    fn candidate(&self, facts: &PodFacts) -> Result<Option<Vec<IpAddr>>, Refusal> {
+        if facts.mirror {
             return Err(Refusal::MirrorPod);
         }
-        if pod.host_network || matches!(pod.phase.as_deref(), Some("Succeeded" | "Failed")) {
+        if facts.inert {
             return Ok(None);
         }
-        let Some(node) = &pod.node else {
+        let Some(node) = &facts.node else {
             return Ok(None);
         };
-        let facts = self
+        let node_facts = self
             .nodes
-            .get(node)
+            .get(&**node)
             .filter(|n| n.address.is_some())
-            .ok_or_else(|| Refusal::UnknownNode { node: node.clone() })?;
+            .ok_or_else(|| Refusal::UnknownNode {
+                node: node.to_string(),
+            })?;
         let mut valid = Vec::new();
-        let mut first_error = None;
-        for raw in &pod.ips {
-            let refusal = match raw.parse::<IpAddr>() {
-                Err(_) => Some(Refusal::BadAddress { addr: raw.clone() }),
-                Ok(addr) => {
-                    if let Some(owner) = self.node_ips.get(&addr).and_then(|n| n.first()) {
-                        Some(Refusal::NodeAddress {
-                            addr,
-                            node: owner.clone(),
-                        })
-                    } else if self.check_pod_cidrs
-                        && !facts.cidrs.is_empty()
-                        && !facts.cidrs.iter().any(|c| in_cidr(addr, *c))
-                    {
-                        Some(Refusal::OutsidePodCidrs {
-                            addr,
-                            node: node.clone(),
-                        })
-                    } else {
-                        valid.push(addr);
-                        None
-                    }
-                }
+        let mut first_error = facts.bad_ip.as_ref().map(|a| Refusal::BadAddress {
+            addr: a.to_string(),
+        });
+        for addr in facts.ips.iter().copied() {
+            let refusal = if let Some(owner) = self.node_ips.get(&addr).and_then(|n| n.first()) {
+                Some(Refusal::NodeAddress {
+                    addr,
+                    node: owner.clone(),
+                })
+            } else if self.check_pod_cidrs
+                && !node_facts.cidrs.is_empty()
+                && !node_facts.cidrs.iter().any(|c| in_cidr(addr, *c))
+            {
+                Some(Refusal::OutsidePodCidrs {
+                    addr,
+                    node: node.to_string(),
+                })
+            } else {
+                valid.push(addr);
+                None
             };
             if first_error.is_none() {
                 first_error = refusal;
@@ -323,47 +413,60 @@ impl KubeCluster {
     }
 
     /// Records the pod's claims on its valid addresses, marking their claimants.
-    fn claim(&mut self, key: &WorkloadKey) {
-        let Some(facts) = self.pods.get(key) else {
-            return;
-        };
-        let claims = match self.candidate(&facts.pod) {
+    fn claim(&mut self, id: PodId) {
+        let Some(facts) = self.pod(id) else { return };
+        let claims = match self.candidate(facts) {
             Ok(Some(addrs)) => addrs,
             _ => Vec::new(),
         };
-        let claim = (facts.pod.created().map(|t| t.0), key.clone());
         for addr in &claims {
-            let set = self.claims.entry(*addr).or_default();
-            set.insert(claim.clone());
-            self.dirty_pods.extend(set.iter().map(|(_, k)| k.clone()));
+            let mut others = Vec::new();
+            if let Some(h) = self.by_ip.get_mut(addr) {
+                for (p, c) in &mut h.0 {
+                    if *p == id {
+                        *c = true;
+                    } else if *c {
+                        others.push(*p);
+                    }
+                }
+            }
+            for p in others {
+                if let Some(k) = self.pod(p).map(PodFacts::key) {
+                    self.dirty_pods.insert(k);
+                }
+            }
         }
-        if let Some(f) = self.pods.get_mut(key) {
-            f.claims = claims;
+        if let Some(f) = self.pods.get_mut(id as usize).and_then(Option::as_mut) {
+            f.claims = claims.into();
         }
+    }
+
+    /// The pod that owns `addr`: of the pods claiming it, the oldest.
+    fn owner(&self, addr: &IpAddr) -> Option<PodId> {
+        self.by_ip
+            .get(addr)?
+            .0
+            .iter()
+            .filter(|(_, claims)| *claims)
+            .filter_map(|(p, _)| Some((self.pod(*p)?.rank(), *p)))
+            .min()
+            .map(|(_, p)| p)
     }
 
     /// Re-derives the claims of every pod of `node` and of every pod listing one of `ips`.
     fn reclaim(&mut self, node: &str, ips: &[IpAddr]) {
-        let mut keys: HashSet<WorkloadKey> =
-            self.pods_by_node.get(node).cloned().unwrap_or_default();
+        let mut ids: HashSet<PodId> = self.by_node.get(node).cloned().unwrap_or_default();
         for ip in ips {
-            if let Some(set) = self.pods_by_ip.get(ip) {
-                keys.extend(set.iter().cloned());
+            if let Some(h) = self.by_ip.get(ip) {
+                ids.extend(h.0.iter().map(|(p, _)| *p));
             }
         }
-        for key in keys {
-            if let Some(facts) = self.pods.remove(&key) {
-                self.release(&key, &facts);
-                self.pods.insert(
-                    key.clone(),
-                    PodFacts {
-                        pod: facts.pod,
-                        claims: Vec::new(),
-                    },
-                );
+        for id in ids {
+            self.release(id);
+            self.claim(id);
+            if let Some(k) = self.pod(id).map(PodFacts::key) {
+                self.dirty_pods.insert(k);
             }
-            self.claim(&key);
-            self.dirty_pods.insert(key);
         }
     }
 
@@ -426,40 +529,41 @@ impl KubeCluster {
         self.reclaim(name, &ips);
     }
 
+    fn identity(&mut self, namespace: &Arc<str>, sa: &Arc<str>) -> Result<SpiffeId, String> {
+        let td = &self.trust_domain;
+        self.identities
+            .entry((namespace.clone(), sa.clone()))
+            .or_insert_with(|| {
+                SpiffeId::for_service_account(td, namespace, sa).map_err(|e| e.to_string())
+            })
+            .clone()
+    }
+
     /// The workload `key` is now, and why not when it is refused.
-    fn derive(&self, key: &WorkloadKey) -> (Option<Workload>, Option<Refusal>) {
-        let Some(facts) = self.pods.get(key) else {
+    fn derive(&mut self, key: &WorkloadKey) -> (Option<Workload>, Option<Refusal>) {
+        let k: (Arc<str>, Arc<str>) = (key.0.as_str().into(), key.1.as_str().into());
+        let Some(id) = self.by_key.get(&k).copied() else {
             return (None, None);
         };
-        let pod = &facts.pod;
-        let addrs = match self.candidate(pod) {
+        let Some(facts) = self.pod(id) else {
+            return (None, None);
+        };
+        let addrs = match self.candidate(facts) {
             Err(r) => return (None, Some(r)),
             Ok(None) => return (None, None),
             Ok(Some(a)) if a.is_empty() => return (None, None),
             Ok(Some(a)) => a,
         };
-        let sa = pod.service_account.as_deref().unwrap_or("default");
-        let identity = match SpiffeId::for_service_account(&self.trust_domain, &key.0, sa) {
-            Ok(id) => id,
-            Err(e) => {
-                return (
-                    None,
-                    Some(Refusal::Identity {
-                        error: e.to_string(),
-                    }),
-                );
-            }
-        };
         let mut owned = Vec::new();
         let mut lost = None;
         for addr in addrs {
-            match self.claims.get(&addr).and_then(|c| c.first()) {
-                Some((_, owner)) if owner == key => owned.push(addr),
-                Some((_, owner)) => {
-                    lost.get_or_insert(Refusal::AddressInUse {
-                        addr,
-                        by: format!("{}/{}", owner.0, owner.1),
-                    });
+            match self.owner(&addr) {
+                Some(p) if p == id => owned.push(addr),
+                Some(p) => {
+                    let by = self
+                        .pod(p)
+                        .map_or_else(String::new, |o| format!("{}/{}", o.namespace, o.name));
+                    lost.get_or_insert(Refusal::AddressInUse { addr, by });
                 }
                 None => {}
             }
@@ -467,13 +571,21 @@ impl KubeCluster {
         if owned.is_empty() {
             return (None, lost);
         }
-        let node = pod.node.clone().unwrap_or_default();
+        let (ns, sa, node) = (
+            facts.namespace.clone(),
+            facts.service_account.clone(),
+            facts.node.clone().unwrap_or_else(|| Arc::from("")),
+        );
+        let identity = match self.identity(&ns, &sa) {
+            Ok(id) => id,
+            Err(error) => return (None, Some(Refusal::Identity { error })),
+        };
         (
             Some(Workload {
                 name: key.1.clone(),
                 namespace: key.0.clone(),
                 identity,
-                node: node.as_str().into(),
+                node,
                 addresses: owned,
             }),
             lost,
@@ -510,6 +622,17 @@ impl KubeCluster {
                 }
             }
             out.workloads.push((key, workload));
+        }
+        if self.refusals.current.len() > 2 * (self.by_key.len() + 16) {
+            // Refusals of pods that are gone are removed as they are derived; this only bounds
+            // what a flood of deleted pods could leave behind.
+            let live: HashSet<String> = self
+                .pods
+                .iter()
+                .flatten()
+                .map(|f| format!("{}/{}", f.namespace, f.name))
+                .collect();
+            self.refusals.current.retain(|k, _| live.contains(k));
         }
         out
     }
