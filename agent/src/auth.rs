@@ -106,6 +106,12 @@ pub struct Auth {
     refused_error: Option<String>,
     /// UDP flows idle for longer than this are cut (nanoseconds).
     udp_idle_ns: u64,
+    /// When this agent started, in flow-seen units: a flow recorded by an earlier version of
+    /// the programs carries no time (0), and counts as seen then.
+    started_seen: u32,
+    /// Entries to prove again, in order, and the same as a set.
+    reprove_backlog: std::collections::VecDeque<AuthKey>,
+    reproving: HashSet<AuthKey>,
     /// When the flow table was last swept for idle UDP flows.
     swept_at: u64,
 }
@@ -132,6 +138,9 @@ impl Auth {
             refused_error: None,
             udp_idle_ns: 120_000_000_000,
             swept_at: 0,
+            started_seen: portcullis_common::seen_units(boot_ns()),
+            reprove_backlog: std::collections::VecDeque::new(),
+            reproving: HashSet::new(),
         }
     }
 
@@ -415,23 +424,46 @@ impl Auth {
     }
 
     /// Proves again, as initiator, every entry `select` picks, with or without flows; our own
-    /// attempts then decide (a definitive failure revokes). Returns the handshakes started.
+    /// attempts then decide (a definitive failure revokes). The entries join a backlog that is
+    /// drained as the scheduler has room (at once, and at each tick), so none is dropped when
+    /// there are more of them than handshakes may wait. Returns how many joined it.
     pub fn reprove(&mut self, ctx: &Ctx<'_>, select: impl Fn(&AuthKey) -> bool) -> usize {
         let keys: Vec<AuthKey> = self
             .entries
             .iter()
             .map(|(k, _)| *k)
-            .filter(|k| select(k))
+            .filter(|k| select(k) && !self.reproving.contains(k))
             .collect();
-        let mut started = 0;
+        let n = keys.len();
         for k in keys {
-            if let Some(pair) = self.addresses(ctx, &k)
-                && self.want(ctx, pair)
-            {
-                started += 1;
+            self.reproving.insert(k);
+            self.reprove_backlog.push_back(k);
+        }
+        self.drain_reproofs(ctx);
+        n
+    }
+
+    /// Starts the backlog's handshakes while the scheduler takes them.
+    fn drain_reproofs(&mut self, ctx: &Ctx<'_>) {
+        while self.scheduler.as_ref().is_some_and(|s| !s.saturated()) {
+            let Some(k) = self.reprove_backlog.pop_front() else {
+                break;
+            };
+            self.reproving.remove(&k);
+            if self.entries.get(&k).is_none() {
+                continue;
+            }
+            if let Some(pair) = self.addresses(ctx, &k) {
+                // Already under way or backing off: that attempt proves it.
+                self.want(ctx, pair);
             }
         }
-        started
+    }
+
+    /// Entries waiting to be proven again.
+    #[must_use]
+    pub fn reproofs_waiting(&self) -> usize {
+        self.reprove_backlog.len()
     }
 
     /// A peer node rejected the SVID we presented for one of our workloads (its trust bundle

@@ -341,9 +341,9 @@ impl<K: Kernel, R: Routes> Core<K, R> {
         if refreshed.bundle {
             // Every entry, with or without flows: a pair whose SVIDs are no longer trusted
             // fails definitively and is revoked. Each node proves its own entries.
-            let started = self.auth.reprove(&ctx, |_| true);
+            let entries = self.auth.reprove(&ctx, |_| true);
             tracing::info!(
-                handshakes = started,
+                entries,
                 "trust bundle changed: every auth entry is proven again"
             );
         }
@@ -514,10 +514,9 @@ impl<K: Kernel, R: Routes> Core<K, R> {
     pub fn not_ready(&self) -> Vec<String> {
         let mut out: Vec<String> = self
             .enforce
-            .locals()
-            .pending()
+            .pending(&self.inputs.index())
             .into_iter()
-            .map(|(w, why)| format!("no interface yet for {w} ({why})"))
+            .map(|(w, why)| format!("{w} is not enforced yet: {why}"))
             .collect();
         if !self.inputs.loaded() {
             out.push("no cluster state".to_owned());

@@ -55,8 +55,8 @@ pub fn policy_flags(s: policy::Settings) -> u32 {
 enum Missing {
     /// The map is full.
     Full,
-    /// Its workload (`label`) could not be numbered: the name map is full or refused.
-    Unnumbered(String),
+    /// Its workload (`label`) could not be numbered (`error`): the name map is full or refused.
+    Unnumbered { label: String, error: String },
     /// The kernel refused the write for another reason; retried at each tick.
     Refused,
 }
@@ -135,6 +135,8 @@ pub fn desired(
 #[derive(Debug, Default)]
 pub struct Synced {
     /// Addresses whose endpoint changed or went: flows of theirs may have lost their footing.
+    /// (A new endpoint cannot take a flow's footing away: a flow to an address that had none
+    /// was recorded as to an unknown peer, and stands whatever the address becomes.)
     pub changed: HashSet<IpAddr>,
     pub set: usize,
     pub removed: usize,
@@ -148,7 +150,13 @@ pub struct Enforcer<R = crate::datapath::route::Netlink> {
     programmed: HashMap<IpAddr, Endpoint>,
     /// The node's own addresses, as last listed.
     host: HashSet<IpAddr>,
+    /// Whether they were listed at all (before, an adopted endpoint of the node must not be
+    /// taken for one that went).
+    host_listed: bool,
     host_error: Option<String>,
+    /// Interfaces of the local endpoints the map holds, with how many addresses each: the
+    /// interfaces that want programs.
+    local_ifaces: HashMap<u32, usize>,
     locals: LocalState,
     missing: BTreeMap<IpAddr, Missing>,
     refusals: Refusals,
@@ -160,11 +168,17 @@ impl<R: Routes> Enforcer<R> {
     /// Starts from what the kernel already holds (a restart adopts it).
     #[must_use]
     pub fn new(routes: R, programmed: HashMap<IpAddr, Endpoint>, leftover_pins: Vec<u32>) -> Self {
+        let mut local_ifaces = HashMap::new();
+        for ep in programmed.values().filter(|e| e.flags & EP_LOCAL != 0) {
+            *local_ifaces.entry(ep.ifindex).or_insert(0) += 1;
+        }
         Self {
             routes,
             programmed,
             host: HashSet::new(),
+            host_listed: false,
             host_error: None,
+            local_ifaces,
             locals: LocalState::default(),
             missing: BTreeMap::new(),
             refusals: Refusals::default(),
@@ -209,11 +223,42 @@ impl<R: Routes> Enforcer<R> {
         self.missing
             .values()
             .filter_map(|m| match m {
-                Missing::Unnumbered(l) => Some(l),
+                Missing::Unnumbered { label, .. } => Some(label),
                 _ => None,
             })
             .collect::<HashSet<_>>()
             .len()
+    }
+
+    /// Local workloads not (fully) enforced, and why: no interface yet, attaching failed, or
+    /// their names could not be numbered (the name map is full).
+    #[must_use]
+    pub fn pending(&self, index: &Index) -> Vec<(String, String)> {
+        let mut out = self.locals.pending();
+        for (addr, m) in &self.missing {
+            if let Missing::Unnumbered { label, error } = m
+                && index.owner(addr).is_some_and(|w| *w.node == *index.here())
+                && !out.iter().any(|(l, _)| l == label)
+            {
+                out.push((label.clone(), format!("cannot be numbered: {error}")));
+            }
+        }
+        out
+    }
+
+    /// Counts `ep` in or out of the interfaces that want programs.
+    fn note_local(&mut self, ep: Option<&Endpoint>, add: bool) {
+        let Some(ep) = ep.filter(|e| e.flags & EP_LOCAL != 0) else {
+            return;
+        };
+        if add {
+            *self.local_ifaces.entry(ep.ifindex).or_insert(0) += 1;
+        } else if let Some(n) = self.local_ifaces.get_mut(&ep.ifindex) {
+            *n -= 1;
+            if *n == 0 {
+                self.local_ifaces.remove(&ep.ifindex);
+            }
+        }
     }
 
     /// Applies a change of cluster state or policy: the addresses it touched, and with a
@@ -228,6 +273,11 @@ impl<R: Routes> Enforcer<R> {
         policy_changed: bool,
     ) -> Synced {
         let mut addrs: HashSet<IpAddr> = changes.addrs.clone();
+        // The node's own addresses before anything else: an adopted endpoint of the node must
+        // not look like one that went (that would cut the node's connections to its pods).
+        if !self.host_listed || changes.all {
+            addrs.extend(self.host_addresses());
+        }
         if changes.all {
             addrs.extend(index.workloads().flat_map(|w| w.addresses.iter().copied()));
             addrs.extend(self.programmed.keys().copied());
@@ -271,6 +321,7 @@ impl<R: Routes> Enforcer<R> {
         match self.routes.local_addresses() {
             Ok(now) => {
                 self.host_error = None;
+                self.host_listed = true;
                 let now: HashSet<IpAddr> = now.into_iter().collect();
                 let touched = now.symmetric_difference(&self.host).copied().collect();
                 self.host = now;
@@ -280,6 +331,14 @@ impl<R: Routes> Enforcer<R> {
                 // Keep what is programmed rather than cut probes over a transient failure.
                 if crate::journal::is_new(&mut self.host_error, e.to_string()) {
                     tracing::warn!(error = %e, "cannot list this node's addresses; keeping the last ones");
+                }
+                if !self.host_listed {
+                    self.host = self
+                        .programmed
+                        .iter()
+                        .filter(|(_, ep)| ep.flags & EP_HOST != 0)
+                        .map(|(a, _)| *a)
+                        .collect();
                 }
                 HashSet::new()
             }
@@ -298,6 +357,12 @@ impl<R: Routes> Enforcer<R> {
     ) -> Synced {
         let mut out = Synced::default();
         let mut wanted: Vec<(IpAddr, Endpoint)> = Vec::new();
+        // The node's and local pods' names are numbered first, so that a full name map leaves
+        // out a remote peer, never them.
+        let mut addrs: Vec<IpAddr> = addrs.into_iter().collect();
+        addrs.sort_by_key(|a| {
+            !(self.host.contains(a) || index.owner(a).is_some_and(|w| *w.node == *index.here()))
+        });
         for addr in addrs {
             let host = self.host.contains(&addr);
             let want = desired(addr, index, &self.locals, policy, host, |id, node| {
@@ -324,12 +389,18 @@ impl<R: Routes> Enforcer<R> {
                     if !u.full {
                         self.refusals.names += 1;
                     }
-                    self.refusals.name_error = Some(u.error);
+                    self.refusals.name_error = Some(u.error.clone());
                     // Never leave an address with a previous owner's identity.
                     if self.programmed.contains_key(&addr) {
                         self.remove(maps, addr, &mut out);
                     }
-                    self.missing.insert(addr, Missing::Unnumbered(u.label));
+                    self.missing.insert(
+                        addr,
+                        Missing::Unnumbered {
+                            label: u.label,
+                            error: u.error,
+                        },
+                    );
                 }
             }
         }
@@ -361,7 +432,8 @@ impl<R: Routes> Enforcer<R> {
     fn remove(&mut self, maps: &mut impl EndpointMap, addr: IpAddr, out: &mut Synced) {
         match maps.remove_endpoint(addr) {
             Ok(()) => {
-                self.programmed.remove(&addr);
+                let old = self.programmed.remove(&addr);
+                self.note_local(old.as_ref(), false);
                 out.changed.insert(addr);
                 out.removed += 1;
                 tracing::info!(target: "portcullis::audit", event = "endpoint_removed", %addr, "endpoint removed from cluster state");
@@ -398,9 +470,13 @@ impl<R: Routes> Enforcer<R> {
         }
         match result {
             Ok(()) => {
-                self.programmed.insert(addr, ep);
+                let old = self.programmed.insert(addr, ep);
+                self.note_local(old.as_ref(), false);
+                self.note_local(Some(&ep), true);
                 self.missing.remove(&addr);
-                out.changed.insert(addr);
+                if known {
+                    out.changed.insert(addr);
+                }
                 out.set += 1;
             }
             Err(e) => {
@@ -435,7 +511,8 @@ impl<R: Routes> Enforcer<R> {
         if maps.remove_endpoint(victim).is_err() {
             return false;
         }
-        self.programmed.remove(&victim);
+        let old = self.programmed.remove(&victim);
+        self.note_local(old.as_ref(), false);
         self.missing.insert(victim, Missing::Full);
         out.changed.insert(victim);
         true
@@ -444,12 +521,7 @@ impl<R: Routes> Enforcer<R> {
     /// Attaches the programs to every local pod's interface whose endpoint is programmed, and
     /// detaches them from interfaces no local pod has any more.
     fn links(&mut self, links: &mut impl Links) {
-        let wanted: HashSet<u32> = self
-            .programmed
-            .values()
-            .filter(|e| e.flags & EP_LOCAL != 0)
-            .map(|e| e.ifindex)
-            .collect();
+        let wanted: HashSet<u32> = self.local_ifaces.keys().copied().collect();
         self.locals.attach(links, &wanted);
         let released: Vec<u32> = self
             .locals

@@ -6,11 +6,12 @@
 //! once nothing uses it any more (no workload, no auth entry), so that a map filled with the
 //! identities of pods long gone never leaves new local pods unnumbered. A reclaimed number is
 //! not handed out again until the counter wraps (after 2^32 − 1 numbers), so a stale reference
-//! can never come to mean another name.
+//! can never come to mean another name; the counter itself is kept in the map too, so that a
+//! restart does not hand out again the numbers reclaimed at the top.
 
 use std::collections::{HashMap, HashSet};
 
-use portcullis_common::{NAME_IDENTITY, NAME_NODE, NameKey, capacity, map};
+use portcullis_common::{NAME_IDENTITY, NAME_NEXT, NAME_NODE, NameKey, capacity, map};
 
 use crate::datapath::{DatapathError, NameMap};
 
@@ -46,6 +47,8 @@ pub struct Registry {
     /// Numbers that may have lost their last user since the last [`Registry::reclaim`].
     candidates: HashSet<(Kind, u32)>,
     reclaimed: u64,
+    /// Which of the two counters are stored in the map (they take room too).
+    counters: [bool; 2],
 }
 
 impl Registry {
@@ -59,6 +62,18 @@ impl Registry {
             let kind = match key.kind {
                 NAME_IDENTITY => Kind::Identity,
                 NAME_NODE => Kind::Node,
+                NAME_NEXT => {
+                    let slot = match key.id {
+                        NAME_IDENTITY => Kind::Identity.slot(),
+                        NAME_NODE => Kind::Node.slot(),
+                        _ => continue,
+                    };
+                    if let Ok(next) = name.parse::<u32>() {
+                        r.next[slot] = r.next[slot].max(next);
+                    }
+                    r.counters[slot] = true;
+                    continue;
+                }
                 _ => continue,
             };
             r.remember(kind, key.id, name);
@@ -98,9 +113,9 @@ impl Registry {
         if let Some(id) = self.ids[kind.slot()].get(name) {
             return Ok(*id);
         }
-        // Only the agent writes the map: once it holds as many names as it has room for, the
+        // Only the agent writes the map: once it holds as many entries as it has room for, the
         // kernel would refuse the next one, so the system call is saved.
-        if self.len() >= capacity::NAMES as usize {
+        if self.entries() >= capacity::NAMES as usize {
             return Err(DatapathError::Full {
                 name: map::NAMES,
                 capacity: capacity::NAMES,
@@ -144,6 +159,7 @@ impl Registry {
     ) -> usize {
         let candidates = std::mem::take(&mut self.candidates);
         let mut removed = 0;
+        let mut kinds = [false; 2];
         for (kind, id) in candidates {
             let s = kind.slot();
             let Some(name) = self.names[s].get(&id) else {
@@ -164,7 +180,25 @@ impl Registry {
             if let Some(name) = self.names[s].remove(&id) {
                 self.ids[s].remove(&name);
             }
+            kinds[s] = true;
             removed += 1;
+        }
+        // Persist the counters past what was reclaimed, for the next agent.
+        for kind in [Kind::Identity, Kind::Node] {
+            if !kinds[kind.slot()] {
+                continue;
+            }
+            let key = NameKey {
+                kind: NAME_NEXT,
+                id: kind.tag(),
+            };
+            // There is room: the number reclaimed freed an entry.
+            match maps.set_name(&key, &self.next[kind.slot()].to_string()) {
+                Ok(()) => self.counters[kind.slot()] = true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot store the numbering's counter; a restarted agent may reuse reclaimed numbers")
+                }
+            }
         }
         self.reclaimed += removed as u64;
         removed
@@ -174,6 +208,12 @@ impl Registry {
     #[must_use]
     pub fn len(&self) -> usize {
         self.names[0].len() + self.names[1].len()
+    }
+
+    /// The map's entries: the names and the counters stored.
+    #[must_use]
+    pub fn entries(&self) -> usize {
+        self.len() + self.counters.iter().filter(|c| **c).count()
     }
 
     #[must_use]
@@ -241,34 +281,44 @@ mod tests {
         assert_eq!(r.next[Kind::Identity.slot()], 4);
     }
 
+    fn names_in(maps: &Maps) -> usize {
+        maps.names.keys().filter(|k| k.kind != NAME_NEXT).count()
+    }
+
     /// Identities come and go without the map filling: a number nothing uses is removed from
-    /// the kernel, and is not handed to the next name.
+    /// the kernel, and is not handed to the next name, not even after a restart.
     #[test]
     fn numbers_nothing_uses_are_reclaimed_and_not_reused() {
         let mut maps = Maps::default();
         let mut r = Registry::load(Vec::new());
-        let a = r
-            .intern(&mut maps, Kind::Identity, "spiffe://td/a")
-            .unwrap();
-        let b = r
-            .intern(&mut maps, Kind::Identity, "spiffe://td/b")
-            .unwrap();
+        let intern = |r: &mut Registry, maps: &mut Maps, n: &str| {
+            r.intern(maps, Kind::Identity, &format!("spiffe://td/{n}"))
+                .unwrap()
+        };
+        let a = intern(&mut r, &mut maps, "a");
+        let b = intern(&mut r, &mut maps, "b");
         // Both in use: nothing goes.
         assert_eq!(r.reclaim(&mut maps, |_, _, _| true), 0);
-        assert_eq!(maps.names.len(), 2);
+        assert_eq!(names_in(&maps), 2);
         // `a` leaves cluster state.
         r.release(Kind::Identity, a);
         assert_eq!(r.reclaim(&mut maps, |_, id, _| id != a), 1);
         assert_eq!(r.id_of(Kind::Identity, "spiffe://td/a"), None);
-        assert_eq!(maps.names.len(), 1);
+        assert_eq!(names_in(&maps), 1);
         assert_eq!(r.id_of(Kind::Identity, "spiffe://td/b"), Some(b));
-        let c = r
-            .intern(&mut maps, Kind::Identity, "spiffe://td/c")
-            .unwrap();
+        let c = intern(&mut r, &mut maps, "c");
         assert!(c != a && c != b, "a reclaimed number is not reused");
         // A candidate that is used again is kept.
         r.release(Kind::Identity, b);
         assert_eq!(r.reclaim(&mut maps, |_, _, _| true), 0);
         assert_eq!(r.len(), 2);
+        // The highest number is reclaimed, and the agent restarts: it is not handed out again.
+        r.release(Kind::Identity, c);
+        assert_eq!(r.reclaim(&mut maps, |_, id, _| id != c), 1);
+        let mut restarted =
+            Registry::load(maps.names.iter().map(|(k, v)| (*k, v.clone())).collect());
+        assert_eq!(restarted.len(), 1, "the counter is not a name");
+        let d = intern(&mut restarted, &mut maps, "d");
+        assert!(d > c, "{d} reuses a reclaimed number after a restart");
     }
 }

@@ -417,6 +417,10 @@ impl Counter {
 pub const NAME_IDENTITY: u32 = 1;
 /// [`NameKey::kind`] of a node number.
 pub const NAME_NODE: u32 = 2;
+/// [`NameKey::kind`] of the agent's next number of a kind (`id`: `NAME_IDENTITY` or
+/// `NAME_NODE`; the name: the number in decimal), so that numbers reclaimed at the top are not
+/// handed out again after a restart.
+pub const NAME_NEXT: u32 = 3;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]

@@ -345,10 +345,11 @@ fn pod_lists(api: &FakeApi) -> usize {
         .count()
 }
 
-/// What a node's kubelet writes into its pods cannot bend cluster state: a pod claiming another
-/// node's pod address, one claiming a node address and a mirror pod are left out, each counted
-/// and shown in `status`; a terminating pod keeps its address until it is gone, and only then
-/// does the new pod that was given it get it.
+/// What a node's kubelet writes cannot bend cluster state: a pod claiming another node's pod
+/// address, one claiming its node's address and a mirror pod are left out, each counted and
+/// shown in `status`; a pod address listed in another Node's status does not take the pod out;
+/// a terminating pod keeps its address until it is gone, and only then does the new pod that
+/// was given it get it.
 #[test]
 fn a_kubelet_cannot_bend_cluster_state_and_a_reused_address_waits_for_the_old_pod() {
     assert!(
@@ -382,20 +383,27 @@ fn a_kubelet_cannot_bend_cluster_state_and_a_reused_address_waits_for_the_old_po
         );
     }
     let server = tb.pod("server").ipv4;
-    // node-1's kubelet reports node-2's pod address, node-2's own address, and a mirror pod.
+    // node-1's kubelet reports node-2's pod address, its own node address, and a mirror pod,
+    // and lists node-2's pod address among its own Node's addresses.
     api.apply(
         Kind::Pod,
         pod("thief", "shop", "node-1", &[server.to_string()]),
     );
     api.apply(
         Kind::Pod,
-        pod(
-            "node-ip",
-            "shop",
-            "node-1",
-            &[tb.node("node-2").ipv4.to_string()],
-        ),
+        pod("node-ip", "shop", "node-1", &[n1.ipv4.to_string()]),
     );
+    let far = "198.18.2.70".to_owned();
+    api.apply(
+        Kind::Pod,
+        pod("far", "shop", "node-2", std::slice::from_ref(&far)),
+    );
+    let mut listing = node("node-1", n1.ipv4);
+    listing["status"]["addresses"]
+        .as_array_mut()
+        .expect("addresses")
+        .push(json!({"type": "ExternalIP", "address": far}));
+    api.apply(Kind::Node, listing);
     let mut mirror = pod("static", "shop", "node-1", &["198.18.1.50".to_owned()]);
     mirror["metadata"]["annotations"] = json!({"kubernetes.io/config.mirror": "0123abcd"});
     api.apply(Kind::Pod, mirror);
@@ -466,16 +474,20 @@ fn a_kubelet_cannot_bend_cluster_state_and_a_reused_address_waits_for_the_old_po
             .is_some_and(|l| l.starts_with("shop/thief") && l.contains("podCIDRs")))),
         "status does not name the pod and why: {outcome}"
     );
-    // client, server and old.
-    assert_eq!(workloads_before, Some(3), "{outcome}");
+    // client, server, far (whose address node-1 lists as its own) and old.
+    assert_eq!(workloads_before, Some(4), "{outcome}");
     assert!(
         handed_over,
         "the new pod never got the old one's address: {outcome}"
     );
-    assert_eq!(st["workloads"], 3, "old gone, new in: {outcome}");
+    assert_eq!(st["workloads"], 4, "old gone, new in: {outcome}");
     assert!(
         endpoints_v4(&tb, "node-1").contains(&reused.parse().expect("addr")),
         "the reused address is not programmed"
+    );
+    assert!(
+        endpoints_v4(&tb, "node-1").contains(&far.parse().expect("addr")),
+        "node-1 listing far's address as its own took far out of cluster state"
     );
     assert!(text_ok && text.contains("pods left out now"), "{text}");
     assert!(

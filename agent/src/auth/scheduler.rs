@@ -164,6 +164,12 @@ impl Scheduler {
         Some(delay)
     }
 
+    /// Whether new demand would be deferred now ([`MAX_WAITING`] handshakes wait for a slot).
+    #[must_use]
+    pub fn saturated(&self) -> bool {
+        self.waiting.load(Ordering::Relaxed) >= MAX_WAITING
+    }
+
     /// Handshakes not started because [`MAX_WAITING`] were already waiting.
     #[must_use]
     pub fn deferred(&self) -> u64 {

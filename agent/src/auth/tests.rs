@@ -229,6 +229,22 @@ fn idle_udp_flows_are_cut() {
     let left: Vec<u16> = w.maps.flows.keys().map(|k| k.remote_port).collect();
     assert_eq!(left.len(), 2);
     assert!(!left.contains(&5353), "{left:?}");
+    // A flow recorded by an earlier version of the programs carries no time: it counts as
+    // seen when this agent started, not as idle since boot.
+    w.flow(API, 5355, IPPROTO_UDP, key, 0);
+    w.auth.sweep_udp(&mut w.maps, boot_ns());
+    assert!(
+        w.maps.flows.keys().any(|k| k.remote_port == 5355),
+        "cut at the upgrade"
+    );
+    w.auth.sweep_udp(
+        &mut w.maps,
+        boot_ns() + Duration::from_secs(60).as_nanos() as u64,
+    );
+    assert!(
+        !w.maps.flows.keys().any(|k| k.remote_port == 5355),
+        "never cut"
+    );
 }
 
 /// A policy edit revalidates every entry: what it no longer authorizes is revoked, what it

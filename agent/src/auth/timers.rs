@@ -22,6 +22,7 @@ impl Auth {
         if let Some(s) = self.scheduler.as_mut() {
             s.tick(ctx.view);
         }
+        self.drain_reproofs(ctx);
         let now = boot_ns();
         self.expire(maps, ctx, now);
         self.renew(maps, ctx, now);
@@ -38,8 +39,10 @@ impl Auth {
     pub fn sweep_udp<M: FlowTable>(&mut self, maps: &mut M, now: u64) {
         let idle = portcullis_common::seen_units(self.udp_idle_ns);
         let now = portcullis_common::seen_units(now);
+        let started = self.started_seen;
         match cut_flows(maps, |k, v| {
-            k.proto == portcullis_common::IPPROTO_UDP && now.saturating_sub(v.seen) > idle
+            let seen = if v.seen == 0 { started } else { v.seen };
+            k.proto == portcullis_common::IPPROTO_UDP && now.saturating_sub(seen) > idle
         }) {
             Ok(0) => {}
             Ok(n) => tracing::info!(flows_cut = n, "idle UDP flows cut"),

@@ -198,7 +198,12 @@ impl<K: Kernel, R: Routes> Core<K, R> {
                 not_ready,
             },
             interfaces,
-            pending: locals.pending().into_iter().map(|(w, _)| w).collect(),
+            pending: self
+                .enforce
+                .pending(&index)
+                .into_iter()
+                .map(|(w, _)| w)
+                .collect(),
             counters: status::counters(counters.clone()),
             maps,
             auth_total: entries.len() as u64,
@@ -256,7 +261,7 @@ impl<K: Kernel, R: Routes> Core<K, R> {
             MapFill {
                 missing: self.enforce.unnumbered() as u64,
                 error: r.name_error.clone(),
-                ..fill("names", self.names.len(), capacity::NAMES, r.names)
+                ..fill("names", self.names.entries(), capacity::NAMES, r.names)
             },
         ]
     }

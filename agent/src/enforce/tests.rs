@@ -98,14 +98,13 @@ fn workloads_are_programmed_and_only_local_ones_attached() {
     assert_eq!(w.ep("198.18.0.1").map(|e| e.flags), Some(EP_HOST));
     assert_eq!(w.maps.links, [7].into());
     assert!(w.e.locals().pending().is_empty());
-    // A change to a remote workload touches its two addresses and nothing else.
+    // A change to a remote workload programs its new address and removes its old one; only
+    // the old one can have flows that lost their footing.
     w.index.upsert(workload("api", "n2", "198.18.2.3"));
     let synced = w.apply();
-    let touched: HashSet<IpAddr> = ["198.18.2.2", "198.18.2.3"]
-        .iter()
-        .map(|a| a.parse().unwrap())
-        .collect();
+    let touched: HashSet<IpAddr> = ["198.18.2.2".parse().unwrap()].into();
     assert_eq!(synced.changed, touched);
+    assert_eq!((synced.set, synced.removed), (1, 1));
     assert!(w.ep("198.18.2.2").is_none());
     // The local pod leaves: released.
     w.index.remove("default", "web");
@@ -216,5 +215,84 @@ fn a_policy_change_rewrites_the_local_pods_settings_only() {
     assert_eq!(
         w.ep("198.18.1.2").unwrap().flags & (EP_ENFORCE | portcullis_common::EP_AUDIT),
         portcullis_common::EP_AUDIT
+    );
+}
+
+/// A restarted agent adopts the node's endpoints: its first pass must not take them for
+/// addresses that went (that would cut the node's connections to its pods for a moment).
+#[test]
+fn the_first_pass_keeps_the_adopted_endpoints_of_the_node() {
+    let mut w = World::new();
+    let host: IpAddr = "198.18.0.1".parse().unwrap();
+    let adopted = Endpoint {
+        identity: w
+            .names
+            .intern(&mut w.maps, Kind::Identity, HOST_IDENTITY)
+            .unwrap(),
+        node: w.names.intern(&mut w.maps, Kind::Node, "n1").unwrap(),
+        ifindex: 0,
+        flags: EP_HOST,
+    };
+    w.maps.endpoints.insert(host, adopted);
+    w.e = Enforcer::new(
+        FakeRoutes {
+            host: vec![host],
+            ..FakeRoutes::default()
+        },
+        [(host, adopted)].into(),
+        Vec::new(),
+    );
+    let synced = w.apply();
+    assert_eq!(w.ep("198.18.0.1"), Some(adopted));
+    assert!(synced.changed.is_empty(), "{:?}", synced.changed);
+    assert_eq!(synced.removed, 0);
+}
+
+/// With the name map nearly full, the node's and a local pod's names are numbered before
+/// remote ones; a local pod that cannot be numbered is shown as not enforced.
+#[test]
+fn a_nearly_full_name_map_numbers_local_pods_first_and_says_when_it_cannot() {
+    let mut w = World::new();
+    // Leave room for the node's two names, a local identity and one more.
+    for i in 0..portcullis_common::capacity::NAMES as usize - 4 {
+        w.names
+            .intern(
+                &mut w.maps,
+                Kind::Identity,
+                &format!("spiffe://td/filler/{i}"),
+            )
+            .unwrap();
+    }
+    w.e.routes().pod("198.18.1.2", 7);
+    for i in 0..20 {
+        w.index.upsert(workload(
+            &format!("r{i}"),
+            "n2",
+            &format!("198.18.2.{}", i + 2),
+        ));
+    }
+    w.index.upsert(workload("web", "n1", "198.18.1.2"));
+    w.apply();
+    assert_eq!(
+        w.ep("198.18.1.2").map(|e| e.flags & EP_LOCAL),
+        Some(EP_LOCAL),
+        "the local pod was left unnumbered"
+    );
+    assert!(
+        w.ep("198.18.0.1").is_some(),
+        "the node's address was left unnumbered"
+    );
+    assert!(w.e.missing() >= 19, "{} left out", w.e.missing());
+    assert!(w.e.locals().pending().is_empty());
+    // A second local pod finds the map full: it is not enforced, and says so.
+    w.e.routes().pod("198.18.1.3", 8);
+    w.index.upsert(workload("late", "n1", "198.18.1.3"));
+    w.apply();
+    let pending = w.e.pending(&w.index);
+    assert!(
+        pending
+            .iter()
+            .any(|(l, why)| l == "default/late" && why.contains("cannot be numbered")),
+        "{pending:?}"
     );
 }

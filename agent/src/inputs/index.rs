@@ -144,6 +144,11 @@ impl Index {
 
     /// What the updates since the last call touched.
     pub fn take_changes(&mut self) -> Changes {
+        // Names of nodes that are gone and have no workloads left are dropped once they
+        // outnumber the nodes.
+        if self.node_names.len() > 2 * (self.nodes.len() + 16) {
+            self.node_names.retain(|_, n| Arc::strong_count(n) > 1);
+        }
         std::mem::take(&mut self.changes)
     }
 

@@ -2,7 +2,10 @@
 //! cannot bend:
 //!
 //! - a pod's address must lie in its node's `spec.podCIDRs` (when the node has any) and must
-//!   not be an address of any node;
+//!   not be an address of its own node. (Another node's addresses are not a reason to refuse:
+//!   each kubelet writes its own Node's addresses, and one listing a pod's address there must
+//!   not take that pod out of cluster state. Another node's address lies outside the pod's
+//!   node's CIDRs anyway.);
 //! - mirror pods (static pods the kubelet itself reports) are left out: they carry no service
 //!   account, and their kubelet could name any namespace;
 //! - an address belongs to the oldest live pod that claims it (by creation time, then
@@ -15,7 +18,7 @@
 //! pods), and [`KubeCluster::take_updates`] derives only those again.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     sync::Arc,
 };
@@ -144,8 +147,6 @@ pub struct KubeCluster {
     /// Address → the pods that list it.
     by_ip: HashMap<IpAddr, Holders>,
     nodes: HashMap<String, NodeFacts>,
-    /// Node IP → nodes that have it.
-    node_ips: HashMap<IpAddr, BTreeSet<String>>,
     /// Shared strings: namespaces, names of nodes and service accounts.
     strings: HashSet<Arc<str>>,
     /// Identities made, by namespace and service account.
@@ -202,7 +203,6 @@ impl KubeCluster {
             by_node: HashMap::new(),
             by_ip: HashMap::new(),
             nodes: HashMap::new(),
-            node_ips: HashMap::new(),
             strings: HashSet::new(),
             identities: HashMap::new(),
             dirty_pods: HashSet::new(),
@@ -385,10 +385,10 @@ impl KubeCluster {
             addr: a.to_string(),
         });
         for addr in facts.ips.iter().copied() {
-            let refusal = if let Some(owner) = self.node_ips.get(&addr).and_then(|n| n.first()) {
+            let refusal = if node_facts.all_ips.contains(&addr) {
                 Some(Refusal::NodeAddress {
                     addr,
-                    node: owner.clone(),
+                    node: node.to_string(),
                 })
             } else if self.check_pod_cidrs
                 && !node_facts.cidrs.is_empty()
@@ -453,14 +453,9 @@ impl KubeCluster {
             .map(|(_, p)| p)
     }
 
-    /// Re-derives the claims of every pod of `node` and of every pod listing one of `ips`.
-    fn reclaim(&mut self, node: &str, ips: &[IpAddr]) {
-        let mut ids: HashSet<PodId> = self.by_node.get(node).cloned().unwrap_or_default();
-        for ip in ips {
-            if let Some(h) = self.by_ip.get(ip) {
-                ids.extend(h.0.iter().map(|(p, _)| *p));
-            }
-        }
+    /// Re-derives the claims of every pod of `node`.
+    fn reclaim(&mut self, node: &str) {
+        let ids: HashSet<PodId> = self.by_node.get(node).cloned().unwrap_or_default();
         for id in ids {
             self.release(id);
             self.claim(id);
@@ -508,25 +503,8 @@ impl KubeCluster {
         if unchanged {
             return;
         }
-        let mut ips: Vec<IpAddr> = Vec::new();
-        for ip in old.iter().flat_map(|o| o.all_ips.iter()) {
-            if let Some(set) = self.node_ips.get_mut(ip) {
-                set.remove(name);
-                if set.is_empty() {
-                    self.node_ips.remove(ip);
-                }
-            }
-            ips.push(*ip);
-        }
-        for ip in new.iter().flat_map(|n| n.all_ips.iter()) {
-            self.node_ips
-                .entry(*ip)
-                .or_default()
-                .insert(name.to_owned());
-            ips.push(*ip);
-        }
         self.dirty_nodes.insert(name.to_owned());
-        self.reclaim(name, &ips);
+        self.reclaim(name);
     }
 
     fn identity(&mut self, namespace: &Arc<str>, sa: &Arc<str>) -> Result<SpiffeId, String> {
@@ -622,6 +600,13 @@ impl KubeCluster {
                 }
             }
             out.workloads.push((key, workload));
+        }
+        // Shared strings and identities nothing uses any more (namespaces, nodes, service
+        // accounts gone) are dropped once they outnumber the pods.
+        if self.strings.len() + self.identities.len() > 2 * (self.by_key.len() + 64) {
+            self.strings.retain(|s| Arc::strong_count(s) > 1);
+            self.identities
+                .retain(|(ns, sa), _| Arc::strong_count(ns) > 2 || Arc::strong_count(sa) > 2);
         }
         if self.refusals.current.len() > 2 * (self.by_key.len() + 16) {
             // Refusals of pods that are gone are removed as they are derived; this only bounds
@@ -736,9 +721,9 @@ mod tests {
         c.apply_node(&node("n1", "198.18.0.1", &["198.18.1.0/24"]));
         c.apply_node(&node("n2", "198.18.0.2", &["198.18.2.0/24"]));
         c.apply_pod(running("shop", "api", "n2", T0, &["198.18.2.2"]));
-        // n1's kubelet reports n2's pod address, n2's node address, and a mirror pod.
+        // n1's kubelet reports n2's pod address, its own node address, and a mirror pod.
         c.apply_pod(running("shop", "thief", "n1", T1, &["198.18.2.2"]));
-        c.apply_pod(running("shop", "node-ip", "n1", T1, &["198.18.0.2"]));
+        c.apply_pod(running("shop", "node-ip", "n1", T1, &["198.18.0.1"]));
         let mut mirror = running("shop", "static", "n1", T1, &["198.18.1.5"]);
         mirror.meta.annotations = Some([("kubernetes.io/config.mirror".into(), "x".into())].into());
         c.apply_pod(mirror);
@@ -754,6 +739,17 @@ mod tests {
         assert_eq!(kinds["shop/node-ip"], "node_address");
         assert_eq!(kinds["shop/static"], "mirror_pod");
         assert_eq!(c.refusals().total.values().sum::<u64>(), 3);
+        // n1's kubelet lists n2's pod address among its own Node's addresses: that does not
+        // take the pod away from n2.
+        let mut listing = node("n1", "198.18.0.1", &["198.18.1.0/24"]);
+        listing.all_ips.push("198.18.2.2".parse().unwrap());
+        c.apply_node(&listing);
+        assert!(workloads(&mut c).is_empty(), "n2's pod was re-derived");
+        c.apply_pod(running("shop", "api", "n2", T0, &["198.18.2.2"]));
+        assert!(
+            workloads(&mut c).contains_key("shop/api"),
+            "n2's pod was taken out"
+        );
         // A node without podCIDRs is not checked.
         c.apply_node(&node("n3", "198.18.0.3", &[]));
         c.apply_pod(running("shop", "free", "n3", T1, &["198.18.7.7"]));
