@@ -40,6 +40,10 @@ use crate::{
     registry::{Kind, Registry},
 };
 
+/// Workloads changed in one batch from which the allocator's free memory is returned to the
+/// system: a batch that large leaves megabytes of transient allocations behind it.
+const TRIM_AFTER: usize = 1024;
+
 /// Revalidation owed: a pass that failed is retried, with everything it should have covered.
 #[derive(Debug, Default)]
 struct Owed {
@@ -258,9 +262,9 @@ impl<K: Kernel, R: Routes> Core<K, R> {
         let took = started.elapsed();
         if changes.all || changes.workloads > 0 || update.policy || synced.set + synced.removed > 0
         {
-            if changes.all {
-                // The first state (a list of every pod, or a whole file) leaves the allocator
-                // holding memory the agent no longer uses: give it back.
+            if changes.all || changes.workloads >= TRIM_AFTER {
+                // A large batch (the first state, a list of every pod, a whole file) leaves
+                // the allocator holding memory the agent no longer uses: give it back.
                 // SAFETY: glibc's malloc_trim has no preconditions.
                 unsafe { libc::malloc_trim(0) };
             }

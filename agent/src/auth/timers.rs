@@ -1,7 +1,7 @@
 //! The entry lifecycle's timer work: retries, expiry, renewal, proactive warm-up and the sweep
 //! of idle UDP flows, run at every tick of the core.
 
-use std::{collections::HashSet, sync::Arc};
+use std::collections::HashSet;
 
 use portcullis_common::AuthKey;
 
@@ -135,7 +135,7 @@ impl Auth {
         if !self.proactive || self.scheduler.is_none() || ctx.view.borrow().is_none() {
             return;
         }
-        let locals: Vec<_> = ctx.index.local_workloads().cloned().collect();
+        let locals: Vec<&crate::inputs::Workload> = ctx.index.local_workloads().collect();
         let n = ctx.index.slot_count();
         let total = locals.len() * n;
         let (mut checked, mut started) = (0, 0);
@@ -146,7 +146,7 @@ impl Auth {
             let (l, Some(r)) = (&locals[i / n], ctx.index.slot(i % n)) else {
                 continue;
             };
-            if Arc::ptr_eq(l, r) {
+            if std::ptr::eq(*l, r) {
                 continue;
             }
             let (Some(la), Some(ra)) = (l.addresses.first(), r.addresses.first()) else {

@@ -4,10 +4,13 @@
 //! downstream (endpoints, auth entries, credentials) redo only that.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet, hash_map::RandomState},
+    hash::BuildHasher,
     net::{IpAddr, SocketAddr},
     sync::Arc,
 };
+
+use hashbrown::HashTable;
 
 use serde::Serialize;
 
@@ -84,6 +87,13 @@ impl Changes {
 
 type Slot = u32;
 
+/// Whether the workload at `slot` is `namespace/name`.
+fn is_named(slots: &[Option<Workload>], slot: Slot, namespace: &str, name: &str) -> bool {
+    slots[slot as usize]
+        .as_ref()
+        .is_some_and(|w| w.namespace == namespace && w.name == name)
+}
+
 #[derive(Debug, Default)]
 pub struct Index {
     /// This agent's node.
@@ -94,10 +104,12 @@ pub struct Index {
     node_names: HashMap<String, Arc<str>>,
     /// Stable positions: a workload keeps its slot while it exists, so a cursor over them
     /// (proactive authentication) makes progress while the cluster changes.
-    slots: Vec<Option<Arc<Workload>>>,
+    slots: Vec<Option<Workload>>,
     free: Vec<Slot>,
-    /// namespace → name → slot (looked up by `&str`, without building a key).
-    by_key: HashMap<String, HashMap<String, Slot>>,
+    /// `(namespace, name)` → slot, hashed by the workload's own strings (a table of slots, so
+    /// the names are not stored twice).
+    by_key: HashTable<Slot>,
+    hasher: RandomState,
     count: usize,
     by_addr: HashMap<IpAddr, Slot>,
     /// identity → node → workloads.
@@ -184,43 +196,51 @@ impl Index {
     }
 
     fn slot_of(&self, namespace: &str, name: &str) -> Option<Slot> {
-        self.by_key.get(namespace)?.get(name).copied()
+        let hash = self.hasher.hash_one((namespace, name));
+        self.by_key
+            .find(hash, |s| is_named(&self.slots, *s, namespace, name))
+            .copied()
     }
 
     /// Adds or replaces a workload; a no-op when it is unchanged.
     pub fn upsert(&mut self, mut w: Workload) {
         w.node = self.node_name(&w.node);
         if let Some(slot) = self.slot_of(&w.namespace, &w.name) {
-            if self.slots[slot as usize].as_deref() == Some(&w) {
+            if self.slots[slot as usize].as_ref() == Some(&w) {
                 return;
             }
             self.unlink(slot);
-            self.link(slot, Arc::new(w));
+            self.link(slot, w);
         } else {
             let slot = self.free.pop().unwrap_or_else(|| {
                 self.slots.push(None);
                 Slot::try_from(self.slots.len() - 1).unwrap_or(Slot::MAX)
             });
-            self.by_key
-                .entry(w.namespace.clone())
-                .or_default()
-                .insert(w.name.clone(), slot);
+            let hash = self
+                .hasher
+                .hash_one((w.namespace.as_str(), w.name.as_str()));
             self.count += 1;
-            self.link(slot, Arc::new(w));
+            self.link(slot, w);
+            let (slots, hasher) = (&self.slots, &self.hasher);
+            self.by_key.insert_unique(hash, slot, |s| {
+                slots[*s as usize].as_ref().map_or(0, |w| {
+                    hasher.hash_one((w.namespace.as_str(), w.name.as_str()))
+                })
+            });
         }
         self.changes.workloads += 1;
     }
 
     pub fn remove(&mut self, namespace: &str, name: &str) {
-        let Some(names) = self.by_key.get_mut(namespace) else {
+        let hash = self.hasher.hash_one((namespace, name));
+        let slots = &self.slots;
+        let Ok(entry) = self
+            .by_key
+            .find_entry(hash, |s| is_named(slots, *s, namespace, name))
+        else {
             return;
         };
-        let Some(slot) = names.remove(name) else {
-            return;
-        };
-        if names.is_empty() {
-            self.by_key.remove(namespace);
-        }
+        let (slot, _) = entry.remove();
         self.count -= 1;
         self.unlink(slot);
         self.free.push(slot);
@@ -237,7 +257,7 @@ impl Index {
         }
     }
 
-    fn link(&mut self, slot: Slot, w: Arc<Workload>) {
+    fn link(&mut self, slot: Slot, w: Workload) {
         self.touch(&w);
         for a in &w.addresses {
             self.by_addr.insert(*a, slot);
@@ -279,18 +299,18 @@ impl Index {
         self.locals.remove(&slot);
     }
 
-    fn get(&self, slot: Slot) -> Option<&Arc<Workload>> {
+    fn get(&self, slot: Slot) -> Option<&Workload> {
         self.slots.get(slot as usize).and_then(Option::as_ref)
     }
 
     /// The workload that owns `addr`.
     #[must_use]
-    pub fn owner(&self, addr: &IpAddr) -> Option<&Arc<Workload>> {
+    pub fn owner(&self, addr: &IpAddr) -> Option<&Workload> {
         self.by_addr.get(addr).and_then(|s| self.get(*s))
     }
 
     #[must_use]
-    pub fn workload(&self, namespace: &str, name: &str) -> Option<&Arc<Workload>> {
+    pub fn workload(&self, namespace: &str, name: &str) -> Option<&Workload> {
         self.slot_of(namespace, name).and_then(|s| self.get(s))
     }
 
@@ -339,7 +359,7 @@ impl Index {
     }
 
     /// This node's workloads.
-    pub fn local_workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
+    pub fn local_workloads(&self) -> impl Iterator<Item = &Workload> {
         self.locals.iter().filter_map(|s| self.get(*s))
     }
 
@@ -349,14 +369,14 @@ impl Index {
     }
 
     /// Every workload, in slot order.
-    pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
+    pub fn workloads(&self) -> impl Iterator<Item = &Workload> {
         self.slots.iter().filter_map(Option::as_ref)
     }
 
     /// The workload in slot `i` (`None` for a free slot); slots run from 0 to
     /// [`Index::slot_count`].
     #[must_use]
-    pub fn slot(&self, i: usize) -> Option<&Arc<Workload>> {
+    pub fn slot(&self, i: usize) -> Option<&Workload> {
         self.slots.get(i).and_then(Option::as_ref)
     }
 
@@ -437,5 +457,53 @@ mod tests {
         // Slots are reused.
         ix.upsert(workload("shop", "x", "x", "n2", &["198.18.2.7"]));
         assert_eq!(ix.slot_count(), 3);
+    }
+
+    #[test]
+    fn workloads_are_found_by_name_through_growth_removal_and_reuse() {
+        let mut ix = Index::new("n1");
+        ix.set_trust_domain("td");
+        let addr = |i: usize| format!("198.18.{}.{}", i / 250, i % 250 + 1);
+        // Same names in two namespaces, enough of them to grow the table several times.
+        for i in 0..2000 {
+            let ns = if i % 2 == 0 { "a" } else { "b" };
+            ix.upsert(workload(
+                ns,
+                &format!("w{}", i / 2),
+                "sa",
+                "n2",
+                &[&addr(i)],
+            ));
+        }
+        assert_eq!(ix.len(), 2000);
+        for i in (0..2000).step_by(3) {
+            let ns = if i % 2 == 0 { "a" } else { "b" };
+            ix.remove(ns, &format!("w{}", i / 2));
+        }
+        // Removing what is not there changes nothing.
+        ix.remove("a", "missing");
+        ix.remove("c", "w1");
+        for i in 0..2000 {
+            let ns = if i % 2 == 0 { "a" } else { "b" };
+            let found = ix.workload(ns, &format!("w{}", i / 2));
+            if i % 3 == 0 {
+                assert!(found.is_none(), "{ns}/w{} was removed", i / 2);
+            } else {
+                let w = found.unwrap_or_else(|| panic!("{ns}/w{} is there", i / 2));
+                assert_eq!(
+                    (w.namespace.as_str(), w.addresses[0].to_string()),
+                    (ns, addr(i))
+                );
+            }
+        }
+        // Removed slots are reused by new names, which are found like the others.
+        let slots = ix.slot_count();
+        ix.upsert(workload("c", "w0", "sa", "n2", &["198.19.0.1"]));
+        assert_eq!(ix.slot_count(), slots);
+        assert_eq!(
+            ix.workload("c", "w0").unwrap().addresses[0].to_string(),
+            "198.19.0.1"
+        );
+        assert!(ix.workload("a", "w0").is_none());
     }
 }
