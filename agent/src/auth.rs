@@ -257,10 +257,18 @@ impl Auth {
             });
         }
         // The policy may have changed since the handshake evaluated it.
-        let decision = self
-            .decisions
-            .get(policy, names, key.local_identity, key.remote_identity)
-            .unwrap_or_else(|| policy.decide(local, remote));
+        let decided;
+        let decision =
+            match self
+                .decisions
+                .get(policy, names, key.local_identity, key.remote_identity)
+            {
+                Some(d) => d,
+                None => {
+                    decided = policy.decide(local, remote);
+                    &decided
+                }
+            };
         if !decision.authorized() {
             return Err(WriteError::NotAuthorized(policy.denial(local, remote)));
         }
@@ -369,15 +377,17 @@ impl Auth {
             let Some(v) = self.entries.get(&k).copied() else {
                 continue;
             };
+            // `Some(Some(value))`: authorized, with the value its grant gives the entry;
+            // `Some(None)`: in cluster state, not authorized; `None`: not in cluster state.
             let decision = if self.in_cluster(ctx, &k) {
                 self.decisions
                     .get(ctx.policy, ctx.names, k.local_identity, k.remote_identity)
+                    .map(|d| d.authorized().then(|| with_grant(v, &d.inbound)))
             } else {
                 None
             };
             match decision {
-                Some(d) if d.authorized() => {
-                    let want = with_grant(v, &d.inbound);
+                Some(Some(want)) => {
                     if want != v {
                         self.entries.insert(maps, k, want)?;
                         report.regranted += 1;

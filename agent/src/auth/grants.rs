@@ -1,7 +1,10 @@
 //! What the policy grants a pair, computed once per policy and pair, and what a handshake
 //! failure means for it.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::{HashMap, hash_map::Entry},
+    sync::Arc,
+};
 
 use portcullis_common::{AUTH_ALL_PORTS, AuthValue, MAX_PORT_RANGES, PortRange};
 
@@ -12,12 +15,18 @@ use crate::{
     registry::{Kind, Registry},
 };
 
-/// The policy's decision for each pair of identity numbers, computed once per policy.
+/// The policy's decision for each pair of identity numbers, computed once per policy, and the
+/// parsed identity of each number.
 #[derive(Debug, Default)]
 pub(super) struct Decisions {
     policy: Option<Arc<Policy>>,
     cache: HashMap<(u32, u32), Decision>,
+    ids: HashMap<u32, SpiffeId>,
 }
+
+/// Numbers are not reused, so old pairs and identities only take room: each cache starts over
+/// past this many.
+const CACHE_BOUND: usize = 1 << 20;
 
 impl Decisions {
     pub(super) fn get(
@@ -26,22 +35,32 @@ impl Decisions {
         names: &Registry,
         local: u32,
         remote: u32,
-    ) -> Option<Decision> {
+    ) -> Option<&Decision> {
         if !self.policy.as_ref().is_some_and(|p| Arc::ptr_eq(p, policy)) {
             self.policy = Some(policy.clone());
             self.cache.clear();
         }
-        if let Some(d) = self.cache.get(&(local, remote)) {
-            return Some(d.clone());
-        }
-        // Numbers are not reused, so old pairs only take room: start over past a bound.
-        if self.cache.len() >= 1 << 20 {
+        if self.cache.len() >= CACHE_BOUND {
             self.cache.clear();
         }
-        let id = |n| SpiffeId::parse(names.lookup(Kind::Identity, n)?).ok();
-        let d = policy.decide(&id(local)?, &id(remote)?);
-        self.cache.insert((local, remote), d.clone());
-        Some(d)
+        if self.ids.len() >= CACHE_BOUND {
+            self.ids.clear();
+        }
+        match self.cache.entry((local, remote)) {
+            Entry::Occupied(d) => Some(d.into_mut()),
+            Entry::Vacant(slot) => {
+                let mut id = |n: u32| -> Option<SpiffeId> {
+                    if let Some(id) = self.ids.get(&n) {
+                        return Some(id.clone());
+                    }
+                    let id = SpiffeId::parse(names.lookup(Kind::Identity, n)?).ok()?;
+                    self.ids.insert(n, id.clone());
+                    Some(id)
+                };
+                let (l, r) = (id(local)?, id(remote)?);
+                Some(slot.insert(policy.decide(&l, &r)))
+            }
+        }
     }
 }
 
