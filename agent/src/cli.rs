@@ -4,6 +4,7 @@
 mod auth;
 mod ca;
 mod doctor;
+mod issuer;
 mod run;
 mod status;
 mod uninstall;
@@ -42,6 +43,8 @@ enum Command {
     Auth(auth::Command),
     #[command(subcommand)]
     Ca(ca::Command),
+    #[command(subcommand)]
+    Issuer(issuer::Command),
     Uninstall(uninstall::Args),
     Doctor(doctor::Args),
     /// Validate --config and print the effective configuration as JSON.
@@ -138,6 +141,7 @@ pub fn main() -> ExitCode {
         Command::Status(args) => cli.target().and_then(|t| status::execute(&t, args)),
         Command::Auth(cmd) => cli.target().and_then(|t| auth::execute(&t, cmd)),
         Command::Ca(cmd) => ca::execute(cmd),
+        Command::Issuer(cmd) => issuer::execute(cmd),
         Command::Doctor(args) => cli.target().and_then(|t| doctor::execute(&t, args)),
         Command::CheckConfig => cli.target().and_then(|t| {
             let config = t

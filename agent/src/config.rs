@@ -50,7 +50,7 @@ pub const DEFAULT_UDP_IDLE_SECS: u64 = 120;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct KubernetesFile {
+pub(crate) struct KubernetesFile {
     api_server: Option<Spanned<String>>,
     trust_domain: Spanned<String>,
     policy_configmap: Option<Spanned<String>>,
@@ -72,10 +72,16 @@ struct FirstConnectionFile {
 #[serde(deny_unknown_fields)]
 struct IdentityFile {
     source: Spanned<String>,
-    dir: Spanned<String>,
+    dir: Option<Spanned<String>>,
     trust_bundle: Spanned<String>,
     svid_ttl_secs: Option<Spanned<u64>>,
+    issuer: Option<Vec<Spanned<String>>>,
+    attestor: Option<Spanned<String>>,
+    token_file: Option<Spanned<String>>,
 }
+
+/// Where the projected service-account token is mounted (Kubernetes attestor).
+pub const DEFAULT_SA_TOKEN_FILE: &str = "/var/run/secrets/portcullis/token";
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -97,6 +103,11 @@ pub enum IdentitySource {
     Ca { dir: PathBuf, svid_ttl_secs: u64 },
     /// A directory per identity with `tls.crt`/`tls.key` or `svid.pem`/`svid_key.pem`.
     Files { dir: PathBuf },
+    /// The issuer signs them; the agent proves its node with `attest`.
+    Issuer {
+        addresses: Vec<String>,
+        attest: crate::creds::issuer::Attest,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -287,67 +298,14 @@ impl Config {
         };
         let kubernetes = match &f.kubernetes {
             None => None,
-            Some(k) => {
-                crate::identity::validate_trust_domain(&k.trust_domain).map_err(|e| {
-                    InputError::value(
-                        path,
-                        &k.trust_domain,
-                        "kubernetes.trust_domain",
-                        format!("`{}`: {e}", k.trust_domain.as_str()),
-                    )
-                })?;
-                let policy_configmap = match &k.policy_configmap {
-                    None => None,
-                    Some(v) => match v.split_once('/') {
-                        Some((ns, name))
-                            if !ns.is_empty() && !name.is_empty() && !name.contains('/') =>
-                        {
-                            Some((ns.to_owned(), name.to_owned()))
-                        }
-                        _ => {
-                            return Err(InputError::value(
-                                path,
-                                v,
-                                "kubernetes.policy_configmap",
-                                format!("`{}` is not `namespace/name`", v.as_str()),
-                            ));
-                        }
-                    },
-                };
-                if let Some(url) = &k.api_server
-                    && !(url.starts_with("http://") || url.starts_with("https://"))
-                {
-                    return Err(InputError::value(
-                        path,
-                        url,
-                        "kubernetes.api_server",
-                        format!("`{}` is not an http:// or https:// URL", url.as_str()),
-                    ));
-                }
-                let check_pod_cidrs = match k.pod_cidrs.as_ref().map(|v| (v, v.as_str())) {
-                    None | Some((_, "enforce")) => true,
-                    Some((_, "ignore")) => false,
-                    Some((v, other)) => {
-                        return Err(InputError::value(
-                            path,
-                            v,
-                            "kubernetes.pod_cidrs",
-                            format!("`{other}` is not `enforce` or `ignore`"),
-                        ));
-                    }
-                };
-                Some(crate::inputs::KubeConfig {
-                    check_pod_cidrs,
-                    api_server: k.api_server.as_ref().map(|u| u.to_string()),
-                    trust_domain: k.trust_domain.to_string(),
-                    handshake_port: f
-                        .handshake
-                        .port
-                        .as_ref()
-                        .map_or(DEFAULT_HANDSHAKE_PORT, |p| **p),
-                    policy_configmap,
-                })
-            }
+            Some(k) => Some(kube_config(
+                path,
+                k,
+                f.handshake
+                    .port
+                    .as_ref()
+                    .map_or(DEFAULT_HANDSHAKE_PORT, |p| **p),
+            )?),
         };
         if cluster_state.is_some() == kubernetes.is_some() {
             return Err(InputError::file(
@@ -403,12 +361,38 @@ impl Config {
         let identity = match &f.identity {
             None => None,
             Some(i) => {
-                let dir = non_empty_path(path, &i.dir, "identity.dir")?;
-                let dir = if dir.is_relative() {
-                    base.join(dir)
-                } else {
-                    dir
+                let dir = || -> Result<PathBuf, InputError> {
+                    let Some(d) = &i.dir else {
+                        return Err(InputError::value(
+                            path,
+                            &i.source,
+                            "identity.dir",
+                            format!("the `{}` source needs `dir`", i.source.as_str()),
+                        ));
+                    };
+                    let dir = non_empty_path(path, d, "identity.dir")?;
+                    Ok(if dir.is_relative() {
+                        base.join(dir)
+                    } else {
+                        dir
+                    })
                 };
+                let not_for = |v: Option<&Spanned<String>>, field: &str| match v {
+                    Some(v) => Err(InputError::value(
+                        path,
+                        v,
+                        field,
+                        format!("is not a setting of the `{}` source", i.source.as_str()),
+                    )),
+                    None => Ok(()),
+                };
+                if i.source.as_str() != "issuer" {
+                    not_for(i.attestor.as_ref(), "identity.attestor")?;
+                    not_for(i.token_file.as_ref(), "identity.token_file")?;
+                    if let Some(first) = i.issuer.as_ref().and_then(|v| v.first()) {
+                        not_for(Some(first), "identity.issuer")?;
+                    }
+                }
                 let bundle = non_empty_path(path, &i.trust_bundle, "identity.trust_bundle")?;
                 let trust_bundle = if bundle.is_relative() {
                     base.join(bundle)
@@ -425,7 +409,7 @@ impl Config {
                             DEFAULT_SVID_TTL_SECS,
                         )?;
                         IdentitySource::Ca {
-                            dir,
+                            dir: dir()?,
                             svid_ttl_secs: ttl,
                         }
                     }
@@ -438,14 +422,15 @@ impl Config {
                                 "only the `ca` source mints SVIDs",
                             ));
                         }
-                        IdentitySource::Files { dir }
+                        IdentitySource::Files { dir: dir()? }
                     }
+                    "issuer" => issuer_source(path, base, i)?,
                     other => {
                         return Err(InputError::value(
                             path,
                             &i.source,
                             "identity.source",
-                            format!("`{other}` is not `ca` or `files`"),
+                            format!("`{other}` is not `issuer`, `ca` or `files`"),
                         ));
                     }
                 };
@@ -557,8 +542,150 @@ impl Config {
     }
 }
 
+/// `identity.source: issuer`: the issuer's addresses and how this node proves itself.
+fn issuer_source(path: &Path, base: &Path, i: &IdentityFile) -> Result<IdentitySource, InputError> {
+    if let Some(v) = &i.dir {
+        return Err(InputError::value(
+            path,
+            v,
+            "identity.dir",
+            "is not a setting of the `issuer` source (its SVIDs live in memory only)",
+        ));
+    }
+    if let Some(v) = &i.svid_ttl_secs {
+        return Err(InputError::value(
+            path,
+            v,
+            "identity.svid_ttl_secs",
+            "the issuer decides how long its SVIDs live",
+        ));
+    }
+    let addresses: Vec<String> = match &i.issuer {
+        Some(list) if !list.is_empty() => {
+            for a in list {
+                let ok = a.rsplit_once(':').is_some_and(|(host, port)| {
+                    !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+                });
+                if !ok {
+                    return Err(InputError::value(
+                        path,
+                        a,
+                        "identity.issuer",
+                        format!(
+                            "`{}` is not host:port, such as portcullis-issuer.portcullis.svc:4182",
+                            a.as_str()
+                        ),
+                    ));
+                }
+            }
+            list.iter().map(|a| a.to_string()).collect()
+        }
+        _ => {
+            return Err(InputError::value(
+                path,
+                &i.source,
+                "identity.issuer",
+                "the `issuer` source needs the issuer's addresses (a list of host:port)",
+            ));
+        }
+    };
+    let token_file = |default: Option<&str>| -> Result<PathBuf, InputError> {
+        match (&i.token_file, default) {
+            (Some(v), _) => {
+                let p = non_empty_path(path, v, "identity.token_file")?;
+                Ok(if p.is_relative() { base.join(p) } else { p })
+            }
+            (None, Some(d)) => Ok(PathBuf::from(d)),
+            (None, None) => Err(InputError::value(
+                path,
+                &i.source,
+                "identity.token_file",
+                "the bootstrap attestor needs `token_file` (the join token from `portcullis issuer enroll`)",
+            )),
+        }
+    };
+    let attest = match i.attestor.as_ref().map(|v| (v, v.as_str())) {
+        None | Some((_, "kubernetes")) => crate::creds::issuer::Attest::Kubernetes {
+            token_file: token_file(Some(DEFAULT_SA_TOKEN_FILE))?,
+        },
+        Some((_, "bootstrap")) => crate::creds::issuer::Attest::Bootstrap {
+            token_file: token_file(None)?,
+        },
+        Some((v, other)) => {
+            return Err(InputError::value(
+                path,
+                v,
+                "identity.attestor",
+                format!("`{other}` is not `kubernetes` or `bootstrap`"),
+            ));
+        }
+    };
+    Ok(IdentitySource::Issuer { addresses, attest })
+}
+
+/// The `kubernetes` section (of the agent's or the issuer's file), validated.
+pub(crate) fn kube_config(
+    path: &Path,
+    k: &KubernetesFile,
+    handshake_port: u16,
+) -> Result<crate::inputs::KubeConfig, InputError> {
+    crate::identity::validate_trust_domain(&k.trust_domain).map_err(|e| {
+        InputError::value(
+            path,
+            &k.trust_domain,
+            "kubernetes.trust_domain",
+            format!("`{}`: {e}", k.trust_domain.as_str()),
+        )
+    })?;
+    let policy_configmap = match &k.policy_configmap {
+        None => None,
+        Some(v) => match v.split_once('/') {
+            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+                Some((ns.to_owned(), name.to_owned()))
+            }
+            _ => {
+                return Err(InputError::value(
+                    path,
+                    v,
+                    "kubernetes.policy_configmap",
+                    format!("`{}` is not `namespace/name`", v.as_str()),
+                ));
+            }
+        },
+    };
+    if let Some(url) = &k.api_server
+        && !(url.starts_with("http://") || url.starts_with("https://"))
+    {
+        return Err(InputError::value(
+            path,
+            url,
+            "kubernetes.api_server",
+            format!("`{}` is not an http:// or https:// URL", url.as_str()),
+        ));
+    }
+    let check_pod_cidrs = match k.pod_cidrs.as_ref().map(|v| (v, v.as_str())) {
+        None | Some((_, "enforce")) => true,
+        Some((_, "ignore")) => false,
+        Some((v, other)) => {
+            return Err(InputError::value(
+                path,
+                v,
+                "kubernetes.pod_cidrs",
+                format!("`{other}` is not `enforce` or `ignore`"),
+            ));
+        }
+    };
+    Ok(crate::inputs::KubeConfig {
+        check_pod_cidrs,
+        api_server: k.api_server.as_ref().map(|u| u.to_string()),
+        trust_domain: k.trust_domain.to_string(),
+        handshake_port,
+        policy_configmap,
+    })
+}
+
 /// An optional number within `range`, or its default.
-fn ranged<T>(
+pub(crate) fn ranged<T>(
     file: &Path,
     v: Option<&Spanned<T>>,
     field: &str,
@@ -586,7 +713,7 @@ where
 }
 
 /// An optional absolute path, or its default.
-fn absolute_path(
+pub(crate) fn absolute_path(
     file: &Path,
     v: Option<&Spanned<String>>,
     field: &str,
@@ -607,7 +734,11 @@ fn absolute_path(
     Ok(p)
 }
 
-fn non_empty_path(file: &Path, v: &Spanned<String>, field: &str) -> Result<PathBuf, InputError> {
+pub(crate) fn non_empty_path(
+    file: &Path,
+    v: &Spanned<String>,
+    field: &str,
+) -> Result<PathBuf, InputError> {
     if v.trim().is_empty() {
         return Err(InputError::value(file, v, field, "must not be empty"));
     }
@@ -668,6 +799,61 @@ mod tests {
             c.poll_interval,
             Duration::from_millis(DEFAULT_POLL_INTERVAL_MS)
         );
+    }
+
+    #[test]
+    fn the_issuer_source_needs_addresses_and_keeps_no_files() {
+        let base = "node: n1\ncluster_state: c.yaml\nidentity:\n  source: issuer\n  trust_bundle: ca.pem\n";
+        let c = parse(&format!(
+            "{base}  issuer: [\"issuer.portcullis.svc:4182\", \"198.18.0.250:4182\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.identity.unwrap().source,
+            IdentitySource::Issuer {
+                addresses: vec![
+                    "issuer.portcullis.svc:4182".into(),
+                    "198.18.0.250:4182".into()
+                ],
+                attest: crate::creds::issuer::Attest::Kubernetes {
+                    token_file: PathBuf::from(DEFAULT_SA_TOKEN_FILE)
+                },
+            }
+        );
+        for (extra, field, words) in [
+            ("", "identity.issuer", "needs the issuer's addresses"),
+            (
+                "  issuer: [\"nowhere\"]\n",
+                "identity.issuer",
+                "`nowhere` is not host:port",
+            ),
+            (
+                "  issuer: [\"a:1\"]\n  attestor: bootstrap\n",
+                "identity.token_file",
+                "needs `token_file`",
+            ),
+            (
+                "  issuer: [\"a:1\"]\n  attestor: tpm\n",
+                "identity.attestor",
+                "`tpm` is not",
+            ),
+            (
+                "  issuer: [\"a:1\"]\n  dir: /keys\n",
+                "identity.dir",
+                "memory only",
+            ),
+            (
+                "  issuer: [\"a:1\"]\n  svid_ttl_secs: 60\n",
+                "identity.svid_ttl_secs",
+                "the issuer decides",
+            ),
+        ] {
+            let e = parse(&format!("{base}{extra}")).expect_err(extra);
+            assert_eq!(e.field.as_deref(), Some(field), "{e}");
+            assert!(e.to_string().contains(words), "{e}");
+        }
+        let e = parse("node: n1\ncluster_state: c.yaml\nidentity:\n  source: ca\n  dir: ca\n  trust_bundle: b\n  attestor: bootstrap\n").unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("identity.attestor"), "{e}");
     }
 
     #[test]

@@ -500,6 +500,17 @@ impl<K: Kernel, R: Routes> Core<K, R> {
             m.on_handshake(&rec);
         }
         let index = self.inputs.index();
+        if rec.result == Err(crate::reason::Reason::NoLocalSvid) {
+            // A handshake waits for this SVID: it goes before the warm-up of the others.
+            let local = rec.local_id.clone().or_else(|| {
+                rec.local_addr
+                    .and_then(|a| index.owner(&a))
+                    .map(|w| w.identity.clone())
+            });
+            if let Some(id) = local {
+                self.creds.urgent(&id);
+            }
+        }
         let ctx = auth::Ctx {
             index: &index,
             names: &self.names,

@@ -3,6 +3,8 @@
 //! `watch` channel by this one writer. Until a valid bundle and SVIDs exist, handshakes fail
 //! closed.
 
+pub mod issuer;
+
 use std::{collections::BTreeSet, sync::Arc};
 
 use tokio::sync::watch;
@@ -83,11 +85,26 @@ impl Creds {
         };
         if self.store.is_none() {
             let source = match &identity.source {
-                IdentitySource::Ca { dir, svid_ttl_secs } => Source::Ca {
-                    dir: dir.clone(),
-                    ttl: std::time::Duration::from_secs(*svid_ttl_secs),
-                },
+                IdentitySource::Ca { dir, svid_ttl_secs } => {
+                    tracing::warn!(
+                        ca = %dir.display(),
+                        "identity source `ca`: this node holds the CA key, so root on it can mint any identity of the trust domain; use source `issuer` on a cluster"
+                    );
+                    Source::Ca {
+                        dir: dir.clone(),
+                        ttl: std::time::Duration::from_secs(*svid_ttl_secs),
+                    }
+                }
                 IdentitySource::Files { dir } => Source::Files { dir: dir.clone() },
+                IdentitySource::Issuer { addresses, attest } => {
+                    Source::Issuer(issuer::IssuerHandle::start(issuer::Settings {
+                        node: self.node.clone(),
+                        trust_domain: index.trust_domain().to_owned(),
+                        addresses: addresses.clone(),
+                        attest: attest.clone(),
+                        bundle: identity.trust_bundle.clone(),
+                    }))
+                }
             };
             match Store::new(source, identity.trust_bundle.clone(), index.trust_domain()) {
                 Ok(store) => self.store = Some(store),
@@ -153,6 +170,19 @@ impl Creds {
             }
             Err(e) => tracing::error!(error = %e, "cannot build the handshake configuration"),
         }
+    }
+
+    /// A handshake needs the SVID of `id` now (issuer source: asked for first).
+    pub fn urgent(&self, id: &SpiffeId) {
+        if let Some(store) = &self.store {
+            store.urgent(id);
+        }
+    }
+
+    /// When the node SVID expires (issuer source, once there is one).
+    #[must_use]
+    pub fn node_svid_not_after(&self) -> Option<std::time::SystemTime> {
+        self.store.as_ref()?.issuer()?.node_not_after()
     }
 
     /// Why handshakes cannot run for every local workload yet.

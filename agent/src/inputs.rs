@@ -158,6 +158,12 @@ impl Inputs {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// The index itself, for readers in other tasks (the issuer's connections).
+    #[must_use]
+    pub fn shared_index(&self) -> SharedIndex {
+        self.index.clone()
+    }
+
     /// Who owns which address, for the handshake tasks.
     #[must_use]
     pub fn directory(&self) -> Arc<dyn Directory> {

@@ -18,6 +18,7 @@ pub mod handshake;
 pub mod identity;
 pub mod input;
 pub mod inputs;
+pub mod issuer;
 pub mod journal;
 pub mod metrics;
 pub mod policy;

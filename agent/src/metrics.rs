@@ -90,6 +90,8 @@ pub struct Metrics {
     last_refused: HashMap<String, u64>,
     map_missing: Family<MapLabels, Gauge>,
     svid_expiry: Family<IdentityLabels, Gauge>,
+    first_svid_expiry: Gauge,
+    node_svid_expiry: Gauge,
     ready: Gauge,
     would_drop: Family<ReasonLabels, Counter>,
     flows_evicted: Counter,
@@ -192,6 +194,18 @@ impl Metrics {
             "Seconds until each local SVID expires",
             svid_expiry.clone(),
         );
+        let first_svid_expiry = Gauge::default();
+        registry.register(
+            "first_svid_expiry_seconds",
+            "Seconds until the first local SVID expires (how long the agent can go without its identity source)",
+            first_svid_expiry.clone(),
+        );
+        let node_svid_expiry = Gauge::default();
+        registry.register(
+            "node_svid_expiry_seconds",
+            "Seconds until the node SVID expires (identity source issuer)",
+            node_svid_expiry.clone(),
+        );
         let ready = Gauge::default();
         registry.register(
             "ready",
@@ -250,6 +264,8 @@ impl Metrics {
             last_refused: HashMap::new(),
             map_missing,
             svid_expiry,
+            first_svid_expiry,
+            node_svid_expiry,
             ready,
         }
     }
@@ -347,6 +363,16 @@ impl Metrics {
                 })
                 .set(left);
         }
+        let left = |t: u64| i64::try_from(t).unwrap_or(i64::MAX) - i64::try_from(now).unwrap_or(0);
+        self.first_svid_expiry.set(
+            s.identities
+                .iter()
+                .map(|i| left(i.not_after_unix))
+                .min()
+                .unwrap_or(0),
+        );
+        self.node_svid_expiry
+            .set(s.node_svid_not_after_unix.map_or(0, left));
         self.ready.set(i64::from(s.agent.ready));
         if let Some(f) = s.maps.iter().find(|m| m.name == "flows") {
             // Recomputed from the kernel's counts at each scrape: it only grows, unless the maps

@@ -51,6 +51,9 @@ pub struct Status {
     /// Why an identity source or the trust bundle is (partly) unusable.
     #[serde(default)]
     pub identity_problems: Vec<String>,
+    /// When the node SVID expires (identity source `issuer`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_svid_not_after_unix: Option<u64>,
     /// Most recent handshakes, newest last.
     #[serde(default)]
     pub handshakes: Vec<HandshakeInfo>,

@@ -416,6 +416,140 @@ pub fn local_svid(svid: &Svid) -> Result<LocalSvid, TlsError> {
     })
 }
 
+/// Accepts a client certificate, or none, during the handshake, checking only that the client
+/// holds the key of the certificate it presents (the TLS 1.3 CertificateVerify signature). The
+/// chain itself is checked after the handshake by [`ClientChain`], so that a refusal can be
+/// answered and audited with its reason rather than cut as a bare TLS alert.
+#[derive(Debug)]
+struct DeferredClientCert {
+    inner: Arc<dyn ClientCertVerifier>,
+}
+
+impl ClientCertVerifier for DeferredClientCert {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, Error> {
+        bounded(intermediates)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Checks a client's certificate chain after the handshake: the same checks the agents'
+/// handshake makes (chain to the bundle, validity, SPIFFE rules).
+#[derive(Debug, Clone)]
+pub struct ClientChain(Arc<dyn ClientCertVerifier>);
+
+impl ClientChain {
+    pub fn new(trust: &Trust) -> Result<Self, TlsError> {
+        let inner = WebPkiClientVerifier::builder_with_provider(trust.roots.clone(), provider())
+            .build()
+            .map_err(|e| TlsError::Verifier(e.to_string()))?;
+        Ok(Self(Arc::new(SpiffeClientVerifier {
+            inner,
+            trust_domain: trust.trust_domain.clone(),
+        })))
+    }
+
+    /// The SPIFFE ID of a verified chain (leaf first), or why it does not verify.
+    pub fn check(&self, chain: &[CertificateDer<'static>]) -> Result<SpiffeId, String> {
+        let (leaf, rest) = chain.split_first().ok_or("no certificate")?;
+        self.0
+            .verify_client_cert(leaf, rest, UnixTime::now())
+            .map_err(|e| e.to_string())?;
+        svid::check_leaf(leaf, SystemTime::now())
+            .map(|info| info.id)
+            .map_err(|r| r.to_string())
+    }
+}
+
+/// The issuer's server configuration: its own SVID from `cert`, client certificates optional
+/// (joining needs none) and checked afterwards with [`ClientChain`].
+pub fn issuer_server_config(
+    trust: &Trust,
+    cert: Arc<dyn ResolvesServerCert>,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = provider();
+    let inner = WebPkiClientVerifier::builder_with_provider(trust.roots.clone(), provider.clone())
+        .build()
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&TLS13])?
+        .with_client_cert_verifier(Arc::new(DeferredClientCert { inner }))
+        .with_cert_resolver(cert);
+    config.alpn_protocols = vec![crate::issuer::protocol::ALPN.to_vec()];
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok(Arc::new(config))
+}
+
+/// An agent's configuration towards the issuer: the issuer is checked against the bundle (its
+/// SPIFFE ID is checked by the caller); `node` is the node SVID, absent while joining.
+pub fn issuer_client_config(
+    trust: &Trust,
+    node: Option<Arc<CertifiedKey>>,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let provider = provider();
+    let inner = WebPkiServerVerifier::builder_with_provider(trust.roots.clone(), provider.clone())
+        .build()
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let verifier = Arc::new(SpiffeServerVerifier {
+        inner,
+        trust_domain: trust.trust_domain.clone(),
+    });
+    let builder = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let mut config = match node {
+        Some(key) => builder.with_client_cert_resolver(Arc::new(FixedClientCert(key))),
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![crate::issuer::protocol::ALPN.to_vec()];
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(Arc::new(config))
+}
+
+/// The SPIFFE ID of a peer's leaf certificate (already verified by the TLS layer).
+#[must_use]
+pub fn peer_id(chain: &[CertificateDer<'_>]) -> Option<SpiffeId> {
+    svid::check_leaf(chain.first()?, SystemTime::now())
+        .ok()
+        .map(|i| i.id)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

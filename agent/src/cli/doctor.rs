@@ -256,6 +256,40 @@ fn peers(target: &Target) -> Vec<Check> {
     out
 }
 
+/// Where the SVIDs come from, and what that means for a compromised node.
+fn identity_source(target: &Target) -> Option<Check> {
+    use crate::config::IdentitySource;
+    let identity = target.config.as_ref()?.identity.as_ref()?;
+    Some(match &identity.source {
+        IdentitySource::Ca { dir, .. } => check(
+            "identity",
+            Verdict::Warn,
+            format!(
+                "source `ca`: this node holds the CA key ({}); root on any node with it can mint any identity of the trust domain",
+                dir.join(crate::identity::ca::CA_KEY).display()
+            ),
+            Some(
+                "use identity source `issuer` (portcullis issuer holds the key; nodes get only their own workloads' SVIDs); keep `ca` for a single machine",
+            ),
+        ),
+        IdentitySource::Files { dir } => check(
+            "identity",
+            Verdict::Ok,
+            format!("source `files`: SVIDs read from {}", dir.display()),
+            None,
+        ),
+        IdentitySource::Issuer { addresses, .. } => check(
+            "identity",
+            Verdict::Ok,
+            format!(
+                "source `issuer` at {}: no CA key on this node",
+                addresses.join(", ")
+            ),
+            None,
+        ),
+    })
+}
+
 pub fn execute(target: &Target, args: &Args) -> anyhow::Result<ExitCode> {
     let mut checks = vec![
         kernel(),
@@ -265,6 +299,7 @@ pub fn execute(target: &Target, args: &Args) -> anyhow::Result<ExitCode> {
         capabilities(),
         embedded_programs(),
     ];
+    checks.extend(identity_source(target));
     checks.extend(peers(target));
     let failed = checks.iter().any(|c| c.verdict == Verdict::Fail);
     match args.output {

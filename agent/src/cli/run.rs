@@ -12,27 +12,7 @@ pub struct Args {}
 pub fn execute(cli: &super::Cli, _args: &Args) -> anyhow::Result<ExitCode> {
     let path = cli.config.as_deref().context("`run` needs --config FILE")?;
     let config = Config::load(path, cli.node.as_deref())?;
-    // The config's filter was checked when it was loaded; a bad PORTCULLIS_LOG is reported.
-    let filter = match std::env::var("PORTCULLIS_LOG") {
-        Ok(spec) => crate::config::log_filter(&spec)
-            .with_context(|| format!("PORTCULLIS_LOG `{spec}` is not a level or filter"))?,
-        Err(_) => crate::config::log_filter(&config.log_level)
-            .with_context(|| format!("log_level `{}`", config.log_level))?,
-    };
-    // Also installs the `log` bridge, through which the kernel programs' aya-log records arrive.
-    let fmt = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match config.log_format {
-        LogFormat::Json => fmt
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .init(),
-        LogFormat::Text => fmt
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
-    }
+    init_logging(&config.log_level, config.log_format)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(crate::caps::WORKERS)
         .enable_all()
@@ -44,4 +24,31 @@ pub fn execute(cli: &super::Cli, _args: &Args) -> anyhow::Result<ExitCode> {
         .context("starting the async runtime")?;
     runtime.block_on(crate::run::run(config))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Logs to stderr at `level` (or env `PORTCULLIS_LOG`), as text or JSON lines.
+pub fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<()> {
+    // The config's filter was checked when it was loaded; a bad PORTCULLIS_LOG is reported.
+    let filter = match std::env::var("PORTCULLIS_LOG") {
+        Ok(spec) => crate::config::log_filter(&spec)
+            .with_context(|| format!("PORTCULLIS_LOG `{spec}` is not a level or filter"))?,
+        Err(_) => {
+            crate::config::log_filter(level).with_context(|| format!("log_level `{level}`"))?
+        }
+    };
+    // Also installs the `log` bridge, through which the kernel programs' aya-log records arrive.
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => fmt
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+        LogFormat::Text => fmt
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
+    Ok(())
 }

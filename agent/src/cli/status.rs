@@ -102,6 +102,7 @@ fn offline(target: &Target) -> anyhow::Result<Status> {
         handshakes_deferred: 0,
         identities: Vec::new(),
         identity_problems: Vec::new(),
+        node_svid_not_after_unix: None,
         handshakes: Vec::new(),
         cluster_refusals: None,
         workloads: 0,
@@ -277,6 +278,21 @@ fn render(s: &Status) -> String {
                 o,
                 "  {}   serial {}, expires in {left}s{renew}",
                 i.id, i.serial
+            );
+        }
+        if let Some(t) = s.node_svid_not_after_unix {
+            let _ = writeln!(
+                o,
+                "  node SVID expires in {}s",
+                t.saturating_sub(now_unix())
+            );
+        }
+        let first = s.identities.iter().map(|i| i.not_after_unix).min();
+        if let Some(t) = first {
+            let _ = writeln!(
+                o,
+                "  first SVID expires in {}s",
+                t.saturating_sub(now_unix())
             );
         }
         for p in &s.identity_problems {

@@ -191,6 +191,7 @@ impl<K: Kernel, R: Routes> Core<K, R> {
                 identity_source: match self.config.identity.as_ref().map(|i| &i.source) {
                     Some(IdentitySource::Ca { .. }) => "ca",
                     Some(IdentitySource::Files { .. }) => "files",
+                    Some(IdentitySource::Issuer { .. }) => "issuer",
                     None => "none",
                 }
                 .to_owned(),
@@ -215,6 +216,11 @@ impl<K: Kernel, R: Routes> Core<K, R> {
             events_dropped: self.journal.events_dropped(),
             handshakes_deferred: self.auth.deferred(),
             identities: self.creds.identities(),
+            node_svid_not_after_unix: self.creds.node_svid_not_after().map(|t| {
+                t.duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs()
+            }),
             identity_problems: self.creds.problems().to_vec(),
             handshakes: self.journal.handshakes().cloned().collect(),
             cluster_refusals,

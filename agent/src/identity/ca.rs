@@ -66,6 +66,14 @@ pub struct Issued {
     pub not_after: SystemTime,
 }
 
+/// A certificate signed over someone else's key.
+pub struct Signed {
+    pub cert_pem: String,
+    pub cert_der: CertificateDer<'static>,
+    pub not_after: SystemTime,
+    pub serial: String,
+}
+
 pub struct Ca {
     trust_domain: String,
     issuer: Issuer<'static, KeyPair>,
@@ -142,7 +150,8 @@ impl Ca {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        // Path length 0: a certificate this CA signs can never sign another.
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
             KeyUsagePurpose::CrlSign,
@@ -225,15 +234,37 @@ impl Ca {
         &self.cert_pem
     }
 
-    /// Issues an SVID for `id`, valid for `ttl`.
+    /// Issues an SVID for `id`, valid for `ttl`, with a key made here.
     pub fn issue(&self, id: &SpiffeId, ttl: Duration) -> Result<Issued, CaError> {
+        let key = KeyPair::generate()?;
+        let signed = self.sign(id, &key, ttl)?;
+        let key_der = PrivateKeyDer::try_from(key.serialize_der()).map_err(|e| CaError::Bad {
+            path: PathBuf::from("<generated key>"),
+            message: e.to_string(),
+        })?;
+        Ok(Issued {
+            cert_pem: signed.cert_pem,
+            key_pem: key.serialize_pem(),
+            cert_der: signed.cert_der,
+            key_der,
+            not_after: signed.not_after,
+        })
+    }
+
+    /// Signs an SVID for `id` over `public_key`, valid for `ttl`. Every field is set here:
+    /// one URI SAN, not a CA, digital signature for TLS client and server.
+    pub fn sign(
+        &self,
+        id: &SpiffeId,
+        public_key: &impl rcgen::PublicKeyData,
+        ttl: Duration,
+    ) -> Result<Signed, CaError> {
         if id.trust_domain() != self.trust_domain {
             return Err(CaError::ForeignId {
                 id: id.to_string(),
                 td: self.trust_domain.clone(),
             });
         }
-        let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         params.is_ca = IsCa::ExplicitNoCa;
@@ -245,24 +276,19 @@ impl Ca {
         params.subject_alt_names = vec![SanType::URI(id.as_str().try_into()?)];
         params.use_authority_key_identifier_extension = true;
         let now = SystemTime::now();
-        let not_after = now + ttl;
         params.not_before = offset(now - BACKDATE);
-        params.not_after = offset(not_after);
-        params.serial_number = Some(random_serial());
-        let cert = params.signed_by(&key, &self.issuer)?;
-        let key_der = PrivateKeyDer::try_from(key.serialize_der()).map_err(|e| CaError::Bad {
-            path: PathBuf::from("<generated key>"),
-            message: e.to_string(),
-        })?;
+        params.not_after = offset(now + ttl);
+        let serial = random_serial();
+        params.serial_number = Some(serial.clone());
+        let cert = params.signed_by(public_key, &self.issuer)?;
         // X.509 times have one-second resolution: report what the certificate says.
         let not_after = SystemTime::UNIX_EPOCH
             + Duration::from_secs(u64::try_from(params.not_after.unix_timestamp()).unwrap_or(0));
-        Ok(Issued {
+        Ok(Signed {
             cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
             cert_der: cert.der().clone(),
-            key_der,
             not_after,
+            serial: serial.to_string(),
         })
     }
 

@@ -51,8 +51,15 @@ impl Svid {
 
 #[derive(Debug, Clone)]
 pub enum Source {
-    Ca { dir: PathBuf, ttl: Duration },
-    Files { dir: PathBuf },
+    Ca {
+        dir: PathBuf,
+        ttl: Duration,
+    },
+    Files {
+        dir: PathBuf,
+    },
+    /// SVIDs from the issuer, obtained by the task behind the handle.
+    Issuer(crate::creds::issuer::IssuerHandle),
 }
 
 struct Held {
@@ -101,7 +108,7 @@ impl Store {
                 let (ca, files) = load_ca(dir, trust_domain)?;
                 (Some(ca), files)
             }
-            Source::Files { .. } => (None, Vec::new()),
+            Source::Files { .. } | Source::Issuer(_) => (None, Vec::new()),
         };
         Ok(Self {
             source,
@@ -140,6 +147,7 @@ impl Store {
         match self.source.clone() {
             Source::Ca { ttl, .. } => self.refresh_from_ca(wanted, ttl, &mut changes),
             Source::Files { dir } => self.refresh_from_files(&dir, wanted, &mut changes),
+            Source::Issuer(handle) => self.refresh_from_issuer(&handle, wanted, &mut changes),
         }
         let gone: Vec<SpiffeId> = self
             .held
@@ -239,6 +247,63 @@ impl Store {
                 },
             );
             changes.rotated.push(id.clone());
+        }
+    }
+
+    fn refresh_from_issuer(
+        &mut self,
+        handle: &crate::creds::issuer::IssuerHandle,
+        wanted: &BTreeSet<SpiffeId>,
+        changes: &mut Changes,
+    ) {
+        handle.want(wanted);
+        self.problems.extend(handle.problems());
+        for (id, got) in handle.svids() {
+            if !wanted.contains(&id)
+                || self
+                    .held
+                    .get(&id)
+                    .is_some_and(|h| h.svid.serial == got.svid.serial)
+            {
+                continue;
+            }
+            self.held.insert(
+                id.clone(),
+                Held {
+                    svid: got.svid,
+                    renew_at: Some(got.renew_at),
+                    files: None,
+                },
+            );
+            changes.rotated.push(id);
+        }
+        // An SVID that expired while the issuer was away is no use to a handshake.
+        let now = SystemTime::now();
+        let expired: Vec<SpiffeId> = self
+            .held
+            .iter()
+            .filter(|(_, h)| h.svid.not_after <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in expired {
+            self.held.remove(&id);
+            changes.removed.push(id);
+        }
+    }
+
+    /// A handshake needs `id`'s SVID now (issuer source: asked for before the others).
+    pub fn urgent(&self, id: &SpiffeId) {
+        if let Source::Issuer(handle) = &self.source {
+            handle.urgent(id);
+        }
+    }
+
+    /// The issuer task's handle (issuer source).
+    #[must_use]
+    pub fn issuer(&self) -> Option<&crate::creds::issuer::IssuerHandle> {
+        match &self.source {
+            Source::Issuer(h) => Some(h),
+            _ => None,
         }
     }
 

@@ -98,6 +98,8 @@ pub struct KubeSource {
     changed: Changed,
     config: KubeConfig,
     description: String,
+    /// The API client the watchers use (the issuer's TokenReviews go through it too).
+    client: Client,
 }
 
 impl KubeSource {
@@ -131,6 +133,7 @@ impl KubeSource {
         }));
         let changed = Changed::default();
         let wc = || watcher::Config::default().any_semantic();
+        let api_client = client.clone();
         tokio::spawn(drive(
             PODS,
             watcher(Api::<PodObject>::all(client.clone()), wc()),
@@ -157,6 +160,7 @@ impl KubeSource {
             changed,
             config,
             description,
+            client: api_client,
         })
     }
 
@@ -172,6 +176,10 @@ impl KubeSource {
 
     /// Raised whenever a watcher applied something.
     #[must_use]
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
     pub fn changed(&self) -> Changed {
         self.changed.clone()
     }
