@@ -29,6 +29,9 @@ impl Testbed {
             .clone()
             .context("no agent binary (Options::agent_bin / PORTCULLIS_BIN)")?;
         ensure_bpffs()?;
+        if self.issuers() {
+            self.write_join_token(node)?;
+        }
         std::fs::create_dir_all(&n.bpffs_dir)
             .with_context(|| format!("cannot create {}", n.bpffs_dir.display()))?;
         // A socket file left by a killed agent would look like readiness.

@@ -14,7 +14,15 @@
 //!   `MODIFIED`, `DELETED` with the object, `BOOKMARK` every second when
 //!   `allowWatchBookmarks=true`), ended after `timeoutSeconds`; a `resourceVersion` older than
 //!   the last [`FakeApi::expire`] gets what a real API server sends after compaction: an
-//!   `ERROR` event carrying a `Status` with code 410 (reason `Expired`).
+//!   `ERROR` event carrying a `Status` with code 410 (reason `Expired`);
+//! - `GET /api/v1/namespaces/{ns}/pods/{name}` (and `/api/v1/nodes/{name}`,
+//!   `/api/v1/namespaces/{ns}/configmaps/{name}`): the one object, or `404` with a `Status` of
+//!   reason `NotFound`, as a client reading a bound pod's `spec.nodeName` gets it;
+//! - `POST /apis/authentication.k8s.io/v1/tokenreviews`: `201 Created` with the `TokenReview`
+//!   echoed back and its `status` filled in as the API server's service-account token
+//!   authenticator fills it, for the tokens the test registered with [`FakeApi::add_token`] (see
+//!   there for what each answer looks like); a body that is not a `TokenReview` gets `400` with a
+//!   `Status` of reason `BadRequest`.
 //!
 //! Objects are JSON values as a real server would return them (the test writes real Pod and
 //! Node manifests, or [`realistic_pod`] ones); the server stamps `metadata.resourceVersion` and
@@ -52,6 +60,62 @@ impl Kind {
             Self::ConfigMap => "ConfigMap",
         }
     }
+
+    /// The resource, as the API server names it in paths and in a `NotFound` status.
+    fn resource(self) -> &'static str {
+        match self {
+            Self::Pod => "pods",
+            Self::Node => "nodes",
+            Self::ConfigMap => "configmaps",
+        }
+    }
+}
+
+/// The `metadata.uid` the server stamps on an object it is given, for a test to put in the
+/// [`TokenFacts`] of a token bound to that object (a real token carries the bound pod's uid, and
+/// an issuer compares the two).
+#[must_use]
+pub fn object_uid(kind: Kind, namespace: &str, name: &str) -> String {
+    format!("uid-{}-{namespace}-{name}", kind.name())
+}
+
+/// What the API server knows of a service-account token it issued: who it names, for whom it
+/// was minted (its `aud` claim), and the objects it is bound to. `TokenReview` answers with
+/// these.
+#[derive(Debug, Clone, Default)]
+pub struct TokenFacts {
+    pub namespace: String,
+    pub service_account: String,
+    /// The token's `aud` claim. Empty is a legacy (Secret) token, which the API server takes
+    /// as minted for itself, [`API_AUDIENCE`].
+    pub audiences: Vec<String>,
+    pub pod_name: Option<String>,
+    pub pod_uid: Option<String>,
+    /// Reported only by API servers from 1.30 on (`ServiceAccountTokenPodNodeInfo`): `None`
+    /// is an older cluster, whose reviews lack the node and leave a client to read the bound
+    /// pod's `spec.nodeName`.
+    pub node_name: Option<String>,
+    pub node_uid: Option<String>,
+}
+
+/// The audience the API server identifies as (its `--api-audiences`, which default to the
+/// service-account issuer; this is kubeadm's). A `TokenReview` without `spec.audiences` is
+/// checked against it, so a token minted for another audience fails such a review: a client
+/// that forgets its own audience is refused, not handed every pod's API token as valid.
+pub const API_AUDIENCE: &str = "https://kubernetes.default.svc.cluster.local";
+
+/// The path of the `TokenReview` collection (cluster-scoped: there is no namespaced one).
+const TOKEN_REVIEWS: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
+
+/// The largest request body served, the API server's default (`--max-request-body-bytes`
+/// unset): larger gets 413, as there.
+const MAX_BODY: usize = 3 * 1024 * 1024;
+
+/// A registered token: its facts and the `jti` claim it would carry, which reviews report as
+/// its credential id.
+struct Token {
+    facts: TokenFacts,
+    jti: String,
 }
 
 /// (kind, namespace, name): the order lists are served in, as the API server serves them in
@@ -91,6 +155,12 @@ struct State {
     next_snapshot: u64,
     /// Request lines served, for the test to inspect.
     requests: Vec<String>,
+    /// Service-account tokens `TokenReview` knows, by token.
+    tokens: BTreeMap<String, Token>,
+    /// Tokens registered so far, numbering their `jti`s.
+    tokens_issued: u64,
+    /// The token of each review answered, in order, for the test to count.
+    reviewed: Vec<String>,
 }
 
 struct Shared {
@@ -171,7 +241,7 @@ impl FakeApi {
             st.rv += 1;
             let rv = st.rv;
             obj["metadata"]["resourceVersion"] = json!(rv.to_string());
-            obj["metadata"]["uid"] = json!(format!("uid-{}-{ns}-{name}", kind.name()));
+            obj["metadata"]["uid"] = json!(object_uid(kind, &ns, &name));
             obj["apiVersion"] = json!("v1");
             obj["kind"] = json!(kind.name());
             let object: Arc<str> = obj.to_string().into();
@@ -242,6 +312,45 @@ impl FakeApi {
             .filter(|(k, _, _)| *k == kind)
             .count()
     }
+
+    /// Registers a service-account token (replacing what was registered under it), which a
+    /// `TokenReview` then answers as the API server answers a token it issued:
+    ///
+    /// - a token not registered: `status: {"user": {}, "error": "[invalid bearer token, …]"}`
+    ///   (no `authenticated`: the API server omits it when false);
+    /// - a registered one none of whose audiences is among the review's `spec.audiences`
+    ///   ([`API_AUDIENCE`] when the review names none): the same, with the error
+    ///   `[invalid bearer token, token audiences ["a"] is invalid for the target audiences ["b"]]`;
+    /// - otherwise `status: {"authenticated": true, "audiences": [the token's audiences that
+    ///   were asked for], "user": {"username": "system:serviceaccount:<ns>:<sa>", "uid": …,
+    ///   "groups": [...], "extra": {...}}}`, `extra` holding `authentication.kubernetes.io/`
+    ///   `pod-name`, `pod-uid`, `node-name` and `node-uid` for those of `facts` that are set,
+    ///   and always `credential-id` (`JTI=…`, unique to this registration).
+    pub fn add_token(&self, token: &str, facts: TokenFacts) {
+        let mut st = self.lock();
+        st.tokens_issued += 1;
+        let n = st.tokens_issued;
+        // Shaped as the API server's jti, a random UUID.
+        let jti = format!("7c0e5a2d-{:04x}-4b1f-8d3e-{n:012x}", n % 65_536);
+        st.tokens.insert(token.to_owned(), Token { facts, jti });
+    }
+
+    /// Forgets a token, so reviews of it fail as of one never issued: what a test of a revoked
+    /// token (its pod deleted, its service account recreated) needs, since the server does not
+    /// tie tokens to the objects it holds.
+    pub fn remove_token(&self, token: &str) {
+        self.lock().tokens.remove(token);
+    }
+
+    /// How many `TokenReview`s were answered (bodies refused with 400 are not counted).
+    pub fn reviews(&self) -> usize {
+        self.lock().reviewed.len()
+    }
+
+    /// The token of each `TokenReview` answered, in order.
+    pub fn reviewed_tokens(&self) -> Vec<String> {
+        self.lock().reviewed.clone()
+    }
 }
 
 impl Drop for FakeApi {
@@ -258,6 +367,37 @@ struct Request {
     kind: Kind,
     namespace: Option<String>,
     query: BTreeMap<String, String>,
+}
+
+/// What a request asks for.
+enum Route {
+    /// A list or a watch.
+    Collection(Request),
+    /// One object.
+    Object(Key),
+    TokenReview,
+}
+
+fn route(method: &str, target: &str) -> Option<Route> {
+    let path = target.split_once('?').map_or(target, |(p, _)| p);
+    match method {
+        "POST" if path.trim_end_matches('/') == TOKEN_REVIEWS => Some(Route::TokenReview),
+        "GET" => {
+            let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+            let one = |kind, ns: &str, name: &str| {
+                Some(Route::Object((kind, ns.to_owned(), name.to_owned())))
+            };
+            match parts.as_slice() {
+                ["api", "v1", "nodes", name] => one(Kind::Node, "", name),
+                ["api", "v1", "namespaces", ns, "pods", name] => one(Kind::Pod, ns, name),
+                ["api", "v1", "namespaces", ns, "configmaps", name] => {
+                    one(Kind::ConfigMap, ns, name)
+                }
+                _ => parse_target(target).map(Route::Collection),
+            }
+        }
+        _ => None,
+    }
 }
 
 fn parse_target(target: &str) -> Option<Request> {
@@ -328,16 +468,37 @@ impl Request {
     }
 }
 
+/// What a request's headers say of its body.
+#[derive(Default)]
+struct Framing {
+    content_length: Option<usize>,
+    chunked: bool,
+    /// `Expect: 100-continue`: the client (curl, for a body over 1 KiB, as a review of a real
+    /// token is) waits for a go-ahead before sending the body.
+    expect_continue: bool,
+}
+
 fn handle(shared: &Shared, conn: TcpStream) -> Result<()> {
     conn.set_nonblocking(false)?;
     let mut reader = BufReader::new(conn.try_clone()?);
     let mut line = String::new();
     reader.read_line(&mut line)?;
     let request_line = line.trim_end().to_owned();
+    let mut framing = Framing::default();
     loop {
         let mut h = String::new();
         if reader.read_line(&mut h)? == 0 || h == "\r\n" || h == "\n" {
             break;
+        }
+        let Some((name, value)) = h.split_once(':') else {
+            continue;
+        };
+        let value = value.trim();
+        match name.trim().to_ascii_lowercase().as_str() {
+            "content-length" => framing.content_length = value.parse().ok(),
+            "transfer-encoding" => framing.chunked = value.eq_ignore_ascii_case("chunked"),
+            "expect" => framing.expect_continue = value.eq_ignore_ascii_case("100-continue"),
+            _ => {}
         }
     }
     shared
@@ -349,19 +510,252 @@ fn handle(shared: &Shared, conn: TcpStream) -> Result<()> {
     let mut conn = conn;
     let mut parts = request_line.split_whitespace();
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let Some(req) = (method == "GET").then(|| parse_target(target)).flatten() else {
+    let Some(route) = route(method, target) else {
         let body = status_body(404, "NotFound", &format!("not served: {request_line}"));
         return respond(&mut conn, "404 Not Found", &[body.as_bytes()]);
     };
-    let watch = matches!(
-        req.query.get("watch").map(String::as_str),
-        Some("true" | "1")
-    );
-    if watch {
-        serve_watch(shared, &mut conn, &req)
-    } else {
-        serve_list(shared, &mut conn, &req)
+    match route {
+        Route::Collection(req) => {
+            let watch = matches!(
+                req.query.get("watch").map(String::as_str),
+                Some("true" | "1")
+            );
+            if watch {
+                serve_watch(shared, &mut conn, &req)
+            } else {
+                serve_list(shared, &mut conn, &req)
+            }
+        }
+        Route::Object(key) => serve_object(shared, &mut conn, &key),
+        Route::TokenReview => {
+            let Some(body) = read_body(&mut reader, &mut conn, &framing)? else {
+                let body = status_body(
+                    413,
+                    "RequestEntityTooLarge",
+                    &format!("Request entity too large: limit is {MAX_BODY}"),
+                );
+                return respond(
+                    &mut conn,
+                    "413 Request Entity Too Large",
+                    &[body.as_bytes()],
+                );
+            };
+            serve_token_review(shared, &mut conn, &body)
+        }
     }
+}
+
+/// The request's body, by `Content-Length` or in chunks; `None` past [`MAX_BODY`].
+fn read_body(
+    reader: &mut BufReader<TcpStream>,
+    conn: &mut TcpStream,
+    framing: &Framing,
+) -> Result<Option<Vec<u8>>> {
+    if framing.content_length.is_some_and(|n| n > MAX_BODY) {
+        return Ok(None);
+    }
+    if framing.expect_continue && (framing.chunked || framing.content_length.is_some()) {
+        conn.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+    }
+    let mut body = Vec::new();
+    if framing.chunked {
+        loop {
+            let mut size = String::new();
+            reader.read_line(&mut size)?;
+            // A size may carry extensions after `;`, which mean nothing here.
+            let hex = size.split(';').next().unwrap_or("").trim();
+            let n = usize::from_str_radix(hex, 16)
+                .with_context(|| format!("chunk size {:?}", size.trim_end()))?;
+            if n == 0 {
+                // Trailers, up to the empty line.
+                loop {
+                    let mut t = String::new();
+                    if reader.read_line(&mut t)? == 0 || t.trim_end().is_empty() {
+                        return Ok(Some(body));
+                    }
+                }
+            }
+            if body.len() + n > MAX_BODY {
+                return Ok(None);
+            }
+            let start = body.len();
+            body.resize(start + n, 0);
+            std::io::Read::read_exact(reader, &mut body[start..])?;
+            let mut crlf = String::new();
+            reader.read_line(&mut crlf)?;
+        }
+    }
+    if let Some(n) = framing.content_length {
+        body.resize(n, 0);
+        std::io::Read::read_exact(reader, &mut body)?;
+    }
+    Ok(Some(body))
+}
+
+fn serve_object(shared: &Shared, conn: &mut TcpStream, key: &Key) -> Result<()> {
+    let object = shared
+        .state
+        .lock()
+        .expect("fake API state")
+        .objects
+        .get(key)
+        .cloned();
+    if let Some(object) = object {
+        return respond(conn, "200 OK", &[object.as_bytes()]);
+    }
+    let (kind, _, name) = key;
+    let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": format!("{} \"{name}\" not found", kind.resource()), "reason": "NotFound",
+        "details": {"name": name, "kind": kind.resource()}, "code": 404})
+    .to_string();
+    respond(conn, "404 Not Found", &[body.as_bytes()])
+}
+
+/// Answers a `TokenReview` as the API server does: the object echoed back (its `spec` as the
+/// server decoded it: `token` and `audiences`, nothing else) with `status` filled in, and
+/// `201 Created`, since a review is created (though never stored).
+fn serve_token_review(shared: &Shared, conn: &mut TcpStream, body: &[u8]) -> Result<()> {
+    let (token, audiences, metadata) = match parse_token_review(body) {
+        Ok(review) => review,
+        Err(message) => {
+            let body = status_body(400, "BadRequest", &message);
+            return respond(conn, "400 Bad Request", &[body.as_bytes()]);
+        }
+    };
+    let status = {
+        let mut st = shared.state.lock().expect("fake API state");
+        st.reviewed.push(token.clone());
+        review_status(st.tokens.get(&token), &audiences)
+    };
+    let mut spec = json!({"token": token});
+    if !audiences.is_empty() {
+        spec["audiences"] = json!(audiences);
+    }
+    let answer = json!({"kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1",
+        "metadata": metadata, "spec": spec, "status": status})
+    .to_string();
+    respond(conn, "201 Created", &[answer.as_bytes()])
+}
+
+/// A review's token, `spec.audiences` and `metadata`, or the message of the API server's 400.
+fn parse_token_review(body: &[u8]) -> Result<(String, Vec<String>, Value), String> {
+    let review: Value = serde_json::from_slice(body)
+        .map_err(|e| format!("couldn't get version/kind; json parse error: {e}"))?;
+    if !review.is_object() {
+        return Err("couldn't get version/kind; json parse error: not an object".to_owned());
+    }
+    // Absent, they are the endpoint's, as the API server defaults them; present, they must be.
+    if let Some(v) = review.get("apiVersion")
+        && v != "authentication.k8s.io/v1"
+    {
+        return Err(format!(
+            "the API version in the data ({}) does not match the expected API version (authentication.k8s.io/v1)",
+            v.as_str().unwrap_or_default()
+        ));
+    }
+    if let Some(k) = review.get("kind")
+        && k != "TokenReview"
+    {
+        return Err(format!(
+            "the kind in the data ({}) does not match the expected kind (TokenReview)",
+            k.as_str().unwrap_or_default()
+        ));
+    }
+    let spec = &review["spec"];
+    let token = match &spec["token"] {
+        Value::Null => String::new(),
+        Value::String(t) => t.clone(),
+        _ => return Err(
+            "json: cannot unmarshal into Go struct field TokenReviewSpec.spec.token of type string"
+                .to_owned(),
+        ),
+    };
+    if token.is_empty() {
+        return Err("token is required for TokenReview in authentication".to_owned());
+    }
+    let audiences = match &spec["audiences"] {
+        Value::Null => Vec::new(),
+        Value::Array(a) => a
+            .iter()
+            .map(|v| v.as_str().map(str::to_owned))
+            .collect::<Option<_>>()
+            .ok_or("json: cannot unmarshal into Go struct field TokenReviewSpec.spec.audiences of type string")?,
+        _ => return Err("json: cannot unmarshal into Go struct field TokenReviewSpec.spec.audiences of type []string".to_owned()),
+    };
+    let mut metadata = match review.get("metadata") {
+        Some(m @ Value::Object(_)) => m.clone(),
+        _ => json!({}),
+    };
+    // A `metav1.Time` that is zero still encodes, as null.
+    if metadata.get("creationTimestamp").is_none() {
+        metadata["creationTimestamp"] = Value::Null;
+    }
+    Ok((token, audiences, metadata))
+}
+
+/// The `status` of a review of `token` (`None`: not one the server issued) for the target
+/// `audiences`, as the service-account authenticator reports it. A failed review has no
+/// `authenticated` (false is omitted on the wire) and an empty `user`.
+fn review_status(token: Option<&Token>, audiences: &[String]) -> Value {
+    let Some(Token { facts, jti }) = token else {
+        // What a token not signed by the cluster's key gets.
+        return json!({"user": {},
+            "error": "[invalid bearer token, go-jose/go-jose: error in cryptographic primitive]"});
+    };
+    let api = [API_AUDIENCE.to_owned()];
+    let target = if audiences.is_empty() {
+        &api[..]
+    } else {
+        audiences
+    };
+    let minted_for = if facts.audiences.is_empty() {
+        &api[..]
+    } else {
+        &facts.audiences[..]
+    };
+    // In the token's order, as the API server intersects.
+    let granted: Vec<&String> = minted_for.iter().filter(|a| target.contains(a)).collect();
+    if granted.is_empty() {
+        return json!({"user": {}, "error": format!(
+            "[invalid bearer token, token audiences {} is invalid for the target audiences {}]",
+            go_quoted(minted_for),
+            go_quoted(target)
+        )});
+    }
+    let ns = &facts.namespace;
+    let mut extra = serde_json::Map::new();
+    for (key, fact) in [
+        ("pod-name", &facts.pod_name),
+        ("pod-uid", &facts.pod_uid),
+        ("node-name", &facts.node_name),
+        ("node-uid", &facts.node_uid),
+    ] {
+        if let Some(v) = fact {
+            extra.insert(format!("authentication.kubernetes.io/{key}"), json!([v]));
+        }
+    }
+    extra.insert(
+        "authentication.kubernetes.io/credential-id".to_owned(),
+        json!([format!("JTI={jti}")]),
+    );
+    json!({
+        "authenticated": true,
+        "audiences": granted,
+        "user": {
+            "username": format!("system:serviceaccount:{ns}:{}", facts.service_account),
+            "uid": format!("uid-ServiceAccount-{ns}-{}", facts.service_account),
+            "groups": ["system:serviceaccounts", format!("system:serviceaccounts:{ns}"),
+                       "system:authenticated"],
+            "extra": extra,
+        }
+    })
+}
+
+/// Strings as Go's `%q` prints a `[]string`, which the API server's audience error uses:
+/// `["a" "b"]`.
+fn go_quoted(strings: &[String]) -> String {
+    let quoted: Vec<String> = strings.iter().map(|s| json!(s).to_string()).collect();
+    format!("[{}]", quoted.join(" "))
 }
 
 /// A `Status` object, as the API server answers a failed request.
@@ -798,6 +1192,10 @@ mod tests {
     fn get(api: &FakeApi, target: &str) -> (u16, Value) {
         let mut c = TcpStream::connect(api.addr).expect("connect");
         write!(c, "GET {target} HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
+        read_response(c)
+    }
+
+    fn read_response(mut c: TcpStream) -> (u16, Value) {
         let mut text = String::new();
         std::io::Read::read_to_string(&mut c, &mut text).expect("read");
         let (head, body) = text.split_once("\r\n\r\n").expect("head");
@@ -807,6 +1205,41 @@ mod tests {
             .and_then(|c| c.parse().ok())
             .expect("status code");
         (code, serde_json::from_str(body).expect("JSON body"))
+    }
+
+    fn post(api: &FakeApi, target: &str, body: &str) -> (u16, Value) {
+        let mut c = TcpStream::connect(api.addr).expect("connect");
+        write!(
+            c,
+            "POST {target} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .expect("write");
+        read_response(c)
+    }
+
+    /// A review of `token` for `audiences`, as a client posts it.
+    fn review(api: &FakeApi, token: &str, audiences: &[&str]) -> (u16, Value) {
+        let body = json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+                          "spec": {"token": token, "audiences": audiences}});
+        post(api, TOKEN_REVIEWS, &body.to_string())
+    }
+
+    fn local_api() -> FakeApi {
+        FakeApi::serve(TcpListener::bind("127.0.0.1:0").unwrap()).unwrap()
+    }
+
+    /// A token of `web` in `shop`, bound to pod `web-1` on `node-2`.
+    fn bound_token(audiences: &[&str]) -> TokenFacts {
+        TokenFacts {
+            namespace: "shop".into(),
+            service_account: "web".into(),
+            audiences: audiences.iter().map(|a| (*a).to_owned()).collect(),
+            pod_name: Some("web-1".into()),
+            pod_uid: Some(object_uid(Kind::Pod, "shop", "web-1")),
+            node_name: Some("node-2".into()),
+            node_uid: Some(object_uid(Kind::Node, "", "node-2")),
+        }
     }
 
     fn pods(n: usize) -> Vec<Value> {
@@ -883,5 +1316,249 @@ mod tests {
         assert_eq!(code, 410);
         assert_eq!(gone["reason"], "Expired");
         assert_eq!(gone["code"], 410);
+    }
+
+    #[test]
+    fn a_token_review_of_a_bound_token_names_its_service_account_pod_and_node() {
+        let api = local_api();
+        api.add_token("tok-web", bound_token(&["spire-server", "vault"]));
+        let (code, answer) = review(&api, "tok-web", &["other", "spire-server"]);
+        assert_eq!(code, 201, "{answer}");
+        assert_eq!(answer["kind"], "TokenReview");
+        assert_eq!(answer["apiVersion"], "authentication.k8s.io/v1");
+        assert_eq!(
+            answer["spec"],
+            json!({"token": "tok-web", "audiences": ["other", "spire-server"]})
+        );
+        let status = &answer["status"];
+        assert_eq!(status["authenticated"], true);
+        assert!(status.get("error").is_none(), "{status}");
+        // Only what was asked for and the token was minted for.
+        assert_eq!(status["audiences"], json!(["spire-server"]));
+        let user = &status["user"];
+        assert_eq!(user["username"], "system:serviceaccount:shop:web");
+        assert_eq!(user["uid"], "uid-ServiceAccount-shop-web");
+        assert_eq!(
+            user["groups"],
+            json!([
+                "system:serviceaccounts",
+                "system:serviceaccounts:shop",
+                "system:authenticated"
+            ])
+        );
+        let extra = user["extra"].as_object().unwrap();
+        assert_eq!(
+            extra["authentication.kubernetes.io/pod-name"],
+            json!(["web-1"])
+        );
+        assert_eq!(
+            extra["authentication.kubernetes.io/pod-uid"],
+            json!(["uid-Pod-shop-web-1"])
+        );
+        assert_eq!(
+            extra["authentication.kubernetes.io/node-name"],
+            json!(["node-2"])
+        );
+        assert_eq!(
+            extra["authentication.kubernetes.io/node-uid"],
+            json!(["uid-Node--node-2"])
+        );
+        let id = extra["authentication.kubernetes.io/credential-id"][0]
+            .as_str()
+            .unwrap();
+        assert!(id.starts_with("JTI="), "{id}");
+        assert_eq!(extra.len(), 5, "{extra:?}");
+        // Another registration is another credential.
+        api.add_token("tok-web-2", bound_token(&["spire-server"]));
+        let (_, again) = review(&api, "tok-web-2", &["spire-server"]);
+        assert_ne!(
+            again["status"]["user"]["extra"]["authentication.kubernetes.io/credential-id"][0],
+            id
+        );
+        assert_eq!(api.reviews(), 2);
+        assert_eq!(api.reviewed_tokens(), ["tok-web", "tok-web-2"]);
+    }
+
+    /// Before 1.30 a review names the pod but not its node.
+    #[test]
+    fn a_token_review_on_an_older_cluster_has_no_node() {
+        let api = local_api();
+        let facts = TokenFacts {
+            node_name: None,
+            node_uid: None,
+            ..bound_token(&["spire-server"])
+        };
+        api.add_token("tok", facts);
+        let (code, answer) = review(&api, "tok", &["spire-server"]);
+        assert_eq!(code, 201);
+        let extra = answer["status"]["user"]["extra"].as_object().unwrap();
+        let mut keys: Vec<&str> = extra.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            [
+                "authentication.kubernetes.io/credential-id",
+                "authentication.kubernetes.io/pod-name",
+                "authentication.kubernetes.io/pod-uid"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_token_review_of_an_unknown_or_removed_token_is_not_authenticated() {
+        let api = local_api();
+        let (code, answer) = review(&api, "forged", &["spire-server"]);
+        assert_eq!(code, 201, "{answer}");
+        let status = &answer["status"];
+        // As on the wire from the API server: false is omitted, the user is empty.
+        assert!(status.get("authenticated").is_none(), "{status}");
+        assert_eq!(status["user"], json!({}));
+        assert!(status.get("audiences").is_none(), "{status}");
+        let error = status["error"].as_str().unwrap();
+        assert!(error.starts_with("[invalid bearer token, "), "{error}");
+        api.add_token("tok", bound_token(&["spire-server"]));
+        assert_eq!(
+            review(&api, "tok", &["spire-server"]).1["status"]["authenticated"],
+            true
+        );
+        api.remove_token("tok");
+        let (_, revoked) = review(&api, "tok", &["spire-server"]);
+        assert!(
+            revoked["status"].get("authenticated").is_none(),
+            "{revoked}"
+        );
+        assert_eq!(api.reviews(), 3);
+    }
+
+    #[test]
+    fn a_token_review_for_an_audience_the_token_lacks_fails_as_on_the_api_server() {
+        let api = local_api();
+        api.add_token("tok", bound_token(&["vault"]));
+        let (code, answer) = review(&api, "tok", &["spire-server", "other"]);
+        assert_eq!(code, 201);
+        let status = &answer["status"];
+        assert!(status.get("authenticated").is_none(), "{status}");
+        assert_eq!(status["user"], json!({}));
+        assert_eq!(
+            status["error"],
+            r#"[invalid bearer token, token audiences ["vault"] is invalid for the target audiences ["spire-server" "other"]]"#
+        );
+    }
+
+    /// Without `spec.audiences` a review is for the API server's own audience: a token minted
+    /// for another fails it; a legacy token (no audience) is taken as minted for the API server.
+    #[test]
+    fn a_token_review_without_audiences_is_for_the_api_server() {
+        let api = local_api();
+        api.add_token("tok", bound_token(&["spire-server"]));
+        let (code, answer) = review(&api, "tok", &[]);
+        assert_eq!(code, 201);
+        assert!(answer["spec"].get("audiences").is_none(), "{answer}");
+        assert_eq!(
+            answer["status"]["error"],
+            format!(
+                r#"[invalid bearer token, token audiences ["spire-server"] is invalid for the target audiences ["{API_AUDIENCE}"]]"#
+            )
+        );
+        api.add_token("legacy", bound_token(&[]));
+        let (_, legacy) = review(&api, "legacy", &[]);
+        assert_eq!(legacy["status"]["authenticated"], true, "{legacy}");
+        assert_eq!(legacy["status"]["audiences"], json!([API_AUDIENCE]));
+    }
+
+    #[test]
+    fn a_malformed_token_review_is_a_bad_request() {
+        let api = local_api();
+        api.add_token("tok", bound_token(&["spire-server"]));
+        for body in [
+            "{not json",
+            "[]",
+            r#"{"apiVersion": "v1", "kind": "TokenReview", "spec": {"token": "tok"}}"#,
+            r#"{"apiVersion": "authentication.k8s.io/v1", "kind": "Pod", "spec": {"token": "tok"}}"#,
+            r#"{"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": {}}"#,
+            r#"{"kind": "TokenReview", "spec": {"token": "tok", "audiences": "spire-server"}}"#,
+        ] {
+            let (code, status) = post(&api, TOKEN_REVIEWS, body);
+            assert_eq!(code, 400, "{body}: {status}");
+            assert_eq!(status["kind"], "Status");
+            assert_eq!(status["status"], "Failure");
+            assert_eq!(status["reason"], "BadRequest");
+            assert_eq!(status["code"], 400);
+            assert!(status["message"].as_str().is_some_and(|m| !m.is_empty()));
+        }
+        assert_eq!(api.reviews(), 0);
+        // Without apiVersion and kind, the endpoint's are assumed, as by the API server.
+        let (code, answer) = post(&api, TOKEN_REVIEWS, r#"{"spec": {"token": "tok"}}"#);
+        assert_eq!(code, 201, "{answer}");
+        assert_eq!(answer["kind"], "TokenReview");
+        assert_eq!(api.reviews(), 1);
+    }
+
+    /// A body sent in chunks, after the go-ahead a client waiting on `Expect: 100-continue`
+    /// needs.
+    #[test]
+    fn a_token_review_in_chunks_after_expect_continue_is_answered() {
+        let api = local_api();
+        api.add_token("tok", bound_token(&["spire-server"]));
+        let body = json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+                          "spec": {"token": "tok", "audiences": ["spire-server"]}})
+        .to_string();
+        let mut c = TcpStream::connect(api.addr).expect("connect");
+        write!(
+            c,
+            "POST {TOKEN_REVIEWS} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n"
+        )
+        .unwrap();
+        let mut reader = BufReader::new(c.try_clone().unwrap());
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        assert_eq!(line, "HTTP/1.1 100 Continue\r\n");
+        reader.read_line(&mut line).unwrap();
+        let (a, b) = body.split_at(10);
+        write!(
+            c,
+            "{:x}\r\n{a}\r\n{:x};ext=1\r\n{b}\r\n0\r\n\r\n",
+            a.len(),
+            b.len()
+        )
+        .unwrap();
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut reader, &mut text).unwrap();
+        assert!(text.starts_with("HTTP/1.1 201 Created\r\n"), "{text}");
+        let answer: Value = serde_json::from_str(text.split_once("\r\n\r\n").unwrap().1).unwrap();
+        assert_eq!(answer["status"]["authenticated"], true, "{answer}");
+    }
+
+    #[test]
+    fn a_pod_is_served_by_name_and_a_missing_one_is_not_found() {
+        let api = local_api();
+        api.apply_all(Kind::Pod, pods(3));
+        let (code, pod) = get(&api, "/api/v1/namespaces/shop/pods/p00001");
+        assert_eq!(code, 200, "{pod}");
+        assert_eq!(pod["kind"], "Pod");
+        assert_eq!(pod["apiVersion"], "v1");
+        assert_eq!(pod["metadata"]["name"], "p00001");
+        assert_eq!(
+            pod["metadata"]["uid"],
+            object_uid(Kind::Pod, "shop", "p00001")
+        );
+        assert_eq!(pod["spec"]["nodeName"], "node-2");
+        for missing in [
+            "/api/v1/namespaces/shop/pods/p00009",
+            "/api/v1/namespaces/other/pods/p00001",
+        ] {
+            let (code, status) = get(&api, missing);
+            assert_eq!(code, 404, "{missing}: {status}");
+            assert_eq!(status["kind"], "Status");
+            assert_eq!(status["reason"], "NotFound");
+            assert_eq!(status["code"], 404);
+            assert_eq!(status["details"]["kind"], "pods");
+        }
+        api.delete(Kind::Pod, "shop", "p00001");
+        assert_eq!(get(&api, "/api/v1/namespaces/shop/pods/p00001").0, 404);
+        // The namespace's list is still a list.
+        let (_, list) = get(&api, "/api/v1/namespaces/shop/pods");
+        assert_eq!(list["kind"], "PodList");
+        assert_eq!(list["items"].as_array().unwrap().len(), 2);
     }
 }

@@ -20,6 +20,7 @@ pub mod cgroup;
 pub mod cluster;
 pub mod cmd;
 pub mod info;
+pub mod issuer;
 pub mod kube_api;
 pub mod netns;
 mod pods;

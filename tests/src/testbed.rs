@@ -43,8 +43,13 @@ pub struct Options {
     /// directory and every agent mints its pods' SVIDs from it and authenticates pairs by
     /// handshake. Off, the agents only enforce (auth entries by `portcullis auth allow`).
     pub authenticate: bool,
-    /// `identity.svid_ttl_secs` in the agent configs (with `authenticate`).
+    /// `identity.svid_ttl_secs` in the agent configs (with `authenticate`); with issuers,
+    /// the issuers' `svid_ttl_secs` and `node_svid_ttl_secs`.
     pub svid_ttl_secs: Option<u64>,
+    /// With `authenticate`: run this many issuer replicas (in a namespace of their own,
+    /// holding the only copy of the CA key) and give the agents identity source `issuer`,
+    /// each node enrolled by join token. 0: every agent holds the CA (source `ca`).
+    pub issuer_replicas: usize,
     /// `handshake.proactive` in the agent configs (with `authenticate`); `None`: the agent's
     /// default (on).
     pub proactive: Option<bool>,
@@ -72,6 +77,7 @@ impl Default for Options {
             log_level: "debug".into(),
             authenticate: false,
             svid_ttl_secs: None,
+            issuer_replicas: 0,
             proactive: None,
             policy: None,
             poll_interval_ms: None,
@@ -347,7 +353,7 @@ impl Testbed {
         Ok(())
     }
 
-    fn write_initial_files(&self) -> Result<()> {
+    fn write_initial_files(&mut self) -> Result<()> {
         let cluster = ClusterFile {
             trust_domain: self.info.trust_domain.clone(),
             nodes: self
@@ -371,7 +377,25 @@ impl Testbed {
         };
         cluster.store(&self.info.cluster_file)?;
         let mut extra = std::collections::BTreeMap::new();
-        if self.opts.authenticate {
+        if self.issuers() {
+            self.setup_issuers(self.opts.issuer_replicas)?;
+            let mut identity = serde_yaml::Mapping::new();
+            identity.insert("source".into(), "issuer".into());
+            identity.insert(
+                "issuer".into(),
+                serde_yaml::Value::Sequence(
+                    (0..self.opts.issuer_replicas)
+                        .map(|k| Self::issuer_addr(k).to_string().into())
+                        .collect(),
+                ),
+            );
+            identity.insert("attestor".into(), "bootstrap".into());
+            identity.insert(
+                "trust_bundle".into(),
+                self.bundle_path().to_string_lossy().into_owned().into(),
+            );
+            extra.insert("identity".to_owned(), serde_yaml::Value::Mapping(identity));
+        } else if self.opts.authenticate {
             let ca = self.ca_dir();
             self.make_ca(&ca)?;
             let mut identity = serde_yaml::Mapping::new();
@@ -389,14 +413,16 @@ impl Testbed {
                 identity.insert("svid_ttl_secs".into(), ttl.into());
             }
             extra.insert("identity".to_owned(), serde_yaml::Value::Mapping(identity));
-            if let Some(proactive) = self.opts.proactive {
-                let mut handshake = serde_yaml::Mapping::new();
-                handshake.insert("proactive".into(), proactive.into());
-                extra.insert(
-                    "handshake".to_owned(),
-                    serde_yaml::Value::Mapping(handshake),
-                );
-            }
+        }
+        if self.opts.authenticate
+            && let Some(proactive) = self.opts.proactive
+        {
+            let mut handshake = serde_yaml::Mapping::new();
+            handshake.insert("proactive".into(), proactive.into());
+            extra.insert(
+                "handshake".to_owned(),
+                serde_yaml::Value::Mapping(handshake),
+            );
         }
         if let Some(policy) = &self.opts.policy {
             self.set_policy(policy)?;
@@ -410,6 +436,17 @@ impl Testbed {
         }
         for n in &self.info.nodes {
             let mut extra = extra.clone();
+            if self.issuers()
+                && let Some(serde_yaml::Value::Mapping(identity)) = extra.get_mut("identity")
+            {
+                identity.insert(
+                    "token_file".into(),
+                    self.join_token_path(&n.name)
+                        .to_string_lossy()
+                        .into_owned()
+                        .into(),
+                );
+            }
             let mut first_connection = serde_yaml::Mapping::new();
             first_connection.insert(
                 "cgroup".into(),
