@@ -55,6 +55,7 @@ pub fn run(_args: Args) -> Result<i32> {
         agent_bin: Some(agent),
         log_level: "info".into(),
         authenticate: true,
+        issuer_replicas: 2,
         ..Options::default()
     };
     let mut tb = Testbed::up(&spec, &opts)?;
@@ -72,7 +73,9 @@ pub fn run(_args: Args) -> Result<i32> {
         );
     }
     println!(
-        "  node-1 and node-2 mint SVIDs from the cluster CA; node-3's come from a CA nobody trusts"
+        "  two issuer replicas (198.18.0.250, .251) hold the only copy of the CA key, in a namespace of\n  \
+         their own; node-1 and node-2 joined them with single-use tokens and got their pods' SVIDs;\n  \
+         node-3's come from a CA nobody trusts"
     );
     println!(
         "  one portcullis agent per node; state and logs in {}",
@@ -81,6 +84,16 @@ pub fn run(_args: Args) -> Result<i32> {
 
     let _server = s.serve("backend", PORT);
     let target = s.addr("backend", Family::V4);
+    // The agents are ready once the issuer has signed their pods' SVIDs; proactive
+    // authentication then proves the pair before anyone connects.
+    let _ = eventually(Duration::from_secs(5), || {
+        ["node-1", "node-2"]
+            .iter()
+            .all(|n| s.status(n)["agent"]["ready"] == true)
+            && s.status("node-1")["auth"]
+                .as_array()
+                .is_some_and(|a| !a.is_empty())
+    });
     say("frontend connects to backend:8080 — nobody has written any auth entry");
     let r = s.connect("frontend", target, PORT, 5000);
     if !ok(&r) {
@@ -133,6 +146,18 @@ pub fn run(_args: Args) -> Result<i32> {
         "  node-2's kernel counted {} dropped connection attempts (drop_no_auth)",
         counter(&s.status("node-2"), "drop_no_auth")
     );
+
+    say("What the issuer decided (its audit log)");
+    for r in testbed::issuer::audit_records(&tb.issuer_audit_log()) {
+        println!(
+            "  {:<10} {:<7} node {:<7} {} {}",
+            r["op"].as_str().unwrap_or(""),
+            r["result"].as_str().unwrap_or(""),
+            r["node"].as_str().unwrap_or(""),
+            r["identity"].as_str().unwrap_or(""),
+            r["reason"].as_str().unwrap_or("")
+        );
+    }
 
     say("What node-2's agent shows (`portcullis status`)");
     let (_, text) = s.portcullis("node-2", &["status"]);

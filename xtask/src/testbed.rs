@@ -25,6 +25,11 @@ enum Cmd {
         /// Do not start agents (plumbing only).
         #[arg(long)]
         no_agents: bool,
+        /// Agents enforce only: no issuer, no SVIDs, no handshakes (auth entries by
+        /// `portcullis auth allow`). By default two issuer replicas hold the CA and every
+        /// node joins them with a join token.
+        #[arg(long)]
+        no_identity: bool,
         /// The agent binary; default env PORTCULLIS_BIN, else `cargo build -p portcullis-agent`.
         #[arg(long)]
         agent_bin: Option<PathBuf>,
@@ -63,9 +68,10 @@ pub fn run(args: Args) -> Result<i32> {
         Cmd::Up {
             spec,
             no_agents,
+            no_identity,
             agent_bin,
             log_level,
-        } => up(spec, no_agents, agent_bin, log_level),
+        } => up(spec, no_agents, no_identity, agent_bin, log_level),
         Cmd::Down { id, all } => down(id, all),
         Cmd::Status { id, json } => status(id, json),
         Cmd::Exec { id, target, cmd } => exec(id, &target, &cmd),
@@ -75,6 +81,7 @@ pub fn run(args: Args) -> Result<i32> {
 fn up(
     spec: Option<PathBuf>,
     no_agents: bool,
+    no_identity: bool,
     agent_bin: Option<PathBuf>,
     log_level: String,
 ) -> Result<i32> {
@@ -91,6 +98,8 @@ fn up(
         agents: !no_agents,
         agent_bin,
         log_level,
+        authenticate: !no_identity,
+        issuer_replicas: 2,
         detach_agents: true,
         ..Options::default()
     };
