@@ -338,6 +338,28 @@ fn agents_get_their_svids_from_the_issuer_and_no_agent_can_reach_the_ca_key() {
     assert!(st["node_svid_not_after_unix"].as_u64().is_some(), "{st}");
     assert_eq!(st["identities"].as_array().map(Vec::len), Some(2), "{st}");
 
+    // The issuer's own probes and metrics (replica 0 serves them on 127.0.0.1:9470 in its
+    // namespace): every decision is counted.
+    let get = |path: &str| {
+        let script = format!(
+            "exec 3<>/dev/tcp/127.0.0.1/9470; printf 'GET {path} HTTP/1.1\\r\\nHost: issuer\\r\\n\\r\\n' >&3; cat <&3"
+        );
+        let cg = tb.info().cgroup_root.join("issuer");
+        let out = testbed::command_in(&tb.issuer_netns(), &cg, &["timeout", "10", "bash", "-c", &script])
+            .unwrap()
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(get("/readyz").starts_with("HTTP/1.1 200"), "{}", get("/readyz"));
+    assert!(get("/healthz").starts_with("HTTP/1.1 200"));
+    let metrics = get("/metrics");
+    assert!(
+        metrics.contains("portcullis_issuer_decisions_total{op=\"sign\",result=\"signed\",code=\"\"}")
+            && metrics.contains("portcullis_issuer_ready 1"),
+        "{metrics}"
+    );
+
     // The key exists, inside the issuers' mount namespace only.
     let keeper = tb.issuer_keeper_pid().unwrap();
     let ca_dir = tb.issuer_ca_dir();

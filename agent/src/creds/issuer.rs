@@ -354,9 +354,21 @@ async fn round(
     settings: &Settings,
     handle: &IssuerHandle,
     node: &mut Option<NodeSvid>,
+    last_trust: &mut Option<Trust>,
     start: usize,
 ) -> Result<Instant, String> {
-    let trust = read_trust(settings)?;
+    // A bad edit of the bundle keeps the last good one, as the store does.
+    let trust = match (read_trust(settings), last_trust.as_ref()) {
+        (Ok(t), _) => {
+            *last_trust = Some(t.clone());
+            t
+        }
+        (Err(e), Some(t)) => {
+            tracing::debug!(error = %e, "keeping the last good trust bundle towards the issuer");
+            t.clone()
+        }
+        (Err(e), None) => return Err(e),
+    };
     let now = Instant::now();
     if node.as_ref().is_none_or(|n| now >= n.renew_at) {
         let renewed = match node.as_ref() {
@@ -483,10 +495,11 @@ async fn renew_node(
 
 async fn run(settings: Settings, handle: IssuerHandle) {
     let mut node = None;
+    let mut trust = None;
     let mut backoff = BACKOFF_MIN;
     let mut start = 0usize;
     loop {
-        let next = match round(&settings, &handle, &mut node, start).await {
+        let next = match round(&settings, &handle, &mut node, &mut trust, start).await {
             Ok(next) => {
                 backoff = BACKOFF_MIN;
                 next
