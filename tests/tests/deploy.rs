@@ -1,9 +1,18 @@
 //! The Kubernetes deployment in `deploy/`: every manifest validates against the Kubernetes API
-//! schemas (kubernetes-validate, offline, strict), the kustomization lists them all, and the
-//! agent configuration in the ConfigMap is one the agent accepts. No cluster or container
-//! engine runs here: the DaemonSet itself is not exercised.
+//! schemas (kubernetes-validate, offline, strict), the kustomization lists them all, the agent
+//! and issuer configurations in the ConfigMaps are ones the binaries accept, and the manifests
+//! agree with each other: only the issuer mounts the CA Secret, the agents prove their node with
+//! a projected token for the issuer's audience at the path their config reads, the issuer's
+//! role writes nothing but TokenReviews, and the issuer survives a node drain. No cluster or
+//! container engine runs here: the DaemonSet and the Deployment themselves are not exercised.
 
-use std::{path::PathBuf, process::Command};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use serde::Deserialize as _;
+use serde_yaml::Value;
 
 fn deploy_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy")
@@ -39,8 +48,8 @@ fn validate(paths: &[PathBuf]) -> (bool, String) {
 fn every_manifest_validates_against_the_kubernetes_schemas() {
     let files = manifests();
     assert!(
-        files.len() >= 5,
-        "expected the namespace, service account, RBAC, config maps and DaemonSet: {files:?}"
+        files.len() >= 7,
+        "expected the namespace, service account, RBAC, config maps, trust bundle, DaemonSet and issuer: {files:?}"
     );
     let (ok, text) = validate(&files);
     assert!(ok, "validation failed:\n{text}");
@@ -53,6 +62,9 @@ fn every_manifest_validates_against_the_kubernetes_schemas() {
         "rolebinding/",
         "configmap/",
         "daemonset/",
+        "deployment/",
+        "service/",
+        "poddisruptionbudget/",
     ] {
         assert!(
             text.lines()
@@ -157,18 +169,624 @@ fn the_shipped_policy_is_one_the_agent_accepts() {
     );
 }
 
-use serde::Deserialize as _;
+#[test]
+fn the_issuer_config_map_holds_a_config_the_issuer_accepts() {
+    let bin =
+        std::env::var_os("PORTCULLIS_BIN").expect("PORTCULLIS_BIN: run through `cargo xtask test`");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("issuer.yaml");
+    std::fs::write(
+        &path,
+        config_map_key("portcullis-issuer-config", "issuer.yaml"),
+    )
+    .expect("writing issuer.yaml");
+    let out = Command::new(bin)
+        .args(["issuer", "check-config", "--config"])
+        .arg(&path)
+        .output()
+        .expect("portcullis");
+    assert!(
+        out.status.success(),
+        "the issuer rejects the shipped config: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let effective: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("issuer check-config JSON");
+    assert_eq!(effective["attestor"]["kind"], "kubernetes", "{effective:#}");
+    assert_eq!(effective["attestor"]["audience"], "portcullis-issuer");
+    // The account whose tokens it accepts is the DaemonSet's.
+    let ds = object("DaemonSet", "portcullis");
+    let ds_pod = pod_spec(&ds).expect("the DaemonSet's pod");
+    assert_eq!(
+        effective["attestor"]["service_account"],
+        serde_json::json!([
+            str_of(&ds["metadata"]["namespace"]),
+            str_of(&ds_pod["serviceAccountName"])
+        ]),
+        "attestor.service_account is not the agents' service account"
+    );
+    let agent: Value = serde_yaml::from_str(&config_map_key("portcullis-config", "agent.yaml"))
+        .expect("agent.yaml");
+    assert_eq!(
+        effective["kubernetes"]["trust_domain"],
+        str_of(&agent["kubernetes"]["trust_domain"]),
+        "the issuer and the agents serve different trust domains"
+    );
 
-/// The value of `key` in the ConfigMap `name` of deploy/configmap.yaml.
+    // The Deployment runs this config with the image's binary, on the ports it names.
+    let dep = object("Deployment", "portcullis-issuer");
+    let pod = pod_spec(&dep).expect("the Deployment's pod");
+    let c = container(pod, "issuer");
+    let command: Vec<&str> = seq(&c["command"]).iter().map(str_of).collect();
+    assert_eq!(
+        command.get(1..4),
+        Some(&["issuer", "run", "--config"][..]),
+        "{command:?}"
+    );
+    assert_eq!(
+        command.first().copied(),
+        Some(dockerfile_binary().as_str()),
+        "the command is not the binary deploy/Dockerfile installs"
+    );
+    let config_path = Path::new(command.get(4).copied().unwrap_or_default());
+    let config_mount = mount_of(c, "config").expect("the issuer mounts its config");
+    assert_eq!(
+        config_path,
+        Path::new(str_of(&config_mount["mountPath"])).join("issuer.yaml"),
+        "--config is not the mounted ConfigMap key"
+    );
+    let volume = volume(pod, "config");
+    assert_eq!(volume["configMap"]["name"], "portcullis-issuer-config");
+
+    let port = |addr: &serde_json::Value| {
+        addr.as_str()
+            .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+            .map(|a| u64::from(a.port()))
+            .unwrap_or_else(|| panic!("{addr} is not an address"))
+    };
+    assert_eq!(
+        container_port(c, "issuer"),
+        Some(port(&effective["listen"])),
+        "the `issuer` container port is not where it listens"
+    );
+    let metrics = port(&effective["metrics_addr"]);
+    for probe in ["startupProbe", "livenessProbe", "readinessProbe"] {
+        assert_eq!(
+            c[probe]["httpGet"]["port"].as_u64(),
+            Some(metrics),
+            "{probe} does not ask the metrics port"
+        );
+    }
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+}
+
+#[test]
+fn no_agent_mounts_a_secret_and_only_the_issuer_mounts_the_ca() {
+    let ds = object("DaemonSet", "portcullis");
+    let pod = pod_spec(&ds).expect("the DaemonSet's pod");
+    let secret_volumes: Vec<&str> = seq(&pod["volumes"])
+        .iter()
+        .filter(|v| !secrets_of_volume(v).is_empty())
+        .map(|v| str_of(&v["name"]))
+        .collect();
+    assert!(
+        secret_volumes.is_empty(),
+        "the DaemonSet has Secret volumes: {secret_volumes:?}"
+    );
+    for c in containers(pod) {
+        for m in seq(&c["volumeMounts"]) {
+            let name = str_of(&m["name"]);
+            assert!(
+                seq(&pod["volumes"]).iter().any(|v| v["name"] == name),
+                "container {} mounts undeclared volume {name}",
+                str_of(&c["name"])
+            );
+        }
+        let env_secret = seq(&c["env"])
+            .iter()
+            .any(|e| !e["valueFrom"]["secretKeyRef"].is_null())
+            || seq(&c["envFrom"]).iter().any(|e| !e["secretRef"].is_null());
+        assert!(
+            !env_secret,
+            "container {} reads a Secret",
+            str_of(&c["name"])
+        );
+    }
+
+    let mut holders = Vec::new();
+    for o in objects() {
+        let Some(pod) = pod_spec(&o) else { continue };
+        for v in seq(&pod["volumes"]) {
+            if secrets_of_volume(v).contains(&"portcullis-ca") {
+                holders.push(format!(
+                    "{}/{}",
+                    str_of(&o["kind"]),
+                    str_of(&o["metadata"]["name"])
+                ));
+            }
+        }
+    }
+    assert_eq!(
+        holders,
+        ["Deployment/portcullis-issuer"],
+        "pods reading the CA Secret"
+    );
+
+    // The issuer mounts it read-only, owner-only, where its config looks for the CA.
+    let dep = object("Deployment", "portcullis-issuer");
+    let pod = pod_spec(&dep).expect("the Deployment's pod");
+    let ca = seq(&pod["volumes"])
+        .iter()
+        .find(|v| v["secret"]["secretName"] == "portcullis-ca")
+        .expect("the CA volume is a plain Secret volume");
+    let mode = file_mode(&ca["secret"]["defaultMode"]).expect("the CA volume sets defaultMode");
+    assert_eq!(
+        mode & 0o077,
+        0,
+        "the issuer refuses a key group or others can read: {mode:o}"
+    );
+    assert!(
+        pod["securityContext"]["fsGroup"].is_null(),
+        "with fsGroup the kubelet adds group read to the key, and the issuer refuses it"
+    );
+    let issuer: Value =
+        serde_yaml::from_str(&config_map_key("portcullis-issuer-config", "issuer.yaml"))
+            .expect("issuer.yaml");
+    let mounts: Vec<&Value> = containers(pod)
+        .filter_map(|c| mount_of(c, str_of(&ca["name"])))
+        .collect();
+    assert_eq!(mounts.len(), 1, "one container mounts the CA");
+    assert_eq!(mounts[0]["readOnly"], true);
+    assert_eq!(
+        mounts[0]["mountPath"], issuer["ca_dir"],
+        "ca_dir is not the CA mount"
+    );
+}
+
+#[test]
+fn the_agents_prove_their_node_with_a_projected_token_for_the_issuer() {
+    let agent: Value = serde_yaml::from_str(&config_map_key("portcullis-config", "agent.yaml"))
+        .expect("agent.yaml");
+    let identity = &agent["identity"];
+    assert_eq!(identity["source"], "issuer");
+    assert_eq!(identity["attestor"], "kubernetes");
+    let token_file = Path::new(str_of(&identity["token_file"]));
+    let issuer: Value =
+        serde_yaml::from_str(&config_map_key("portcullis-issuer-config", "issuer.yaml"))
+            .expect("issuer.yaml");
+    let audience = str_of(&issuer["attestor"]["audience"]);
+    assert_eq!(audience, "portcullis-issuer");
+
+    let ds = object("DaemonSet", "portcullis");
+    let pod = pod_spec(&ds).expect("the DaemonSet's pod");
+    let agent_c = container(pod, "agent");
+    let mut tokens = Vec::new();
+    for v in seq(&pod["volumes"]) {
+        for src in seq(&v["projected"]["sources"]) {
+            let t = &src["serviceAccountToken"];
+            if t.is_null() {
+                continue;
+            }
+            let m = mount_of(agent_c, str_of(&v["name"]))
+                .unwrap_or_else(|| panic!("the agent does not mount {}", str_of(&v["name"])));
+            assert_eq!(m["readOnly"], true, "the token mount is writable");
+            assert!(
+                m["subPath"].is_null(),
+                "a subPath mount never sees the renewed token"
+            );
+            tokens.push((
+                str_of(&t["audience"]).to_owned(),
+                Path::new(str_of(&m["mountPath"])).join(str_of(&t["path"])),
+                t["expirationSeconds"].as_u64(),
+            ));
+        }
+    }
+    assert_eq!(tokens.len(), 1, "projected tokens: {tokens:?}");
+    let (aud, path, ttl) = &tokens[0];
+    assert_eq!(aud, audience, "the token is not for the issuer's audience");
+    assert_eq!(
+        path, token_file,
+        "identity.token_file is not the projected token"
+    );
+    // The API server accepts 10 minutes to 2^32 seconds; an hour keeps a stolen token short.
+    assert!(
+        ttl.is_some_and(|t| (600..=3600).contains(&t)),
+        "expirationSeconds {ttl:?}"
+    );
+
+    // The trust bundle is the CA certificate from its ConfigMap, updated in place.
+    let bundle = Path::new(str_of(&identity["trust_bundle"]));
+    let (dir, file) = (
+        bundle.parent().expect("bundle dir"),
+        bundle
+            .file_name()
+            .and_then(|f| f.to_str())
+            .expect("bundle file"),
+    );
+    let m = seq(&agent_c["volumeMounts"])
+        .iter()
+        .find(|m| Path::new(str_of(&m["mountPath"])) == dir)
+        .unwrap_or_else(|| panic!("nothing is mounted at {}", dir.display()));
+    assert!(
+        m["subPath"].is_null(),
+        "a subPath mount never sees a bundle update"
+    );
+    let v = volume(pod, str_of(&m["name"]));
+    assert_eq!(v["configMap"]["name"], "portcullis-trust-bundle");
+    let text = config_map_key("portcullis-trust-bundle", file);
+    assert!(
+        !text.contains("PRIVATE KEY"),
+        "the trust bundle holds a key"
+    );
+}
+
+#[test]
+fn the_agents_reach_the_issuer_through_its_service() {
+    let agent: Value = serde_yaml::from_str(&config_map_key("portcullis-config", "agent.yaml"))
+        .expect("agent.yaml");
+    let issuer: Value =
+        serde_yaml::from_str(&config_map_key("portcullis-issuer-config", "issuer.yaml"))
+            .expect("issuer.yaml");
+    let listen: u64 = str_of(&issuer["listen"])
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+        .expect("listen port");
+    let dep = object("Deployment", "portcullis-issuer");
+    let pod = pod_spec(&dep).expect("the Deployment's pod");
+    let labels = &dep["spec"]["template"]["metadata"]["labels"];
+    let addresses = seq(&agent["identity"]["issuer"]);
+    assert!(!addresses.is_empty(), "no issuer address");
+    for a in addresses {
+        let (host, port) = str_of(a).rsplit_once(':').expect("host:port");
+        let port: u64 = port.parse().expect("port");
+        let parts: Vec<&str> = host.split('.').collect();
+        assert!(
+            parts.len() >= 3 && parts[2] == "svc",
+            "{host} is not a Service name (name.namespace.svc)"
+        );
+        let svc = object("Service", parts[0]);
+        assert_eq!(svc["metadata"]["namespace"], parts[1], "{host}");
+        assert!(
+            matches(&svc["spec"]["selector"], labels),
+            "{host} does not select the issuer"
+        );
+        let sp = seq(&svc["spec"]["ports"])
+            .iter()
+            .find(|p| p["port"].as_u64() == Some(port))
+            .unwrap_or_else(|| panic!("{host} has no port {port}"));
+        let target = match &sp["targetPort"] {
+            Value::String(name) => container_port(container(pod, "issuer"), name),
+            Value::Null => Some(port),
+            v => v.as_u64(),
+        };
+        assert_eq!(
+            target,
+            Some(listen),
+            "{host}:{port} does not reach the issuer's listen port"
+        );
+    }
+}
+
+#[test]
+fn the_issuer_role_creates_token_reviews_and_writes_nothing_else() {
+    let role = object("ClusterRole", "portcullis-issuer");
+    let grants = rules(&role);
+    for (group, resource, verb) in &grants {
+        assert!(
+            group != "*" && resource != "*" && verb != "*",
+            "a wildcard in the issuer's role: {group}/{resource} {verb}"
+        );
+        if !["get", "list", "watch"].contains(&verb.as_str()) {
+            assert_eq!(
+                (group.as_str(), resource.as_str(), verb.as_str()),
+                ("authentication.k8s.io", "tokenreviews", "create"),
+                "the issuer's role writes more than TokenReviews"
+            );
+        }
+    }
+    for want in [
+        ("authentication.k8s.io", "tokenreviews", "create"),
+        ("", "pods", "get"),
+        ("", "pods", "list"),
+        ("", "pods", "watch"),
+        ("", "nodes", "list"),
+        ("", "nodes", "watch"),
+    ] {
+        assert!(
+            grants.contains(&(want.0.to_owned(), want.1.to_owned(), want.2.to_owned())),
+            "the issuer's role lacks {want:?}"
+        );
+    }
+    assert!(
+        !grants.iter().any(|(_, r, _)| r == "secrets"),
+        "the issuer reads its key from the volume, not the API"
+    );
+    let binding = object("ClusterRoleBinding", "portcullis-issuer");
+    assert_eq!(binding["roleRef"]["kind"], "ClusterRole");
+    assert_eq!(binding["roleRef"]["name"], "portcullis-issuer");
+    let dep = object("Deployment", "portcullis-issuer");
+    let subjects: Vec<(&str, &str, &str)> = seq(&binding["subjects"])
+        .iter()
+        .map(|s| {
+            (
+                str_of(&s["kind"]),
+                str_of(&s["namespace"]),
+                str_of(&s["name"]),
+            )
+        })
+        .collect();
+    assert_eq!(
+        subjects,
+        [(
+            "ServiceAccount",
+            str_of(&dep["metadata"]["namespace"]),
+            str_of(&pod_spec(&dep).expect("pod")["serviceAccountName"])
+        )],
+        "the binding is not to the issuer's own account"
+    );
+    // No other binding hands the issuer's role (and its TokenReviews) to anyone else.
+    for o in objects() {
+        if ["RoleBinding", "ClusterRoleBinding"].contains(&str_of(&o["kind"]))
+            && o["metadata"]["name"] != "portcullis-issuer"
+        {
+            assert_ne!(o["roleRef"]["name"], "portcullis-issuer", "{o:?}");
+        }
+    }
+}
+
+#[test]
+fn the_agents_rbac_only_reads_what_it_did() {
+    // Moving the CA to the issuer takes nothing from the agents and gives them nothing.
+    let mut granted = Vec::new();
+    for b in objects() {
+        let scope = match str_of(&b["kind"]) {
+            "ClusterRoleBinding" => "cluster",
+            "RoleBinding" => "namespace",
+            _ => continue,
+        };
+        let to_agents = seq(&b["subjects"]).iter().any(|s| {
+            s["kind"] == "ServiceAccount"
+                && s["name"] == "portcullis"
+                && s["namespace"] == "portcullis"
+        });
+        if !to_agents {
+            continue;
+        }
+        let role = object(str_of(&b["roleRef"]["kind"]), str_of(&b["roleRef"]["name"]));
+        for (g, r, v) in rules(&role) {
+            granted.push(format!("{scope} {g}/{r} {v}"));
+        }
+    }
+    granted.sort();
+    let mut want: Vec<String> = ["get", "list", "watch"]
+        .iter()
+        .flat_map(|v| {
+            [
+                format!("cluster /nodes {v}"),
+                format!("cluster /pods {v}"),
+                format!("namespace /configmaps {v}"),
+            ]
+        })
+        .collect();
+    want.sort();
+    assert_eq!(granted, want);
+}
+
+#[test]
+fn the_issuer_runs_two_replicas_under_a_disruption_budget() {
+    let dep = object("Deployment", "portcullis-issuer");
+    let replicas = dep["spec"]["replicas"].as_u64().expect("spec.replicas");
+    assert!(replicas >= 2, "{replicas} replica(s)");
+    let labels = &dep["spec"]["template"]["metadata"]["labels"];
+    assert!(
+        selects(&dep["spec"]["selector"], labels),
+        "the Deployment does not select its pods"
+    );
+    let pdbs: Vec<Value> = objects()
+        .into_iter()
+        .filter(|o| {
+            o["kind"] == "PodDisruptionBudget"
+                && o["metadata"]["namespace"] == dep["metadata"]["namespace"]
+                && selects(&o["spec"]["selector"], labels)
+        })
+        .collect();
+    assert_eq!(
+        pdbs.len(),
+        1,
+        "PodDisruptionBudgets of the issuer: {pdbs:?}"
+    );
+    let min = pdbs[0]["spec"]["minAvailable"]
+        .as_u64()
+        .expect("minAvailable as a number");
+    assert!(
+        (1..replicas).contains(&min),
+        "minAvailable {min} of {replicas}: keeps none up, or blocks every drain"
+    );
+    // The replicas prefer different nodes.
+    let pod = pod_spec(&dep).expect("pod");
+    let spread = seq(
+        &pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"],
+    )
+    .iter()
+    .map(|w| &w["podAffinityTerm"])
+    .chain(seq(
+        &pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"],
+    ))
+    .any(|t| t["topologyKey"] == "kubernetes.io/hostname" && selects(&t["labelSelector"], labels));
+    assert!(spread, "no pod anti-affinity by hostname");
+    // The DaemonSet's selector must not take the issuer's pods for its own, nor the reverse.
+    let ds = object("DaemonSet", "portcullis");
+    assert!(
+        !selects(&ds["spec"]["selector"], labels),
+        "the DaemonSet selects the issuer's pods"
+    );
+    assert!(
+        !selects(
+            &dep["spec"]["selector"],
+            &ds["spec"]["template"]["metadata"]["labels"]
+        ),
+        "the issuer's Deployment selects the agents"
+    );
+}
+
+/// Every object of every manifest in deploy/.
+fn objects() -> Vec<Value> {
+    manifests()
+        .iter()
+        .flat_map(|p| {
+            let text =
+                std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            serde_yaml::Deserializer::from_str(&text)
+                .map(|d| Value::deserialize(d).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
+                .filter(|v| !v.is_null())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// The object of `kind` named `name` in deploy/.
+fn object(kind: &str, name: &str) -> Value {
+    objects()
+        .into_iter()
+        .find(|v| v["kind"] == kind && v["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} in deploy/"))
+}
+
+/// The value of `key` in the ConfigMap `name` in deploy/.
 fn config_map_key(name: &str, key: &str) -> String {
-    let text =
-        std::fs::read_to_string(deploy_dir().join("configmap.yaml")).expect("configmap.yaml");
-    let doc: serde_yaml::Value = serde_yaml::Deserializer::from_str(&text)
-        .map(|d| serde_yaml::Value::deserialize(d).expect("YAML"))
-        .find(|v| v["metadata"]["name"] == name)
-        .unwrap_or_else(|| panic!("the {name} ConfigMap"));
-    doc["data"][key]
+    object("ConfigMap", name)["data"][key]
         .as_str()
         .unwrap_or_else(|| panic!("data.{key} of {name}"))
         .to_owned()
+}
+
+fn seq(v: &Value) -> &[Value] {
+    v.as_sequence().map_or(&[], Vec::as_slice)
+}
+
+fn str_of(v: &Value) -> &str {
+    v.as_str().unwrap_or_default()
+}
+
+/// A file mode as Kubernetes reads it: YAML 1.1, where `0400` is octal (serde_yaml, YAML 1.2,
+/// reads it as a string).
+fn file_mode(v: &Value) -> Option<u32> {
+    match v {
+        Value::Number(n) => n.as_u64().and_then(|n| u32::try_from(n).ok()),
+        Value::String(s) => {
+            let digits = s.strip_prefix("0o").or_else(|| s.strip_prefix('0'))?;
+            u32::from_str_radix(digits, 8).ok()
+        }
+        _ => None,
+    }
+}
+
+/// The pod spec of a workload (None for other kinds).
+fn pod_spec(o: &Value) -> Option<&Value> {
+    match o["kind"].as_str()? {
+        "Pod" => Some(&o["spec"]),
+        "DaemonSet" | "Deployment" | "StatefulSet" | "ReplicaSet" | "Job" => {
+            Some(&o["spec"]["template"]["spec"])
+        }
+        "CronJob" => Some(&o["spec"]["jobTemplate"]["spec"]["template"]["spec"]),
+        _ => None,
+    }
+}
+
+fn containers(pod: &Value) -> impl Iterator<Item = &Value> {
+    seq(&pod["containers"])
+        .iter()
+        .chain(seq(&pod["initContainers"]))
+}
+
+fn container<'a>(pod: &'a Value, name: &str) -> &'a Value {
+    containers(pod)
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no container {name}"))
+}
+
+fn volume<'a>(pod: &'a Value, name: &str) -> &'a Value {
+    seq(&pod["volumes"])
+        .iter()
+        .find(|v| v["name"] == name)
+        .unwrap_or_else(|| panic!("no volume {name}"))
+}
+
+/// Where container `c` mounts `volume`.
+fn mount_of<'a>(c: &'a Value, volume: &str) -> Option<&'a Value> {
+    seq(&c["volumeMounts"]).iter().find(|m| m["name"] == volume)
+}
+
+fn container_port(c: &Value, name: &str) -> Option<u64> {
+    seq(&c["ports"])
+        .iter()
+        .find(|p| p["name"] == name)
+        .and_then(|p| p["containerPort"].as_u64())
+}
+
+/// The Secrets a volume reads, directly or through a projection.
+fn secrets_of_volume(v: &Value) -> Vec<&str> {
+    let mut out = Vec::new();
+    if !v["secret"].is_null() {
+        out.push(str_of(&v["secret"]["secretName"]));
+    }
+    for src in seq(&v["projected"]["sources"]) {
+        if !src["secret"].is_null() {
+            out.push(str_of(&src["secret"]["name"]));
+        }
+    }
+    out
+}
+
+/// Whether every label of `map` is among `labels` (an empty map selects everything).
+fn matches(map: &Value, labels: &Value) -> bool {
+    map.as_mapping().is_none_or(|m| {
+        m.iter()
+            .all(|(k, v)| labels.as_mapping().and_then(|l| l.get(k)) == Some(v))
+    })
+}
+
+/// Whether a label selector selects a pod labelled `labels`.
+fn selects(selector: &Value, labels: &Value) -> bool {
+    assert!(
+        selector["matchExpressions"].is_null(),
+        "matchExpressions are not evaluated here"
+    );
+    matches(&selector["matchLabels"], labels)
+}
+
+/// `(apiGroup, resource, verb)` for every grant of a Role or ClusterRole.
+fn rules(role: &Value) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    for rule in seq(&role["rules"]) {
+        assert!(
+            rule["nonResourceURLs"].is_null(),
+            "a non-resource rule in {}",
+            str_of(&role["metadata"]["name"])
+        );
+        for g in seq(&rule["apiGroups"]) {
+            for r in seq(&rule["resources"]) {
+                for v in seq(&rule["verbs"]) {
+                    out.push((
+                        str_of(g).to_owned(),
+                        str_of(r).to_owned(),
+                        str_of(v).to_owned(),
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The binary deploy/Dockerfile's ENTRYPOINT runs.
+fn dockerfile_binary() -> String {
+    let text = std::fs::read_to_string(deploy_dir().join("Dockerfile")).expect("deploy/Dockerfile");
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("ENTRYPOINT"))
+        .expect("an ENTRYPOINT");
+    let argv: Vec<String> = serde_json::from_str(line.trim()).expect("ENTRYPOINT in exec form");
+    argv.into_iter().next().expect("ENTRYPOINT names a binary")
 }
