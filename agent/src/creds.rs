@@ -38,6 +38,9 @@ pub struct Creds {
     problems: Vec<String>,
     view_tx: watch::Sender<Option<Arc<View>>>,
     view_rx: watch::Receiver<Option<Arc<View>>>,
+    /// Raised when the issuer task obtained SVIDs: the core refreshes at once rather than at
+    /// its next tick, so that a handshake waiting for one does not wait a poll interval.
+    arrived: crate::inputs::kube::Changed,
 }
 
 impl Creds {
@@ -51,7 +54,14 @@ impl Creds {
             problems: Vec::new(),
             view_tx,
             view_rx,
+            arrived: crate::inputs::kube::Changed::default(),
         }
+    }
+
+    /// Raised when new SVIDs wait to be loaded (source `issuer`).
+    #[must_use]
+    pub fn arrived(&self) -> crate::inputs::kube::Changed {
+        self.arrived.clone()
     }
 
     /// Whether an identity source is configured (without one the agent enforces but never
@@ -103,6 +113,7 @@ impl Creds {
                         addresses: addresses.clone(),
                         attest: attest.clone(),
                         bundle: identity.trust_bundle.clone(),
+                        arrived: self.arrived.clone(),
                     }))
                 }
             };

@@ -231,7 +231,8 @@ impl Inputs {
                                 local = ix.local_count(),
                                 "cluster state loaded"
                             );
-                            if ix.node(ix.here()).is_none() {
+                            // The issuer reads cluster state as no node (`here` empty).
+                            if !ix.here().is_empty() && ix.node(ix.here()).is_none() {
                                 tracing::warn!(node = %ix.here(), "this node is not in cluster state; no local pod will be enforced");
                             }
                             drop(ix);

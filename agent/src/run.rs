@@ -115,6 +115,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ),
     }
 
+    let arrived = core.creds().arrived();
     let mut tick = tokio::time::interval(config.poll_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
@@ -125,6 +126,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             _ = tick.tick() => core.tick(),
             // Kubernetes changes apply at once, not at the next tick.
             () = changed.wait() => core.step(),
+            // SVIDs from the issuer are loaded as they arrive.
+            () = arrived.wait() => core.tick(),
             Some(ev) = event_rx.recv() => core.on_event(&ev),
             Some(rec) = record_rx.recv() => core.on_record(rec),
             Some((rec, reply)) = write_rx.recv() => {

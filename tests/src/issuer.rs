@@ -114,6 +114,8 @@ impl Session {
         let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
             .with_context(|| format!("connecting to the issuer at {addr}"))?;
         tcp.set_read_timeout(Some(Duration::from_secs(20)))?;
+        // As the agent's client does: a request is one write, never held back by Nagle.
+        tcp.set_nodelay(true)?;
         Ok(Self {
             stream: BufReader::new(StreamOwned::new(conn, tcp)),
         })

@@ -76,7 +76,11 @@ fn standalone(dir: &Path, extra: &str) -> Standalone {
 fn joined(iss: &Standalone, name: &str) -> Credential {
     let token = iss.enroll(name, None).unwrap();
     let (answer, key) = issuer::join(iss.addr, TD, name, &token).unwrap();
-    assert_eq!(issuer::outcome(&answer), "signed", "{name} could not join: {answer}");
+    assert_eq!(
+        issuer::outcome(&answer),
+        "signed",
+        "{name} could not join: {answer}"
+    );
     issuer::credential(&answer, &key).unwrap()
 }
 
@@ -90,10 +94,22 @@ fn leaf_facts(chain_pem: &str) -> (Vec<String>, bool, u64) {
     let names = cert
         .subject_alternative_name()
         .unwrap()
-        .map(|san| san.value.general_names.iter().map(|n| format!("{n:?}")).collect())
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .map(|n| format!("{n:?}"))
+                .collect()
+        })
         .unwrap_or_default();
-    let ca = cert.basic_constraints().unwrap().is_some_and(|b| b.value.ca);
-    let life = u64::try_from(cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp()).unwrap();
+    let ca = cert
+        .basic_constraints()
+        .unwrap()
+        .is_some_and(|b| b.value.ca);
+    let life = u64::try_from(
+        cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp(),
+    )
+    .unwrap();
     (names, ca, life)
 }
 
@@ -135,16 +151,34 @@ fn the_issuer_signs_for_a_workload_on_the_asking_node_and_refuses_everything_els
     assert!((3600..=3660).contains(&life), "lifetime {life} s");
 
     let mut t = Tally::default();
-    t.expect("web runs on node-1 only", &issuer::sign(iss.addr, Some(&node2), WEB).unwrap(), "not_on_node");
+    t.expect(
+        "web runs on node-1 only",
+        &issuer::sign(iss.addr, Some(&node2), WEB).unwrap(),
+        "not_on_node",
+    );
     t.expect(
         "nobody runs this identity",
-        &issuer::sign(iss.addr, Some(&node2), "spiffe://cluster.local/ns/prod/sa/admin").unwrap(),
+        &issuer::sign(
+            iss.addr,
+            Some(&node2),
+            "spiffe://cluster.local/ns/prod/sa/admin",
+        )
+        .unwrap(),
         "no_such_identity",
     );
-    t.expect("no client certificate", &issuer::sign(iss.addr, None, DB).unwrap(), "no_credential");
+    t.expect(
+        "no client certificate",
+        &issuer::sign(iss.addr, None, DB).unwrap(),
+        "no_credential",
+    );
     t.expect(
         "a node SVID through the workload route",
-        &issuer::sign(iss.addr, Some(&node2), "spiffe://cluster.local/portcullis/node/node-1").unwrap(),
+        &issuer::sign(
+            iss.addr,
+            Some(&node2),
+            "spiffe://cluster.local/portcullis/node/node-1",
+        )
+        .unwrap(),
         "bad_identity",
     );
 
@@ -154,14 +188,22 @@ fn the_issuer_signs_for_a_workload_on_the_asking_node_and_refuses_everything_els
     let mut c = std::process::Command::new(bin());
     c.args(["ca", "issue", "--ca"])
         .arg(rogue.path().join("ca"))
-        .args(["--spiffe-id", "spiffe://cluster.local/portcullis/node/node-2", "--out"])
+        .args([
+            "--spiffe-id",
+            "spiffe://cluster.local/portcullis/node/node-2",
+            "--out",
+        ])
         .arg(rogue.path().join("leaf"));
     assert!(c.status().unwrap().success());
     let forged = Credential {
         chain_pem: std::fs::read_to_string(rogue.path().join("leaf/svid.pem")).unwrap(),
         key_pem: std::fs::read_to_string(rogue.path().join("leaf/svid.key")).unwrap(),
     };
-    t.expect("a node SVID from another CA", &issuer::sign(iss.addr, Some(&forged), DB).unwrap(), "bad_credential");
+    t.expect(
+        "a node SVID from another CA",
+        &issuer::sign(iss.addr, Some(&forged), DB).unwrap(),
+        "bad_credential",
+    );
 
     // CSRs asking for more than the one name.
     let ask = |csr: String| {
@@ -171,26 +213,38 @@ fn the_issuer_signs_for_a_workload_on_the_asking_node_and_refuses_everything_els
             .unwrap()
     };
     let (_, extra) = issuer::csr(DB, |p| {
-        p.subject_alt_names
-            .push(rcgen::SanType::URI("spiffe://cluster.local/ns/prod/sa/web".try_into().unwrap()));
+        p.subject_alt_names.push(rcgen::SanType::URI(
+            "spiffe://cluster.local/ns/prod/sa/web".try_into().unwrap(),
+        ));
     });
     t.expect("a CSR with an extra SAN", &ask(extra), "csr_extra_names");
     let (_, dns) = issuer::csr(DB, |p| {
-        p.subject_alt_names.push(rcgen::SanType::DnsName("db.prod".try_into().unwrap()));
+        p.subject_alt_names
+            .push(rcgen::SanType::DnsName("db.prod".try_into().unwrap()));
     });
     t.expect("a CSR with a DNS SAN", &ask(dns), "csr_extra_names");
     let (_, ca) = issuer::csr(DB, |p| {
         p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     });
     t.expect("a CSR asking for CA rights", &ask(ca), "csr_ca_rights");
-    let (_, signer) = issuer::csr(DB, |p| p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign]);
-    t.expect("a CSR asking to sign certificates", &ask(signer), "csr_ca_rights");
+    let (_, signer) = issuer::csr(DB, |p| {
+        p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign]
+    });
+    t.expect(
+        "a CSR asking to sign certificates",
+        &ask(signer),
+        "csr_ca_rights",
+    );
 
     // Join tokens: single use, bound to their node, unforgeable.
     let token = iss.enroll("node-3", None).unwrap();
     let (first, _) = issuer::join(iss.addr, TD, "node-3", &token).unwrap();
     assert_eq!(issuer::outcome(&first), "signed", "{first}");
-    t.expect("a replayed join token", &issuer::join(iss.addr, TD, "node-3", &token).unwrap().0, "token_used");
+    t.expect(
+        "a replayed join token",
+        &issuer::join(iss.addr, TD, "node-3", &token).unwrap().0,
+        "token_used",
+    );
     let other = iss.enroll("node-1", None).unwrap();
     t.expect(
         "node-1's token used for node-2",
@@ -201,29 +255,59 @@ fn the_issuer_signs_for_a_workload_on_the_asking_node_and_refuses_everything_els
     let last = bytes.len() - 1;
     bytes[last] = if bytes[last] == b'0' { b'1' } else { b'0' };
     let forged_token = String::from_utf8(bytes).unwrap();
-    t.expect("a forged join token", &issuer::join(iss.addr, TD, "node-1", &forged_token).unwrap().0, "token_unknown");
+    t.expect(
+        "a forged join token",
+        &issuer::join(iss.addr, TD, "node-1", &forged_token)
+            .unwrap()
+            .0,
+        "token_unknown",
+    );
     t.expect(
         "a join for a node not in cluster state",
-        &issuer::join(iss.addr, TD, "node-9", &iss.enroll("node-9", None).unwrap()).unwrap().0,
+        &issuer::join(iss.addr, TD, "node-9", &iss.enroll("node-9", None).unwrap())
+            .unwrap()
+            .0,
         "unknown_node",
     );
     let short = iss.enroll("node-1", Some("1s")).unwrap();
     thread::sleep(Duration::from_millis(2100));
-    t.expect("an expired join token", &issuer::join(iss.addr, TD, "node-1", &short).unwrap().0, "token_expired");
-    eprintln!("attacker: {} attempts, {} certificates obtained", t.tried, t.got);
+    t.expect(
+        "an expired join token",
+        &issuer::join(iss.addr, TD, "node-1", &short).unwrap().0,
+        "token_expired",
+    );
+    eprintln!(
+        "attacker: {} attempts, {} certificates obtained",
+        t.tried, t.got
+    );
     assert_eq!(t.got, 0);
 
     // Every decision is an audit record with its node, identity, result and reason.
     let records = issuer::audit_records(&iss.audit);
-    let refused: Vec<&Value> = records.iter().filter(|r| r["result"] == "refused").collect();
-    assert_eq!(refused.len(), t.tried, "one audit record per refusal: {records:#?}");
-    assert!(refused.iter().all(|r| !r["reason"].as_str().unwrap_or("").is_empty()));
+    let refused: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["result"] == "refused")
+        .collect();
+    assert_eq!(
+        refused.len(),
+        t.tried,
+        "one audit record per refusal: {records:#?}"
+    );
     assert!(
-        records.iter().any(|r| r["result"] == "signed" && r["node"] == "node-2" && r["identity"] == DB),
+        refused
+            .iter()
+            .all(|r| !r["reason"].as_str().unwrap_or("").is_empty())
+    );
+    assert!(
+        records
+            .iter()
+            .any(|r| r["result"] == "signed" && r["node"] == "node-2" && r["identity"] == DB),
         "{records:#?}"
     );
     assert!(
-        refused.iter().any(|r| r["code"] == "not_on_node" && r["node"] == "node-2" && r["identity"] == WEB),
+        refused
+            .iter()
+            .any(|r| r["code"] == "not_on_node" && r["node"] == "node-2" && r["identity"] == WEB),
         "{records:#?}"
     );
 }
@@ -237,7 +321,11 @@ fn a_compromised_node_gets_nothing_that_belongs_to_another_node() {
     let node3 = joined(&iss, "node-3");
     let stolen = joined(&iss, "node-2");
     let mut t = Tally::default();
-    t.expect("node-3 asks for db, which runs on node-2 only", &issuer::sign(iss.addr, Some(&node3), DB).unwrap(), "not_on_node");
+    t.expect(
+        "node-3 asks for db, which runs on node-2 only",
+        &issuer::sign(iss.addr, Some(&node3), DB).unwrap(),
+        "not_on_node",
+    );
     // The stolen SVID works while valid (it is node-2's): it is the expiry that must hold.
     thread::sleep(Duration::from_secs(11));
     t.expect(
@@ -247,9 +335,16 @@ fn a_compromised_node_gets_nothing_that_belongs_to_another_node() {
     );
     let renew = |cred: &Credential| {
         let (_, csr) = issuer::csr("spiffe://cluster.local/portcullis/node/node-2", |_| {});
-        Session::open(iss.addr, Some(cred)).unwrap().ask(&json!({"op": "renew_node", "csr": csr})).unwrap()
+        Session::open(iss.addr, Some(cred))
+            .unwrap()
+            .ask(&json!({"op": "renew_node", "csr": csr}))
+            .unwrap()
     };
-    t.expect("renewing an expired node SVID", &renew(&stolen), "bad_credential");
+    t.expect(
+        "renewing an expired node SVID",
+        &renew(&stolen),
+        "bad_credential",
+    );
 
     // A valid node SVID of a node deleted from cluster state buys nothing.
     let node2 = joined(&iss, "node-2");
@@ -264,14 +359,27 @@ fn a_compromised_node_gets_nothing_that_belongs_to_another_node() {
         }),
         "the issuer kept signing for a deleted node"
     );
-    t.expect("a deleted node asks for a workload SVID", &issuer::sign(iss.addr, Some(&node2), DB).unwrap(), "unknown_node");
-    t.expect("a deleted node renews its node SVID", &renew(&node2), "unknown_node");
-    eprintln!("compromised node-3: {} attempts, {} certificates obtained", t.tried, t.got);
+    t.expect(
+        "a deleted node asks for a workload SVID",
+        &issuer::sign(iss.addr, Some(&node2), DB).unwrap(),
+        "unknown_node",
+    );
+    t.expect(
+        "a deleted node renews its node SVID",
+        &renew(&node2),
+        "unknown_node",
+    );
+    eprintln!(
+        "compromised node-3: {} attempts, {} certificates obtained",
+        t.tried, t.got
+    );
     assert_eq!(t.got, 0);
     let records = issuer::audit_records(&iss.audit);
     assert!(
         records.iter().any(|r| r["code"] == "bad_credential"
-            && r["reason"].as_str().is_some_and(|s| s.contains("node/node-2"))),
+            && r["reason"]
+                .as_str()
+                .is_some_and(|s| s.contains("node/node-2"))),
         "the audit record names the credential presented: {records:#?}"
     );
 }
@@ -285,7 +393,10 @@ fn up(replicas: usize, ttl: Option<u64>, proactive: Option<bool>) -> Testbed {
     let spec = Spec {
         nodes: vec![
             NodeSpec::new("node-1", vec![PodSpec::new("client")]),
-            NodeSpec::new("node-2", vec![PodSpec::new("server"), PodSpec::new("server2")]),
+            NodeSpec::new(
+                "node-2",
+                vec![PodSpec::new("server"), PodSpec::new("server2")],
+            ),
         ],
     };
     Testbed::up(
@@ -311,7 +422,11 @@ fn scenario(tb: &Testbed) -> Scenario<'_> {
 fn serials(s: &Scenario<'_>, node: &str) -> Vec<String> {
     s.status(node)["identities"]
         .as_array()
-        .map(|a| a.iter().map(|i| i["serial"].as_str().unwrap_or("").to_owned()).collect())
+        .map(|a| {
+            a.iter()
+                .map(|i| i["serial"].as_str().unwrap_or("").to_owned())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -345,17 +460,26 @@ fn agents_get_their_svids_from_the_issuer_and_no_agent_can_reach_the_ca_key() {
             "exec 3<>/dev/tcp/127.0.0.1/9470; printf 'GET {path} HTTP/1.1\\r\\nHost: issuer\\r\\n\\r\\n' >&3; cat <&3"
         );
         let cg = tb.info().cgroup_root.join("issuer");
-        let out = testbed::command_in(&tb.issuer_netns(), &cg, &["timeout", "10", "bash", "-c", &script])
-            .unwrap()
-            .output()
-            .unwrap();
+        let out = testbed::command_in(
+            &tb.issuer_netns(),
+            &cg,
+            &["timeout", "10", "bash", "-c", &script],
+        )
+        .unwrap()
+        .output()
+        .unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    assert!(get("/readyz").starts_with("HTTP/1.1 200"), "{}", get("/readyz"));
+    assert!(
+        get("/readyz").starts_with("HTTP/1.1 200"),
+        "{}",
+        get("/readyz")
+    );
     assert!(get("/healthz").starts_with("HTTP/1.1 200"));
     let metrics = get("/metrics");
     assert!(
-        metrics.contains("portcullis_issuer_decisions_total{op=\"sign\",result=\"signed\",code=\"\"}")
+        metrics
+            .contains("portcullis_issuer_decisions_total{op=\"sign\",result=\"signed\",code=\"\"}")
             && metrics.contains("portcullis_issuer_ready 1"),
         "{metrics}"
     );
@@ -363,8 +487,11 @@ fn agents_get_their_svids_from_the_issuer_and_no_agent_can_reach_the_ca_key() {
     // The key exists, inside the issuers' mount namespace only.
     let keeper = tb.issuer_keeper_pid().unwrap();
     let ca_dir = tb.issuer_ca_dir();
-    let inside = PathBuf::from(format!("/proc/{keeper}/root")).join(ca_dir.strip_prefix("/").unwrap()).join("ca/ca.key");
-    let key = std::fs::read_to_string(&inside).unwrap_or_else(|e| panic!("{}: {e}", inside.display()));
+    let inside = PathBuf::from(format!("/proc/{keeper}/root"))
+        .join(ca_dir.strip_prefix("/").unwrap())
+        .join("ca/ca.key");
+    let key =
+        std::fs::read_to_string(&inside).unwrap_or_else(|e| panic!("{}: {e}", inside.display()));
     assert!(key.contains("PRIVATE KEY"));
     let key_body: String = key.lines().filter(|l| !l.starts_with("-----")).collect();
     assert!(
@@ -384,16 +511,30 @@ fn agents_get_their_svids_from_the_issuer_and_no_agent_can_reach_the_ca_key() {
             "{} holds the CA key",
             f.display()
         );
-        assert!(!text.contains("ca.key") || f.starts_with(tb.issuer_dir()), "{} names the CA key", f.display());
+        assert!(
+            !text.contains("ca.key") || f.starts_with(tb.issuer_dir()),
+            "{} names the CA key",
+            f.display()
+        );
     }
     // No agent has the issuers' mount in its view, nor an open file under it.
     for node in ["node-1", "node-2"] {
         let pid = tb.info().agent_pid(node).expect("agent pid");
         let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
-        assert!(!mounts.contains(&*ca_dir.to_string_lossy()), "the agent of {node} sees the CA mount");
-        for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten() {
+        assert!(
+            !mounts.contains(&*ca_dir.to_string_lossy()),
+            "the agent of {node} sees the CA mount"
+        );
+        for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .flatten()
+        {
             if let Ok(target) = std::fs::read_link(fd.path()) {
-                assert!(!target.starts_with(&ca_dir), "the agent of {node} has {} open", target.display());
+                assert!(
+                    !target.starts_with(&ca_dir),
+                    "the agent of {node} has {} open",
+                    target.display()
+                );
             }
         }
     }
@@ -408,7 +549,10 @@ fn with_the_issuer_down_flows_keep_flowing_and_renewals_resume_when_it_returns()
     let _server = s.serve("server", 8080);
     let _server2 = s.serve("server2", 8081);
     let target = s.addr("server", Family::V4);
-    assert!(ok(&s.connect("client", target, 8080, 5000)), "first connection failed");
+    assert!(
+        ok(&s.connect("client", target, 8080, 5000)),
+        "first connection failed"
+    );
     let before = serials(&s, "node-1");
     let transfer = s.transfer("client", target, 8080, 40_000_000, 20, 5000);
     drop(s);
@@ -419,14 +563,23 @@ fn with_the_issuer_down_flows_keep_flowing_and_renewals_resume_when_it_returns()
     thread::sleep(Duration::from_secs(4));
     // A new pair whose SVIDs exist: client → server2 was never authenticated.
     let r = s.connect("client", s.addr("server2", Family::V4), 8081, 5000);
-    assert!(ok(&r), "a new pair with existing SVIDs did not authenticate while the issuer was down: {r}");
+    assert!(
+        ok(&r),
+        "a new pair with existing SVIDs did not authenticate while the issuer was down: {r}"
+    );
     while down_at.elapsed() < Duration::from_secs(13) {
         thread::sleep(Duration::from_millis(200));
     }
     let st = s.status("node-1");
     let problems = st["identity_problems"].to_string();
-    assert!(problems.contains("no issuer reachable"), "the outage is not shown: {problems}");
-    assert!(st["agent"]["ready"] == true, "not ready while SVIDs are valid: {st}");
+    assert!(
+        problems.contains("no issuer reachable"),
+        "the outage is not shown: {problems}"
+    );
+    assert!(
+        st["agent"]["ready"] == true,
+        "not ready while SVIDs are valid: {st}"
+    );
     drop(s);
     tb.start_issuer(0).unwrap();
     tb.start_issuer(1).unwrap();
@@ -440,8 +593,14 @@ fn with_the_issuer_down_flows_keep_flowing_and_renewals_resume_when_it_returns()
         serials(&s, "node-1")
     );
     let result = transfer.finish();
-    assert!(ok(&result), "the transfer did not survive the outage: {result}");
-    assert!(ok(&s.connect("client", target, 8080, 2000)), "a connection after the outage failed");
+    assert!(
+        ok(&result),
+        "the transfer did not survive the outage: {result}"
+    );
+    assert!(
+        ok(&s.connect("client", target, 8080, 2000)),
+        "a connection after the outage failed"
+    );
 }
 
 #[test]
@@ -453,7 +612,10 @@ fn with_two_replicas_one_killed_nothing_is_noticed() {
     tb.start_agent("node-2").unwrap();
     let s = scenario(&tb);
     assert!(
-        eventually(Duration::from_secs(10), || s.status("node-2")["agent"]["ready"] == true),
+        eventually(
+            Duration::from_secs(10),
+            || s.status("node-2")["agent"]["ready"] == true
+        ),
         "the agent of node-2 did not become ready with one replica: {}",
         s.status("node-2")
     );
@@ -462,7 +624,9 @@ fn with_two_replicas_one_killed_nothing_is_noticed() {
     assert!(ok(&r), "{r}");
     let records = issuer::audit_records(&tb.issuer_audit_log());
     assert!(
-        records.iter().any(|r| r["op"] == "join" && r["node"] == "node-2" && r["result"] == "signed"),
+        records
+            .iter()
+            .any(|r| r["op"] == "join" && r["node"] == "node-2" && r["result"] == "signed"),
         "{records:#?}"
     );
 }

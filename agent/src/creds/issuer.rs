@@ -49,6 +49,8 @@ pub struct Settings {
     pub addresses: Vec<String>,
     pub attest: Attest,
     pub bundle: PathBuf,
+    /// Raised when SVIDs arrived, for the core to load them at once.
+    pub arrived: crate::inputs::kube::Changed,
 }
 
 /// An SVID the task obtained, and when it asks for the next one.
@@ -410,6 +412,7 @@ async fn round(
         due
     };
     let mut problems = Vec::new();
+    let signed_before = handle.lock().signed;
     if !due.is_empty() {
         let mut conn = connect(settings, &trust, Some(current), start).await?;
         for id in due {
@@ -450,6 +453,9 @@ async fn round(
     }
     let mut s = handle.lock();
     s.problems = problems;
+    if s.signed != signed_before {
+        settings.arrived.raise();
+    }
     let mut next = current.renew_at;
     for g in s.svids.values() {
         next = next.min(g.renew_at);

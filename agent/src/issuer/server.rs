@@ -83,6 +83,8 @@ fn classify(shared: &Shared, chain: Option<&[CertificateDer<'static>]>) -> Clien
 }
 
 pub async fn connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
+    // Each answer is one write; nothing is gained by waiting to coalesce.
+    let _ = stream.set_nodelay(true);
     let acceptor = tokio_rustls::TlsAcceptor::from(shared.server_config());
     let tls = match tokio::time::timeout(HANDSHAKE_LIMIT, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => tls,
@@ -105,6 +107,8 @@ pub async fn connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr
         let line = match tokio::time::timeout(IDLE_LIMIT, protocol::read_line(&mut read)).await {
             Ok(Ok(Some(line))) => line,
             Ok(Ok(None)) | Err(_) => return,
+            // Agents close without a TLS close_notify: that is the end of their requests.
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return,
             Ok(Err(e)) => {
                 tracing::info!(%peer, error = %e, "bad request line; closing");
                 return;
