@@ -15,6 +15,7 @@ mod datapath;
 mod endpoints;
 mod first_connection;
 mod handshakes;
+mod issuer;
 mod kube;
 mod table;
 mod util;
@@ -56,6 +57,11 @@ pub struct Args {
     /// Only the auth-entry measurement (100 × 1,000 pairs and a revoking policy edit).
     #[arg(long)]
     auth_only: bool,
+    /// Only the SVID issuer measurement: signed SVIDs per second (100 nodes × 30 workloads),
+    /// an issuer restart, and agent start-up with source `issuer` against `ca` on a two-node
+    /// testbed.
+    #[arg(long)]
+    issuer_only: bool,
     /// Only the Kubernetes-source measurement: time to ready and RSS with this many realistic
     /// Pod objects (comma-separated sizes, such as 1000,10000,100000).
     #[arg(long, value_name = "N,N…", value_delimiter = ',')]
@@ -107,6 +113,9 @@ pub fn run(args: Args) -> Result<i32> {
     }
     if args.auth_only {
         return auth_scale::only(&agent(&args, true)?);
+    }
+    if args.issuer_only {
+        return issuer::only(&agent(&args, true)?);
     }
     if args.churn || !args.churn_sizes.is_empty() {
         return churn_only(&args);
