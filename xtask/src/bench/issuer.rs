@@ -6,10 +6,7 @@
 //!    Every simulated node joins with a token of its own, then asks for its 30 workload SVIDs
 //!    over one connection; nodes run in parallel threads. The CSRs (a fresh P-256 key each)
 //!    are made before the timed round, and that client-side cost is timed on its own. The
-//!    client is this module's, with TCP_NODELAY as the agent's client has it; the tests'
-//!    `testbed::issuer::Session` leaves Nagle's algorithm on, so that the first request on
-//!    each connection waits for the issuer's delayed ACK (about 40 ms): one round each at
-//!    1 and 16 nodes at a time through it shows what that costs.
+//!    client sets TCP_NODELAY, as the agent's does.
 //! 2. Restart: the issuer SIGKILLed and started again; the nodes keep the node SVIDs they
 //!    had (agents hold theirs in memory across an issuer restart) and ask again for all 3,000
 //!    workload SVIDs: the time from the process start until it listens, and from `restart`'s
@@ -42,7 +39,7 @@ use rustls::{
 use serde_json::{Value, json};
 use testbed::{
     ClusterFile, ClusterNode, Options, Testbed, Workload,
-    issuer::{self, Credential, Session, Standalone},
+    issuer::{self, Credential, Standalone},
 };
 
 use super::{
@@ -192,26 +189,13 @@ impl ServerCertVerifier for AnyServer {
     }
 }
 
-/// Which client speaks to the issuer.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Client {
-    /// This module's: TLS 1.3, TCP_NODELAY as the agent's client sets it.
-    Bench,
-    /// `testbed::issuer::Session` (the tests' client), which leaves Nagle's algorithm on.
-    Testbed,
-}
-
 /// One connection to the issuer, presenting `cred` (or no certificate).
 enum Conn {
     Bench(BufReader<StreamOwned<ClientConnection, TcpStream>>),
-    Testbed(Session),
 }
 
 impl Conn {
-    fn open(client: Client, addr: SocketAddr, cred: Option<&Credential>) -> Result<Self> {
-        if client == Client::Testbed {
-            return Ok(Self::Testbed(Session::open(addr, cred)?));
-        }
+    fn open(addr: SocketAddr, cred: Option<&Credential>) -> Result<Self> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = ClientConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -240,7 +224,6 @@ impl Conn {
 
     fn ask(&mut self, req: &Value) -> Result<Value> {
         let stream = match self {
-            Self::Testbed(s) => return s.ask(req),
             Self::Bench(s) => s,
         };
         let mut line = serde_json::to_vec(req)?;
@@ -260,7 +243,6 @@ impl Conn {
 
 /// What one signing round measured.
 struct Round {
-    client: Client,
     threads: usize,
     wall_s: f64,
     /// When the last SVID arrived.
@@ -294,10 +276,7 @@ impl Round {
 
     fn json(&self) -> Value {
         json!({
-            "client": match self.client {
-                Client::Bench => "bench (TCP_NODELAY)",
-                Client::Testbed => "testbed::issuer::Session (Nagle on)",
-            },
+            "client": "bench (TCP_NODELAY)",
             "threads": self.threads,
             "svids": SVIDS,
             "wall_s": self.wall_s,
@@ -331,7 +310,6 @@ const STALL_MS: f64 = 20.0;
 /// Every node asks, over one connection with its node SVID, for its 30 workload SVIDs
 /// (`threads` nodes at a time); every answer must be `signed`.
 fn sign_all(
-    client: Client,
     addr: SocketAddr,
     pid: Option<i64>,
     creds: &[Credential],
@@ -353,7 +331,7 @@ fn sign_all(
                             return Ok(t);
                         }
                         let opened = Instant::now();
-                        let mut session = Conn::open(client, addr, Some(&creds[n]))?;
+                        let mut session = Conn::open(addr, Some(&creds[n]))?;
                         t.opens_ms.push(secs(opened.elapsed()) * 1e3);
                         for (i, csr) in csrs[n].iter().enumerate() {
                             let id = identity(n, i);
@@ -404,7 +382,6 @@ fn sign_all(
         _ => f64::NAN,
     };
     let mut r = Round {
-        client,
         threads,
         wall_s,
         done,
@@ -453,7 +430,7 @@ fn join_all(iss: &Standalone) -> Result<(Vec<Credential>, f64, f64)> {
                         let name = node_name(n);
                         let (key, csr) =
                             issuer::csr(&format!("spiffe://{TD}/portcullis/node/{name}"), |_| {});
-                        let answer = Conn::open(Client::Bench, iss.addr, None)?.ask(
+                        let answer = Conn::open(iss.addr, None)?.ask(
                             &json!({"op": "join", "node": name, "token": tokens[n], "csr": csr}),
                         )?;
                         if issuer::outcome(&answer) != "signed" {
@@ -510,7 +487,7 @@ fn standalone(agent: &Path, dir: &Path) -> Result<Value> {
         for _ in 0..REPS {
             let (csrs, made) = make_csrs();
             csr_s.push(made);
-            let r = sign_all(Client::Bench, iss.addr, pid, &creds, &csrs, threads)?;
+            let r = sign_all(iss.addr, pid, &creds, &csrs, threads)?;
             eprintln!(
                 "  {threads:>2} at a time: {SVIDS} SVIDs in {:.0} ms = {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, {} over {STALL_MS} ms; CPU per SVID: issuer {:.0} µs, client {:.0} µs",
                 r.wall_s * 1e3,
@@ -526,22 +503,6 @@ fn standalone(agent: &Path, dir: &Path) -> Result<Value> {
         reps.sort_by(|a, b| a.wall_s.total_cmp(&b.wall_s));
         let mid = reps.swap_remove(reps.len() / 2);
         rounds.push(mid);
-    }
-    // The same through the tests' client, once each at the ends: what Nagle's algorithm on
-    // the client side costs (its first request on each connection waits for the issuer's
-    // delayed ACK).
-    let mut testbed_rounds = Vec::new();
-    for threads in [CONCURRENCY[0], CONCURRENCY[CONCURRENCY.len() - 1]] {
-        let (csrs, made) = make_csrs();
-        csr_s.push(made);
-        let r = sign_all(Client::Testbed, iss.addr, pid, &creds, &csrs, threads)?;
-        eprintln!(
-            "  {threads:>2} at a time through testbed::issuer::Session: {:.0}/s, {} requests over {STALL_MS} ms ({} of them first on their connection)",
-            r.per_s(),
-            r.stalls,
-            r.first_stalls,
-        );
-        testbed_rounds.push(r);
     }
     let csr_us = median(&csr_s) * 1e6 / SVIDS as f64;
 
@@ -571,14 +532,7 @@ fn standalone(agent: &Path, dir: &Path) -> Result<Value> {
         })?;
         let listening = listening.unwrap_or(returned);
         pid = issuer_pid(&iss.config);
-        let r = sign_all(
-            Client::Bench,
-            iss.addr,
-            pid,
-            &creds,
-            &csrs,
-            RESTART_CONCURRENCY,
-        )?;
+        let r = sign_all(iss.addr, pid, &creds, &csrs, RESTART_CONCURRENCY)?;
         let row = json!({
             "start_to_listening_ms": secs(listening - started) * 1e3,
             "start_to_restart_returned_ms": secs(returned - started) * 1e3,
@@ -623,7 +577,6 @@ fn standalone(agent: &Path, dir: &Path) -> Result<Value> {
         "join_threads": RESTART_CONCURRENCY,
         "join_wall_ms": join_s * 1e3,
         "rounds": rounds.iter().map(Round::json).collect::<Vec<_>>(),
-        "testbed_session_rounds": testbed_rounds.iter().map(Round::json).collect::<Vec<_>>(),
         "restart": {
             "runs": restarts,
             "start_to_listening_ms": med("start_to_listening_ms"),
@@ -856,24 +809,6 @@ pub fn only(agent: &Path) -> Result<i32> {
                 f(&r["latency_ms_p99"]),
                 f(&r["issuer_cpu_us_per_svid"]),
                 f(&r["client_cpu_us_per_svid"]),
-            ),
-        ]);
-    }
-    for r in s["testbed_session_rounds"]
-        .as_array()
-        .map_or(&[][..], Vec::as_slice)
-    {
-        t.row([
-            format!(
-                "the same, {} at a time, through `testbed::issuer::Session` (Nagle's algorithm on)",
-                r["threads"]
-            ),
-            format!("{:.0} SVIDs/s", f(&r["svids_per_s"])),
-            format!(
-                "{} requests over {STALL_MS} ms, {} of them the first on their connection (p99 {:.1} ms)",
-                r["stalls_over_20ms"],
-                r["stalls_first_on_connection"],
-                f(&r["latency_ms_p99"]),
             ),
         ]);
     }
