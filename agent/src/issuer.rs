@@ -42,6 +42,9 @@ use crate::{
     tls::{self, ClientChain, Trust},
 };
 
+/// Agent connections open at once, at most (a node keeps one while it asks; idle ones close
+/// after a minute).
+const MAX_CONNECTIONS: usize = 4096;
 /// TokenReviews the issuer has in flight at once, at most (unauthenticated clients cause them).
 const MAX_REVIEWS: usize = 16;
 
@@ -360,11 +363,20 @@ pub async fn serve(config: IssuerConfig) -> anyhow::Result<()> {
     tracing::info!(addr = %config.listen, trust_domain = %td, "issuing SVIDs");
     {
         let shared = shared.clone();
+        let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         tokio::spawn(async move {
             loop {
+                // Bounded: a flood of idle connections cannot take every socket.
+                let Ok(slot) = connections.clone().acquire_owned().await else {
+                    return;
+                };
                 match listener.accept().await {
                     Ok((stream, peer)) => {
-                        tokio::spawn(server::connection(shared.clone(), stream, peer));
+                        let shared = shared.clone();
+                        tokio::spawn(async move {
+                            server::connection(shared, stream, peer).await;
+                            drop(slot);
+                        });
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "accept failed");

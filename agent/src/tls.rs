@@ -483,14 +483,17 @@ impl ClientChain {
         })))
     }
 
-    /// The SPIFFE ID of a verified chain (leaf first), or why it does not verify.
-    pub fn check(&self, chain: &[CertificateDer<'static>]) -> Result<SpiffeId, String> {
+    /// The SPIFFE ID and expiry of a verified chain (leaf first), or why it does not verify.
+    pub fn check(
+        &self,
+        chain: &[CertificateDer<'static>],
+    ) -> Result<(SpiffeId, SystemTime), String> {
         let (leaf, rest) = chain.split_first().ok_or("no certificate")?;
         self.0
             .verify_client_cert(leaf, rest, UnixTime::now())
             .map_err(|e| e.to_string())?;
         svid::check_leaf(leaf, SystemTime::now())
-            .map(|info| info.id)
+            .map(|info| (info.id, info.not_after))
             .map_err(|r| r.to_string())
     }
 }

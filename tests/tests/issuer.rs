@@ -630,3 +630,54 @@ fn with_two_replicas_one_killed_nothing_is_noticed() {
         "{records:#?}"
     );
 }
+
+/// The issuer away for longer than the SVIDs live: they expire and the node is not ready,
+/// and once the operator has written a new join token and the issuer is back, the agent
+/// proves its node again and recovers, with no restart.
+#[test]
+fn after_an_outage_longer_than_the_svids_live_a_new_join_token_brings_the_node_back() {
+    let mut tb = up(1, Some(10), None);
+    let s = scenario(&tb);
+    assert!(
+        eventually(
+            Duration::from_secs(10),
+            || s.status("node-1")["agent"]["ready"] == true
+        ),
+        "not ready at start: {}",
+        s.status("node-1")
+    );
+    drop(s);
+    tb.kill_issuer(0).unwrap();
+    let s = scenario(&tb);
+    assert!(
+        eventually(
+            Duration::from_secs(20),
+            || s.status("node-1")["agent"]["ready"] == false
+        ),
+        "still ready with every SVID expired: {}",
+        s.status("node-1")
+    );
+    drop(s);
+    tb.start_issuer(0).unwrap();
+    let s = scenario(&tb);
+    // Its node SVID expired and its join token was used: the issuer refuses it.
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            s.status("node-1")["identity_problems"]
+                .to_string()
+                .contains("token_used")
+        }),
+        "the refusal of the spent token is not shown: {}",
+        s.status("node-1")["identity_problems"]
+    );
+    let token = tb.enroll("node-1").unwrap();
+    std::fs::write(tb.join_token_path("node-1"), format!("{token}\n")).unwrap();
+    assert!(
+        eventually(
+            Duration::from_secs(20),
+            || s.status("node-1")["agent"]["ready"] == true
+        ),
+        "the node did not come back with a new token: {}",
+        s.status("node-1")
+    );
+}

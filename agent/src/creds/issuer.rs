@@ -123,8 +123,9 @@ impl IssuerHandle {
     /// A handshake needs the SVID of `id` now: it goes before the warm-up of the others.
     pub fn urgent(&self, id: &SpiffeId) {
         let mut s = self.lock();
+        // Only the order changes: an identity the issuer refused keeps its backoff, so that
+        // peers' handshakes cannot make the agent ask again and again.
         if s.wanted.contains(id) && !s.svids.contains_key(id) && s.urgent.insert(id.clone()) {
-            s.retry.remove(id);
             drop(s);
             self.wake.notify_one();
         }
@@ -155,7 +156,7 @@ impl IssuerHandle {
             .values()
             .map(|g| g.svid.not_after)
             .chain(s.node_not_after)
-            .map(|t| t.duration_since(now).unwrap_or_default())
+            .filter_map(|t| t.duration_since(now).ok())
             .min()
             .unwrap_or(BACKOFF_MAX)
     }
@@ -165,6 +166,7 @@ impl IssuerHandle {
 struct NodeSvid {
     key: Arc<CertifiedKey>,
     renew_at: Instant,
+    not_after: SystemTime,
 }
 
 fn renew_at(not_after: SystemTime) -> Instant {
@@ -210,7 +212,11 @@ fn svid_from(
     }
     let key = PrivateKeyDer::try_from(key.serialize_der())
         .map_err(|e| format!("the generated key: {e}"))?;
-    Ok(Svid::new(chain, key, info))
+    let svid = Svid::new(chain, key, info);
+    // The certificate must be over the key made for it, or every handshake would fail.
+    tls::local_svid(&svid)
+        .map_err(|e| format!("the issuer's certificate for {expected} is not over our key: {e}"))?;
+    Ok(svid)
 }
 
 fn read_trust(settings: &Settings) -> Result<Trust, String> {
@@ -333,6 +339,7 @@ fn node_answer(
             Ok(NodeSvid {
                 key: local.key,
                 renew_at: renew_at(svid.not_after),
+                not_after: svid.not_after,
             })
         }
         Response::Refused { code, reason } => Err(match (&settings.attest, code) {
@@ -372,6 +379,16 @@ async fn round(
         (Err(e), None) => return Err(e),
     };
     let now = Instant::now();
+    // An expired node SVID cannot be renewed: prove the node again (for the bootstrap
+    // attestor, with whatever token the operator has put in the token file since).
+    if node
+        .as_ref()
+        .is_some_and(|n| n.not_after <= SystemTime::now())
+    {
+        tracing::warn!("the node SVID expired; attesting the node again");
+        *node = None;
+        handle.lock().node_not_after = None;
+    }
     if node.as_ref().is_none_or(|n| now >= n.renew_at) {
         let renewed = match node.as_ref() {
             Some(current) => renew_node(settings, &trust, current, start).await,
@@ -388,8 +405,7 @@ async fn round(
             }
             Err(e) => return Err(e),
         };
-        handle.lock().node_not_after =
-            Some(SystemTime::now() + (fresh.renew_at - Instant::now()) * 2);
+        handle.lock().node_not_after = Some(fresh.not_after);
         *node = Some(fresh);
     }
     let Some(current) = node.as_ref() else {
@@ -427,32 +443,44 @@ async fn round(
             .await?;
             let mut s = handle.lock();
             s.urgent.remove(&id);
-            match resp {
+            // One identity that fails (refused, or a certificate we cannot use) waits with
+            // its own backoff; the others go on.
+            let failed = match resp {
                 Response::Signed { chain, .. } => {
-                    let svid = svid_from(&chain, &key, &id, &settings.trust_domain)?;
-                    s.retry.remove(&id);
-                    s.signed += 1;
-                    if s.wanted.contains(&id) {
-                        let at = renew_at(svid.not_after);
-                        s.svids.insert(id, Got { svid, renew_at: at });
+                    match svid_from(&chain, &key, &id, &settings.trust_domain) {
+                        Ok(svid) => {
+                            s.retry.remove(&id);
+                            s.signed += 1;
+                            if s.wanted.contains(&id) {
+                                let at = renew_at(svid.not_after);
+                                s.svids.insert(id.clone(), Got { svid, renew_at: at });
+                            }
+                            None
+                        }
+                        Err(e) => Some(e),
                     }
                 }
-                Response::Refused { code, reason } => {
-                    let wait = s
-                        .retry
-                        .get(&id)
-                        .map_or(BACKOFF_MIN, |(_, w)| (*w * 2).min(BACKOFF_MAX));
-                    s.retry.insert(id.clone(), (Instant::now() + wait, wait));
-                    problems.push(format!(
-                        "the issuer refused the SVID of {id} ({}: {reason})",
-                        code.as_str()
-                    ));
-                }
+                Response::Refused { code, reason } => Some(format!(
+                    "the issuer refused the SVID of {id} ({}: {reason})",
+                    code.as_str()
+                )),
+            };
+            if let Some(problem) = failed {
+                let wait = s
+                    .retry
+                    .get(&id)
+                    .map_or(BACKOFF_MIN, |(_, w)| (*w * 2).min(BACKOFF_MAX));
+                s.retry
+                    .insert(id.clone(), (Instant::now() + jitter(wait), wait));
+                problems.push(problem);
             }
         }
     }
     let mut s = handle.lock();
     s.problems = problems;
+    // An SVID that expired (the issuer was away too long) is asked for again, not kept.
+    let wall = SystemTime::now();
+    s.svids.retain(|_, g| g.svid.not_after > wall);
     if s.signed != signed_before {
         settings.arrived.raise();
     }
@@ -490,6 +518,7 @@ async fn renew_node(
             Ok(NodeSvid {
                 key: local.key,
                 renew_at: renew_at(svid.not_after),
+                not_after: svid.not_after,
             })
         }
         Response::Refused { code, reason } => Err(format!(
@@ -497,6 +526,16 @@ async fn renew_node(
             code.as_str()
         )),
     }
+}
+
+/// `d` give or take a fifth, so that a fleet of agents does not retry in step.
+fn jitter(d: Duration) -> Duration {
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_nanos();
+    // 0.8 to 1.2.
+    d.mul_f64(0.8 + f64::from(nanos % 1000) / 2500.0)
 }
 
 async fn run(settings: Settings, handle: IssuerHandle) {
@@ -521,7 +560,7 @@ async fn run(settings: Settings, handle: IssuerHandle) {
                 start = start.wrapping_add(1);
                 // Never wait so long that the SVIDs held expire in between: as expiry nears,
                 // the issuer is asked more often.
-                let wait = backoff.min(handle.time_left() / 4).max(BACKOFF_MIN);
+                let wait = jitter(backoff.min(handle.time_left() / 4).max(BACKOFF_MIN));
                 backoff = (backoff * 2).min(BACKOFF_MAX);
                 Instant::now() + wait
             }

@@ -258,8 +258,10 @@ impl Store {
     ) {
         handle.want(wanted);
         self.problems.extend(handle.problems());
+        let now = SystemTime::now();
         for (id, got) in handle.svids() {
             if !wanted.contains(&id)
+                || got.svid.not_after <= now
                 || self
                     .held
                     .get(&id)
@@ -278,7 +280,6 @@ impl Store {
             changes.rotated.push(id);
         }
         // An SVID that expired while the issuer was away is no use to a handshake.
-        let now = SystemTime::now();
         let expired: Vec<SpiffeId> = self
             .held
             .iter()

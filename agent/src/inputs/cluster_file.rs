@@ -172,6 +172,19 @@ impl ClusterState {
                             format!("`{}` is not in trust domain `{trust_domain}`", id.text()),
                         ));
                     }
+                    // The issuer's and the nodes' own identities: a workload holding one would
+                    // be proven by a node SVID.
+                    if crate::issuer::protocol::is_reserved(&parsed) {
+                        return Err(InputError::value(
+                            path,
+                            id,
+                            field("spiffe_id"),
+                            format!(
+                                "`{}` is reserved (`/portcullis/...` names the issuer and the nodes)",
+                                id.text()
+                            ),
+                        ));
+                    }
                     parsed
                 }
                 (Some(sa), None) => match identities.get(&(namespace, sa.text())) {
@@ -432,6 +445,13 @@ workloads:
                 14,
                 "workloads[1].spiffe_id",
                 "empty segment",
+            ),
+            (
+                "spiffe://cluster.local/custom/server",
+                "spiffe://cluster.local/portcullis/node/node-2",
+                14,
+                "workloads[1].spiffe_id",
+                "is reserved",
             ),
             (
                 "service_account: client-sa",

@@ -174,12 +174,14 @@ impl KubeSource {
         &self.config
     }
 
-    /// Raised whenever a watcher applied something.
+    /// The API client the watchers use.
     #[must_use]
     pub fn client(&self) -> Client {
         self.client.clone()
     }
 
+    /// Raised whenever a watcher applied something.
+    #[must_use]
     pub fn changed(&self) -> Changed {
         self.changed.clone()
     }

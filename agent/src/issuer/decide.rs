@@ -47,6 +47,20 @@ pub fn csr_key(pem: &str, wanted: &SpiffeId) -> Result<rcgen::PublicKey, Refusal
             ),
         ));
     }
+    if p.extended_key_usages.iter().any(|u| {
+        !matches!(
+            u,
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth | rcgen::ExtendedKeyUsagePurpose::ClientAuth
+        )
+    }) {
+        return Err(Refusal::new(
+            Code::CsrCaRights,
+            format!(
+                "the request asks for extended key usages {:?}; an SVID is for TLS client and server only",
+                p.extended_key_usages
+            ),
+        ));
+    }
     for san in &p.subject_alt_names {
         let ok = matches!(san, SanType::URI(uri) if uri.as_str() == wanted.as_str());
         if !ok {
@@ -191,6 +205,17 @@ mod tests {
         assert_eq!(csr_key(&dns, &id).unwrap_err().code, Code::CsrExtraNames);
         let ca = csr(|p| p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained));
         assert_eq!(csr_key(&ca, &id).unwrap_err().code, Code::CsrCaRights);
+        let code_signer = csr(|p| {
+            p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::CodeSigning];
+        });
+        assert_eq!(
+            csr_key(&code_signer, &id).unwrap_err().code,
+            Code::CsrCaRights
+        );
+        let tls = csr(|p| {
+            p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        });
+        assert!(csr_key(&tls, &id).is_ok());
         let signer = csr(|p| p.key_usages = vec![KeyUsagePurpose::KeyCertSign]);
         assert_eq!(csr_key(&signer, &id).unwrap_err().code, Code::CsrCaRights);
         assert_eq!(csr_key("garbage", &id).unwrap_err().code, Code::BadCsr);

@@ -16,6 +16,12 @@ use crate::identity::SpiffeId;
 
 /// How long a TLS handshake may take.
 const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
+/// How long an attestation may wait for a free TokenReview slot.
+const REVIEW_QUEUE_LIMIT: Duration = Duration::from_secs(2);
+/// How long a connection may last, however busy: a client is classified once, at connect.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(600);
+/// Requests one connection without a node SVID may make (an agent joins once).
+const ANONYMOUS_REQUESTS: usize = 4;
 /// How long one TokenReview (and the pod read after it) may take.
 const REVIEW_LIMIT: Duration = Duration::from_secs(10);
 /// A connection with no request for this long is closed.
@@ -25,8 +31,8 @@ const IDLE_LIMIT: Duration = Duration::from_secs(60);
 enum Client {
     /// No client certificate (joining).
     Anonymous,
-    /// A node SVID that verifies.
-    Node(String),
+    /// A node SVID that verifies, and when it expires.
+    Node(String, std::time::SystemTime),
     /// A certificate that does not verify, or is not a node SVID: what it claimed, and why.
     Refused { claimed: String, why: String },
 }
@@ -34,7 +40,7 @@ enum Client {
 impl Client {
     fn node(&self) -> &str {
         match self {
-            Self::Node(n) => n,
+            Self::Node(n, _) => n,
             Self::Anonymous => "",
             Self::Refused { claimed, .. } => claimed,
         }
@@ -64,8 +70,8 @@ fn classify(shared: &Shared, chain: Option<&[CertificateDer<'static>]>) -> Clien
     let Some(chain) = chain.filter(|c| !c.is_empty()) else {
         return Client::Anonymous;
     };
-    let id = match shared.client_chain().check(chain) {
-        Ok(id) => id,
+    let (id, not_after) = match shared.client_chain().check(chain) {
+        Ok(checked) => checked,
         Err(why) => {
             return Client::Refused {
                 claimed: claimed(&chain[0]),
@@ -74,7 +80,7 @@ fn classify(shared: &Shared, chain: Option<&[CertificateDer<'static>]>) -> Clien
         }
     };
     match protocol::node_of(&id) {
-        Some(n) => Client::Node(n.to_owned()),
+        Some(n) => Client::Node(n.to_owned(), not_after),
         None => Client::Refused {
             claimed: id.to_string(),
             why: "is not a node SVID".to_owned(),
@@ -103,7 +109,15 @@ pub async fn connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr
     };
     let (read, mut write) = tokio::io::split(tls);
     let mut read = BufReader::new(read);
+    let opened = std::time::Instant::now();
+    let mut requests = 0usize;
     loop {
+        requests += 1;
+        if opened.elapsed() > CONNECTION_LIFETIME
+            || (!matches!(client, Client::Node(..)) && requests > ANONYMOUS_REQUESTS)
+        {
+            return;
+        }
         let line = match tokio::time::timeout(IDLE_LIMIT, protocol::read_line(&mut read)).await {
             Ok(Ok(Some(line))) => line,
             Ok(Ok(None)) | Err(_) => return,
@@ -120,7 +134,8 @@ pub async fn connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr
                 let op = req.op();
                 // A joining node is the one it names (and its token must be bound to).
                 let claimed = match &req {
-                    Request::Join { node, .. } => Some(node.clone()),
+                    Request::Join { node, .. } if valid_node_name(node) => Some(node.clone()),
+                    Request::Join { .. } => Some("<invalid name>".to_owned()),
                     _ => None,
                 };
                 let (identity, answer) = answer(&shared, &client, req).await;
@@ -221,7 +236,14 @@ async fn answer(
 
 fn authenticated(client: &Client) -> Result<&str, Refusal> {
     match client {
-        Client::Node(n) => Ok(n),
+        // A connection outliving its certificate does not extend it.
+        Client::Node(n, not_after) if *not_after <= std::time::SystemTime::now() => {
+            Err(Refusal::new(
+                Code::BadCredential,
+                format!("the node SVID of `{n}` expired during the connection"),
+            ))
+        }
+        Client::Node(n, _) => Ok(n),
         Client::Anonymous => Err(Refusal::new(
             Code::NoCredential,
             "this request needs the node SVID as the client certificate",
@@ -238,7 +260,22 @@ fn node_id(shared: &Shared, node: &str) -> Result<SpiffeId, Refusal> {
         .map_err(|e| Refusal::new(Code::UnknownNode, format!("node name `{node}`: {e}")))
 }
 
+/// A Kubernetes node name: a DNS subdomain (at most 253 lowercase letters, digits, `-`, `.`).
+fn valid_node_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+}
+
 fn join(shared: &Shared, node: &str, token: &str, csr: &str) -> Result<Granted, Refusal> {
+    if !valid_node_name(node) {
+        return Err(Refusal::new(
+            Code::UnknownNode,
+            "the node name is not a DNS subdomain of at most 253 characters",
+        ));
+    }
     let Some(tokens) = shared.tokens() else {
         return Err(Refusal::new(
             Code::WrongAttestor,
@@ -269,10 +306,9 @@ async fn attest(shared: &Shared, token: &str, csr: &str) -> Result<Granted, Refu
     };
     // Anyone may ask, without a credential: the API server is asked a bounded number of
     // questions at a time, each bounded in time, so the issuer cannot be made to flood it.
-    let _slot = shared
-        .reviews()
-        .acquire()
+    let _slot = tokio::time::timeout(REVIEW_QUEUE_LIMIT, shared.reviews().acquire())
         .await
+        .map_err(|_| Refusal::new(Code::NotReady, "too many attestations at once; retry"))?
         .map_err(|_| Refusal::new(Code::Internal, "the issuer is stopping"))?;
     let node = tokio::time::timeout(
         REVIEW_LIMIT,

@@ -86,7 +86,7 @@ impl Tokens {
         let (id, secret) = (hex(&id), hex(&secret));
         let record = Record {
             node: node.to_owned(),
-            expires_unix: now_unix() + ttl.as_secs(),
+            expires_unix: now_unix().saturating_add(ttl.as_secs()),
             secret_sha256: digest(&secret),
         };
         let text = serde_json::to_vec(&record).map_err(io::Error::other)?;
