@@ -277,18 +277,7 @@ impl Config {
                 )
             })?),
         };
-        let log_format = match f.log_format.as_ref().map(|v| (v, v.as_str())) {
-            None | Some((_, "text")) => LogFormat::Text,
-            Some((_, "json")) => LogFormat::Json,
-            Some((v, other)) => {
-                return Err(InputError::value(
-                    path,
-                    v,
-                    "log_format",
-                    format!("`{other}` is not `text` or `json`"),
-                ));
-            }
-        };
+        let log_format = log_format(path, f.log_format.as_ref())?;
         let cluster_state = match &f.cluster_state {
             None => None,
             Some(c) => {
@@ -337,20 +326,7 @@ impl Config {
             "admin_socket",
             DEFAULT_ADMIN_SOCKET,
         )?;
-        let log_level = match &f.log_level {
-            Some(v) => {
-                log_filter(v.as_str()).map_err(|e| {
-                    InputError::value(
-                        path,
-                        v,
-                        "log_level",
-                        format!("`{}` is not a level or filter: {e}", v.as_str()),
-                    )
-                })?;
-                v.to_string()
-            }
-            None => "info".to_owned(),
-        };
+        let log_level = log_level(path, f.log_level.as_ref())?;
         let poll_interval_ms = ranged(
             path,
             f.poll_interval_ms.as_ref(),
@@ -682,6 +658,39 @@ pub(crate) fn kube_config(
         handshake_port,
         policy_configmap,
     })
+}
+
+/// `log_level` (of the agent's or the issuer's file): a level or filter, `info` by default.
+pub(crate) fn log_level(file: &Path, v: Option<&Spanned<String>>) -> Result<String, InputError> {
+    let Some(v) = v else {
+        return Ok("info".to_owned());
+    };
+    log_filter(v.as_str()).map_err(|e| {
+        InputError::value(
+            file,
+            v,
+            "log_level",
+            format!("`{}` is not a level or filter: {e}", v.as_str()),
+        )
+    })?;
+    Ok(v.to_string())
+}
+
+/// `log_format` (of the agent's or the issuer's file): `text` by default, or `json`.
+pub(crate) fn log_format(
+    file: &Path,
+    v: Option<&Spanned<String>>,
+) -> Result<LogFormat, InputError> {
+    match v.map(|v| (v, v.as_str())) {
+        None | Some((_, "text")) => Ok(LogFormat::Text),
+        Some((_, "json")) => Ok(LogFormat::Json),
+        Some((v, other)) => Err(InputError::value(
+            file,
+            v,
+            "log_format",
+            format!("`{other}` is not `text` or `json`"),
+        )),
+    }
 }
 
 /// An optional number within `range`, or its default.

@@ -183,18 +183,17 @@ impl Shared {
         f(&ix)
     }
 
-    /// Signs `id` over the key of `csr` (checked again here, whatever the caller checked).
+    /// Signs `id` over `key`, the public key of a CSR that [`decide::csr_key`] accepted.
     pub(crate) fn sign(
         &self,
         node: &str,
         id: &SpiffeId,
-        csr: &str,
+        key: &rcgen::PublicKey,
         ttl: Duration,
     ) -> Result<Granted, Refusal> {
-        let key = decide::csr_key(csr, id)?;
         let signed = self
             .ca
-            .sign(id, &key, ttl)
+            .sign(id, key, ttl)
             .map_err(|e| Refusal::new(protocol::Code::Internal, format!("signing: {e}")))?;
         Ok(Granted {
             node: node.to_owned(),

@@ -307,20 +307,32 @@ impl ResolvesServerCert for HostedKeys {
     }
 }
 
-pub fn server_config(trust: &Trust, hosted: HostedKeys) -> Result<Arc<ServerConfig>, TlsError> {
-    let provider = provider();
+/// The chain and SPIFFE checks on a client's certificate.
+fn client_verifier(
+    trust: &Trust,
+    provider: &Arc<CryptoProvider>,
+) -> Result<Arc<SpiffeClientVerifier>, TlsError> {
     let inner = WebPkiClientVerifier::builder_with_provider(trust.roots.clone(), provider.clone())
         .build()
         .map_err(|e| TlsError::Verifier(e.to_string()))?;
-    let verifier = Arc::new(SpiffeClientVerifier {
+    Ok(Arc::new(SpiffeClientVerifier {
         inner,
         trust_domain: trust.trust_domain.clone(),
-    });
+    }))
+}
+
+/// A TLS 1.3 server speaking `alpn`, with full handshakes only.
+fn server_config_with(
+    provider: Arc<CryptoProvider>,
+    verifier: Arc<dyn ClientCertVerifier>,
+    cert: Arc<dyn ResolvesServerCert>,
+    alpn: &[u8],
+) -> Result<Arc<ServerConfig>, TlsError> {
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_cert_resolver(Arc::new(hosted));
-    config.alpn_protocols = vec![ALPN.to_vec()];
+        .with_cert_resolver(cert);
+    config.alpn_protocols = vec![alpn.to_vec()];
     // Every handshake is a full one: a resumed session would skip the certificate checks
     // against the current trust bundle and cluster state.
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
@@ -328,7 +340,13 @@ pub fn server_config(trust: &Trust, hosted: HostedKeys) -> Result<Arc<ServerConf
     Ok(Arc::new(config))
 }
 
-pub fn client_config(trust: &Trust, svid: &LocalSvid) -> Result<Arc<ClientConfig>, TlsError> {
+/// A TLS 1.3 client speaking `alpn` that checks the server's SVID against `trust`, presents
+/// `key` (none: no client certificate), and never resumes.
+fn client_config_with(
+    trust: &Trust,
+    key: Option<Arc<CertifiedKey>>,
+    alpn: &[u8],
+) -> Result<Arc<ClientConfig>, TlsError> {
     let provider = provider();
     let inner = WebPkiServerVerifier::builder_with_provider(trust.roots.clone(), provider.clone())
         .build()
@@ -337,14 +355,27 @@ pub fn client_config(trust: &Trust, svid: &LocalSvid) -> Result<Arc<ClientConfig
         inner,
         trust_domain: trust.trust_domain.clone(),
     });
-    let mut config = ClientConfig::builder_with_provider(provider)
+    let builder = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&TLS13])?
         .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_client_cert_resolver(Arc::new(FixedClientCert(svid.key.clone())));
-    config.alpn_protocols = vec![ALPN.to_vec()];
+        .with_custom_certificate_verifier(verifier);
+    let mut config = match key {
+        Some(key) => builder.with_client_cert_resolver(Arc::new(FixedClientCert(key))),
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![alpn.to_vec()];
     config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
+}
+
+pub fn server_config(trust: &Trust, hosted: HostedKeys) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = provider();
+    let verifier = client_verifier(trust, &provider)?;
+    server_config_with(provider, verifier, Arc::new(hosted), ALPN)
+}
+
+pub fn client_config(trust: &Trust, svid: &LocalSvid) -> Result<Arc<ClientConfig>, TlsError> {
+    client_config_with(trust, Some(svid.key.clone()), ALPN)
 }
 
 /// Always presents the same SVID (the initiator's local workload's).
@@ -474,13 +505,7 @@ pub struct ClientChain(Arc<dyn ClientCertVerifier>);
 
 impl ClientChain {
     pub fn new(trust: &Trust) -> Result<Self, TlsError> {
-        let inner = WebPkiClientVerifier::builder_with_provider(trust.roots.clone(), provider())
-            .build()
-            .map_err(|e| TlsError::Verifier(e.to_string()))?;
-        Ok(Self(Arc::new(SpiffeClientVerifier {
-            inner,
-            trust_domain: trust.trust_domain.clone(),
-        })))
+        Ok(Self(client_verifier(trust, &provider())?))
     }
 
     /// The SPIFFE ID and expiry of a verified chain (leaf first), or why it does not verify.
@@ -505,17 +530,13 @@ pub fn issuer_server_config(
     cert: Arc<dyn ResolvesServerCert>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = provider();
-    let inner = WebPkiClientVerifier::builder_with_provider(trust.roots.clone(), provider.clone())
-        .build()
-        .map_err(|e| TlsError::Verifier(e.to_string()))?;
-    let mut config = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&TLS13])?
-        .with_client_cert_verifier(Arc::new(DeferredClientCert { inner }))
-        .with_cert_resolver(cert);
-    config.alpn_protocols = vec![crate::issuer::protocol::ALPN.to_vec()];
-    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-    config.send_tls13_tickets = 0;
-    Ok(Arc::new(config))
+    let inner = client_verifier(trust, &provider)?;
+    server_config_with(
+        provider,
+        Arc::new(DeferredClientCert { inner }),
+        cert,
+        crate::issuer::protocol::ALPN,
+    )
 }
 
 /// An agent's configuration towards the issuer: the issuer is checked against the bundle (its
@@ -524,25 +545,7 @@ pub fn issuer_client_config(
     trust: &Trust,
     node: Option<Arc<CertifiedKey>>,
 ) -> Result<Arc<ClientConfig>, TlsError> {
-    let provider = provider();
-    let inner = WebPkiServerVerifier::builder_with_provider(trust.roots.clone(), provider.clone())
-        .build()
-        .map_err(|e| TlsError::Verifier(e.to_string()))?;
-    let verifier = Arc::new(SpiffeServerVerifier {
-        inner,
-        trust_domain: trust.trust_domain.clone(),
-    });
-    let builder = ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier);
-    let mut config = match node {
-        Some(key) => builder.with_client_cert_resolver(Arc::new(FixedClientCert(key))),
-        None => builder.with_no_client_auth(),
-    };
-    config.alpn_protocols = vec![crate::issuer::protocol::ALPN.to_vec()];
-    config.resumption = rustls::client::Resumption::disabled();
-    Ok(Arc::new(config))
+    client_config_with(trust, node, crate::issuer::protocol::ALPN)
 }
 
 /// The SPIFFE ID of a peer's leaf certificate (already verified by the TLS layer).

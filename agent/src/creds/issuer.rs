@@ -71,7 +71,7 @@ pub struct State {
     pub node_not_after: Option<SystemTime>,
     /// Why the last round failed (or an identity was refused), one line each.
     pub problems: Vec<String>,
-    /// SVIDs signed since start.
+    /// SVIDs signed since start; the store looks at `svids` again only when it moved.
     pub signed: u64,
 }
 
@@ -131,13 +131,19 @@ impl IssuerHandle {
         }
     }
 
-    /// The SVIDs obtained so far.
-    pub fn svids(&self) -> Vec<(SpiffeId, Got)> {
-        self.lock()
-            .svids
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
+    /// The SVIDs obtained so far, if any arrived since `seen` (which is brought up to date).
+    pub fn svids_since(&self, seen: &mut u64) -> Option<Vec<(SpiffeId, Got)>> {
+        let s = self.lock();
+        if s.signed == *seen {
+            return None;
+        }
+        *seen = s.signed;
+        Some(
+            s.svids
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        )
     }
 
     pub fn problems(&self) -> Vec<String> {

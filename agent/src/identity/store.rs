@@ -81,6 +81,8 @@ pub struct Store {
     bundle_text: Vec<u8>,
     bundle: Option<Vec<CertificateDer<'static>>>,
     held: HashMap<SpiffeId, Held>,
+    /// The issuer task's count of SVIDs signed, when the store last took them.
+    issuer_seen: u64,
     /// Problems met at the last refresh, one line each (shown by `status`, logged once).
     pub problems: Vec<String>,
 }
@@ -119,6 +121,7 @@ impl Store {
             bundle_text: Vec::new(),
             bundle: None,
             held: HashMap::new(),
+            issuer_seen: 0,
             problems: Vec::new(),
         })
     }
@@ -259,7 +262,10 @@ impl Store {
         handle.want(wanted);
         self.problems.extend(handle.problems());
         let now = SystemTime::now();
-        for (id, got) in handle.svids() {
+        let arrived = handle
+            .svids_since(&mut self.issuer_seen)
+            .unwrap_or_default();
+        for (id, got) in arrived {
             if !wanted.contains(&id)
                 || got.svid.not_after <= now
                 || self

@@ -25,7 +25,10 @@ use marked_yaml::Spanned;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::{KubernetesFile, LogFormat, absolute_path, kube_config, non_empty_path, ranged},
+    config::{
+        KubernetesFile, LogFormat, absolute_path, kube_config, log_format, log_level,
+        non_empty_path, ranged,
+    },
     input::{self, InputError},
     inputs::KubeConfig,
 };
@@ -266,32 +269,8 @@ impl IssuerConfig {
             Some(v) => Some(absolute_path(path, Some(v), "audit_log", "")?),
             None => None,
         };
-        let log_level = match &f.log_level {
-            Some(v) => {
-                crate::config::log_filter(v.as_str()).map_err(|e| {
-                    InputError::value(
-                        path,
-                        v,
-                        "log_level",
-                        format!("`{}` is not a level or filter: {e}", v.as_str()),
-                    )
-                })?;
-                v.to_string()
-            }
-            None => "info".to_owned(),
-        };
-        let log_format = match f.log_format.as_ref().map(|v| (v, v.as_str())) {
-            None | Some((_, "text")) => LogFormat::Text,
-            Some((_, "json")) => LogFormat::Json,
-            Some((v, other)) => {
-                return Err(InputError::value(
-                    path,
-                    v,
-                    "log_format",
-                    format!("`{other}` is not `text` or `json`"),
-                ));
-            }
-        };
+        let log_level = log_level(path, f.log_level.as_ref())?;
+        let log_format = log_format(path, f.log_format.as_ref())?;
         Ok(Self {
             listen,
             metrics_addr,

@@ -218,7 +218,8 @@ async fn answer(
             let r = authenticated(client).and_then(|node| {
                 shared.with_index(|ix| decide::node(ix, node))?;
                 let id = node_id(shared, node)?;
-                shared.sign(node, &id, &csr, shared.node_ttl())
+                let key = decide::csr_key(&csr, &id)?;
+                shared.sign(node, &id, &key, shared.node_ttl())
             });
             let id = protocol::node_id(shared.trust_domain(), client.node())
                 .map_or_else(|_| String::new(), |i| i.to_string());
@@ -227,7 +228,8 @@ async fn answer(
         Request::Sign { identity, csr } => {
             let r = authenticated(client).and_then(|node| {
                 let id = shared.with_index(|ix| decide::workload(ix, node, &identity))?;
-                shared.sign(node, &id, &csr, shared.svid_ttl())
+                let key = decide::csr_key(&csr, &id)?;
+                shared.sign(node, &id, &key, shared.svid_ttl())
             });
             (identity, r)
         }
@@ -284,10 +286,10 @@ fn join(shared: &Shared, node: &str, token: &str, csr: &str) -> Result<Granted, 
     };
     let id = node_id(shared, node)?;
     // Everything that can be checked without spending the token is checked first.
-    decide::csr_key(csr, &id)?;
+    let key = decide::csr_key(csr, &id)?;
     shared.with_index(|ix| decide::node(ix, node))?;
     tokens.redeem(token, node)?;
-    shared.sign(node, &id, csr, shared.node_ttl())
+    shared.sign(node, &id, &key, shared.node_ttl())
 }
 
 async fn attest(shared: &Shared, token: &str, csr: &str) -> Result<Granted, Refusal> {
@@ -317,9 +319,9 @@ async fn attest(shared: &Shared, token: &str, csr: &str) -> Result<Granted, Refu
     .await
     .map_err(|_| Refusal::new(Code::Internal, "the TokenReview took too long"))??;
     let id = node_id(shared, &node)?;
-    decide::csr_key(csr, &id)?;
+    let key = decide::csr_key(csr, &id)?;
     shared.with_index(|ix| decide::node(ix, &node))?;
-    let mut g = shared.sign(&node, &id, csr, shared.node_ttl())?;
+    let mut g = shared.sign(&node, &id, &key, shared.node_ttl())?;
     g.node = node;
     Ok(g)
 }

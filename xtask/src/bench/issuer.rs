@@ -17,29 +17,19 @@
 //!    it is ready again.
 
 use std::{
-    io::{BufRead as _, BufReader, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpStream},
     os::unix::ffi::OsStrExt as _,
     path::Path,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
-    },
+    sync::atomic::{AtomicBool, AtomicUsize, Ordering},
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
-use rustls::{
-    ClientConfig, ClientConnection, DigitallySignedStruct, SignatureScheme, StreamOwned,
-    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
-    crypto::CryptoProvider,
-    pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem::PemObject as _},
-};
 use serde_json::{Value, json};
 use testbed::{
     ClusterFile, ClusterNode, Options, Testbed, Workload,
-    issuer::{self, Credential, Standalone},
+    issuer::{self, Credential, Session, Standalone},
 };
 
 use super::{
@@ -153,94 +143,6 @@ fn make_csrs() -> (Vec<Vec<String>>, f64) {
     (csrs, secs(started.elapsed()))
 }
 
-/// The benchmark's client takes any server (it is the issuer it just started, on loopback).
-#[derive(Debug)]
-struct AnyServer(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for AnyServer {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-    fn verify_tls13_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// One connection to the issuer, presenting `cred` (or no certificate).
-enum Conn {
-    Bench(BufReader<StreamOwned<ClientConnection, TcpStream>>),
-}
-
-impl Conn {
-    fn open(addr: SocketAddr, cred: Option<&Credential>) -> Result<Self> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let builder = ClientConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyServer(provider)));
-        let mut config = match cred {
-            Some(c) => {
-                let chain = CertificateDer::pem_slice_iter(c.chain_pem.as_bytes())
-                    .collect::<Result<Vec<_>, _>>()?;
-                let key = PrivateKeyDer::from_pem_slice(c.key_pem.as_bytes())?;
-                builder.with_client_auth_cert(chain, key)?
-            }
-            None => builder.with_no_client_auth(),
-        };
-        config.alpn_protocols = vec![b"portcullis-issuer/1".to_vec()];
-        let conn = ClientConnection::new(
-            Arc::new(config),
-            ServerName::try_from("issuer.portcullis.invalid")?,
-        )?;
-        let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-            .with_context(|| format!("connecting to the issuer at {addr}"))?;
-        tcp.set_nodelay(true)?;
-        tcp.set_read_timeout(Some(Duration::from_secs(20)))?;
-        Ok(Self::Bench(BufReader::new(StreamOwned::new(conn, tcp))))
-    }
-
-    fn ask(&mut self, req: &Value) -> Result<Value> {
-        let stream = match self {
-            Self::Bench(s) => s,
-        };
-        let mut line = serde_json::to_vec(req)?;
-        line.push(b'\n');
-        stream.get_mut().write_all(&line)?;
-        stream.get_mut().flush()?;
-        let mut answer = String::new();
-        stream
-            .read_line(&mut answer)
-            .context("reading the issuer's answer")?;
-        if answer.is_empty() {
-            bail!("the issuer closed the connection");
-        }
-        Ok(serde_json::from_str(&answer)?)
-    }
-}
-
 /// What one signing round measured.
 struct Round {
     threads: usize,
@@ -276,7 +178,7 @@ impl Round {
 
     fn json(&self) -> Value {
         json!({
-            "client": "bench (TCP_NODELAY)",
+            "client": "testbed::issuer::Session (TCP_NODELAY)",
             "threads": self.threads,
             "svids": SVIDS,
             "wall_s": self.wall_s,
@@ -331,7 +233,7 @@ fn sign_all(
                             return Ok(t);
                         }
                         let opened = Instant::now();
-                        let mut session = Conn::open(addr, Some(&creds[n]))?;
+                        let mut session = Session::open(addr, Some(&creds[n]))?;
                         t.opens_ms.push(secs(opened.elapsed()) * 1e3);
                         for (i, csr) in csrs[n].iter().enumerate() {
                             let id = identity(n, i);
@@ -430,7 +332,7 @@ fn join_all(iss: &Standalone) -> Result<(Vec<Credential>, f64, f64)> {
                         let name = node_name(n);
                         let (key, csr) =
                             issuer::csr(&format!("spiffe://{TD}/portcullis/node/{name}"), |_| {});
-                        let answer = Conn::open(iss.addr, None)?.ask(
+                        let answer = Session::open(iss.addr, None)?.ask(
                             &json!({"op": "join", "node": name, "token": tokens[n], "csr": csr}),
                         )?;
                         if issuer::outcome(&answer) != "signed" {
