@@ -30,7 +30,7 @@ pub use self::{
 };
 use crate::{
     datapath::{AuthMap, DatapathError, FlowTable, NameMap},
-    handshake::{Record, Role, View},
+    handshake::{Decider, Record, Role, Stage, View},
     identity::SpiffeId,
     inputs::Index,
     journal,
@@ -207,6 +207,13 @@ impl Auth {
     }
 
     /// Asks for the pair of addresses to be authenticated (a datapath event, a renewal).
+    /// The node sessions proofs go through.
+    pub fn set_sessions(&mut self, sessions: Arc<crate::handshake::Sessions>) {
+        if let Some(s) = self.scheduler.as_mut() {
+            s.set_sessions(sessions);
+        }
+    }
+
     pub fn want(&mut self, ctx: &Ctx<'_>, pair: AddrPair) -> bool {
         self.scheduler
             .as_mut()
@@ -285,7 +292,9 @@ impl Auth {
             &decision.inbound,
         );
         self.renewal_checked.remove(&key);
-        self.entries.insert(maps, key, value).map_err(|e| {
+        self.entries
+            .insert_keyed(maps, key, value, rec.keys.clone())
+            .map_err(|e| {
             let why = self.refuse(e.to_string());
             // One line per refusal is bounded by the handshake rate, which is limited.
             tracing::error!(error = %why, local = %local, remote = %remote, "auth entry not written; the pair is not admitted");
@@ -293,50 +302,78 @@ impl Auth {
         })
     }
 
-    /// A finished handshake of ours: its retry schedule, and a definitive failure revokes the
-    /// pair (only our own attempts count: a responder's addresses come from the initiator's
-    /// `Hello`, and a peer must not be able to revoke pairs by naming them).
+    /// A finished proof: its retry schedule (ours), and a definitive failure decided inside an
+    /// authenticated session revokes the pair. For our own proofs that is a refusal from the
+    /// peer or our check of its half; for the peer's, only its rejection of our answer (whose
+    /// pair we checked when we answered): a peer cannot revoke pairs by naming them, and no
+    /// TLS alert, reset or timeout revokes anything.
     pub fn finished<M: AuthMap + FlowTable>(&mut self, maps: &mut M, ctx: &Ctx<'_>, rec: &Record) {
-        if rec.role == Role::Responder && rec.result == Err(Reason::PeerRejectedCertificate) {
-            self.reprove_with_peer(ctx, rec);
+        if rec.stage != Stage::Proof {
             return;
         }
-        if rec.role != Role::Initiator {
-            return;
-        }
-        let (Some(l), Some(r)) = (rec.local_addr, rec.remote_addr) else {
-            return;
+        let key = match rec.role {
+            Role::Responder => {
+                if rec.decided_by != Decider::Peer || !rec.revokes() {
+                    return;
+                }
+                let (Some(local), Some(remote), Some(node)) =
+                    (&rec.local_id, &rec.remote_id, &rec.remote_node)
+                else {
+                    return;
+                };
+                let (Some(li), Some(ri), Some(rn)) = (
+                    ctx.names.id_of(Kind::Identity, local.as_str()),
+                    ctx.names.id_of(Kind::Identity, remote.as_str()),
+                    ctx.names.id_of(Kind::Node, node),
+                ) else {
+                    return;
+                };
+                if rec.result == Err(Reason::PeerRejectedCertificate) {
+                    self.reprove_with_peer(ctx, rec);
+                }
+                AuthKey {
+                    local_identity: li,
+                    remote_identity: ri,
+                    remote_node: rn,
+                    kind: 0,
+                }
+            }
+            Role::Initiator => {
+                let (Some(l), Some(r)) = (rec.local_addr, rec.remote_addr) else {
+                    return;
+                };
+                if let Some(s) = self.scheduler.as_mut() {
+                    s.finished((l, r), rec.result.map(drop));
+                }
+                if !rec.revokes() {
+                    return;
+                }
+                let (Some(lw), Some(rw)) = (ctx.index.owner(&l), ctx.index.owner(&r)) else {
+                    return;
+                };
+                let (Some(li), Some(ri), Some(rn)) = (
+                    ctx.names.id_of(Kind::Identity, lw.identity.as_str()),
+                    ctx.names.id_of(Kind::Identity, rw.identity.as_str()),
+                    ctx.names.id_of(Kind::Node, &rw.node),
+                ) else {
+                    return;
+                };
+                AuthKey {
+                    local_identity: li,
+                    remote_identity: ri,
+                    remote_node: rn,
+                    kind: 0,
+                }
+            }
         };
-        if let Some(s) = self.scheduler.as_mut() {
-            s.finished((l, r), rec.result.map(drop));
-        }
         let Err(reason) = rec.result else { return };
-        if !definitive(reason) {
-            return;
-        }
-        let (Some(lw), Some(rw)) = (ctx.index.owner(&l), ctx.index.owner(&r)) else {
-            return;
-        };
-        let (Some(li), Some(ri), Some(rn)) = (
-            ctx.names.id_of(Kind::Identity, lw.identity.as_str()),
-            ctx.names.id_of(Kind::Identity, rw.identity.as_str()),
-            ctx.names.id_of(Kind::Node, &rw.node),
-        ) else {
-            return;
-        };
-        let key = AuthKey {
-            local_identity: li,
-            remote_identity: ri,
-            remote_node: rn,
-            kind: 0,
-        };
         match self.entries.remove(maps, &key) {
             Ok(true) => {
                 let cut = cut_flows(maps, |_, v| v.pair() == key).unwrap_or(0);
-                journal::audit_revoked(ctx.names, &key, "handshake failed", reason.as_str(), cut);
+                journal::audit_revoked(ctx.names, &key, "proof refused", reason.as_str(), cut);
             }
             Ok(false) => {}
-            Err(e) => tracing::warn!(error = %e, "revoking a pair that failed its handshake"),
+            Err(e) => tracing::warn!(error = %e, "revoking a pair whose proof was refused"),
         }
     }
 
@@ -480,15 +517,12 @@ impl Auth {
     /// changed, say): our entries of that workload with that node may rest on trust that is
     /// gone, so we prove them again ourselves.
     fn reprove_with_peer(&mut self, ctx: &Ctx<'_>, rec: &Record) {
-        let (Some(local_id), Some(peer)) = (&rec.local_id, rec.peer) else {
-            return;
-        };
-        let Some(node) = ctx.index.node_at(peer.ip()) else {
+        let (Some(local_id), Some(node)) = (&rec.local_id, &rec.remote_node) else {
             return;
         };
         let (Some(l), Some(n)) = (
             ctx.names.id_of(Kind::Identity, local_id.as_str()),
-            ctx.names.id_of(Kind::Node, &node.name),
+            ctx.names.id_of(Kind::Node, node),
         ) else {
             return;
         };

@@ -33,7 +33,7 @@ use crate::{
         route::{Netlink, Routes},
     },
     enforce::{Enforcer, HOST_IDENTITY},
-    handshake::{Record, Role, WriteRefused},
+    handshake::{Record, Role, Stage, WriteRefused},
     inputs::{ClusterSource, Inputs},
     journal::Journal,
     metrics::{Health, Metrics},
@@ -85,6 +85,8 @@ pub struct Core<K = Datapath, R: Routes = Netlink> {
     first_connection: String,
     /// Why removed map pins could not be made again, last logged (log once).
     map_pin_error: Option<String>,
+    /// The node sessions (for status), once the agent has bound its listener.
+    sessions: Option<Arc<crate::handshake::Sessions>>,
 }
 
 impl Core {
@@ -194,6 +196,7 @@ impl<K: Kernel, R: Routes> Core<K, R> {
             owed: Owed::default(),
             first_connection: String::new(),
             map_pin_error: None,
+            sessions: None,
             config,
         })
     }
@@ -461,6 +464,12 @@ impl<K: Kernel, R: Routes> Core<K, R> {
         }
     }
 
+    /// The node sessions proofs go through (and status reads).
+    pub fn use_sessions(&mut self, sessions: Arc<crate::handshake::Sessions>) {
+        self.auth.set_sessions(sessions.clone());
+        self.sessions = Some(sessions);
+    }
+
     /// The responder's request: write this entry before answering.
     pub fn on_write(&mut self, rec: &Record) -> Result<(), WriteRefused> {
         let index = self.inputs.index();
@@ -481,7 +490,7 @@ impl<K: Kernel, R: Routes> Core<K, R> {
     /// A finished handshake: the initiator's entry is written here, the responder's was
     /// written before it answered. Either way, one audit record and the metrics.
     pub fn on_record(&mut self, mut rec: Record) {
-        if rec.role == Role::Initiator && rec.result.is_ok() {
+        if rec.role == Role::Initiator && rec.stage == Stage::Proof && rec.result.is_ok() {
             let index = self.inputs.index();
             let written = self.auth.write(
                 &mut self.dp,

@@ -117,7 +117,14 @@ impl Creds {
                     }))
                 }
             };
-            match Store::new(source, identity.trust_bundle.clone(), index.trust_domain()) {
+            let node = crate::issuer::protocol::node_id(index.trust_domain(), &self.node)
+                .map_err(|e| format!("node name `{}` as a SPIFFE ID: {e}", self.node));
+            match node.and_then(|node| {
+                let mut store =
+                    Store::new(source, identity.trust_bundle.clone(), index.trust_domain())?;
+                store.set_node(node);
+                Ok(store)
+            }) {
                 Ok(store) => self.store = Some(store),
                 Err(e) => {
                     if self.problems.first() != Some(&e) {
@@ -174,8 +181,20 @@ impl Creds {
                 return;
             }
         };
-        let svids: Vec<_> = store.svids().cloned().collect();
-        match View::build(&self.node, trust, directory.clone(), &svids, policy.clone()) {
+        let node_svid = store.node_svid();
+        let svids: Vec<_> = store
+            .svids()
+            .filter(|s| Some(&s.id) != node_svid.map(|n| &n.id))
+            .cloned()
+            .collect();
+        match View::build(
+            &self.node,
+            trust,
+            directory.clone(),
+            node_svid,
+            &svids,
+            policy.clone(),
+        ) {
             Ok(view) => {
                 self.view_tx.send_replace(Some(Arc::new(view)));
             }
@@ -190,10 +209,10 @@ impl Creds {
         }
     }
 
-    /// When the node SVID expires (issuer source, once there is one).
+    /// When the node SVID expires, once there is one.
     #[must_use]
     pub fn node_svid_not_after(&self) -> Option<std::time::SystemTime> {
-        self.store.as_ref()?.issuer()?.node_not_after()
+        self.store.as_ref()?.node_svid().map(|s| s.not_after)
     }
 
     /// Why handshakes cannot run for every local workload yet.
@@ -208,6 +227,9 @@ impl Creds {
         let mut out = Vec::new();
         if store.bundle().is_none() {
             out.push("no trust bundle".to_owned());
+        }
+        if store.node_svid().is_none() {
+            out.push(format!("no node SVID for {}", self.node));
         }
         for w in index.local_workloads() {
             if !store.svids().any(|s| s.id == w.identity) {
@@ -224,8 +246,10 @@ impl Creds {
             return Vec::new();
         };
         let now = tokio::time::Instant::now();
+        let node = store.node_svid().map(|n| n.id.clone());
         let mut out: Vec<IdentityInfo> = store
             .svids()
+            .filter(|s| Some(&s.id) != node.as_ref())
             .map(|s| IdentityInfo {
                 id: s.id.to_string(),
                 serial: s.serial.clone(),

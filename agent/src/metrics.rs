@@ -75,6 +75,8 @@ pub struct Metrics {
     registry: Registry,
     handshakes: Family<HandshakeLabels, Counter>,
     handshake_seconds: Family<RoleLabels, Histogram>,
+    sessions_established: Family<HandshakeLabels, Counter>,
+    sessions: Gauge,
     packets: Family<PacketLabels, Counter>,
     last_packets: HashMap<String, u64>,
     events_lost: Counter,
@@ -114,9 +116,21 @@ impl Metrics {
         let mut registry = Registry::with_prefix("portcullis");
         let handshakes = Family::<HandshakeLabels, Counter>::default();
         registry.register(
-            "handshakes",
-            "Handshakes by role, result and failure reason",
+            "proofs",
+            "Workload proofs by role, result and failure reason",
             handshakes.clone(),
+        );
+        let sessions_established = Family::<HandshakeLabels, Counter>::default();
+        registry.register(
+            "session_establishments",
+            "Node session set-ups by role (initiator: opened, responder: accepted), result and failure reason",
+            sessions_established.clone(),
+        );
+        let sessions = Gauge::default();
+        registry.register(
+            "sessions",
+            "Node sessions established now",
+            sessions.clone(),
         );
         let handshake_seconds = Family::<RoleLabels, Histogram>::new_with_constructor(|| {
             Histogram::new([
@@ -124,8 +138,8 @@ impl Metrics {
             ])
         });
         registry.register(
-            "handshake_duration_seconds",
-            "Handshake duration",
+            "proof_duration_seconds",
+            "Workload proof duration (a session set-up it waited for included)",
             handshake_seconds.clone(),
         );
         let packets = Family::<PacketLabels, Counter>::default();
@@ -249,6 +263,8 @@ impl Metrics {
             registry,
             handshakes,
             handshake_seconds,
+            sessions_established,
+            sessions,
             packets,
             last_packets: HashMap::new(),
             events_lost,
@@ -284,6 +300,16 @@ impl Metrics {
             Ok(_) => ("ok", String::new()),
             Err(r) => ("failed", r.as_str().to_owned()),
         };
+        if rec.stage == crate::handshake::Stage::Session {
+            self.sessions_established
+                .get_or_create(&HandshakeLabels {
+                    role,
+                    result: result.to_owned(),
+                    reason,
+                })
+                .inc();
+            return;
+        }
         self.handshakes
             .get_or_create(&HandshakeLabels {
                 role: role.clone(),
@@ -327,6 +353,8 @@ impl Metrics {
         (self.last_dropped, self.last_deferred) = (s.events_dropped, s.handshakes_deferred);
         self.auth_entries
             .set(i64::try_from(s.auth_total).unwrap_or(i64::MAX));
+        self.sessions
+            .set(i64::try_from(s.sessions.len()).unwrap_or(i64::MAX));
         self.flows
             .set(i64::try_from(s.flows_total).unwrap_or(i64::MAX));
         for m in &s.maps {

@@ -38,7 +38,7 @@ pub enum Reason {
     NotHosted,
     #[error("the initiator's address is not a workload of the initiator's node")]
     UnknownInitiator,
-    #[error("the handshake came from an address that is not the initiator node's")]
+    #[error("cluster state puts the workload on another node than the one the session authenticated")]
     NodeMismatch,
     #[error("no SVID for the local workload")]
     NoLocalSvid,
@@ -62,6 +62,14 @@ pub enum Reason {
     Busy,
     #[error("the peer opened handshakes faster than its rate limit")]
     RateLimited,
+    #[error("this agent has no node SVID (yet)")]
+    NoNodeSvid,
+    #[error("the peer's session certificate is not a node SVID of a node in cluster state")]
+    NotANode,
+    #[error("the workload proof's signature does not verify")]
+    BadSignature,
+    #[error("the node session closed before the answer came")]
+    SessionClosed,
 }
 
 impl Reason {
@@ -97,6 +105,10 @@ impl Reason {
             Self::NotAuthorized => "not_authorized",
             Self::Busy => "busy",
             Self::RateLimited => "rate_limited",
+            Self::NoNodeSvid => "no_node_svid",
+            Self::NotANode => "not_a_node",
+            Self::BadSignature => "bad_signature",
+            Self::SessionClosed => "session_closed",
         }
     }
 }

@@ -66,12 +66,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         };
         let listener = tokio::net::TcpListener::bind(addr)
             .await
-            .with_context(|| format!("listening for handshakes on {addr}"))?;
-        tracing::info!(%addr, "accepting handshakes");
+            .with_context(|| format!("listening for node sessions on {addr}"))?;
+        tracing::info!(%addr, "accepting node sessions");
+        let sessions = handshake::Sessions::new(
+            core.creds().view().clone(),
+            record_tx.clone(),
+            write_tx,
+            config.handshake.timeout,
+        );
+        core.use_sessions(sessions.clone());
         tokio::spawn(handshake::serve(
             listener,
-            core.creds().view().clone(),
-            write_tx,
+            sessions,
             record_tx,
             config.handshake.limits(),
         ));

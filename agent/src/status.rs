@@ -57,6 +57,9 @@ pub struct Status {
     /// Most recent handshakes, newest last.
     #[serde(default)]
     pub handshakes: Vec<HandshakeInfo>,
+    /// The node sessions up now.
+    #[serde(default)]
+    pub sessions: Vec<SessionInfo>,
     /// Pods the Kubernetes source left out of cluster state (mirror pods, addresses outside
     /// their node's pod CIDRs, node addresses, addresses an older pod still holds, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -93,6 +96,9 @@ pub struct IdentityInfo {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HandshakeInfo {
     pub role: String,
+    /// `session` (a node session set up) or `proof` (a pair's workload proof).
+    #[serde(default)]
+    pub stage: String,
     /// `ok` or `failed`.
     pub result: String,
     pub reason: Option<String>,
@@ -112,6 +118,11 @@ impl HandshakeInfo {
     pub fn from_record(rec: &crate::handshake::Record) -> Self {
         Self {
             role: rec.role.as_str().to_owned(),
+            stage: match rec.stage {
+                crate::handshake::Stage::Session => "session",
+                crate::handshake::Stage::Proof => "proof",
+            }
+            .to_owned(),
             result: if rec.result.is_ok() { "ok" } else { "failed" }.to_owned(),
             reason: rec.result.err().map(|r| r.as_str().to_owned()),
             local: rec.local_id.as_ref().map(ToString::to_string),
@@ -216,6 +227,22 @@ pub struct AuthEntry {
     /// What the remote may open towards the local workload: `all`, `none`, or port ranges.
     #[serde(default)]
     pub inbound_ports: String,
+    /// Fingerprints of the pair keys the proof derived (for connections the local workload
+    /// opens, and for those the remote opens); none for an entry not written by a proof
+    /// since the agent started.
+    #[serde(default)]
+    pub key_out: Option<String>,
+    #[serde(default)]
+    pub key_in: Option<String>,
+}
+
+/// A node session with another agent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionInfo {
+    pub node: String,
+    pub peer: String,
+    /// `opened` by this agent or `accepted` from the peer.
+    pub direction: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -319,6 +346,7 @@ pub fn auth_entries(
     reg: &Registry,
     mut entries: Vec<(AuthKey, AuthValue)>,
     now: u64,
+    keys: &dyn Fn(&AuthKey) -> Option<(String, String)>,
 ) -> Vec<AuthEntry> {
     if entries.len() > LISTED {
         // Numbers, not names, choose which are listed: converting every entry is what a
@@ -328,14 +356,18 @@ pub fn auth_entries(
     }
     let mut out: Vec<AuthEntry> = entries
         .into_iter()
-        .map(|(k, v)| AuthEntry {
+        .map(|(k, v)| {
+            let (key_out, key_in) = keys(&k).unzip();
+            AuthEntry {
+            key_out,
+            key_in,
             local: reg.name(Kind::Identity, k.local_identity),
             remote: reg.name(Kind::Identity, k.remote_identity),
             remote_node: reg.name(Kind::Node, k.remote_node),
             age_secs: now.saturating_sub(v.created_ns) / 1_000_000_000,
             expires_in_secs: secs_signed(v.expires_ns, now),
             inbound_ports: inbound_ports(&v),
-        })
+        }})
         .collect();
     out.sort_by(|a, b| {
         (&a.local, &a.remote, &a.remote_node).cmp(&(&b.local, &b.remote, &b.remote_node))

@@ -1,5 +1,5 @@
-//! rustls configuration for the agent-to-agent handshake: TLS 1.3 only, our own ALPN, mutual
-//! authentication with X.509 SVIDs.
+//! rustls configuration for node sessions (TLS 1.3 only, our own ALPN, mutual authentication
+//! with node SVIDs) and the issuer, and the checks of the workload chains proofs carry.
 //!
 //! Verification wraps rustls's webpki verifiers (chain to the trust bundle, signatures,
 //! validity, key usage for TLS) and then adds the SPIFFE rules from `identity::svid` (one URI
@@ -8,7 +8,6 @@
 
 use std::{
     fmt,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::Arc,
     time::SystemTime,
 };
@@ -35,9 +34,13 @@ use crate::{
     reason::Reason,
 };
 
-/// The ALPN protocol of the agent-to-agent handshake.
-pub const ALPN: &[u8] = b"portcullis/1";
-const SNI_SUFFIX: &str = ".addr.portcullis.invalid";
+/// The ALPN protocol of node sessions (protocol version 2).
+pub const ALPN: &[u8] = b"portcullis/2";
+/// The ALPN protocol of version 1 (one TLS handshake per pair), refused with a clear reason.
+pub const ALPN_V1: &[u8] = b"portcullis/1";
+/// The server name a node session asks for: node SVIDs name their node by URI SAN, so this
+/// name is never checked; it is not an address, so a version 1 agent refuses it.
+pub const SESSION_SERVER_NAME: &str = "node.portcullis.invalid";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -96,32 +99,6 @@ impl fmt::Debug for LocalSvid {
             .field("serial", &self.serial)
             .field("not_after", &self.not_after)
             .finish_non_exhaustive()
-    }
-}
-
-/// The server name by which an initiator asks for the workload at `addr`: the address cannot
-/// go into SNI as an IP (RFC 6066 forbids it), so it is spelled as a DNS label in hex.
-#[must_use]
-pub fn sni_for(addr: IpAddr) -> String {
-    match addr {
-        IpAddr::V4(a) => format!("{:08x}.v4{SNI_SUFFIX}", u32::from(a)),
-        IpAddr::V6(a) => format!("{:032x}.v6{SNI_SUFFIX}", u128::from(a)),
-    }
-}
-
-/// The address an SNI from [`sni_for`] names.
-#[must_use]
-pub fn addr_from_sni(name: &str) -> Option<IpAddr> {
-    let rest = name.strip_suffix(SNI_SUFFIX)?;
-    let (hex, family) = rest.split_once('.')?;
-    match family {
-        "v4" if hex.len() == 8 => u32::from_str_radix(hex, 16)
-            .ok()
-            .map(|v| IpAddr::V4(Ipv4Addr::from(v))),
-        "v6" if hex.len() == 32 => u128::from_str_radix(hex, 16)
-            .ok()
-            .map(|v| IpAddr::V6(Ipv6Addr::from(v))),
-        _ => None,
     }
 }
 
@@ -287,23 +264,13 @@ impl ServerCertVerifier for SpiffeServerVerifier {
     }
 }
 
-/// The key of the local workload at an address, if this node hosts one with an SVID.
-pub type KeyLookup = Box<dyn Fn(IpAddr) -> Option<Arc<CertifiedKey>> + Send + Sync>;
+/// Always presents the same certificate (this node's SVID).
+#[derive(Debug)]
+struct FixedServerCert(Arc<CertifiedKey>);
 
-/// Picks the SVID of the local workload the initiator names in SNI; none means "not hosted",
-/// which rustls answers with an `access_denied` alert.
-pub struct HostedKeys(pub KeyLookup);
-
-impl std::fmt::Debug for HostedKeys {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("HostedKeys")
-    }
-}
-
-impl ResolvesServerCert for HostedKeys {
-    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let addr = addr_from_sni(hello.server_name()?)?;
-        (self.0)(addr)
+impl ResolvesServerCert for FixedServerCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
     }
 }
 
@@ -368,17 +335,20 @@ fn client_config_with(
     Ok(Arc::new(config))
 }
 
-pub fn server_config(trust: &Trust, hosted: HostedKeys) -> Result<Arc<ServerConfig>, TlsError> {
+/// The accepting side of node sessions: presents this node's SVID, and requires the peer's,
+/// verified against the bundle and the SPIFFE rules during the handshake.
+pub fn session_server_config(trust: &Trust, node: &LocalSvid) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = provider();
     let verifier = client_verifier(trust, &provider)?;
-    server_config_with(provider, verifier, Arc::new(hosted), ALPN)
+    server_config_with(provider, verifier, Arc::new(FixedServerCert(node.key.clone())), ALPN)
 }
 
-pub fn client_config(trust: &Trust, svid: &LocalSvid) -> Result<Arc<ClientConfig>, TlsError> {
-    client_config_with(trust, Some(svid.key.clone()), ALPN)
+/// The opening side of node sessions: presents this node's SVID.
+pub fn session_client_config(trust: &Trust, node: &LocalSvid) -> Result<Arc<ClientConfig>, TlsError> {
+    client_config_with(trust, Some(node.key.clone()), ALPN)
 }
 
-/// Always presents the same SVID (the initiator's local workload's).
+/// Always presents the same certificate (this node's SVID, or the issuer's client's).
 #[derive(Debug)]
 struct FixedClientCert(Arc<CertifiedKey>);
 
@@ -508,6 +478,20 @@ impl ClientChain {
         Ok(Self(client_verifier(trust, &provider())?))
     }
 
+    /// The SPIFFE ID and expiry of a verified chain (leaf first), or the reason it does not
+    /// verify: the checks a TLS handshake makes of a client certificate, for the workload
+    /// chains proofs carry.
+    pub fn verify(
+        &self,
+        chain: &[CertificateDer<'static>],
+    ) -> Result<(SpiffeId, SystemTime), Reason> {
+        let (leaf, rest) = chain.split_first().ok_or(Reason::NoCertificate)?;
+        self.0
+            .verify_client_cert(leaf, rest, UnixTime::now())
+            .map_err(|e| reason_of(&e))?;
+        svid::check_leaf(leaf, SystemTime::now()).map(|info| (info.id, info.not_after))
+    }
+
     /// The SPIFFE ID and expiry of a verified chain (leaf first), or why it does not verify.
     pub fn check(
         &self,
@@ -556,22 +540,3 @@ pub fn peer_id(chain: &[CertificateDer<'_>]) -> Option<SpiffeId> {
         .map(|i| i.id)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sni_round_trips_addresses() {
-        for a in ["198.18.1.2", "0.0.0.1", "fd00:18:1::2", "::1"] {
-            let ip: IpAddr = a.parse().unwrap();
-            let sni = sni_for(ip);
-            assert!(
-                ServerName::try_from(sni.clone()).is_ok(),
-                "{sni} must be a valid DNS name"
-            );
-            assert_eq!(addr_from_sni(&sni), Some(ip));
-        }
-        assert_eq!(addr_from_sni("example.com"), None);
-        assert_eq!(addr_from_sni("zz.v4.addr.portcullis.invalid"), None);
-    }
-}

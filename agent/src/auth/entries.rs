@@ -7,7 +7,10 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 
 use portcullis_common::{AuthKey, AuthValue};
 
-use crate::datapath::{AuthMap, DatapathError};
+use crate::{
+    datapath::{AuthMap, DatapathError},
+    handshake::PairKeys,
+};
 
 /// When an entry should be renewed: at the start of the last third of its lifetime.
 #[must_use]
@@ -28,6 +31,9 @@ pub struct Entries {
     expiries: BTreeSet<(u64, AuthKey)>,
     /// Keys removed since the last [`Entries::take_removed`]: their numbers may be unused now.
     removed: Vec<AuthKey>,
+    /// The pair keys the proof that wrote each entry derived (none for entries adopted from
+    /// the kernel at start or written by `portcullis auth allow`).
+    pair_keys: HashMap<AuthKey, PairKeys>,
 }
 
 fn add(refs: &mut HashMap<u32, usize>, n: u32) {
@@ -70,6 +76,7 @@ impl Entries {
     }
 
     fn forget(&mut self, k: &AuthKey) -> Option<AuthValue> {
+        self.pair_keys.remove(k);
         let v = self.map.remove(k)?;
         if let Some(s) = self.by_local.get_mut(&k.local_identity) {
             s.remove(k);
@@ -102,6 +109,27 @@ impl Entries {
         maps.allow_pair(&k, &v)?;
         self.remember(k, v);
         Ok(())
+    }
+
+    /// Writes an entry with the pair keys its proof derived: they are replaced with it.
+    pub fn insert_keyed(
+        &mut self,
+        maps: &mut impl AuthMap,
+        k: AuthKey,
+        v: AuthValue,
+        keys: Option<PairKeys>,
+    ) -> Result<(), DatapathError> {
+        self.insert(maps, k, v)?;
+        if let Some(keys) = keys {
+            self.pair_keys.insert(k, keys);
+        }
+        Ok(())
+    }
+
+    /// The pair keys of an entry, if a proof wrote it.
+    #[must_use]
+    pub fn pair_keys(&self, k: &AuthKey) -> Option<&PairKeys> {
+        self.pair_keys.get(k)
     }
 
     /// Removes an entry from the kernel, then here; `false` when there was none.

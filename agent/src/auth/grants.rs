@@ -108,5 +108,8 @@ pub fn definitive(reason: Reason) -> bool {
             | Reason::UnknownPeer
             | Reason::Busy
             | Reason::RateLimited
+            | Reason::NoNodeSvid
+            | Reason::NotANode
+            | Reason::SessionClosed
     )
 }

@@ -20,7 +20,7 @@ use tokio::{
 };
 
 use crate::{
-    handshake::{self, Record, View},
+    handshake::{self, Record, Sessions, View},
     reason::Reason,
 };
 
@@ -54,6 +54,8 @@ pub struct Scheduler {
     deferred: u64,
     timeout: Duration,
     results: mpsc::Sender<Record>,
+    /// The node sessions proofs go through; none until the agent has bound its listener.
+    sessions: Option<Arc<Sessions>>,
     rng: u64,
 }
 
@@ -71,14 +73,23 @@ impl Scheduler {
             deferred: 0,
             timeout,
             results,
+            sessions: None,
             rng: (seed as u64) | 1,
         }
     }
 
-    /// Asks for the pair to be authenticated; a no-op while a handshake for it is under way
-    /// or backing off. Returns whether a handshake was started.
+    /// The node sessions to prove pairs through.
+    pub fn set_sessions(&mut self, sessions: Arc<Sessions>) {
+        self.sessions = Some(sessions);
+    }
+
+    /// Asks for the pair to be authenticated; a no-op while a proof for it is under way or
+    /// backing off. Returns whether a proof was started.
     pub fn want(&mut self, pair: AddrPair, view: &watch::Receiver<Option<Arc<View>>>) -> bool {
         let Some(view) = view.borrow().clone() else {
+            return false;
+        };
+        let Some(sessions) = self.sessions.clone() else {
             return false;
         };
         let state = self.pairs.entry(pair).or_default();
@@ -104,7 +115,7 @@ impl Scheduler {
             let Ok(_permit) = permit else {
                 return;
             };
-            let record = handshake::initiate(view, pair.0, pair.1, timeout).await;
+            let record = handshake::initiate(sessions, view, pair.0, pair.1, timeout).await;
             // The core has stopped when this fails: nothing left to tell.
             let _ = results.send(record).await;
         });

@@ -288,7 +288,7 @@ fn a_denial_at_write_time_is_not_authorized() {
         )
         .unwrap(),
     );
-    let mut rec = Record::new(Role::Initiator);
+    let mut rec = Record::new(Role::Initiator, crate::handshake::Stage::Proof);
     rec.local_id = Some(SpiffeId::parse("spiffe://td/ns/default/sa/web").unwrap());
     rec.remote_id = Some(SpiffeId::parse("spiffe://td/ns/default/sa/api").unwrap());
     rec.remote_node = Some("n2".into());

@@ -94,7 +94,7 @@ fn offline(target: &Target) -> anyhow::Result<Status> {
         maps: Vec::new(),
         auth_total: auth.len() as u64,
         flows_total: flows.len() as u64,
-        auth: status::auth_entries(&registry, auth, now),
+        auth: status::auth_entries(&registry, auth, now, &|_| None),
         flows: status::flows(&registry, flows, now),
         events: Vec::new(),
         events_total: 0,
@@ -104,6 +104,7 @@ fn offline(target: &Target) -> anyhow::Result<Status> {
         identity_problems: Vec::new(),
         node_svid_not_after_unix: None,
         handshakes: Vec::new(),
+        sessions: Vec::new(),
         cluster_refusals: None,
         workloads: 0,
         names_reclaimed: 0,
@@ -301,11 +302,21 @@ fn render(s: &Status) -> String {
     }
     let _ = writeln!(o, "\nauth entries ({})", listed(s.auth.len(), s.auth_total));
     for e in &s.auth {
+        let keys = match (&e.key_out, &e.key_in) {
+            (Some(o), Some(i)) => format!(", keys out {o} in {i}"),
+            _ => String::new(),
+        };
         let _ = writeln!(
             o,
-            "  {} <- {} @ {}   age {}s, expires in {}s, inbound ports {}",
+            "  {} <- {} @ {}   age {}s, expires in {}s, inbound ports {}{keys}",
             e.local, e.remote, e.remote_node, e.age_secs, e.expires_in_secs, e.inbound_ports
         );
+    }
+    if !s.sessions.is_empty() {
+        let _ = writeln!(o, "\nnode sessions ({})", s.sessions.len());
+        for x in &s.sessions {
+            let _ = writeln!(o, "  {} at {} ({})", x.node, x.peer, x.direction);
+        }
     }
     let _ = writeln!(o, "\nflows ({})", listed(s.flows.len(), s.flows_total));
     for f in &s.flows {

@@ -209,7 +209,14 @@ impl<K: Kernel, R: Routes> Core<K, R> {
             maps,
             auth_total: entries.len() as u64,
             flows_total: flows.len() as u64,
-            auth: status::auth_entries(&self.names, entries, now),
+            auth: status::auth_entries(&self.names, entries, now, &|k| {
+                self.auth.entries().pair_keys(k).map(|p| {
+                    (
+                        crate::handshake::proof::fingerprint(&p.outbound),
+                        crate::handshake::proof::fingerprint(&p.inbound),
+                    )
+                })
+            }),
             flows: status::flows(&self.names, flows, now),
             events: self.journal.events().cloned().collect(),
             events_total: self.journal.events_total(),
@@ -223,6 +230,16 @@ impl<K: Kernel, R: Routes> Core<K, R> {
             }),
             identity_problems: self.creds.problems().to_vec(),
             handshakes: self.journal.handshakes().cloned().collect(),
+            sessions: self.sessions.as_ref().map_or_else(Vec::new, |s| {
+                s.peers()
+                    .into_iter()
+                    .map(|(node, peer, ours)| status::SessionInfo {
+                        node,
+                        peer: peer.to_string(),
+                        direction: if ours { "opened" } else { "accepted" }.to_owned(),
+                    })
+                    .collect()
+            }),
             cluster_refusals,
             workloads: index.len() as u64,
             names_reclaimed: self.names.reclaimed(),

@@ -69,6 +69,8 @@ pub struct State {
     retry: HashMap<SpiffeId, (Instant, Duration)>,
     /// The node SVID's expiry, once there is one.
     pub node_not_after: Option<SystemTime>,
+    /// The node SVID itself, for node sessions with other agents.
+    pub node: Option<Svid>,
     /// Why the last round failed (or an identity was refused), one line each.
     pub problems: Vec<String>,
     /// SVIDs signed since start; the store looks at `svids` again only when it moved.
@@ -154,6 +156,11 @@ impl IssuerHandle {
         self.lock().node_not_after
     }
 
+    /// The node SVID, once the node is attested.
+    pub fn node_svid(&self) -> Option<Svid> {
+        self.lock().node.clone()
+    }
+
     /// How long until the first SVID (node or workload) held expires.
     fn time_left(&self) -> Duration {
         let s = self.lock();
@@ -170,6 +177,7 @@ impl IssuerHandle {
 
 /// The node SVID, in memory only.
 struct NodeSvid {
+    svid: Svid,
     key: Arc<CertifiedKey>,
     renew_at: Instant,
     not_after: SystemTime,
@@ -343,6 +351,7 @@ fn node_answer(
             let local = tls::local_svid(&svid).map_err(|e| e.to_string())?;
             tracing::info!(node_svid = %id, serial = %svid.serial, "node SVID obtained");
             Ok(NodeSvid {
+                svid: svid.clone(),
                 key: local.key,
                 renew_at: renew_at(svid.not_after),
                 not_after: svid.not_after,
@@ -393,7 +402,10 @@ async fn round(
     {
         tracing::warn!("the node SVID expired; attesting the node again");
         *node = None;
-        handle.lock().node_not_after = None;
+        let mut s = handle.lock();
+        s.node_not_after = None;
+        s.node = None;
+        drop(s);
     }
     if node.as_ref().is_none_or(|n| now >= n.renew_at) {
         let renewed = match node.as_ref() {
@@ -411,7 +423,11 @@ async fn round(
             }
             Err(e) => return Err(e),
         };
-        handle.lock().node_not_after = Some(fresh.not_after);
+        let mut s = handle.lock();
+        s.node_not_after = Some(fresh.not_after);
+        s.node = Some(fresh.svid.clone());
+        drop(s);
+        settings.arrived.raise();
         *node = Some(fresh);
     }
     let Some(current) = node.as_ref() else {
@@ -522,6 +538,7 @@ async fn renew_node(
             let local = tls::local_svid(&svid).map_err(|e| e.to_string())?;
             tracing::info!(node_svid = %id, serial = %svid.serial, "node SVID renewed");
             Ok(NodeSvid {
+                svid: svid.clone(),
                 key: local.key,
                 renew_at: renew_at(svid.not_after),
                 not_after: svid.not_after,

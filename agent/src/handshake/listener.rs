@@ -1,5 +1,5 @@
-//! The handshake listener: accepts initiators within limits (per-peer token buckets, a bound on
-//! concurrent handshakes, a time limit each) and hands each connection to [`super::respond`].
+//! The session listener: accepts connections within limits (per-peer token buckets, a bound on
+//! concurrent session set-ups, a time limit each) and hands each to [`Sessions`].
 
 use std::{
     collections::HashMap,
@@ -8,11 +8,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{Record, Role, View, WriteRequest, respond};
+use super::{Record, Role, Sessions, Stage};
 use crate::reason::Reason;
 
-/// What the responder lets peers hold: at most `max_concurrent` handshakes at once, each
-/// bounded by `timeout`, and per peer address at most `peer_burst` new connections at once and
+/// What the listener lets peers hold: at most `max_concurrent` session set-ups (TLS) at once,
+/// each bounded by `timeout`, and per peer address at most `peer_burst` new connections at once and
 /// `peer_rate` per second sustained (a token bucket), so that one noisy or hostile address
 /// cannot take the slots of the others.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,20 +68,19 @@ impl PeerRates {
 
 /// A connection refused before its handshake began, for the audit log and the metrics.
 fn refused(peer: SocketAddr, reason: Reason, detail: String) -> Record {
-    let mut rec = Record::new(Role::Responder);
+    let mut rec = Record::new(Role::Responder, Stage::Session);
     rec.peer = Some(peer);
     rec.result = Err(reason);
     rec.detail = Some(detail);
     rec
 }
 
-/// Accepts initiators within `limits`: connections over a limit are closed at once, so idle or
-/// slow peers cannot exhaust descriptors. Every outcome, refusals included, goes to `records`
-/// for the audit log (which rate-limits itself) and the metrics.
+/// Accepts peers within `limits`: connections over a limit are closed at once, so idle or
+/// slow peers cannot exhaust descriptors. Every outcome of a set-up, refusals included, goes
+/// to `records` for the audit log (which rate-limits itself) and the metrics.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    views: tokio::sync::watch::Receiver<Option<Arc<View>>>,
-    writes: tokio::sync::mpsc::Sender<WriteRequest>,
+    sessions: Arc<Sessions>,
     records: tokio::sync::mpsc::Sender<Record>,
     limits: Limits,
 ) {
@@ -119,19 +118,15 @@ pub async fn serve(
                 peer,
                 Reason::Busy,
                 format!(
-                    "{} handshakes under way (handshake.max_concurrent)",
+                    "{} session set-ups under way (handshake.max_concurrent)",
                     limits.max_concurrent
                 ),
             ));
             continue;
         };
-        let Some(view) = views.borrow().clone() else {
-            // No credentials yet: fail closed.
-            continue;
-        };
-        let (writes, records) = (writes.clone(), records.clone());
+        let (sessions, records) = (sessions.clone(), records.clone());
         tokio::spawn(async move {
-            let record = respond(view, tcp, peer, limits.timeout, writes).await;
+            let record = sessions.accept(tcp, peer).await;
             drop(permit);
             let _ = records.send(record).await;
         });

@@ -83,6 +83,10 @@ pub struct Store {
     held: HashMap<SpiffeId, Held>,
     /// The issuer task's count of SVIDs signed, when the store last took them.
     issuer_seen: u64,
+    /// This node's own identity (`spiffe://<td>/portcullis/node/<name>`): its SVID
+    /// authenticates node sessions. Sources `ca` and `files` hold it like a workload's; the
+    /// issuer attests the node for it.
+    node: Option<SpiffeId>,
     /// Problems met at the last refresh, one line each (shown by `status`, logged once).
     pub problems: Vec<String>,
 }
@@ -122,8 +126,20 @@ impl Store {
             bundle: None,
             held: HashMap::new(),
             issuer_seen: 0,
+            node: None,
             problems: Vec::new(),
         })
+    }
+
+    /// Holds the SVID of this node's identity `id` too, from now on.
+    pub fn set_node(&mut self, id: SpiffeId) {
+        self.node = Some(id);
+    }
+
+    /// This node's SVID, once there is one.
+    #[must_use]
+    pub fn node_svid(&self) -> Option<&Svid> {
+        self.held.get(self.node.as_ref()?).map(|h| &h.svid)
     }
 
     /// The trust domain's CA certificates, once a valid bundle was read.
@@ -147,11 +163,14 @@ impl Store {
         let mut changes = Changes::default();
         self.problems.clear();
         self.refresh_bundle(&mut changes);
+        let mut with_node = wanted.clone();
+        with_node.extend(self.node.clone());
         match self.source.clone() {
-            Source::Ca { ttl, .. } => self.refresh_from_ca(wanted, ttl, &mut changes),
-            Source::Files { dir } => self.refresh_from_files(&dir, wanted, &mut changes),
+            Source::Ca { ttl, .. } => self.refresh_from_ca(&with_node, ttl, &mut changes),
+            Source::Files { dir } => self.refresh_from_files(&dir, &with_node, &mut changes),
             Source::Issuer(handle) => self.refresh_from_issuer(&handle, wanted, &mut changes),
         }
+        let wanted = &with_node;
         let gone: Vec<SpiffeId> = self
             .held
             .keys()
@@ -284,6 +303,23 @@ impl Store {
                 },
             );
             changes.rotated.push(id);
+        }
+        if let (Some(node), Some(svid)) = (&self.node, handle.node_svid())
+            && svid.not_after > now
+            && self
+                .held
+                .get(node)
+                .is_none_or(|h| h.svid.serial != svid.serial)
+        {
+            self.held.insert(
+                node.clone(),
+                Held {
+                    svid,
+                    renew_at: None,
+                    files: None,
+                },
+            );
+            changes.rotated.push(node.clone());
         }
         // An SVID that expired while the issuer was away is no use to a handshake.
         let expired: Vec<SpiffeId> = self
