@@ -148,7 +148,7 @@ impl Handshake {
     }
 }
 
-pub const DEFAULT_PROACTIVE_PER_TICK: u32 = 16;
+pub const DEFAULT_PROACTIVE_PER_TICK: u32 = 1024;
 pub const DEFAULT_SYN_RTO_MS: u32 = 20;
 
 /// The sockops program for pairs that are still cold at `connect()`.

@@ -19,6 +19,8 @@ use std::{
 use serde::Serialize;
 use tokio::sync::oneshot;
 
+#[cfg(test)]
+mod hostile;
 mod listener;
 pub mod proof;
 pub mod session;
@@ -231,15 +233,18 @@ impl Record {
         }
     }
 
-    /// Whether this failure may remove the pair's entry: decided inside an authenticated
-    /// session, and not one that another attempt could change.
+    /// Whether this failure removes the pair's entry: a proof's failure that another attempt
+    /// cannot change, decided inside an authenticated session — for our own proof by the
+    /// peer's refusal or our check of its half; for the peer's proof only by its rejection of
+    /// our answer (whose pair we checked when we answered), so that a peer cannot revoke
+    /// pairs by naming them.
     #[must_use]
     pub fn revokes(&self) -> bool {
-        self.stage == Stage::Proof
-            && self.decided_by != Decider::Transport
-            && self
-                .result
-                .is_err_and(crate::auth::definitive)
+        let decided = match self.role {
+            Role::Initiator => self.decided_by != Decider::Transport,
+            Role::Responder => self.decided_by == Decider::Peer,
+        };
+        self.stage == Stage::Proof && decided && self.result.is_err_and(crate::auth::definitive)
     }
 }
 
@@ -268,11 +273,8 @@ pub async fn initiate(
     let mut rec = Record::new(Role::Initiator, Stage::Proof);
     rec.local_addr = Some(local_addr);
     rec.remote_addr = Some(remote_addr);
-    let result = tokio::time::timeout(
-        timeout,
-        initiate_inner(&sessions, &view, &mut rec, timeout),
-    )
-    .await;
+    let result =
+        tokio::time::timeout(timeout, initiate_inner(&sessions, &view, &mut rec, timeout)).await;
     rec.result = result.unwrap_or_else(|_| {
         rec.decided_by = Decider::Transport;
         Err(Reason::Timeout)

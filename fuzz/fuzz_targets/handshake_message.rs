@@ -1,8 +1,8 @@
-//! Handshake frames from a peer (after the TLS handshake, before any trust in their content).
+//! Node session frames from a peer (after the TLS handshake, before any trust in their content).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use portcullis_agent::handshake::Message;
+use portcullis_agent::handshake::wire::Message;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(msg) = Message::decode(data) {

@@ -1055,22 +1055,23 @@ fn interface_loss_pin_loss_and_a_pod_deleted_mid_handshake_are_survived() {
     // The node's cgroup tree, this one included, goes with the testbed.
 }
 
-/// A handshake metric of node `node`'s agent, summed over the series whose labels contain
-/// every one of `labels`.
-fn handshake_metric(tb: &Testbed, node: &str, labels: &[&str]) -> u64 {
+/// A session set-up metric of node `node`'s agent, summed over the series whose labels
+/// contain every one of `labels`.
+fn session_metric(tb: &Testbed, node: &str, labels: &[&str]) -> u64 {
     tb.agent_http(node, "/metrics")
         .lines()
         .filter(|l| {
-            l.starts_with("portcullis_handshakes_total{") && labels.iter().all(|x| l.contains(x))
+            l.starts_with("portcullis_session_establishments_total{")
+                && labels.iter().all(|x| l.contains(x))
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>() as u64
 }
 
-/// 10,000 connections opened to node-2's handshake port from another node and held idle:
-/// the agent's descriptors stay bounded by its concurrency limit, every connection beyond it
-/// is closed at once and counted (`busy`, `rate_limited`), the ones admitted end at the
-/// handshake time limit, and a legitimate pair from elsewhere still authenticates.
+/// 10,000 connections opened to node-2's session port from another node and held idle: the
+/// agent's descriptors stay bounded by its concurrency limit, every connection beyond it is
+/// closed at once and counted (`busy`, `rate_limited`), the ones admitted end at the session
+/// set-up time limit, and a legitimate pair from elsewhere still authenticates.
 #[test]
 fn ten_thousand_idle_handshake_connections_leave_descriptors_bounded() {
     const CONNECTIONS: u64 = 10_000;
@@ -1124,13 +1125,13 @@ fn ten_thousand_idle_handshake_connections_leave_descriptors_bounded() {
         })
         .then(|| t.elapsed().as_secs_f64())
     });
-    let busy = handshake_metric(&tb, "node-2", &["role=\"responder\"", "reason=\"busy\""]);
-    let limited = handshake_metric(
+    let busy = session_metric(&tb, "node-2", &["role=\"responder\"", "reason=\"busy\""]);
+    let limited = session_metric(
         &tb,
         "node-2",
         &["role=\"responder\"", "reason=\"rate_limited\""],
     );
-    let timeouts = handshake_metric(&tb, "node-2", &["role=\"responder\"", "reason=\"timeout\""]);
+    let timeouts = session_metric(&tb, "node-2", &["role=\"responder\"", "reason=\"timeout\""]);
     let outcome = json!({
         "connections": CONNECTIONS,
         "hold": held,

@@ -176,14 +176,14 @@ fn metrics_are_prometheus_text_matching_events() {
     let st = s.status("node-2");
     let ok_handshakes: f64 = m
         .iter()
-        .filter(|(k, _)| {
-            k.starts_with("portcullis_handshakes_total{") && k.contains("result=\"ok\"")
-        })
+        .filter(|(k, _)| k.starts_with("portcullis_proofs_total{") && k.contains("result=\"ok\""))
         .map(|(_, v)| v)
         .sum();
-    let status_ok = st["handshakes"]
-        .as_array()
-        .map_or(0, |h| h.iter().filter(|h| h["result"] == "ok").count());
+    let status_ok = st["handshakes"].as_array().map_or(0, |h| {
+        h.iter()
+            .filter(|h| h["result"] == "ok" && h["stage"] == "proof")
+            .count()
+    });
     assert_eq!(
         ok_handshakes as usize, status_ok,
         "handshake counts differ: {m:?}"
@@ -198,9 +198,22 @@ fn metrics_are_prometheus_text_matching_events() {
         "drop counters differ"
     );
     assert_eq!(m.get("portcullis_ready"), Some(&1.0));
+    // One node session carried the proofs; it is counted, and its set-up too.
+    assert!(
+        m.get("portcullis_sessions").is_some_and(|v| *v >= 1.0),
+        "no session up: {m:?}"
+    );
+    assert!(
+        m.iter().any(
+            |(k, v)| k.starts_with("portcullis_session_establishments_total{")
+                && k.contains("result=\"ok\"")
+                && *v >= 1.0
+        ),
+        "no session establishment counted: {m:?}"
+    );
     assert!(
         m.keys()
-            .any(|k| k.starts_with("portcullis_handshake_duration_seconds_bucket")),
+            .any(|k| k.starts_with("portcullis_proof_duration_seconds_bucket")),
         "no latency histogram"
     );
     assert!(

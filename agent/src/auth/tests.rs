@@ -313,3 +313,79 @@ fn a_denial_at_write_time_is_not_authorized() {
         .unwrap_err();
     assert!(matches!(err, WriteError::NotInCluster { .. }), "{err}");
 }
+
+impl World {
+    fn finished(&mut self, rec: &Record) {
+        let ctx = Ctx {
+            index: &self.index,
+            names: &self.names,
+            endpoints: &self.endpoints,
+            policy: &self.policy,
+            view: &self.view,
+        };
+        self.auth.finished(&mut self.maps, &ctx, rec);
+    }
+}
+
+/// A proof of (web, api) that ended with `reason`, decided by `by`, from `role`'s side.
+fn failed_proof(role: Role, reason: Reason, by: crate::handshake::Decider) -> Record {
+    let mut rec = Record::new(role, crate::handshake::Stage::Proof);
+    rec.local_addr = Some(WEB.parse().unwrap());
+    rec.remote_addr = Some(API.parse().unwrap());
+    rec.local_id = Some(SpiffeId::parse("spiffe://td/ns/default/sa/web").unwrap());
+    rec.remote_id = Some(SpiffeId::parse("spiffe://td/ns/default/sa/api").unwrap());
+    rec.remote_node = Some("n2".into());
+    rec.result = Err(reason);
+    rec.decided_by = by;
+    rec
+}
+
+/// Only a decision made inside an authenticated session revokes: a TLS alert, a reset or a
+/// timeout (the transport) never does, whatever reason it carries; the peer's refusal and our
+/// own check of its proof do; a responder revokes only on the initiator's rejection of its
+/// answer.
+#[test]
+fn only_authenticated_refusals_revoke_and_transport_failures_never_do() {
+    use crate::handshake::Decider::{Peer, Transport, Us};
+    let cases = [
+        (
+            Role::Initiator,
+            Reason::PeerRejectedCertificate,
+            Transport,
+            false,
+        ),
+        (Role::Initiator, Reason::UntrustedChain, Transport, false),
+        (Role::Initiator, Reason::NotHosted, Transport, false),
+        (Role::Initiator, Reason::Timeout, Peer, false),
+        (Role::Initiator, Reason::SessionClosed, Us, false),
+        (Role::Initiator, Reason::NotHosted, Peer, true),
+        (Role::Initiator, Reason::BadSignature, Us, true),
+        (Role::Responder, Reason::IdentityMismatch, Us, false),
+        (Role::Responder, Reason::PeerRejectedCertificate, Peer, true),
+    ];
+    for (role, reason, by, revokes) in cases {
+        let mut w = World::new();
+        let key = w.admitted("api", API, 40000, 600);
+        let rec = failed_proof(role, reason, by);
+        assert_eq!(rec.revokes(), revokes, "{role:?} {reason:?} {by:?}");
+        w.finished(&rec);
+        assert_eq!(
+            !w.maps.auth.contains_key(&key),
+            revokes,
+            "{role:?} {reason:?} decided by {by:?}: entry {}",
+            if revokes { "kept" } else { "removed" }
+        );
+        assert_eq!(
+            w.maps.flows.is_empty(),
+            revokes,
+            "{role:?} {reason:?} {by:?}: flows"
+        );
+    }
+    // A session that could not be set up is not about any pair.
+    let mut w = World::new();
+    let key = w.admitted("api", API, 40000, 600);
+    let mut rec = failed_proof(Role::Initiator, Reason::NotHosted, Peer);
+    rec.stage = crate::handshake::Stage::Session;
+    w.finished(&rec);
+    assert!(w.maps.auth.contains_key(&key));
+}
