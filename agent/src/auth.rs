@@ -30,7 +30,7 @@ pub use self::{
 };
 use crate::{
     datapath::{AuthMap, DatapathError, FlowTable, NameMap},
-    handshake::{Decider, Record, Role, Stage, View},
+    handshake::{Record, Role, Stage, View},
     identity::SpiffeId,
     inputs::Index,
     journal,
@@ -313,7 +313,7 @@ impl Auth {
         }
         let key = match rec.role {
             Role::Responder => {
-                if rec.decided_by != Decider::Peer || !rec.revokes() {
+                if !rec.revokes() {
                     return;
                 }
                 let (Some(local), Some(remote), Some(node)) =

@@ -38,7 +38,9 @@ pub enum Reason {
     NotHosted,
     #[error("the initiator's address is not a workload of the initiator's node")]
     UnknownInitiator,
-    #[error("cluster state puts the workload on another node than the one the session authenticated")]
+    #[error(
+        "cluster state puts the workload on another node than the one the session authenticated"
+    )]
     NodeMismatch,
     #[error("no SVID for the local workload")]
     NoLocalSvid,

@@ -359,15 +359,16 @@ pub fn auth_entries(
         .map(|(k, v)| {
             let (key_out, key_in) = keys(&k).unzip();
             AuthEntry {
-            key_out,
-            key_in,
-            local: reg.name(Kind::Identity, k.local_identity),
-            remote: reg.name(Kind::Identity, k.remote_identity),
-            remote_node: reg.name(Kind::Node, k.remote_node),
-            age_secs: now.saturating_sub(v.created_ns) / 1_000_000_000,
-            expires_in_secs: secs_signed(v.expires_ns, now),
-            inbound_ports: inbound_ports(&v),
-        }})
+                key_out,
+                key_in,
+                local: reg.name(Kind::Identity, k.local_identity),
+                remote: reg.name(Kind::Identity, k.remote_identity),
+                remote_node: reg.name(Kind::Node, k.remote_node),
+                age_secs: now.saturating_sub(v.created_ns) / 1_000_000_000,
+                expires_in_secs: secs_signed(v.expires_ns, now),
+                inbound_ports: inbound_ports(&v),
+            }
+        })
         .collect();
     out.sort_by(|a, b| {
         (&a.local, &a.remote, &a.remote_node).cmp(&(&b.local, &b.remote, &b.remote_node))

@@ -6,11 +6,7 @@
 //! SAN, a SPIFFE ID of our trust domain, not a CA, bounded chain). Whether the identity is the
 //! one cluster state expects for an address is the handshake's business: it knows the address.
 
-use std::{
-    fmt,
-    sync::Arc,
-    time::SystemTime,
-};
+use std::{fmt, sync::Arc, time::SystemTime};
 
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, Error, OtherError,
@@ -337,14 +333,25 @@ fn client_config_with(
 
 /// The accepting side of node sessions: presents this node's SVID, and requires the peer's,
 /// verified against the bundle and the SPIFFE rules during the handshake.
-pub fn session_server_config(trust: &Trust, node: &LocalSvid) -> Result<Arc<ServerConfig>, TlsError> {
+pub fn session_server_config(
+    trust: &Trust,
+    node: &LocalSvid,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = provider();
     let verifier = client_verifier(trust, &provider)?;
-    server_config_with(provider, verifier, Arc::new(FixedServerCert(node.key.clone())), ALPN)
+    server_config_with(
+        provider,
+        verifier,
+        Arc::new(FixedServerCert(node.key.clone())),
+        ALPN,
+    )
 }
 
 /// The opening side of node sessions: presents this node's SVID.
-pub fn session_client_config(trust: &Trust, node: &LocalSvid) -> Result<Arc<ClientConfig>, TlsError> {
+pub fn session_client_config(
+    trust: &Trust,
+    node: &LocalSvid,
+) -> Result<Arc<ClientConfig>, TlsError> {
     client_config_with(trust, Some(node.key.clone()), ALPN)
 }
 
@@ -539,4 +546,3 @@ pub fn peer_id(chain: &[CertificateDer<'_>]) -> Option<SpiffeId> {
         .ok()
         .map(|i| i.id)
 }
-

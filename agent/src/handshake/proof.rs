@@ -126,7 +126,12 @@ pub fn sign(key: &CertifiedKey, msg: &[u8]) -> Result<(u16, Vec<u8>), Reason> {
 }
 
 /// Checks that the key of `leaf` (already verified against the bundle) signed `msg`.
-pub fn verify(leaf: &CertificateDer<'_>, scheme: u16, msg: &[u8], sig: &[u8]) -> Result<(), Reason> {
+pub fn verify(
+    leaf: &CertificateDer<'_>,
+    scheme: u16,
+    msg: &[u8],
+    sig: &[u8],
+) -> Result<(), Reason> {
     let scheme = SignatureScheme::from(scheme);
     if !SCHEMES.contains(&scheme) {
         return Err(Reason::BadSignature);
@@ -197,7 +202,8 @@ pub fn pair_keys(
         Some(responder_nonce),
     );
     let hash = digest::digest(&digest::SHA256, &t);
-    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, b"portcullis/2 pair keys").extract(&binding.keying);
+    let prk =
+        hkdf::Salt::new(hkdf::HKDF_SHA256, b"portcullis/2 pair keys").extract(&binding.keying);
     let derive = |dir: &[u8]| {
         let mut key = [0u8; KEY_LEN];
         let info = [hash.as_ref(), dir];
@@ -207,7 +213,10 @@ pub fn pair_keys(
         }
         key
     };
-    let (i_to_r, r_to_i) = (derive(b"initiator to responder"), derive(b"responder to initiator"));
+    let (i_to_r, r_to_i) = (
+        derive(b"initiator to responder"),
+        derive(b"responder to initiator"),
+    );
     if initiator {
         PairKeys {
             outbound: i_to_r,
@@ -262,7 +271,10 @@ mod tests {
             proof: [1; 32],
             keying: [9; 32],
         };
-        assert_ne!(pair_keys(&other_session, &facts(), &ni, &nr, true).outbound, i.outbound);
+        assert_ne!(
+            pair_keys(&other_session, &facts(), &ni, &nr, true).outbound,
+            i.outbound
+        );
         assert_eq!(fingerprint(&i.outbound), fingerprint(&r.inbound));
         assert_eq!(fingerprint(&i.outbound).len(), 16);
     }
@@ -283,10 +295,19 @@ mod tests {
         let mut other = facts();
         other.initiator_node = "node-3";
         let t2 = transcript(Half::Initiator, &b, &other, &[3; 16], None);
-        assert_eq!(verify(&svid.chain[0], scheme, &t2, &sig), Err(Reason::BadSignature));
+        assert_eq!(
+            verify(&svid.chain[0], scheme, &t2, &sig),
+            Err(Reason::BadSignature)
+        );
         let t3 = transcript(Half::Responder, &b, &facts(), &[3; 16], None);
-        assert_eq!(verify(&svid.chain[0], scheme, &t3, &sig), Err(Reason::BadSignature));
+        assert_eq!(
+            verify(&svid.chain[0], scheme, &t3, &sig),
+            Err(Reason::BadSignature)
+        );
         let rsa_pkcs1 = u16::from(SignatureScheme::RSA_PKCS1_SHA256);
-        assert_eq!(verify(&svid.chain[0], rsa_pkcs1, &t, &sig), Err(Reason::BadSignature));
+        assert_eq!(
+            verify(&svid.chain[0], rsa_pkcs1, &t, &sig),
+            Err(Reason::BadSignature)
+        );
     }
 }

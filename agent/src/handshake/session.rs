@@ -116,7 +116,8 @@ impl Session {
     }
 
     fn touch(&self) {
-        self.last_proof_ms.store(self.since_born(), Ordering::Relaxed);
+        self.last_proof_ms
+            .store(self.since_born(), Ordering::Relaxed);
     }
 
     fn idle_for(&self) -> Duration {
@@ -147,9 +148,10 @@ impl Session {
     fn usable(&self, view: &View) -> bool {
         let soon = SystemTime::now() + EXPIRY_MARGIN;
         !self.is_closed()
-            && view.node_creds.as_ref().is_some_and(|n| {
-                n.svid.serial == self.local_serial && n.svid.not_after > soon
-            })
+            && view
+                .node_creds
+                .as_ref()
+                .is_some_and(|n| n.svid.serial == self.local_serial && n.svid.not_after > soon)
             && self.peer_not_after > soon
     }
 
@@ -457,10 +459,7 @@ impl Sessions {
     ) -> Result<Arc<Session>, (Reason, Option<String>)> {
         let mut rx = {
             let mut st = self.lock();
-            if let Some(s) = st
-                .preferred
-                .get(node)
-                .and_then(|serial| st.all.get(serial))
+            if let Some(s) = st.preferred.get(node).and_then(|serial| st.all.get(serial))
                 && s.usable(view)
             {
                 return Ok(s.clone());
@@ -542,8 +541,7 @@ impl Sessions {
         let start = std::time::Instant::now();
         let mut rec = Record::new(Role::Initiator, Stage::Session);
         rec.remote_node = Some(node.to_string());
-        let result = match tokio::time::timeout(timeout, self.connect(view, node, &mut rec)).await
-        {
+        let result = match tokio::time::timeout(timeout, self.connect(view, node, &mut rec)).await {
             Ok(r) => r,
             Err(_) => Err(Reason::Timeout),
         };
@@ -634,12 +632,15 @@ impl Sessions {
         let start = std::time::Instant::now();
         let mut rec = Record::new(Role::Responder, Stage::Session);
         rec.peer = Some(peer);
-        let result =
-            match tokio::time::timeout(self.timeout, self.accept_inner(tcp, peer, &mut rec)).await
-            {
-                Ok(r) => r,
-                Err(_) => Err(Reason::Timeout),
-            };
+        let result = match tokio::time::timeout(
+            self.timeout,
+            self.accept_inner(tcp, peer, &mut rec),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(Reason::Timeout),
+        };
         rec.result = result;
         rec.took = start.elapsed();
         rec
@@ -655,10 +656,9 @@ impl Sessions {
         let Some(view) = self.views.borrow().clone() else {
             return Err(Reason::NoNodeSvid);
         };
-        let start =
-            tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp)
-                .await
-                .map_err(|e| tls_failure(rec, &e, Reason::Protocol))?;
+        let start = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp)
+            .await
+            .map_err(|e| tls_failure(rec, &e, Reason::Protocol))?;
         let offered: Vec<Vec<u8>> = start
             .client_hello()
             .alpn()
@@ -840,7 +840,9 @@ impl Sessions {
         let Some(view) = self.views.borrow().clone() else {
             return Err(Reason::NoLocalSvid);
         };
-        let local = view.local_owner(&p.responder_addr).ok_or(Reason::NotHosted)?;
+        let local = view
+            .local_owner(&p.responder_addr)
+            .ok_or(Reason::NotHosted)?;
         rec.local_id = Some(local.id.clone());
         let svid = view.svids.get(&local.id).ok_or(Reason::NoLocalSvid)?;
         if p.responder_id != local.id.as_str() {
