@@ -99,6 +99,8 @@ pub struct Auth {
     proactive: bool,
     proactive_per_tick: usize,
     warmup_cursor: usize,
+    /// Warm-up stopped at its budget: it goes on as proofs finish, not only at the next tick.
+    warming: bool,
     /// Due entries found without flows, and when to look at each again.
     renewal_checked: HashMap<AuthKey, u64>,
     /// Entry writes the kernel (or the numbering) refused, since start, and the latest why.
@@ -133,6 +135,7 @@ impl Auth {
             proactive,
             proactive_per_tick: proactive_per_tick as usize,
             warmup_cursor: 0,
+            warming: false,
             renewal_checked: HashMap::new(),
             refused: 0,
             refused_error: None,
@@ -344,6 +347,9 @@ impl Auth {
                 };
                 if let Some(s) = self.scheduler.as_mut() {
                     s.finished((l, r), rec.result.map(drop));
+                }
+                if self.warming {
+                    self.warm_up(ctx, boot_ns());
                 }
                 if !rec.revokes() {
                     return;

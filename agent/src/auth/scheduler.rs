@@ -49,6 +49,9 @@ pub struct Scheduler {
     /// Pairs to try again once their backoff has passed, and when.
     retries: Vec<(Instant, AddrPair)>,
     permits: Arc<Semaphore>,
+    /// Proofs started and not finished, and how many may run at once.
+    running: usize,
+    max_concurrent: usize,
     /// Handshakes started but still waiting for a permit.
     waiting: Arc<AtomicUsize>,
     deferred: u64,
@@ -69,6 +72,8 @@ impl Scheduler {
             pairs: HashMap::new(),
             retries: Vec::new(),
             permits: Arc::new(Semaphore::new(max_concurrent as usize)),
+            running: 0,
+            max_concurrent: max_concurrent as usize,
             waiting: Arc::new(AtomicUsize::new(0)),
             deferred: 0,
             timeout,
@@ -103,6 +108,7 @@ impl Scheduler {
         }
         state.in_flight = true;
         state.attempts += 1;
+        self.running += 1;
         let permits = self.permits.clone();
         let results = self.results.clone();
         let timeout = self.timeout;
@@ -143,6 +149,14 @@ impl Scheduler {
         self.prune();
     }
 
+    /// How many more proofs background work (warm-up) may start now: enough to keep every
+    /// slot busy and as many waiting, no more, so that demand from connections is not queued
+    /// behind it.
+    #[must_use]
+    pub fn room(&self) -> usize {
+        (2 * self.max_concurrent).saturating_sub(self.running)
+    }
+
     /// Pairs waiting for a retry.
     #[must_use]
     pub fn retrying(&self) -> usize {
@@ -152,6 +166,9 @@ impl Scheduler {
     /// The delay before `pair` may be retried (`None`: give up until new demand arrives).
     fn backoff(&mut self, pair: AddrPair, result: Result<(), Reason>) -> Option<Duration> {
         let state = self.pairs.entry(pair).or_default();
+        if state.in_flight {
+            self.running = self.running.saturating_sub(1);
+        }
         state.in_flight = false;
         if result.is_ok() {
             self.pairs.remove(&pair);

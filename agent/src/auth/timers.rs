@@ -5,7 +5,7 @@ use std::collections::HashSet;
 
 use portcullis_common::AuthKey;
 
-use super::{Auth, Ctx, RENEWAL_RECHECK_NS, UDP_SWEEP_NS, WARMUP_CHECKS, cut_flows};
+use super::{Auth, Ctx, RENEWAL_RECHECK_NS, Scheduler, UDP_SWEEP_NS, WARMUP_CHECKS, cut_flows};
 use crate::{
     datapath::{AuthMap, FlowTable},
     journal,
@@ -131,15 +131,19 @@ impl Auth {
     /// `proactive_per_tick` handshakes and [`WARMUP_CHECKS`] pairs per tick (a cursor carries on
     /// where the last tick stopped). Of the two nodes of a pair, only the one with the lower
     /// (node, address) initiates: one handshake writes the entries of both.
-    fn warm_up(&mut self, ctx: &Ctx<'_>, now: u64) {
-        if !self.proactive || self.scheduler.is_none() || ctx.view.borrow().is_none() {
+    pub(super) fn warm_up(&mut self, ctx: &Ctx<'_>, now: u64) {
+        if !self.proactive || ctx.view.borrow().is_none() {
             return;
         }
+        let Some(room) = self.scheduler.as_ref().map(Scheduler::room) else {
+            return;
+        };
+        let budget = self.proactive_per_tick.min(room);
         let locals: Vec<&crate::inputs::Workload> = ctx.index.local_workloads().collect();
         let n = ctx.index.slot_count();
         let total = locals.len() * n;
         let (mut checked, mut started) = (0, 0);
-        while checked < total.min(WARMUP_CHECKS) && started < self.proactive_per_tick {
+        while checked < total.min(WARMUP_CHECKS) && started < budget {
             let i = self.warmup_cursor % total;
             self.warmup_cursor = self.warmup_cursor.wrapping_add(1);
             checked += 1;
@@ -180,5 +184,8 @@ impl Auth {
                 started += 1;
             }
         }
+        // Stopped by the budget rather than by having looked: there is more to start as soon
+        // as proofs finish.
+        self.warming = started == budget && budget > 0;
     }
 }

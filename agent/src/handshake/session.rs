@@ -363,7 +363,7 @@ struct State {
     preferred: HashMap<Arc<str>, u64>,
     /// Set-ups under way or backing off, per node.
     slots: HashMap<Arc<str>, Slot>,
-    /// The last backoff per node, kept across a success only until the session is lost.
+    /// The last backoff per node, until a set-up succeeds.
     backoff: HashMap<Arc<str>, Duration>,
 }
 
@@ -480,7 +480,7 @@ impl Sessions {
                     tokio::spawn(async move {
                         let Some(me) = me else { return };
                         let outcome = me.open(&view, &key, timeout).await;
-                        me.opened(&key, &outcome);
+                        me.opened(&view.node, &key, &outcome);
                         tx.send_replace(Some(outcome));
                     });
                     rx
@@ -497,18 +497,21 @@ impl Sessions {
         }
     }
 
-    /// Books the outcome of a set-up we started.
-    fn opened(&self, node: &Arc<str>, outcome: &Result<Arc<Session>, (Reason, Option<String>)>) {
+    /// Books the outcome of a set-up we started. Both agents use the session the node of the
+    /// smaller name opened, so that two set-ups racing each other end in one session in use.
+    fn opened(&self, here: &str, node: &Arc<str>, outcome: &Outcome) {
         let mut st = self.lock();
         match outcome {
             Ok(s) => {
                 st.slots.remove(node);
+                st.backoff.remove(node);
                 st.all.insert(s.serial, s.clone());
-                let keep_theirs = st
-                    .preferred
-                    .get(node)
-                    .and_then(|serial| st.all.get(serial))
-                    .is_some_and(|p| !p.opened_by_us && !p.is_closed());
+                let keep_theirs = **node < *here
+                    && st
+                        .preferred
+                        .get(node)
+                        .and_then(|serial| st.all.get(serial))
+                        .is_some_and(|p| !p.opened_by_us && !p.is_closed());
                 if !keep_theirs {
                     st.preferred.insert(node.clone(), s.serial);
                 }
