@@ -26,6 +26,7 @@ pub mod netns;
 mod pods;
 pub mod process;
 pub mod scenario;
+pub mod session;
 pub mod spec;
 mod teardown;
 mod testbed;

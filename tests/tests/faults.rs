@@ -241,7 +241,8 @@ fn initiated(s: &Scenario<'_>, node: &str, local: &str) -> Vec<Value> {
 }
 
 /// The agents of node-1 and node-2 cannot reach each other (node-1 drops what comes to or
-/// from the handshake port): neither can authenticate a new pair across them. New pairs fail closed with bounded, backed-off attempts and no event storm, the entry
+/// from the session port, both ways: the session node-1 opened for `early` stays up on
+/// paper but carries nothing): neither can authenticate a new pair across them. New pairs fail closed with bounded, backed-off attempts and no event storm, the entry
 /// made before the partition keeps admitting its pair, and when the port opens again a new
 /// connection authenticates by itself.
 #[test]
@@ -276,7 +277,7 @@ fn a_partitioned_peer_fails_closed_with_backoff_and_recovers_by_itself() {
         &tb,
         "node-1",
         &format!(
-            "table inet pcfault {{\n  chain input {{\n    type filter hook input priority -10;\n    tcp dport {port} drop\n    tcp sport {port} drop\n  }}\n}}\n"
+            "table inet pcfault {{\n  chain input {{\n    type filter hook input priority -10;\n    tcp dport {port} drop\n    tcp sport {port} drop\n  }}\n  chain output {{\n    type filter hook output priority -10;\n    tcp dport {port} drop\n    tcp sport {port} drop\n  }}\n}}\n"
         ),
     );
     let server_id = s.identity("server");

@@ -587,10 +587,22 @@ impl Sessions {
             .await
             .map_err(|e| {
                 let r = tls_failure(rec, &e, Reason::Tls);
-                if r == Reason::NotHosted {
-                    // A version 1 agent finds no workload address in our server name.
+                let alert = tls::rustls_error(&e).and_then(|e| match e {
+                    rustls::Error::AlertReceived(a) => Some(*a),
+                    _ => None,
+                });
+                if matches!(
+                    alert,
+                    Some(
+                        rustls::AlertDescription::AccessDenied
+                            | rustls::AlertDescription::NoApplicationProtocol
+                    )
+                ) {
+                    // A version 1 agent speaks only `portcullis/1`, and finds no workload
+                    // address in our server name.
                     rec.detail = Some(format!(
-                        "{node} refused the session with `access_denied`: it speaks protocol version 1 (one TLS handshake per pair); upgrade it"
+                        "{node} refused the session ({}): it speaks protocol version 1 (one TLS handshake per pair); upgrade it",
+                        rec.detail.as_deref().unwrap_or("an alert")
                     ));
                     return Reason::Version;
                 }
@@ -667,6 +679,7 @@ impl Sessions {
             .alpn()
             .map(|a| a.map(<[u8]>::to_vec).collect())
             .unwrap_or_default();
+        let creds = view.node_creds.as_ref().ok_or(Reason::NoNodeSvid)?;
         if !offered.iter().any(|a| a == tls::ALPN) {
             rec.detail = Some(if offered.iter().any(|a| a == tls::ALPN_V1) {
                 "the peer speaks protocol version 1 (one TLS handshake per pair); upgrade it"
@@ -674,9 +687,13 @@ impl Sessions {
             } else {
                 "the peer did not offer ALPN portcullis/2".to_owned()
             });
+            if !offered.is_empty() {
+                // rustls answers a client whose protocols are all foreign with the
+                // `no_application_protocol` alert, so the peer learns why too.
+                let _ = start.into_stream(creds.server.clone()).await;
+            }
             return Err(Reason::Version);
         }
-        let creds = view.node_creds.as_ref().ok_or(Reason::NoNodeSvid)?;
         let stream = start
             .into_stream(creds.server.clone())
             .await
@@ -1035,7 +1052,27 @@ async fn read_loop<R: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
             m = wire::read_msg(&mut rd) => m,
             () = closing(&mut closed) => break,
         };
-        let Ok(msg) = msg else { break };
+        let msg = match msg {
+            Ok(m) => m,
+            Err(Reason::SessionClosed) => break,
+            Err(reason) => {
+                // A peer that breaks the framing loses its session, on record.
+                if let Some(sessions) = me.upgrade() {
+                    let role = if session.opened_by_us {
+                        Role::Initiator
+                    } else {
+                        Role::Responder
+                    };
+                    let mut rec = Record::new(role, Stage::Session);
+                    rec.peer = Some(session.peer_addr);
+                    rec.remote_node = Some(session.peer_node.to_string());
+                    rec.result = Err(reason);
+                    rec.detail = Some("a malformed frame; the session is closed".to_owned());
+                    let _ = sessions.records.send(rec).await;
+                }
+                break;
+            }
+        };
         session
             .last_rx_ms
             .store(session.since_born(), Ordering::Relaxed);

@@ -48,7 +48,9 @@ pub(crate) fn owners() -> HashMap<IpAddr, Owner> {
 pub(crate) fn trust(cas: &[&Ca]) -> Trust {
     let roots: Vec<_> = cas
         .iter()
-        .map(|ca| rustls_pki_types::CertificateDer::from_pem_slice(ca.cert_pem().as_bytes()).unwrap())
+        .map(|ca| {
+            rustls_pki_types::CertificateDer::from_pem_slice(ca.cert_pem().as_bytes()).unwrap()
+        })
         .collect();
     Trust::new("td", &roots).unwrap()
 }
@@ -218,7 +220,11 @@ async fn a_proof_authenticates_both_workloads_and_both_derive_the_same_keys() {
     assert_eq!(i.remote_id.as_ref().map(SpiffeId::as_str), Some(ID_B));
     assert_eq!(r.remote_id.as_ref().map(SpiffeId::as_str), Some(ID_A));
     assert_eq!(r.remote_node.as_deref(), Some("node-a"));
-    assert_eq!(i.result.unwrap(), r.result.unwrap(), "both sides agree on the expiry");
+    assert_eq!(
+        i.result.unwrap(),
+        r.result.unwrap(),
+        "both sides agree on the expiry"
+    );
     let (ki, kr) = (i.keys.clone().unwrap(), r.keys.clone().unwrap());
     assert_eq!(ki.outbound, kr.inbound);
     assert_eq!(ki.inbound, kr.outbound);
@@ -229,8 +235,18 @@ async fn a_proof_authenticates_both_workloads_and_both_derive_the_same_keys() {
     // A renewal is a new proof in the same session, with new keys.
     let again = p.a.prove(A, B).await;
     assert!(again.result.is_ok(), "{again:?}");
-    assert_ne!(again.keys.unwrap().outbound, ki.outbound, "a renewal rotates the keys");
-    assert_eq!(p.a.sessions.counts.opened.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_ne!(
+        again.keys.unwrap().outbound,
+        ki.outbound,
+        "a renewal rotates the keys"
+    );
+    assert_eq!(
+        p.a.sessions
+            .counts
+            .opened
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
     assert_eq!(p.b.sessions.up(), 1);
 }
 
@@ -289,8 +305,15 @@ async fn one_session_carries_many_concurrent_proofs_in_both_directions() {
         assert!(rec.result.is_ok(), "{rec:?}");
     }
     assert!(back.result.is_ok(), "{back:?}");
-    let opened = a.sessions.counts.opened.load(std::sync::atomic::Ordering::Relaxed)
-        + b.sessions.counts.opened.load(std::sync::atomic::Ordering::Relaxed);
+    let opened = a
+        .sessions
+        .counts
+        .opened
+        .load(std::sync::atomic::Ordering::Relaxed)
+        + b.sessions
+            .counts
+            .opened
+            .load(std::sync::atomic::Ordering::Relaxed);
     assert!(opened <= 2, "{opened} sessions opened for one node pair");
     let _ = b.next_proof().await;
 }
@@ -305,13 +328,22 @@ async fn a_lost_session_is_opened_again_and_proofs_go_on() {
     for _ in 0..50 {
         tokio::time::sleep(Duration::from_millis(100)).await;
         if p.a.sessions.up() == 1
-            && p.a.sessions.counts.opened.load(std::sync::atomic::Ordering::Relaxed) == 2
+            && p.a
+                .sessions
+                .counts
+                .opened
+                .load(std::sync::atomic::Ordering::Relaxed)
+                == 2
         {
             ok = true;
             break;
         }
     }
-    assert!(ok, "the lost session was not opened again: {:?}", p.a.sessions.peers());
+    assert!(
+        ok,
+        "the lost session was not opened again: {:?}",
+        p.a.sessions.peers()
+    );
     let rec = p.a.prove(A, B).await;
     assert!(rec.result.is_ok(), "{rec:?}");
 }
@@ -333,7 +365,13 @@ async fn a_node_svid_renewal_moves_proofs_to_a_new_session() {
     p.a.views.send_replace(Some(Arc::new(renewed)));
     let rec = p.a.prove(A, B).await;
     assert!(rec.result.is_ok(), "{rec:?}");
-    assert_eq!(p.a.sessions.counts.opened.load(std::sync::atomic::Ordering::Relaxed), 2);
+    assert_eq!(
+        p.a.sessions
+            .counts
+            .opened
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
     let _ = &p.nodes;
 }
 
@@ -357,7 +395,10 @@ async fn a_foreign_ca_fails_the_session_and_nothing_is_decided() {
     let i = p.a.prove(A, B).await;
     assert!(i.result.is_err(), "{i:?}");
     assert_eq!(i.decided_by, Decider::Transport, "{i:?}");
-    assert!(!i.revokes(), "a session that never came up decides nothing: {i:?}");
+    assert!(
+        !i.revokes(),
+        "a session that never came up decides nothing: {i:?}"
+    );
     let r = p.b.next_session().await;
     assert_eq!(r.result, Err(Reason::UntrustedChain), "{r:?}");
 }
@@ -451,13 +492,23 @@ async fn an_unauthorized_pair_is_refused_by_either_side_with_the_policy_named() 
     assert_eq!(i.decided_by, Decider::Peer);
     let r = p.b.next_proof().await;
     assert_eq!(r.result, Err(Reason::NotAuthorized));
-    assert!(r.detail.as_deref().unwrap_or("").contains("strict"), "{r:?}");
+    assert!(
+        r.detail.as_deref().unwrap_or("").contains("strict"),
+        "{r:?}"
+    );
     // The initiator's own policy refuses: nothing is sent.
     let p = Pair::with(owners(), owners(), [b_only_from_c(), Policy::default()]).await;
     let i = p.a.prove(A, B).await;
     assert_eq!(i.result, Err(Reason::NotAuthorized), "{i:?}");
-    assert!(i.detail.as_deref().unwrap_or("").contains("strict"), "{i:?}");
-    assert_eq!(p.a.sessions.up(), 0, "no session for a pair our policy refuses");
+    assert!(
+        i.detail.as_deref().unwrap_or("").contains("strict"),
+        "{i:?}"
+    );
+    assert_eq!(
+        p.a.sessions.up(),
+        0,
+        "no session for a pair our policy refuses"
+    );
 }
 
 #[tokio::test]
@@ -486,7 +537,11 @@ async fn a_rejected_answer_is_reported_to_the_responder_to_revoke() {
     let answered = p.b.next_proof().await;
     assert!(answered.result.is_ok(), "{answered:?}");
     let rejected = p.b.next_proof().await;
-    assert_eq!(rejected.result, Err(Reason::PeerRejectedCertificate), "{rejected:?}");
+    assert_eq!(
+        rejected.result,
+        Err(Reason::PeerRejectedCertificate),
+        "{rejected:?}"
+    );
     assert_eq!(rejected.decided_by, Decider::Peer);
     assert!(rejected.revokes());
     assert_eq!(rejected.local_id.as_ref().map(SpiffeId::as_str), Some(ID_B));
