@@ -178,6 +178,16 @@ pub enum Stage {
     Proof,
 }
 
+impl Stage {
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Session => "session",
+            Self::Proof => "proof",
+        }
+    }
+}
+
 /// Who decided a failure, which says what it may cause: only a decision made inside an
 /// authenticated node session (ours, or the peer's refusal message) may revoke a pair.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

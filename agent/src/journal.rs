@@ -221,6 +221,7 @@ fn audit_handshake(node: &str, rec: &Record, suppressed_before: u64) {
         target: "portcullis::audit",
         event = "handshake",
         role = rec.role.as_str(),
+        stage = rec.stage.as_str(),
         result,
         reason,
         local = %name(&rec.local_id),

@@ -118,11 +118,7 @@ impl HandshakeInfo {
     pub fn from_record(rec: &crate::handshake::Record) -> Self {
         Self {
             role: rec.role.as_str().to_owned(),
-            stage: match rec.stage {
-                crate::handshake::Stage::Session => "session",
-                crate::handshake::Stage::Proof => "proof",
-            }
-            .to_owned(),
+            stage: rec.stage.as_str().to_owned(),
             result: if rec.result.is_ok() { "ok" } else { "failed" }.to_owned(),
             reason: rec.result.err().map(|r| r.as_str().to_owned()),
             local: rec.local_id.as_ref().map(ToString::to_string),

@@ -264,6 +264,7 @@ fn audit_records_are_json_with_the_documented_fields() {
         for field in [
             "event",
             "role",
+            "stage",
             "result",
             "reason",
             "local",
@@ -279,7 +280,9 @@ fn audit_records_are_json_with_the_documented_fields() {
     assert!(
         records()
             .iter()
-            .any(|r| r["result"] == "ok" && r["remote"] == s.identity("client").as_str()),
+            .any(|r| r["result"] == "ok"
+                && r["stage"] == "proof"
+                && r["remote"] == s.identity("client").as_str()),
         "{:?}",
         records()
     );
