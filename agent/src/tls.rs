@@ -55,17 +55,25 @@ pub fn provider() -> Arc<CryptoProvider> {
 pub struct Trust {
     pub trust_domain: String,
     pub roots: Arc<RootCertStore>,
+    /// SHA-256 over the CA certificates, in order: equal bundles, equal fingerprints.
+    pub fingerprint: [u8; 32],
 }
 
 impl Trust {
     pub fn new(trust_domain: &str, cas: &[CertificateDer<'static>]) -> Result<Self, TlsError> {
         let mut roots = RootCertStore::empty();
+        let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
         for ca in cas {
             roots.add(ca.clone())?;
+            hash.update(&u32::try_from(ca.len()).unwrap_or(u32::MAX).to_be_bytes());
+            hash.update(ca);
         }
+        let mut fingerprint = [0u8; 32];
+        fingerprint.copy_from_slice(hash.finish().as_ref());
         Ok(Self {
             trust_domain: trust_domain.to_owned(),
             roots: Arc::new(roots),
+            fingerprint,
         })
     }
 }

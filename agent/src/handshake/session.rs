@@ -77,6 +77,11 @@ pub struct Session {
     local_serial: String,
     opened_by_us: bool,
     binding: Binding,
+    /// The peer's node SVID chain, and the trust bundle (fingerprint) it was last found to
+    /// chain to: when the bundle changes, the chain is checked again before the session
+    /// carries another proof.
+    peer_chain: Vec<CertificateDer<'static>>,
+    trusted_under: Mutex<[u8; 32]>,
     out: mpsc::Sender<Message>,
     pending: Mutex<HashMap<u64, oneshot::Sender<Answer>>>,
     answered: Mutex<HashMap<u64, Answered>>,
@@ -155,6 +160,31 @@ impl Session {
             && self.peer_not_after > soon
     }
 
+    /// Whether the peer's node SVID still chains to the bundle of `view` (checked again only
+    /// when the bundle changed). A session whose peer lost its trust is closed: proofs in it
+    /// fail with the chain's reason, which is our own check of a peer authenticated before,
+    /// so it may revoke; a new session with that node fails at its TLS handshake.
+    fn trusted(&self, view: &View) -> Result<(), Reason> {
+        let mut under = self
+            .trusted_under
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *under == view.trust.fingerprint {
+            return Ok(());
+        }
+        match view.chains.verify(&self.peer_chain) {
+            Ok(_) => {
+                *under = view.trust.fingerprint;
+                Ok(())
+            }
+            Err(reason) => {
+                drop(under);
+                self.close();
+                Err(reason)
+            }
+        }
+    }
+
     async fn send(&self, msg: Message) -> Result<(), Reason> {
         self.out.send(msg).await.map_err(|_| Reason::SessionClosed)
     }
@@ -172,6 +202,14 @@ impl Session {
         remote_addr: IpAddr,
         rec: &mut Record,
     ) -> Result<SystemTime, Reason> {
+        if let Err(reason) = self.trusted(view) {
+            rec.decided_by = Decider::Us;
+            rec.detail = Some(format!(
+                "{}'s node SVID no longer chains to the trust bundle: {reason}",
+                self.peer_node
+            ));
+            return Err(reason);
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let nonce = proof::nonce()?;
         let facts = Facts {
@@ -630,14 +668,19 @@ impl Sessions {
         let binding = Binding::export(conn)?;
         let local_serial = creds.svid.serial.clone();
         let not_after = leaf.not_after;
+        let peer_chain = certs.to_vec();
         Ok(self.start(
             tokio_rustls::TlsStream::Client(stream),
-            node.clone(),
-            addr,
-            not_after,
-            local_serial,
-            true,
-            binding,
+            Established {
+                peer_node: node.clone(),
+                peer_addr: addr,
+                peer_not_after: not_after,
+                peer_chain,
+                trusted_under: view.trust.fingerprint,
+                local_serial,
+                opened_by_us: true,
+                binding,
+            },
         ))
     }
 
@@ -715,14 +758,19 @@ impl Sessions {
             return Err(Reason::NotANode);
         }
         let binding = Binding::export(conn)?;
+        let peer_chain = certs.to_vec();
         let session = self.start(
             tokio_rustls::TlsStream::Server(stream),
-            node.as_str().into(),
-            peer,
-            leaf.not_after,
-            creds.svid.serial.clone(),
-            false,
-            binding,
+            Established {
+                peer_node: node.as_str().into(),
+                peer_addr: peer,
+                peer_not_after: leaf.not_after,
+                peer_chain,
+                trusted_under: view.trust.fingerprint,
+                local_serial: creds.svid.serial.clone(),
+                opened_by_us: false,
+                binding,
+            },
         );
         self.counts.accepted.fetch_add(1, Ordering::Relaxed);
         let mut st = self.lock();
@@ -752,17 +800,7 @@ impl Sessions {
     }
 
     /// Starts the reader and writer of an established connection.
-    #[allow(clippy::too_many_arguments)]
-    fn start<S>(
-        &self,
-        stream: S,
-        peer_node: Arc<str>,
-        peer_addr: SocketAddr,
-        peer_not_after: SystemTime,
-        local_serial: String,
-        opened_by_us: bool,
-        binding: Binding,
-    ) -> Arc<Session>
+    fn start<S>(&self, stream: S, e: Established) -> Arc<Session>
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
@@ -770,12 +808,14 @@ impl Sessions {
         let (closed, closed_rx) = watch::channel(false);
         let session = Arc::new(Session {
             serial: self.next_serial.fetch_add(1, Ordering::Relaxed),
-            peer_node,
-            peer_addr,
-            peer_not_after,
-            local_serial,
-            opened_by_us,
-            binding,
+            peer_node: e.peer_node,
+            peer_addr: e.peer_addr,
+            peer_not_after: e.peer_not_after,
+            local_serial: e.local_serial,
+            opened_by_us: e.opened_by_us,
+            binding: e.binding,
+            peer_chain: e.peer_chain,
+            trusted_under: Mutex::new(e.trusted_under),
             out,
             pending: Mutex::default(),
             answered: Mutex::default(),
@@ -973,6 +1013,18 @@ impl Sessions {
 }
 
 type Outcome = Result<Arc<Session>, (Reason, Option<String>)>;
+
+/// What a completed TLS handshake established, for [`Sessions::start`].
+struct Established {
+    peer_node: Arc<str>,
+    peer_addr: SocketAddr,
+    peer_not_after: SystemTime,
+    peer_chain: Vec<CertificateDer<'static>>,
+    trusted_under: [u8; 32],
+    local_serial: String,
+    opened_by_us: bool,
+    binding: Binding,
+}
 
 /// Opens a lost session again, with backoff, a few times.
 async fn reconnect(me: Weak<Sessions>, node: Arc<str>) {

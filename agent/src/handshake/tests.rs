@@ -546,3 +546,63 @@ async fn a_rejected_answer_is_reported_to_the_responder_to_revoke() {
     assert!(rejected.revokes());
     assert_eq!(rejected.local_id.as_ref().map(SpiffeId::as_str), Some(ID_B));
 }
+
+#[tokio::test]
+async fn a_bundle_that_drops_the_peer_nodes_ca_ends_its_session_with_a_revoking_failure() {
+    let mut p = Pair::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let other = Ca::init("td", dir.path()).unwrap();
+    // node-b's node SVID comes from a second CA that both bundles hold.
+    let (old_a, old_b) = (p.a.view(), p.b.view());
+    p.b.views.send_replace(Some(Arc::new(
+        View::build(
+            "node-b",
+            trust(&[&p.ca, &other]),
+            old_b.directory.clone(),
+            Some(&node_svid(&other, "node-b")),
+            &[svid(&p.ca, ID_B)],
+            old_b.policy.clone(),
+        )
+        .unwrap(),
+    )));
+    let (a_node, a_svid) = (node_svid(&p.ca, "node-a"), svid(&p.ca, ID_A));
+    let both = |p: &Pair| {
+        View::build(
+            "node-a",
+            trust(&[&p.ca, &other]),
+            old_a.directory.clone(),
+            Some(&a_node),
+            &[a_svid.clone()],
+            old_a.policy.clone(),
+        )
+        .unwrap()
+    };
+    p.a.views.send_replace(Some(Arc::new(both(&p))));
+    let first = p.a.prove(A, B).await;
+    assert!(first.result.is_ok(), "{first:?}");
+    let _ = p.b.next_proof().await;
+    // node-a's bundle drops that CA: the session node-b authenticated with it carries no more.
+    p.a.views.send_replace(Some(Arc::new(
+        View::build(
+            "node-a",
+            trust(&[&p.ca]),
+            old_a.directory.clone(),
+            Some(&a_node),
+            &[a_svid.clone()],
+            old_a.policy.clone(),
+        )
+        .unwrap(),
+    )));
+    let i = p.a.prove(A, B).await;
+    assert_eq!(i.result, Err(Reason::UntrustedChain), "{i:?}");
+    assert_eq!(i.decided_by, Decider::Us);
+    assert!(i.revokes(), "{i:?}");
+    assert!(
+        i.detail.as_deref().unwrap_or("").contains("node-b"),
+        "{i:?}"
+    );
+    // A new session with node-b now fails at its TLS handshake, which decides nothing.
+    let again = p.a.prove(A, B).await;
+    assert!(again.result.is_err(), "{again:?}");
+    assert_eq!(again.decided_by, Decider::Transport, "{again:?}");
+}
