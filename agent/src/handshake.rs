@@ -201,6 +201,17 @@ pub enum Decider {
     Peer,
 }
 
+impl Decider {
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Transport => "transport",
+            Self::Us => "us",
+            Self::Peer => "peer",
+        }
+    }
+}
+
 /// The outcome of one session set-up or one proof, as far as it got: the audit record, and
 /// (on a proof's success) what to write into the auth map.
 #[derive(Debug, Clone)]

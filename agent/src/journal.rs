@@ -222,6 +222,7 @@ fn audit_handshake(node: &str, rec: &Record, suppressed_before: u64) {
         event = "handshake",
         role = rec.role.as_str(),
         stage = rec.stage.as_str(),
+        decided_by = if rec.result.is_err() { rec.decided_by.as_str() } else { "-" },
         result,
         reason,
         local = %name(&rec.local_id),

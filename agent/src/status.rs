@@ -99,6 +99,11 @@ pub struct HandshakeInfo {
     /// `session` (a node session set up) or `proof` (a pair's workload proof).
     #[serde(default)]
     pub stage: String,
+    /// Who decided a failure: `transport` (no session, a TLS alert, a reset, a timeout:
+    /// never authenticated, never revokes), `us` (our check inside the session) or `peer`
+    /// (the peer's refusal inside the session).
+    #[serde(default)]
+    pub decided_by: Option<String>,
     /// `ok` or `failed`.
     pub result: String,
     pub reason: Option<String>,
@@ -119,6 +124,10 @@ impl HandshakeInfo {
         Self {
             role: rec.role.as_str().to_owned(),
             stage: rec.stage.as_str().to_owned(),
+            decided_by: rec
+                .result
+                .is_err()
+                .then(|| rec.decided_by.as_str().to_owned()),
             result: if rec.result.is_ok() { "ok" } else { "failed" }.to_owned(),
             reason: rec.result.err().map(|r| r.as_str().to_owned()),
             local: rec.local_id.as_ref().map(ToString::to_string),

@@ -278,11 +278,9 @@ fn audit_records_are_json_with_the_documented_fields() {
         }
     }
     assert!(
-        records()
-            .iter()
-            .any(|r| r["result"] == "ok"
-                && r["stage"] == "proof"
-                && r["remote"] == s.identity("client").as_str()),
+        records().iter().any(|r| r["result"] == "ok"
+            && r["stage"] == "proof"
+            && r["remote"] == s.identity("client").as_str()),
         "{:?}",
         records()
     );

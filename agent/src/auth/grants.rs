@@ -92,8 +92,9 @@ pub fn with_grant(mut v: AuthValue, grant: &Grant) -> AuthValue {
     v
 }
 
-/// Whether a handshake failure says the pair cannot be authenticated (as opposed to a failure
-/// that a retry may overcome: time-outs, unreachable peers, our own missing SVID).
+/// Whether a proof's failure says the pair cannot be authenticated (as opposed to a failure
+/// that a retry may overcome: time-outs, unreachable peers, a missing SVID, cluster state
+/// that one side has not caught up with yet).
 #[must_use]
 pub fn definitive(reason: Reason) -> bool {
     !matches!(
@@ -108,6 +109,7 @@ pub fn definitive(reason: Reason) -> bool {
             | Reason::UnknownPeer
             | Reason::Busy
             | Reason::RateLimited
+            | Reason::UnknownInitiator
             | Reason::NoNodeSvid
             | Reason::NotANode
             | Reason::SessionClosed

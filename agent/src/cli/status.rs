@@ -361,15 +361,21 @@ fn render(s: &Status) -> String {
         }
     }
     if !s.handshakes.is_empty() {
-        let _ = writeln!(o, "\nrecent handshakes");
+        let _ = writeln!(o, "\nrecent sessions and proofs");
         for h in s.handshakes.iter().rev().take(10) {
-            let reason = h
-                .reason
-                .as_deref()
-                .map_or_else(String::new, |r| format!(" ({r})"));
+            let reason = match (&h.reason, &h.decided_by) {
+                (Some(r), Some(by)) => format!(" ({r}, decided by {by})"),
+                (Some(r), None) => format!(" ({r})"),
+                _ => String::new(),
+            };
             let _ = writeln!(
                 o,
-                "  {} {}{reason}: {} <-> {} @ {}, {} ms",
+                "  {} {} {}{reason}: {} <-> {} @ {}, {} ms",
+                if h.stage.is_empty() {
+                    "proof"
+                } else {
+                    &h.stage
+                },
                 h.role,
                 h.result,
                 h.local.as_deref().unwrap_or("-"),

@@ -29,6 +29,7 @@ use super::{
     wire::{self, Message, Prove, Proven, Refuse, Reject},
 };
 use crate::{
+    identity::SpiffeId,
     issuer::protocol::{node_id, node_of},
     reason::Reason,
     tls::{self, LocalSvid},
@@ -43,7 +44,9 @@ pub const IDLE: Duration = Duration::from_secs(15 * 60);
 pub const MAX_PROOFS: usize = 1024;
 /// Answers kept for a `Reject` to name (the initiator rejects within its time limit).
 const MAX_ANSWERED: usize = 8192;
-/// A session is not used for new proofs once either node SVID expires within this.
+/// A session is not used for new proofs once either node SVID expires within this, or within
+/// half of what was left of it when the session came up, whichever is shorter (so that
+/// short-lived SVIDs still get sessions that last).
 const EXPIRY_MARGIN: Duration = Duration::from_secs(30);
 /// How often sessions are looked over (stale, idle, nodes gone).
 const SWEEP: Duration = Duration::from_secs(2);
@@ -52,6 +55,60 @@ const OUTBOX: usize = 4096;
 
 fn unix_ms(t: SystemTime) -> u64 {
     u64::try_from(t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Workload chains already verified, so that the many proofs of one workload's pairs pay for
+/// its chain once: keyed by the SHA-256 of the chain and the trust bundle's fingerprint, kept
+/// until the leaf expires. Only the chain is taken from here; every proof's signature is still
+/// checked against the leaf's key.
+#[derive(Default)]
+pub struct ChainCache {
+    verified: Mutex<HashMap<ChainKey, (SpiffeId, SystemTime)>>,
+}
+
+/// The SHA-256 of a chain, and the fingerprint of the bundle it was verified against.
+type ChainKey = ([u8; 32], [u8; 32]);
+
+impl ChainCache {
+    /// Entries kept at most; the cache starts over beyond.
+    const MAX: usize = 65_536;
+
+    fn verify(
+        &self,
+        view: &View,
+        chain: &[CertificateDer<'static>],
+    ) -> Result<(SpiffeId, SystemTime), Reason> {
+        let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
+        for c in chain {
+            hash.update(&u32::try_from(c.len()).unwrap_or(u32::MAX).to_be_bytes());
+            hash.update(c);
+        }
+        let mut digest = [0u8; 32];
+        digest.copy_from_slice(hash.finish().as_ref());
+        let key = (digest, view.trust.fingerprint);
+        let now = SystemTime::now();
+        let mut cache = self
+            .verified
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((id, not_after)) = cache.get(&key) {
+            if *not_after > now {
+                return Ok((id.clone(), *not_after));
+            }
+            cache.remove(&key);
+        }
+        drop(cache);
+        let verified = view.chains.verify(chain)?;
+        let mut cache = self
+            .verified
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if cache.len() >= Self::MAX {
+            cache.clear();
+        }
+        cache.insert(key, verified.clone());
+        Ok(verified)
+    }
 }
 
 /// A peer's answer to one of our proofs.
@@ -82,6 +139,7 @@ pub struct Session {
     /// carries another proof.
     peer_chain: Vec<CertificateDer<'static>>,
     trusted_under: Mutex<[u8; 32]>,
+    chains: Arc<ChainCache>,
     out: mpsc::Sender<Message>,
     pending: Mutex<HashMap<u64, oneshot::Sender<Answer>>>,
     answered: Mutex<HashMap<u64, Answered>>,
@@ -89,6 +147,7 @@ pub struct Session {
     /// Milliseconds since `born` of the last proof sent or received, and of the last frame
     /// received.
     born: Instant,
+    born_wall: SystemTime,
     last_proof_ms: AtomicU64,
     last_rx_ms: AtomicU64,
     closed: watch::Sender<bool>,
@@ -151,13 +210,17 @@ impl Session {
     /// Whether new proofs may use it: open, our node SVID unchanged, neither node SVID
     /// about to expire.
     fn usable(&self, view: &View) -> bool {
-        let soon = SystemTime::now() + EXPIRY_MARGIN;
+        let now = SystemTime::now();
+        let fresh = |not_after: SystemTime| {
+            let left_then = not_after.duration_since(self.born_wall).unwrap_or_default();
+            not_after > now + EXPIRY_MARGIN.min(left_then / 2)
+        };
         !self.is_closed()
             && view
                 .node_creds
                 .as_ref()
-                .is_some_and(|n| n.svid.serial == self.local_serial && n.svid.not_after > soon)
-            && self.peer_not_after > soon
+                .is_some_and(|n| n.svid.serial == self.local_serial && fresh(n.svid.not_after))
+            && fresh(self.peer_not_after)
     }
 
     /// Whether the peer's node SVID still chains to the bundle of `view` (checked again only
@@ -257,7 +320,7 @@ impl Session {
         self.touch();
         let checked = (|| {
             let chain = decode_chain(&proven.chain)?;
-            let (peer_id, peer_not_after) = view.chains.verify(&chain)?;
+            let (peer_id, peer_not_after) = self.chains.verify(view, &chain)?;
             rec.remote_id = Some(peer_id.clone());
             if peer_id != remote.id {
                 return Err(Reason::IdentityMismatch);
@@ -384,7 +447,7 @@ fn decode_chain(chain: &[String]) -> Result<Vec<CertificateDer<'static>>, Reason
 
 enum Slot {
     /// A set-up under way; its outcome is sent here.
-    Connecting(watch::Receiver<Option<Result<Arc<Session>, (Reason, Option<String>)>>>),
+    Connecting(watch::Receiver<Option<Outcome>>),
     /// The last set-up failed: no new one before `retry_at`.
     Down {
         retry_at: Instant,
@@ -421,6 +484,7 @@ pub struct Sessions {
     timeout: Duration,
     state: Mutex<State>,
     next_serial: AtomicU64,
+    chains: Arc<ChainCache>,
     pub counts: Counts,
     me: Weak<Sessions>,
 }
@@ -448,6 +512,7 @@ impl Sessions {
             timeout,
             state: Mutex::default(),
             next_serial: AtomicU64::new(1),
+            chains: Arc::default(),
             counts: Counts::default(),
             me: me.clone(),
         });
@@ -639,7 +704,7 @@ impl Sessions {
                     // A version 1 agent speaks only `portcullis/1`, and finds no workload
                     // address in our server name.
                     rec.detail = Some(format!(
-                        "{node} refused the session ({}): it speaks protocol version 1 (one TLS handshake per pair); upgrade it",
+                        "{node} refused the session ({}): a version 1 agent (one TLS handshake per pair) answers so, and should be upgraded; an alert before the session is up is not authenticated, so it may also have been forged on the path",
                         rec.detail.as_deref().unwrap_or("an alert")
                     ));
                     return Reason::Version;
@@ -816,11 +881,13 @@ impl Sessions {
             binding: e.binding,
             peer_chain: e.peer_chain,
             trusted_under: Mutex::new(e.trusted_under),
+            chains: self.chains.clone(),
             out,
             pending: Mutex::default(),
             answered: Mutex::default(),
             next_id: AtomicU64::new(1),
             born: Instant::now(),
+            born_wall: SystemTime::now(),
             last_proof_ms: AtomicU64::new(0),
             last_rx_ms: AtomicU64::new(0),
             closed,
@@ -834,7 +901,8 @@ impl Sessions {
     }
 
     /// A session ended: forget it, fail what waited for it, and open a new one if it was
-    /// ours and in use (with backoff).
+    /// ours, in use and not superseded (with backoff). A session replaced by a newer one
+    /// (a node SVID renewed, the peer's newer session preferred) is not opened again.
     fn ended(&self, session: &Arc<Session>) {
         session.close();
         for (_, tx) in session.lock_pending().drain() {
@@ -842,12 +910,13 @@ impl Sessions {
         }
         let mut st = self.lock();
         st.all.remove(&session.serial);
-        if st.preferred.get(&session.peer_node) == Some(&session.serial) {
+        let was_preferred = st.preferred.get(&session.peer_node) == Some(&session.serial);
+        if was_preferred {
             st.preferred.remove(&session.peer_node);
         }
         drop(st);
         let recently_used = session.idle_for() < IDLE;
-        if session.opened_by_us && recently_used {
+        if session.opened_by_us && was_preferred && recently_used {
             let (me, node) = (self.me.clone(), session.peer_node.clone());
             tokio::spawn(async move { reconnect(me, node).await });
         }
@@ -913,7 +982,7 @@ impl Sessions {
             return Err(Reason::IdentityMismatch);
         }
         let chain = decode_chain(&p.chain)?;
-        let (peer_id, peer_not_after) = view.chains.verify(&chain)?;
+        let (peer_id, peer_not_after) = session.chains.verify(&view, &chain)?;
         rec.remote_id = Some(peer_id.clone());
         let initiator = view
             .directory
@@ -1071,13 +1140,11 @@ async fn sweep(me: Weak<Sessions>) {
     }
 }
 
-async fn write_loop<W: AsyncWrite + Unpin>(
+async fn write_loop<W: AsyncRead + AsyncWrite + Unpin>(
     mut wr: WriteHalf<W>,
     mut outbox: mpsc::Receiver<Message>,
     mut closed: watch::Receiver<bool>,
-) where
-    W: AsyncRead,
-{
+) {
     let mut batch = Vec::with_capacity(64);
     loop {
         tokio::select! {

@@ -572,7 +572,7 @@ async fn a_bundle_that_drops_the_peer_nodes_ca_ends_its_session_with_a_revoking_
             trust(&[&p.ca, &other]),
             old_a.directory.clone(),
             Some(&a_node),
-            &[a_svid.clone()],
+            std::slice::from_ref(&a_svid),
             old_a.policy.clone(),
         )
         .unwrap()
@@ -588,7 +588,7 @@ async fn a_bundle_that_drops_the_peer_nodes_ca_ends_its_session_with_a_revoking_
             trust(&[&p.ca]),
             old_a.directory.clone(),
             Some(&a_node),
-            &[a_svid.clone()],
+            std::slice::from_ref(&a_svid),
             old_a.policy.clone(),
         )
         .unwrap(),

@@ -1,8 +1,8 @@
 //! Control plane with many auth entries: `locals × remotes` pairs written into node-1's agent
-//! through its admin API (the call a handshake's result takes into the map, without the TLS),
-//! the agent's resident memory with them, and revocation at that scale: a policy edit that
-//! revokes one local workload's pairs, timed by the agent (its walk over every entry and flow)
-//! and from the file write.
+//! through its admin API (the call a workload proof's result takes into the map, without the
+//! node session or the proofs: `warmup` measures those), the agent's resident memory with
+//! them, and revocation at that scale: a policy edit that revokes one local workload's pairs,
+//! timed by the agent (its walk over every entry and flow) and from the file write.
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},

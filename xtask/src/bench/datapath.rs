@@ -2,7 +2,8 @@
 //! client on node-1 → server on node-2, in four settings measured in the same run and
 //! alternated within each repetition (so that a noisy, shared machine hits all alike):
 //! - `none`: the same testbed with no enforcement;
-//! - `portcullis`: agents enforcing, the pair authenticated by the agents' mTLS handshake;
+//! - `portcullis`: agents enforcing, the pair authenticated by the agents (a workload proof
+//!   inside their node session, protocol version 2);
 //! - `stunnel`: stunnel client/server pairs with mutual TLS between the same pods (the
 //!   user-space proxy model: every byte through a proxy);
 //! - `nftables`: a conventional kernel filter on the server's node admitting the pair by
