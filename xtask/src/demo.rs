@@ -107,8 +107,8 @@ pub fn run(_args: Args) -> Result<i32> {
         );
     } else {
         println!(
-            "  connected in {ms:.0} ms: node-2 dropped the first SYN, the agents ran a mutual-TLS handshake,\n  \
-             and the kernel's SYN retransmission found the auth entry"
+            "  connected in {ms:.0} ms: node-2 dropped the first SYN, the agents proved both workloads in their\n  \
+             mutual-TLS node session, and the kernel's SYN retransmission found the auth entry"
         );
     }
     let _ = eventually(Duration::from_secs(2), || {
