@@ -32,8 +32,10 @@ pub struct Entries {
     /// Keys removed since the last [`Entries::take_removed`]: their numbers may be unused now.
     removed: Vec<AuthKey>,
     /// The pair keys the proof that wrote each entry derived (none for entries adopted from
-    /// the kernel at start or written by `portcullis auth allow`).
-    pair_keys: HashMap<AuthKey, PairKeys>,
+    /// the kernel at start or written by `portcullis auth allow`), and those of the proof
+    /// before it: when both agents prove the same pair at once, each may keep the other's
+    /// proof last, so a verifier accepts either.
+    pair_keys: HashMap<AuthKey, (PairKeys, Option<PairKeys>)>,
 }
 
 fn add(refs: &mut HashMap<u32, usize>, n: u32) {
@@ -119,9 +121,10 @@ impl Entries {
         v: AuthValue,
         keys: Option<PairKeys>,
     ) -> Result<(), DatapathError> {
+        let before = self.pair_keys.get(&k).map(|(current, _)| current.clone());
         self.insert(maps, k, v)?;
         if let Some(keys) = keys {
-            self.pair_keys.insert(k, keys);
+            self.pair_keys.insert(k, (keys, before));
         }
         Ok(())
     }
@@ -129,7 +132,13 @@ impl Entries {
     /// The pair keys of an entry, if a proof wrote it.
     #[must_use]
     pub fn pair_keys(&self, k: &AuthKey) -> Option<&PairKeys> {
-        self.pair_keys.get(k)
+        self.pair_keys.get(k).map(|(current, _)| current)
+    }
+
+    /// The keys of the proof before the current one, if the entry was proven twice.
+    #[must_use]
+    pub fn previous_pair_keys(&self, k: &AuthKey) -> Option<&PairKeys> {
+        self.pair_keys.get(k).and_then(|(_, previous)| previous.as_ref())
     }
 
     /// Removes an entry from the kernel, then here; `false` when there was none.

@@ -389,3 +389,36 @@ fn only_authenticated_refusals_revoke_and_transport_failures_never_do() {
     w.finished(&rec);
     assert!(w.maps.auth.contains_key(&key));
 }
+
+/// A re-proven entry keeps the keys of the proof before, so that when both agents prove the
+/// same pair at once and each keeps the other's proof last, a verifier holding both accepts
+/// what the other side signs.
+#[test]
+fn a_re_proven_entry_keeps_the_previous_keys() {
+    let mut w = World::new();
+    let key = w.key("web", "api");
+    let keys = |b: u8| crate::handshake::PairKeys {
+        outbound: [b; 16],
+        inbound: [b + 1; 16],
+    };
+    let value = AuthValue {
+        expires_ns: boot_ns() + 60_000_000_000,
+        created_ns: boot_ns(),
+        ..AuthValue::default()
+    };
+    w.auth
+        .entries
+        .insert_keyed(&mut w.maps, key, value, Some(keys(1)))
+        .unwrap();
+    assert_eq!(w.auth.entries.pair_keys(&key), Some(&keys(1)));
+    assert_eq!(w.auth.entries.previous_pair_keys(&key), None);
+    w.auth
+        .entries
+        .insert_keyed(&mut w.maps, key, value, Some(keys(5)))
+        .unwrap();
+    assert_eq!(w.auth.entries.pair_keys(&key), Some(&keys(5)));
+    assert_eq!(w.auth.entries.previous_pair_keys(&key), Some(&keys(1)));
+    // Revoked: no keys left.
+    w.auth.entries.remove(&mut w.maps, &key).unwrap();
+    assert_eq!(w.auth.entries.pair_keys(&key), None);
+}
