@@ -138,7 +138,9 @@ impl Entries {
     /// The keys of the proof before the current one, if the entry was proven twice.
     #[must_use]
     pub fn previous_pair_keys(&self, k: &AuthKey) -> Option<&PairKeys> {
-        self.pair_keys.get(k).and_then(|(_, previous)| previous.as_ref())
+        self.pair_keys
+            .get(k)
+            .and_then(|(_, previous)| previous.as_ref())
     }
 
     /// Removes an entry from the kernel, then here; `false` when there was none.
