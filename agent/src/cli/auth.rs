@@ -6,7 +6,7 @@ use super::Target;
 use crate::admin::{self, Request, Response};
 
 /// Write or remove auth entries by hand, through the running agent (debugging and tests;
-/// handshakes write them in normal operation).
+/// workload proofs write them in normal operation).
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
     /// Admit new connections from REMOTE (on REMOTE_NODE) to LOCAL for --ttl seconds.

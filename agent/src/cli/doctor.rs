@@ -241,13 +241,13 @@ fn peers(target: &Target) -> Vec<Check> {
             Ok(_) => check(
                 "peer",
                 Verdict::Ok,
-                format!("{} handshake port {} reachable", node.name, node.address),
+                format!("{} session port {} reachable", node.name, node.address),
                 None,
             ),
             Err(e) => check(
                 "peer",
                 Verdict::Fail,
-                format!("{} handshake port {}: {e}", node.name, node.address),
+                format!("{} session port {}: {e}", node.name, node.address),
                 Some("check that its agent runs and that the port is open between nodes"),
             ),
         };

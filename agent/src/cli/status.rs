@@ -389,7 +389,7 @@ fn render(s: &Status) -> String {
     if lost + s.events_dropped + s.handshakes_deferred > 0 {
         let _ = writeln!(
             o,
-            "\noverload: {lost} events lost (ring buffer full), {} dropped (agent busy), {} handshakes deferred",
+            "\noverload: {lost} events lost (ring buffer full), {} dropped (agent busy), {} proofs deferred",
             s.events_dropped, s.handshakes_deferred
         );
     }
