@@ -52,6 +52,8 @@ pub const KIND_PROVE: u8 = 1;
 pub const KIND_PROVEN: u8 = 2;
 pub const KIND_REFUSE: u8 = 3;
 pub const KIND_REJECT: u8 = 4;
+/// The acceptor's first frame, once it has checked the opener's node SVID.
+pub const KIND_READY: u8 = 5;
 /// Bytes of a proof nonce.
 pub const NONCE_LEN: usize = 16;
 /// The largest frame (after the length) the agent accepts.
@@ -673,7 +675,8 @@ impl Session {
         Ok(())
     }
 
-    /// Connects and completes the handshake, and checks the server agreed to `portcullis/2`.
+    /// Connects and completes the handshake, checks the server agreed to `portcullis/2`, and
+    /// waits for its `Ready` (the acceptor's verdict on our node SVID).
     pub fn open(addr: SocketAddr, how: &Connect) -> Result<Self> {
         let mut s = Self::connect(addr, how)?;
         s.handshake()?;
@@ -683,7 +686,27 @@ impl Session {
                 s.alpn().map(String::from_utf8_lossy)
             );
         }
+        s.ready()?;
         Ok(s)
+    }
+
+    /// Reads the acceptor's `Ready`: the name of the node it says it is.
+    pub fn ready(&mut self) -> Result<String> {
+        let f = self
+            .recv()
+            .map_err(|e| anyhow::anyhow!("no Ready from the acceptor: {e}"))?;
+        if f.version != 2 || f.kind != KIND_READY {
+            bail!(
+                "the first frame was kind {} version {}, not Ready",
+                f.kind,
+                f.version
+            );
+        }
+        let v = f.json().context("Ready is not JSON")?;
+        v["node"]
+            .as_str()
+            .map(str::to_owned)
+            .context("Ready names no node")
     }
 
     /// The local address of the TCP connection (its source address, as the server sees it).

@@ -794,7 +794,15 @@ impl Manual {
         let rec = bed.b.next_session().await;
         assert!(rec.result.is_ok(), "{rec:?}");
         assert_eq!(rec.remote_node.as_deref(), Some("node-a"));
-        Self { tls, binding }
+        let mut manual = Self { tls, binding };
+        // The acceptor's first frame says it checked our node SVID.
+        assert_eq!(
+            manual.next().await,
+            Ok(Message::Ready(wire::Ready {
+                node: "node-b".into()
+            }))
+        );
+        manual
     }
 
     async fn next(&mut self) -> Result<Message, Reason> {

@@ -59,11 +59,12 @@ fn unix_ms(t: SystemTime) -> u64 {
 
 /// Workload chains already verified, so that the many proofs of one workload's pairs pay for
 /// its chain once: keyed by the SHA-256 of the chain and the trust bundle's fingerprint, kept
-/// until the leaf expires. Only the chain is taken from here; every proof's signature is still
-/// checked against the leaf's key.
+/// until the leaf expires and for at most [`ChainCache::REUSE`] (so that an intermediate that
+/// expires first is noticed). Only the chain is taken from here; every proof's signature is
+/// still checked against the leaf's key.
 #[derive(Default)]
 pub struct ChainCache {
-    verified: Mutex<HashMap<ChainKey, (SpiffeId, SystemTime)>>,
+    verified: Mutex<HashMap<ChainKey, (SpiffeId, SystemTime, Instant)>>,
 }
 
 /// The SHA-256 of a chain, and the fingerprint of the bundle it was verified against.
@@ -72,6 +73,8 @@ type ChainKey = ([u8; 32], [u8; 32]);
 impl ChainCache {
     /// Entries kept at most; the cache starts over beyond.
     const MAX: usize = 65_536;
+    /// How long a verification is reused.
+    const REUSE: Duration = Duration::from_secs(600);
 
     fn verify(
         &self,
@@ -91,8 +94,8 @@ impl ChainCache {
             .verified
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some((id, not_after)) = cache.get(&key) {
-            if *not_after > now {
+        if let Some((id, not_after, at)) = cache.get(&key) {
+            if *not_after > now && at.elapsed() < Self::REUSE {
                 return Ok((id.clone(), *not_after));
             }
             cache.remove(&key);
@@ -106,7 +109,7 @@ impl ChainCache {
         if cache.len() >= Self::MAX {
             cache.clear();
         }
-        cache.insert(key, verified.clone());
+        cache.insert(key, (verified.0.clone(), verified.1, Instant::now()));
         Ok(verified)
     }
 }
@@ -149,6 +152,8 @@ pub struct Session {
     born: Instant,
     born_wall: SystemTime,
     last_proof_ms: AtomicU64,
+    /// Whether a proof went either way in it.
+    used: std::sync::atomic::AtomicBool,
     last_rx_ms: AtomicU64,
     closed: watch::Sender<bool>,
     proofs: Arc<Semaphore>,
@@ -180,6 +185,7 @@ impl Session {
     }
 
     fn touch(&self) {
+        self.used.store(true, Ordering::Relaxed);
         self.last_proof_ms
             .store(self.since_born(), Ordering::Relaxed);
     }
@@ -224,28 +230,24 @@ impl Session {
     }
 
     /// Whether the peer's node SVID still chains to the bundle of `view` (checked again only
-    /// when the bundle changed). A session whose peer lost its trust is closed: proofs in it
-    /// fail with the chain's reason, which is our own check of a peer authenticated before,
-    /// so it may revoke; a new session with that node fails at its TLS handshake.
-    fn trusted(&self, view: &View) -> Result<(), Reason> {
+    /// when the bundle changed). A session whose peer's certificate lost its trust is closed
+    /// and carries no further proof: the peer may hold a newer node SVID, so the proof goes to
+    /// a new session, which checks whatever the peer presents now.
+    pub(super) fn still_trusted(&self, view: &View) -> bool {
         let mut under = self
             .trusted_under
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if *under == view.trust.fingerprint {
-            return Ok(());
+            return true;
         }
-        match view.chains.verify(&self.peer_chain) {
-            Ok(_) => {
-                *under = view.trust.fingerprint;
-                Ok(())
-            }
-            Err(reason) => {
-                drop(under);
-                self.close();
-                Err(reason)
-            }
+        if view.chains.verify(&self.peer_chain).is_ok() {
+            *under = view.trust.fingerprint;
+            return true;
         }
+        drop(under);
+        self.close();
+        false
     }
 
     async fn send(&self, msg: Message) -> Result<(), Reason> {
@@ -265,14 +267,6 @@ impl Session {
         remote_addr: IpAddr,
         rec: &mut Record,
     ) -> Result<SystemTime, Reason> {
-        if let Err(reason) = self.trusted(view) {
-            rec.decided_by = Decider::Us;
-            rec.detail = Some(format!(
-                "{}'s node SVID no longer chains to the trust bundle: {reason}",
-                self.peer_node
-            ));
-            return Err(reason);
-        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let nonce = proof::nonce()?;
         let facts = Facts {
@@ -349,6 +343,7 @@ impl Session {
                 &nonce_r,
                 true,
             ));
+            rec.remote_chain = Some(Arc::new(chain));
             Ok(svid.not_after.min(peer_not_after))
         })();
         if let Err(reason) = checked {
@@ -377,7 +372,9 @@ impl Session {
             let cutoff = Instant::now() - Duration::from_secs(60);
             a.retain(|_, v| v.at > cutoff);
             if a.len() >= MAX_ANSWERED {
-                a.clear();
+                // All fresh: this answer cannot be rejected later, its entry lasts until it
+                // expires or is proven again.
+                return;
             }
         }
         a.insert(
@@ -583,7 +580,7 @@ impl Sessions {
                     tokio::spawn(async move {
                         let Some(me) = me else { return };
                         let outcome = me.open(&view, &key, timeout).await;
-                        me.opened(&view.node, &key, &outcome);
+                        me.opened(&view, &key, &outcome);
                         tx.send_replace(Some(outcome));
                     });
                     rx
@@ -602,19 +599,23 @@ impl Sessions {
 
     /// Books the outcome of a set-up we started. Both agents use the session the node of the
     /// smaller name opened, so that two set-ups racing each other end in one session in use.
-    fn opened(&self, here: &str, node: &Arc<str>, outcome: &Outcome) {
+    fn opened(&self, view: &View, node: &Arc<str>, outcome: &Outcome) {
         let mut st = self.lock();
         match outcome {
             Ok(s) => {
                 st.slots.remove(node);
                 st.backoff.remove(node);
+                if s.is_closed() {
+                    // Lost already (`ended` has run): nothing to keep.
+                    return;
+                }
                 st.all.insert(s.serial, s.clone());
-                let keep_theirs = **node < *here
+                let keep_theirs = **node < *view.node
                     && st
                         .preferred
                         .get(node)
                         .and_then(|serial| st.all.get(serial))
-                        .is_some_and(|p| !p.opened_by_us && !p.is_closed());
+                        .is_some_and(|p| !p.opened_by_us && p.usable(view));
                 if !keep_theirs {
                     st.preferred.insert(node.clone(), s.serial);
                 }
@@ -734,6 +735,21 @@ impl Sessions {
         let local_serial = creds.svid.serial.clone();
         let not_after = leaf.not_after;
         let peer_chain = certs.to_vec();
+        let mut stream = stream;
+        // In TLS 1.3 our side of the handshake is done before the peer has judged our
+        // certificate: nothing is sent before its `Ready`, and its refusal (an alert) comes
+        // here instead.
+        match read_first(&mut stream, rec).await? {
+            Message::Ready(r) if r.node == **node => {}
+            Message::Ready(r) => {
+                rec.detail = Some(format!("{node} said it is {}", r.node));
+                return Err(Reason::Protocol);
+            }
+            _ => {
+                rec.detail = Some("the first frame was not Ready".to_owned());
+                return Err(Reason::Protocol);
+            }
+        }
         Ok(self.start(
             tokio_rustls::TlsStream::Client(stream),
             Established {
@@ -824,12 +840,20 @@ impl Sessions {
         }
         let binding = Binding::export(conn)?;
         let peer_chain = certs.to_vec();
+        let not_after = leaf.not_after;
+        let mut stream = stream;
+        let ready = Message::Ready(wire::Ready {
+            node: view.node.clone(),
+        });
+        wire::write_all(&mut stream, &[ready])
+            .await
+            .map_err(|_| Reason::SessionClosed)?;
         let session = self.start(
             tokio_rustls::TlsStream::Server(stream),
             Established {
                 peer_node: node.as_str().into(),
                 peer_addr: peer,
-                peer_not_after: leaf.not_after,
+                peer_not_after: not_after,
                 peer_chain,
                 trusted_under: view.trust.fingerprint,
                 local_serial: creds.svid.serial.clone(),
@@ -851,6 +875,9 @@ impl Sessions {
                 s.close();
             }
         }
+        if session.is_closed() {
+            return Err(Reason::SessionClosed);
+        }
         st.all.insert(session.serial, session.clone());
         // Both agents use the session the node of the smaller name opened.
         let ours_usable = st
@@ -861,7 +888,7 @@ impl Sessions {
         if !ours_usable || node.as_str() < view.node.as_str() {
             st.preferred.insert(node.as_str().into(), session.serial);
         }
-        Ok(leaf.not_after)
+        Ok(not_after)
     }
 
     /// Starts the reader and writer of an established connection.
@@ -889,6 +916,7 @@ impl Sessions {
             born: Instant::now(),
             born_wall: SystemTime::now(),
             last_proof_ms: AtomicU64::new(0),
+            used: std::sync::atomic::AtomicBool::new(false),
             last_rx_ms: AtomicU64::new(0),
             closed,
             proofs: Arc::new(Semaphore::new(MAX_PROOFS)),
@@ -915,7 +943,7 @@ impl Sessions {
             st.preferred.remove(&session.peer_node);
         }
         drop(st);
-        let recently_used = session.idle_for() < IDLE;
+        let recently_used = session.used.load(Ordering::Relaxed) && session.idle_for() < IDLE;
         if session.opened_by_us && was_preferred && recently_used {
             let (me, node) = (self.me.clone(), session.peer_node.clone());
             tokio::spawn(async move { reconnect(me, node).await });
@@ -946,7 +974,9 @@ impl Sessions {
             Ok((expires, proven)) => {
                 rec.result = Ok(expires);
                 session.remember_answer(id, rec.clone());
-                if session.send(Message::Proven(proven)).await.is_err() {
+                let sent =
+                    tokio::time::timeout(self.timeout, session.send(Message::Proven(proven))).await;
+                if !matches!(sent, Ok(Ok(()))) {
                     // The entry stays until it expires or is revalidated away; the
                     // initiator, without an answer, retries.
                     rec.detail = Some("the session closed before the answer was sent".to_owned());
@@ -954,7 +984,11 @@ impl Sessions {
             }
             Err(reason) => {
                 rec.result = Err(reason);
-                let _ = session.send(Message::Refuse(Refuse { id, reason })).await;
+                let _ = tokio::time::timeout(
+                    self.timeout,
+                    session.send(Message::Refuse(Refuse { id, reason })),
+                )
+                .await;
             }
         }
         let _ = self.records.send(rec).await;
@@ -984,6 +1018,7 @@ impl Sessions {
         let chain = decode_chain(&p.chain)?;
         let (peer_id, peer_not_after) = session.chains.verify(&view, &chain)?;
         rec.remote_id = Some(peer_id.clone());
+        rec.remote_chain = Some(Arc::new(chain.clone()));
         let initiator = view
             .directory
             .owner(&p.initiator_addr)
@@ -1126,7 +1161,12 @@ async fn sweep(me: Weak<Sessions>) {
         let Some(view) = sessions.views.borrow().clone() else {
             continue;
         };
-        let st = sessions.lock();
+        let mut st = sessions.lock();
+        // Set-up state of nodes gone from cluster state goes with them.
+        st.slots
+            .retain(|node, _| view.directory.node_address(node).is_some());
+        st.backoff
+            .retain(|node, _| view.directory.node_address(node).is_some());
         for s in st.all.values() {
             let gone = view.directory.node_address(&s.peer_node).is_none();
             let stale = !s.usable(&view) && s.lock_pending().is_empty();
@@ -1149,7 +1189,15 @@ async fn write_loop<W: AsyncRead + AsyncWrite + Unpin>(
     loop {
         tokio::select! {
             n = outbox.recv_many(&mut batch, 64) => {
-                if n == 0 || wire::write_all(&mut wr, &batch).await.is_err() {
+                if n == 0 {
+                    break;
+                }
+                // A peer that stops reading must not hold the session once it is closed.
+                let written = tokio::select! {
+                    w = wire::write_all(&mut wr, &batch) => w.is_ok(),
+                    () = closing(&mut closed) => false,
+                };
+                if !written {
                     break;
                 }
                 batch.clear();
@@ -1157,7 +1205,11 @@ async fn write_loop<W: AsyncRead + AsyncWrite + Unpin>(
             () = closing(&mut closed) => break,
         }
     }
-    let _ = tokio::io::AsyncWriteExt::shutdown(&mut wr).await;
+    let _ = tokio::time::timeout(
+        Duration::from_secs(1),
+        tokio::io::AsyncWriteExt::shutdown(&mut wr),
+    )
+    .await;
 }
 
 async fn read_loop<R: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
@@ -1201,12 +1253,17 @@ async fn read_loop<R: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
                 session.touch();
                 let Ok(permit) = session.proofs.clone().try_acquire_owned() else {
                     let id = p.id;
-                    let _ = session
-                        .send(Message::Refuse(Refuse {
+                    // A peer that sends proofs faster than it reads answers loses its session.
+                    if session
+                        .out
+                        .try_send(Message::Refuse(Refuse {
                             id,
                             reason: Reason::Busy,
                         }))
-                        .await;
+                        .is_err()
+                    {
+                        break;
+                    }
                     continue;
                 };
                 let s = session.clone();
@@ -1226,11 +1283,35 @@ async fn read_loop<R: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
                 }
             }
             Message::Reject(r) => sessions.rejected(&session, r).await,
+            // Only the acceptor's first frame, read before the session started.
+            Message::Ready(_) => {}
         }
     }
     if let Some(sessions) = me.upgrade() {
         sessions.ended(&session);
     }
+}
+
+/// The opener's first read: the acceptor's `Ready`, or its refusal as a TLS alert (recorded
+/// with rustls's words; a transport failure like any before the session is up).
+async fn read_first<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    rec: &mut Record,
+) -> Result<Message, Reason> {
+    use tokio::io::AsyncReadExt as _;
+    let len = stream
+        .read_u32()
+        .await
+        .map_err(|e| tls_failure(rec, &e, Reason::SessionClosed))? as usize;
+    if !(2..=wire::MAX_FRAME).contains(&len) {
+        return Err(Reason::Protocol);
+    }
+    let mut frame = vec![0; len];
+    stream
+        .read_exact(&mut frame)
+        .await
+        .map_err(|e| tls_failure(rec, &e, Reason::SessionClosed))?;
+    Message::decode(&frame)
 }
 
 /// Resolves once the session is closed.

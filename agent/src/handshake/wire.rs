@@ -19,6 +19,7 @@ const KIND_PROVE: u8 = 1;
 const KIND_PROVEN: u8 = 2;
 const KIND_REFUSE: u8 = 3;
 const KIND_REJECT: u8 = 4;
+const KIND_READY: u8 = 5;
 
 /// The initiator's half of a workload proof: "my workload at `initiator_addr` wants to be
 /// authenticated with yours at `responder_addr`, which I expect to be `responder_id`".
@@ -71,12 +72,23 @@ pub struct Reject {
     pub reason: Reason,
 }
 
+/// The accepting agent's first frame: it has checked the opener's node SVID (in TLS 1.3 the
+/// opener's handshake completes before the acceptor has judged its certificate, so the opener
+/// sends nothing before this).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ready {
+    /// The accepting node's name, as its node SVID says.
+    pub node: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
     Prove(Prove),
     Proven(Proven),
     Refuse(Refuse),
     Reject(Reject),
+    Ready(Ready),
 }
 
 impl Message {
@@ -87,6 +99,7 @@ impl Message {
             Self::Proven(m) => (KIND_PROVEN, serde_json::to_vec(m)),
             Self::Refuse(m) => (KIND_REFUSE, serde_json::to_vec(m)),
             Self::Reject(m) => (KIND_REJECT, serde_json::to_vec(m)),
+            Self::Ready(m) => (KIND_READY, serde_json::to_vec(m)),
         };
         // Serializing these plain structs cannot fail.
         let body = body.unwrap_or_default();
@@ -114,6 +127,7 @@ impl Message {
             KIND_PROVEN => Self::Proven(serde_json::from_slice(frame).map_err(bad)?),
             KIND_REFUSE => Self::Refuse(serde_json::from_slice(frame).map_err(bad)?),
             KIND_REJECT => Self::Reject(serde_json::from_slice(frame).map_err(bad)?),
+            KIND_READY => Self::Ready(serde_json::from_slice(frame).map_err(bad)?),
             _ => return Err(Reason::Protocol),
         })
     }
@@ -196,6 +210,9 @@ mod tests {
             Message::Reject(Reject {
                 id: 7,
                 reason: Reason::BadSignature,
+            }),
+            Message::Ready(Ready {
+                node: "node-2".into(),
             }),
         ] {
             let buf = msg.encode();
