@@ -296,7 +296,7 @@ impl Auth {
         );
         self.renewal_checked.remove(&key);
         self.entries
-            .insert_keyed(maps, key, value, rec.keys.clone())
+            .insert_keyed(maps, key, value, rec.keys.clone(), rec.remote_chain.clone())
             .map_err(|e| {
             let why = self.refuse(e.to_string());
             // One line per refusal is bounded by the handshake rate, which is limited.
@@ -357,6 +357,14 @@ impl Auth {
                 let (Some(lw), Some(rw)) = (ctx.index.owner(&l), ctx.index.owner(&r)) else {
                     return;
                 };
+                // Only the pair the proof was about: an address that changed hands meanwhile
+                // names another pair, which this session did not decide.
+                if rec.local_id.as_ref() != Some(&lw.identity)
+                    || rec.expected_remote.as_ref() != Some(&rw.identity)
+                    || rec.remote_node.as_deref() != Some(&*rw.node)
+                {
+                    return;
+                }
                 let (Some(li), Some(ri), Some(rn)) = (
                     ctx.names.id_of(Kind::Identity, lw.identity.as_str()),
                     ctx.names.id_of(Kind::Identity, rw.identity.as_str()),
@@ -555,6 +563,54 @@ impl Auth {
     }
 
     /// Removes an entry by hand and cuts its pair's flows: `(entry removed, flows cut)`.
+    /// After a trust-bundle change, checks here, without the network, what the entries rest
+    /// on: the peer workload chains their proofs verified (`chain_ok`) and the local
+    /// workloads' own SVIDs (`local_untrusted`: the local identities whose SVID the bundle no
+    /// longer trusts). An entry resting on an untrusted chain, or of an untrusted local
+    /// workload, is revoked and its flows cut. Returns the pairs revoked.
+    pub fn recheck_trust<M: AuthMap + FlowTable>(
+        &mut self,
+        maps: &mut M,
+        names: &Registry,
+        chain_ok: impl Fn(&entries::Chain) -> bool,
+        local_untrusted: &HashSet<u32>,
+    ) -> usize {
+        let untrusted: HashSet<[u8; 32]> = self
+            .entries
+            .peer_chains()
+            .filter(|(_, c)| !chain_ok(c))
+            .map(|(h, _)| *h)
+            .collect();
+        let mut keys = self.entries.resting_on(&untrusted);
+        keys.extend(
+            self.entries
+                .iter()
+                .map(|(k, _)| *k)
+                .filter(|k| local_untrusted.contains(&k.local_identity)),
+        );
+        keys.sort_unstable_by_key(|k| (k.local_identity, k.remote_identity, k.remote_node));
+        keys.dedup();
+        let mut revoked = 0;
+        for key in keys {
+            match self.entries.remove(maps, &key) {
+                Ok(true) => {
+                    revoked += 1;
+                    let cut = cut_flows(maps, |_, v| v.pair() == key).unwrap_or(0);
+                    journal::audit_revoked(
+                        names,
+                        &key,
+                        "trust bundle changed",
+                        Reason::UntrustedChain.as_str(),
+                        cut,
+                    );
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "revoking a pair the bundle no longer trusts"),
+            }
+        }
+        revoked
+    }
+
     pub fn revoke<M: AuthMap + FlowTable>(
         &mut self,
         maps: &mut M,

@@ -346,8 +346,39 @@ impl<K: Kernel, R: Routes> Core<K, R> {
                 .reprove(&ctx, |k| rotated.contains(&k.local_identity));
         }
         if refreshed.bundle {
-            // Every entry, with or without flows: a pair whose SVIDs are no longer trusted
-            // fails definitively and is revoked. Each node proves its own entries.
+            // First what can be checked here: the peer chains entries rest on and our own
+            // SVIDs. A pair either no longer trusts is revoked at once, on each node, with no
+            // session needed (a peer whose node SVID left the bundle cannot have one).
+            let view = self.creds.view().borrow().clone();
+            if let Some(view) = view {
+                let local_untrusted: HashSet<u32> = view
+                    .svids
+                    .iter()
+                    .filter(|(_, s)| view.chains.verify(&s.key.cert).is_err())
+                    .filter_map(|(id, _)| self.names.id_of(Kind::Identity, id.as_str()))
+                    .collect();
+                let revoked = self.auth.recheck_trust(
+                    &mut self.dp,
+                    &self.names,
+                    |c| view.chains.verify(c).is_ok(),
+                    &local_untrusted,
+                );
+                if revoked > 0 {
+                    tracing::info!(
+                        revoked,
+                        "trust bundle changed: pairs resting on SVIDs it no longer trusts revoked"
+                    );
+                }
+            }
+            let ctx = auth::Ctx {
+                index: &index,
+                names: &self.names,
+                endpoints: self.enforce.programmed(),
+                policy: self.inputs.policy(),
+                view: self.creds.view(),
+            };
+            // Then every entry, with or without flows, is proven again. Each node proves its
+            // own entries.
             let entries = self.auth.reprove(&ctx, |_| true);
             tracing::info!(
                 entries,

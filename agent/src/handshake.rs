@@ -224,6 +224,8 @@ pub struct Record {
     pub remote_addr: Option<IpAddr>,
     pub local_id: Option<SpiffeId>,
     pub remote_id: Option<SpiffeId>,
+    /// The identity our proof asked the peer to prove (cluster state's, when it started).
+    pub expected_remote: Option<SpiffeId>,
     pub remote_node: Option<String>,
     /// The entry's expiry on success.
     pub result: Result<SystemTime, Reason>,
@@ -232,6 +234,9 @@ pub struct Record {
     pub detail: Option<String>,
     /// The pair's keys on a proof's success.
     pub keys: Option<PairKeys>,
+    /// The peer workload's chain the proof verified, kept with the entry so that a change of
+    /// the trust bundle can check it again here, without the network.
+    pub remote_chain: Option<Arc<Vec<rustls_pki_types::CertificateDer<'static>>>>,
     pub took: Duration,
 }
 
@@ -245,11 +250,13 @@ impl Record {
             remote_addr: None,
             local_id: None,
             remote_id: None,
+            expected_remote: None,
             remote_node: None,
             result: Err(Reason::Internal),
             decided_by: Decider::Transport,
             detail: None,
             keys: None,
+            remote_chain: None,
             took: Duration::ZERO,
         }
     }
@@ -323,6 +330,7 @@ async fn initiate_inner(
     rec.remote_node = Some(remote.node.to_string());
     // The identity we ask to be proven; replaced by the one the peer proves, if it gets that far.
     rec.remote_id = Some(remote.id.clone());
+    rec.expected_remote = Some(remote.id.clone());
     let svid = view.svids.get(&local.id).ok_or(Reason::NoLocalSvid)?;
     if !view.policy.decide(&local.id, &remote.id).authorized() {
         // Nothing to ask the peer: our own policy refuses the pair.
@@ -330,13 +338,24 @@ async fn initiate_inner(
         rec.detail = Some(view.policy.denial(&local.id, &remote.id));
         return Err(Reason::NotAuthorized);
     }
-    let session = sessions
+    let mut session = sessions
         .session(view, &remote.node, timeout)
         .await
         .map_err(|(reason, detail)| {
-            rec.detail = detail;
+            rec.detail = detail.clone();
             reason
         })?;
+    if !session.still_trusted(view) {
+        // The bundle no longer trusts the node SVID this session was set up with; the peer
+        // may hold a newer one.
+        session = sessions
+            .session(view, &remote.node, timeout)
+            .await
+            .map_err(|(reason, detail)| {
+                rec.detail = detail;
+                reason
+            })?;
+    }
     rec.peer = Some(session.peer_addr());
     session
         .prove(view, svid, &local, &remote, local_addr, remote_addr, rec)

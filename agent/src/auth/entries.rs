@@ -36,6 +36,24 @@ pub struct Entries {
     /// before it: when both agents prove the same pair at once, each may keep the other's
     /// proof last, so a verifier accepts either.
     pair_keys: HashMap<AuthKey, (PairKeys, Option<PairKeys>)>,
+    /// The peer workload chain each proven entry rests on, by its SHA-256, each chain kept
+    /// once with a count of the entries that name it.
+    entry_chain: HashMap<AuthKey, [u8; 32]>,
+    chains: HashMap<[u8; 32], (Chain, usize)>,
+}
+
+/// A peer workload's certificate chain, leaf first.
+pub type Chain = std::sync::Arc<Vec<rustls_pki_types::CertificateDer<'static>>>;
+
+fn chain_hash(chain: &Chain) -> [u8; 32] {
+    let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
+    for c in chain.iter() {
+        hash.update(&u32::try_from(c.len()).unwrap_or(u32::MAX).to_be_bytes());
+        hash.update(c);
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(hash.finish().as_ref());
+    out
 }
 
 fn add(refs: &mut HashMap<u32, usize>, n: u32) {
@@ -79,6 +97,14 @@ impl Entries {
 
     fn forget(&mut self, k: &AuthKey) -> Option<AuthValue> {
         self.pair_keys.remove(k);
+        if let Some(h) = self.entry_chain.remove(k)
+            && let Some((_, n)) = self.chains.get_mut(&h)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.chains.remove(&h);
+            }
+        }
         let v = self.map.remove(k)?;
         if let Some(s) = self.by_local.get_mut(&k.local_identity) {
             s.remove(k);
@@ -113,20 +139,42 @@ impl Entries {
         Ok(())
     }
 
-    /// Writes an entry with the pair keys its proof derived: they are replaced with it.
+    /// Writes an entry with the pair keys its proof derived and the peer chain it verified:
+    /// they are replaced with it.
     pub fn insert_keyed(
         &mut self,
         maps: &mut impl AuthMap,
         k: AuthKey,
         v: AuthValue,
         keys: Option<PairKeys>,
+        chain: Option<Chain>,
     ) -> Result<(), DatapathError> {
         let before = self.pair_keys.get(&k).map(|(current, _)| current.clone());
         self.insert(maps, k, v)?;
         if let Some(keys) = keys {
             self.pair_keys.insert(k, (keys, before));
         }
+        if let Some(chain) = chain {
+            let h = chain_hash(&chain);
+            self.chains.entry(h).or_insert((chain, 0)).1 += 1;
+            self.entry_chain.insert(k, h);
+        }
         Ok(())
+    }
+
+    /// The distinct peer chains entries rest on.
+    pub fn peer_chains(&self) -> impl Iterator<Item = (&[u8; 32], &Chain)> {
+        self.chains.iter().map(|(h, (c, _))| (h, c))
+    }
+
+    /// The entries that rest on the peer chains in `hashes`.
+    #[must_use]
+    pub fn resting_on(&self, hashes: &std::collections::HashSet<[u8; 32]>) -> Vec<AuthKey> {
+        self.entry_chain
+            .iter()
+            .filter(|(_, h)| hashes.contains(*h))
+            .map(|(k, _)| *k)
+            .collect()
     }
 
     /// The pair keys of an entry, if a proof wrote it.

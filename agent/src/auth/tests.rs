@@ -334,6 +334,7 @@ fn failed_proof(role: Role, reason: Reason, by: crate::handshake::Decider) -> Re
     rec.remote_addr = Some(API.parse().unwrap());
     rec.local_id = Some(SpiffeId::parse("spiffe://td/ns/default/sa/web").unwrap());
     rec.remote_id = Some(SpiffeId::parse("spiffe://td/ns/default/sa/api").unwrap());
+    rec.expected_remote = rec.remote_id.clone();
     rec.remote_node = Some("n2".into());
     rec.result = Err(reason);
     rec.decided_by = by;
@@ -381,6 +382,17 @@ fn only_authenticated_refusals_revoke_and_transport_failures_never_do() {
             "{role:?} {reason:?} {by:?}: flows"
         );
     }
+    // A refusal about a pair other than the one cluster state now has at those addresses (an
+    // address reused while the proof ran) revokes nothing.
+    let mut w = World::new();
+    let key = w.admitted("api", API, 40000, 600);
+    let mut rec = failed_proof(Role::Initiator, Reason::NotHosted, Peer);
+    rec.expected_remote = Some(SpiffeId::parse("spiffe://td/ns/default/sa/db").unwrap());
+    w.finished(&rec);
+    assert!(
+        w.maps.auth.contains_key(&key),
+        "another pair's refusal revoked"
+    );
     // A session that could not be set up is not about any pair.
     let mut w = World::new();
     let key = w.admitted("api", API, 40000, 600);
@@ -408,17 +420,65 @@ fn a_re_proven_entry_keeps_the_previous_keys() {
     };
     w.auth
         .entries
-        .insert_keyed(&mut w.maps, key, value, Some(keys(1)))
+        .insert_keyed(&mut w.maps, key, value, Some(keys(1)), None)
         .unwrap();
     assert_eq!(w.auth.entries.pair_keys(&key), Some(&keys(1)));
     assert_eq!(w.auth.entries.previous_pair_keys(&key), None);
     w.auth
         .entries
-        .insert_keyed(&mut w.maps, key, value, Some(keys(5)))
+        .insert_keyed(&mut w.maps, key, value, Some(keys(5)), None)
         .unwrap();
     assert_eq!(w.auth.entries.pair_keys(&key), Some(&keys(5)));
     assert_eq!(w.auth.entries.previous_pair_keys(&key), Some(&keys(1)));
     // Revoked: no keys left.
     w.auth.entries.remove(&mut w.maps, &key).unwrap();
     assert_eq!(w.auth.entries.pair_keys(&key), None);
+}
+
+/// After a trust-bundle change the entries are checked here: one resting on a peer chain the
+/// bundle no longer trusts, or of a local workload whose own SVID it no longer trusts, is
+/// revoked with its flows; the others stay.
+#[test]
+fn a_bundle_change_revokes_entries_resting_on_chains_it_no_longer_trusts() {
+    use rustls_pki_types::CertificateDer;
+    let mut w = World::new();
+    let value = AuthValue {
+        expires_ns: boot_ns() + 60_000_000_000,
+        created_ns: boot_ns(),
+        ..AuthValue::default()
+    };
+    let chain = |b: u8| Arc::new(vec![CertificateDer::from(vec![b; 8])]);
+    let (api, db) = (w.key("web", "api"), w.key("web", "db"));
+    w.auth
+        .entries
+        .insert_keyed(&mut w.maps, api, value, None, Some(chain(1)))
+        .unwrap();
+    w.auth
+        .entries
+        .insert_keyed(&mut w.maps, db, value, None, Some(chain(2)))
+        .unwrap();
+    w.flow(API, 40000, IPPROTO_TCP, api, 0);
+    w.flow(DB, 40001, IPPROTO_TCP, db, 0);
+    // Chain 1 is no longer trusted.
+    let revoked = w.auth.recheck_trust(
+        &mut w.maps,
+        &w.names,
+        |c| c[0].as_ref()[0] != 1,
+        &std::collections::HashSet::new(),
+    );
+    assert_eq!(revoked, 1);
+    assert!(!w.maps.auth.contains_key(&api));
+    assert!(w.maps.auth.contains_key(&db));
+    assert_eq!(
+        w.maps.flows.len(),
+        1,
+        "the revoked pair's flow is cut, the other stays"
+    );
+    // Our own SVID of `web` is no longer trusted: its remaining entry goes too.
+    let web = w.id("web");
+    let revoked = w
+        .auth
+        .recheck_trust(&mut w.maps, &w.names, |_| true, &[web].into());
+    assert_eq!(revoked, 1);
+    assert!(w.maps.auth.is_empty() && w.maps.flows.is_empty());
 }
