@@ -62,20 +62,28 @@ pub struct Trust {
 impl Trust {
     pub fn new(trust_domain: &str, cas: &[CertificateDer<'static>]) -> Result<Self, TlsError> {
         let mut roots = RootCertStore::empty();
-        let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
         for ca in cas {
             roots.add(ca.clone())?;
-            hash.update(&u32::try_from(ca.len()).unwrap_or(u32::MAX).to_be_bytes());
-            hash.update(ca);
         }
-        let mut fingerprint = [0u8; 32];
-        fingerprint.copy_from_slice(hash.finish().as_ref());
         Ok(Self {
             trust_domain: trust_domain.to_owned(),
             roots: Arc::new(roots),
-            fingerprint,
+            fingerprint: digest(cas),
         })
     }
+}
+
+/// SHA-256 over certificates in order, each prefixed by its length: equal lists, equal digests.
+#[must_use]
+pub fn digest(certs: &[CertificateDer<'_>]) -> [u8; 32] {
+    let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
+    for c in certs {
+        hash.update(&u32::try_from(c.len()).unwrap_or(u32::MAX).to_be_bytes());
+        hash.update(c);
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(hash.finish().as_ref());
+    out
 }
 
 impl fmt::Debug for Trust {

@@ -45,17 +45,6 @@ pub struct Entries {
 /// A peer workload's certificate chain, leaf first.
 pub type Chain = std::sync::Arc<Vec<rustls_pki_types::CertificateDer<'static>>>;
 
-fn chain_hash(chain: &Chain) -> [u8; 32] {
-    let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
-    for c in chain.iter() {
-        hash.update(&u32::try_from(c.len()).unwrap_or(u32::MAX).to_be_bytes());
-        hash.update(c);
-    }
-    let mut out = [0u8; 32];
-    out.copy_from_slice(hash.finish().as_ref());
-    out
-}
-
 fn add(refs: &mut HashMap<u32, usize>, n: u32) {
     *refs.entry(n).or_default() += 1;
 }
@@ -155,7 +144,7 @@ impl Entries {
             self.pair_keys.insert(k, (keys, before));
         }
         if let Some(chain) = chain {
-            let h = chain_hash(&chain);
+            let h = crate::tls::digest(&chain);
             self.chains.entry(h).or_insert((chain, 0)).1 += 1;
             self.entry_chain.insert(k, h);
         }
