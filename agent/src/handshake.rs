@@ -338,24 +338,13 @@ async fn initiate_inner(
         rec.detail = Some(view.policy.denial(&local.id, &remote.id));
         return Err(Reason::NotAuthorized);
     }
-    let mut session = sessions
+    let session = sessions
         .session(view, &remote.node, timeout)
         .await
         .map_err(|(reason, detail)| {
-            rec.detail = detail.clone();
+            rec.detail = detail;
             reason
         })?;
-    if !session.still_trusted(view) {
-        // The bundle no longer trusts the node SVID this session was set up with; the peer
-        // may hold a newer one.
-        session = sessions
-            .session(view, &remote.node, timeout)
-            .await
-            .map_err(|(reason, detail)| {
-                rec.detail = detail;
-                reason
-            })?;
-    }
     rec.peer = Some(session.peer_addr());
     session
         .prove(view, svid, &local, &remote, local_addr, remote_addr, rec)
