@@ -91,10 +91,16 @@ fn check_policy(file: &std::path::Path) -> anyhow::Result<ExitCode> {
     let p = crate::policy::Policy::parse(file, &text)?;
     let mode = |s: &crate::policy::Settings| {
         format!(
-            "mode {}, node traffic {}, other protocols {}",
+            "mode {}, node traffic {}, other protocols {}, SYN MACs {}, cross-node UDP {}",
             s.mode.as_str(),
             if s.node_traffic { "allowed" } else { "denied" },
-            if s.other_protocols { "pass" } else { "drop" }
+            if s.other_protocols { "pass" } else { "drop" },
+            s.syn_mac.as_str(),
+            if s.cross_node_udp {
+                "allowed"
+            } else {
+                "denied"
+            }
         )
     };
     println!("policy `{}`: {}", p.name, mode(&p.defaults));

@@ -450,6 +450,9 @@ impl<K: Kernel, R: Routes> Core<K, R> {
     }
 
     fn repin(&mut self) {
+        if let Err(e) = self.dp.set_clock() {
+            tracing::error!(error = %e, "cannot update the clock the programs stamp connection MACs with");
+        }
         match self.dp.repin_maps() {
             Ok(maps) => {
                 if !maps.is_empty() {

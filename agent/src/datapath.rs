@@ -224,6 +224,9 @@ pub trait Kernel: EndpointMap + AuthMap + FlowTable + NameMap + Links {
     fn repin_maps(&self) -> Result<Vec<String>, DatapathError>;
     /// Where the map pins live (for the log).
     fn pin_dir(&self) -> PathBuf;
+    /// Tells the programs `CLOCK_REALTIME − CLOCK_BOOTTIME`, the clock connection MACs are
+    /// stamped with (it moves when the wall clock is stepped).
+    fn set_clock(&mut self) -> Result<(), DatapathError>;
 }
 
 /// What happened to the flow table since its maps were created: flows the kernel recorded
@@ -252,6 +255,7 @@ pub struct Datapath {
     ep_v4: HashMap<MapData, [u8; 4], Endpoint>,
     ep_v6: HashMap<MapData, [u8; 16], Endpoint>,
     syn_rto: Array<MapData, u32>,
+    clock: Array<MapData, u64>,
     flow_stats: PerCpuArray<MapData, u64>,
     state: PinnedView,
     /// A second handle on each pinned map, by name: a pin removed while the agent runs is
@@ -331,16 +335,19 @@ impl Datapath {
             counters: typed(&mut ebpf, map::COUNTERS)?,
             names: typed(&mut ebpf, map::NAMES)?,
         };
-        let dp = Self {
+        let mut dp = Self {
             ep_v4: typed(&mut ebpf, map::ENDPOINTS_V4)?,
             ep_v6: typed(&mut ebpf, map::ENDPOINTS_V6)?,
             syn_rto: typed(&mut ebpf, map::SYN_RTO)?,
+            clock: typed(&mut ebpf, map::CLOCK)?,
             flow_stats: typed(&mut ebpf, map::FLOW_STATS)?,
             state,
             dirs,
             ebpf,
             map_pins,
         };
+        // Before any program is attached: a SYN is never stamped with the boot clock.
+        Kernel::set_clock(&mut dp)?;
         Ok((dp, Channels { events, logger }))
     }
 
@@ -438,6 +445,16 @@ impl Kernel for Datapath {
 
     fn pin_dir(&self) -> PathBuf {
         self.dirs.maps.clone()
+    }
+
+    fn set_clock(&mut self) -> Result<(), DatapathError> {
+        let offset = crate::status::real_ns().wrapping_sub(crate::status::boot_ns());
+        self.clock
+            .set(0, &offset, 0)
+            .map_err(|source| DatapathError::Map {
+                name: map::CLOCK,
+                source,
+            })
     }
 }
 

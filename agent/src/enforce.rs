@@ -19,14 +19,15 @@ use std::{
 };
 
 use portcullis_common::{
-    EP_ADMIT_HOST, EP_AUDIT, EP_ENFORCE, EP_HOST, EP_LOCAL, EP_OTHER_PASS, Endpoint,
+    EP_ADMIT_HOST, EP_AUDIT, EP_ENFORCE, EP_HOST, EP_LOCAL, EP_MAC_AUDIT, EP_MAC_REQUIRE,
+    EP_OTHER_PASS, EP_UDP_NODE_LOCAL, Endpoint,
 };
 
 pub use self::locals::{Iface, LocalState};
 use crate::{
     datapath::{Attached, DatapathError, EndpointMap, Links, NameMap, route::Routes},
     inputs::{Changes, Index},
-    policy::{self, Mode, Policy},
+    policy::{self, MacMode, Mode, Policy},
     registry::{Kind, Registry},
 };
 
@@ -46,6 +47,14 @@ pub fn policy_flags(s: policy::Settings) -> u32 {
     }
     if s.other_protocols {
         flags |= EP_OTHER_PASS;
+    }
+    flags |= match s.syn_mac {
+        MacMode::Require => EP_MAC_REQUIRE,
+        MacMode::Audit => EP_MAC_AUDIT,
+        MacMode::Off => 0,
+    };
+    if !s.cross_node_udp {
+        flags |= EP_UDP_NODE_LOCAL;
     }
     flags
 }

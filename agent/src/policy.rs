@@ -8,10 +8,12 @@
 //! mode: enforce                # enforce | audit | off
 //! node_traffic: allow          # allow | deny: connections from the node itself (kubelet probes)
 //! other_protocols: drop        # pass | drop: IP protocols other than TCP and UDP (ICMP echo…)
+//! syn_mac: require             # require | audit | off: connection MACs on new TCP connections
+//! cross_node_udp: allow        # allow | deny: new UDP flows from pods on other nodes
 //! enroll:                      # optional; absent: every workload is enrolled
 //!   namespaces: [shop]
 //!   workloads: ["spiffe://cluster.local/ns/legacy/sa/batch"]
-//! namespaces:                  # per-namespace overrides of the three settings above
+//! namespaces:                  # per-namespace overrides of the five settings above
 //!   payments: { mode: audit }
 //! rules:
 //!   - name: web-to-api
@@ -53,6 +55,31 @@ impl Mode {
     pub const fn as_str(self) -> &'static str {
         match self {
             Self::Enforce => "enforce",
+            Self::Audit => "audit",
+            Self::Off => "off",
+        }
+    }
+}
+
+/// Connection MACs on new TCP connections to a workload: whether a SYN of a keyed pair must
+/// carry a MAC its source node computed with the pair's key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum MacMode {
+    /// Without a valid MAC, dropped (`drop_no_mac`, `drop_bad_mac`).
+    #[default]
+    Require,
+    /// Admitted, and reported as a would-be drop.
+    Audit,
+    /// Not checked: admitted by the auth entry and the source address alone.
+    Off,
+}
+
+impl MacMode {
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Require => "require",
             Self::Audit => "audit",
             Self::Off => "off",
         }
@@ -135,6 +162,10 @@ pub struct Settings {
     pub node_traffic: bool,
     /// Protocols other than TCP and UDP pass.
     pub other_protocols: bool,
+    pub syn_mac: MacMode,
+    /// New UDP flows from pods on other nodes are admitted (UDP carries no MAC: they are
+    /// admitted by source address).
+    pub cross_node_udp: bool,
 }
 
 impl Default for Settings {
@@ -143,6 +174,8 @@ impl Default for Settings {
             mode: Mode::Enforce,
             node_traffic: true,
             other_protocols: false,
+            syn_mac: MacMode::Require,
+            cross_node_udp: true,
         }
     }
 }
@@ -553,6 +586,41 @@ rules:
         let d = Policy::default();
         assert_eq!(d.settings("x", &id("ns/x/sa/y")).mode, Mode::Enforce);
         assert_eq!(d.grant(&id("a"), &id("b")), Grant::All);
+    }
+
+    #[test]
+    fn syn_macs_and_cross_node_udp_default_and_override_per_namespace() {
+        let d = Policy::default().settings("x", &id("ns/x/sa/y"));
+        assert_eq!((d.syn_mac, d.cross_node_udp), (MacMode::Require, true));
+        let p = parse(
+            "syn_mac: audit\nnamespaces:\n  db: { syn_mac: require, cross_node_udp: deny }\n  legacy: { syn_mac: off }\n",
+        )
+        .unwrap();
+        let s = |ns: &str| p.settings(ns, &id(&format!("ns/{ns}/sa/x")));
+        assert_eq!(
+            (s("web").syn_mac, s("web").cross_node_udp),
+            (MacMode::Audit, true)
+        );
+        assert_eq!(
+            (s("db").syn_mac, s("db").cross_node_udp),
+            (MacMode::Require, false)
+        );
+        assert_eq!(
+            (s("legacy").syn_mac, s("legacy").mode),
+            (MacMode::Off, Mode::Enforce)
+        );
+        let err = parse("namespaces:\n  db: { syn_mac: strict }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("namespaces.db.syn_mac") && err.contains("`strict` is not `require`"),
+            "{err}"
+        );
+        let err = parse("cross_node_udp: no\n").unwrap_err().to_string();
+        assert!(
+            err.contains("cross_node_udp") && err.contains("`no`"),
+            "{err}"
+        );
     }
 
     #[test]

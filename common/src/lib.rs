@@ -9,6 +9,8 @@
 
 use core::mem::size_of;
 
+pub mod mac;
+
 /// Map names, shared by both sides. Maps are pinned by name under `<bpffs_dir>/maps/`.
 pub mod map {
     /// Hash, IPv4 address → [`super::Endpoint`].
@@ -35,6 +37,10 @@ pub mod map {
     /// Per-CPU array of `u64`, indexed by `FLOW_STAT_*`: what happened to the flow table,
     /// so that the entries the kernel's LRU evicted can be told from those the agent removed.
     pub const FLOW_STATS: &str = "PC_FLOW_STATS";
+    /// Array of one `u64`: `CLOCK_REALTIME − CLOCK_BOOTTIME` in nanoseconds (wrapping), written
+    /// by the agent, so that the programs can stamp and check the time in connection MACs
+    /// ([`super::mac`]) on a clock every node shares.
+    pub const CLOCK: &str = "PC_CLOCK";
 }
 
 /// [`map::FLOW_STATS`]: flows recorded under a key the table did not hold (kernel).
@@ -88,6 +94,15 @@ pub const EP_AUDIT: u32 = 8;
 pub const EP_ADMIT_HOST: u32 = 16;
 /// [`Endpoint::flags`] of a local pod: IP protocols other than TCP, UDP and ICMP pass.
 pub const EP_OTHER_PASS: u32 = 32;
+/// [`Endpoint::flags`] of a local pod: connection MACs mode `require`: a new TCP connection of
+/// a keyed pair is admitted only with a SYN whose MAC verifies ([`mac`]).
+pub const EP_MAC_REQUIRE: u32 = 64;
+/// [`Endpoint::flags`] of a local pod: connection MACs mode `audit`: a missing or bad MAC is
+/// reported, not dropped. Neither this nor [`EP_MAC_REQUIRE`]: MACs are not checked.
+pub const EP_MAC_AUDIT: u32 = 128;
+/// [`Endpoint::flags`] of a local pod: new UDP flows from pods on other nodes are refused
+/// (`drop_policy`): UDP cannot carry a MAC, so it is bound only to the source address.
+pub const EP_UDP_NODE_LOCAL: u32 = 256;
 
 /// Where an address belongs: value of the endpoint maps.
 #[repr(C)]
@@ -140,6 +155,30 @@ impl PortRange {
 
 /// [`AuthValue::flags`]: new connections *to* the local workload are admitted on every port.
 pub const AUTH_ALL_PORTS: u32 = 1;
+/// [`AuthValue::flags`]: the entry holds pair keys ([`PairKeys`]): SYNs of the pair are signed
+/// and, in MAC mode `require`, checked. Without it (an entry written by hand with
+/// `portcullis auth allow`) the pair is admitted by address alone.
+pub const AUTH_KEYED: u32 = 2;
+/// [`AuthValue::flags`]: [`PairKeys::sign_previous`] and [`PairKeys::verify_previous`] hold
+/// the keys of the proof before (a zero key is never tried).
+pub const AUTH_PREVIOUS_KEYS: u32 = 4;
+
+/// The keys one proof of a pair derived (see `docs/PROTOCOL.md`), as the kernel uses them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PairKeys {
+    /// `CLOCK_BOOTTIME` nanoseconds from which SYNs are signed with [`Self::sign`]; before
+    /// it, with [`Self::sign_previous`] (when [`AUTH_PREVIOUS_KEYS`]), so that the peer, which
+    /// writes its entry of the same proof a moment later or earlier, can verify every SYN.
+    pub sign_from_ns: u64,
+    /// MACs of SYNs the local workload sends to the remote one.
+    pub sign: [u8; mac::KEY_LEN],
+    pub sign_previous: [u8; mac::KEY_LEN],
+    /// MACs of SYNs the remote workload sends to the local one.
+    pub verify: [u8; mac::KEY_LEN],
+    pub verify_previous: [u8; mac::KEY_LEN],
+}
+const _: () = assert!(size_of::<PairKeys>() == 72);
 
 /// An auth entry's value: how long the pair is authenticated, and what the authorization
 /// policy lets the remote workload open towards the local one.
@@ -158,8 +197,10 @@ pub struct AuthValue {
     /// admits only the other direction).
     pub nports: u32,
     pub ports: [PortRange; MAX_PORT_RANGES],
+    /// Meaningful with [`AUTH_KEYED`].
+    pub keys: PairKeys,
 }
-const _: () = assert!(size_of::<AuthValue>() == 88);
+const _: () = assert!(size_of::<AuthValue>() == 160);
 
 impl AuthValue {
     /// Whether a new connection of `proto` to local port `port` is admitted.
@@ -332,10 +373,23 @@ pub enum Counter {
     PassHost = 18,
     /// Another IP protocol, admitted by policy, or an ICMP error of a tracked flow.
     PassOther = 19,
+    /// New inbound TCP connection of a keyed pair, in MAC mode `require`, whose SYN carries no
+    /// connection MAC.
+    DropNoMac = 20,
+    /// New inbound TCP connection of a keyed pair, in MAC mode `require`, whose SYN's MAC does
+    /// not verify with the pair's keys (forged, replayed for another connection, or stamped
+    /// outside the time window).
+    DropBadMac = 21,
+    /// New outbound TCP connection of a keyed pair: its SYN was signed.
+    PassSigned = 22,
+    /// New outbound TCP connection of a keyed pair whose SYN could not be signed (no room for
+    /// the option in its TCP header, or it carries data): it leaves unsigned, and the peer's
+    /// MAC mode decides.
+    PassUnsigned = 23,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 20;
+    pub const COUNT: u32 = 24;
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::PassAuthenticated,
         Self::PassFlow,
@@ -357,6 +411,10 @@ impl Counter {
         Self::PassUnenforced,
         Self::PassHost,
         Self::PassOther,
+        Self::DropNoMac,
+        Self::DropBadMac,
+        Self::PassSigned,
+        Self::PassUnsigned,
     ];
 
     /// The stable name used in status output and metrics.
@@ -383,6 +441,10 @@ impl Counter {
             Self::PassUnenforced => "pass_unenforced",
             Self::PassHost => "pass_host",
             Self::PassOther => "pass_other",
+            Self::DropNoMac => "drop_no_mac",
+            Self::DropBadMac => "drop_bad_mac",
+            Self::PassSigned => "pass_signed",
+            Self::PassUnsigned => "pass_unsigned",
         }
     }
 
@@ -409,6 +471,8 @@ impl Counter {
                 | Self::DropNotLocal
                 | Self::DropFlowTableFull
                 | Self::DropPolicy
+                | Self::DropNoMac
+                | Self::DropBadMac
         )
     }
 }
@@ -449,6 +513,7 @@ mod user {
     unsafe impl aya::Pod for super::Endpoint {}
     unsafe impl aya::Pod for super::AuthKey {}
     unsafe impl aya::Pod for super::AuthValue {}
+    unsafe impl aya::Pod for super::PairKeys {}
     unsafe impl aya::Pod for super::PortRange {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowValue {}

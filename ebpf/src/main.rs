@@ -4,8 +4,10 @@
 //! - `pc_to_pod` (tc egress of that interface, i.e. packets on their way *into* the pod):
 //!   a new connection is admitted only if the pair `(local identity, remote identity, remote
 //!   node)` has a valid auth entry; later packets only while the connection's flow entry exists.
-//! - `pc_from_pod` (tc ingress, packets the pod sends): anti-spoofing, and flow bookkeeping for
-//!   connections the pod opens.
+//!   A new TCP connection of a keyed pair must also carry a connection MAC that the source pod's
+//!   own node computed with the pair's key (`portcullis_common::mac`).
+//! - `pc_from_pod` (tc ingress, packets the pod sends): anti-spoofing (control packets too),
+//!   flow bookkeeping for connections the pod opens, and the connection MAC of its SYNs.
 //!
 //! Fail closed: whatever cannot be classified is dropped and counted, never passed.
 #![no_std]
@@ -15,7 +17,7 @@ mod packet;
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{__sk_buff, BPF_SOCK_OPS_TIMEOUT_INIT, TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{__sk_buff, BPF_F_PSEUDO_HDR, BPF_SOCK_OPS_TIMEOUT_INIT, TC_ACT_OK, TC_ACT_SHOT},
     helpers::bpf_ktime_get_boot_ns,
     macros::{classifier, map, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
@@ -23,14 +25,17 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use portcullis_common::{
-    AuthKey, AuthValue, Counter, EP_ADMIT_HOST, EP_AUDIT, EP_ENFORCE, EP_HOST, EP_LOCAL,
-    EP_OTHER_PASS, EVENT_AUTH_WANTED, EVENT_DENIED, EVENT_INTERVAL_NS, EVENT_WOULD_DROP, Endpoint,
-    Event, FLOW_HOST, FLOW_INBOUND, FLOW_OUTBOUND, FLOW_STAT_RECORDED, FLOW_STAT_REPLACED,
-    FLOW_STATS, FLOW_UNCHECKED, FlowKey, FlowValue, IDENTITY_NONE, IPPROTO_TCP, IPPROTO_UDP, Name,
-    NameKey, capacity, seen_units,
+    AUTH_KEYED, AUTH_PREVIOUS_KEYS, AuthKey, AuthValue, Counter, EP_ADMIT_HOST, EP_AUDIT,
+    EP_ENFORCE, EP_HOST, EP_LOCAL, EP_MAC_AUDIT, EP_MAC_REQUIRE, EP_OTHER_PASS, EP_UDP_NODE_LOCAL,
+    EVENT_AUTH_WANTED, EVENT_DENIED, EVENT_INTERVAL_NS, EVENT_WOULD_DROP, Endpoint, Event,
+    FLOW_HOST, FLOW_INBOUND, FLOW_OUTBOUND, FLOW_STAT_RECORDED, FLOW_STAT_REPLACED, FLOW_STATS,
+    FLOW_UNCHECKED, FlowKey, FlowValue, IDENTITY_NONE, IPPROTO_TCP, IPPROTO_UDP, Name, NameKey,
+    PairKeys, capacity,
+    mac::{self, OPTION_LEN, Syn, TCP_MAX_HEADER},
+    seen_units,
 };
 
-use crate::packet::{ICMP_ERROR, ICMP_NONE, Packet, Parsed};
+use crate::packet::{Control, ETH_HLEN, ICMP_ERROR, ICMP_NONE, Packet, Parsed, load};
 
 /// Exact addresses (every endpoint is one /32 or /128): a hash lookup costs a fraction of an
 /// LPM trie walk, on every packet.
@@ -57,6 +62,8 @@ static NAMES: HashMap<NameKey, Name> = HashMap::pinned(capacity::NAMES, BPF_F_NO
 static SYN_RTO: Array<u32> = Array::pinned(1, 0);
 #[map(name = "PC_FLOW_STATS")]
 static FLOW_STATS_MAP: PerCpuArray<u64> = PerCpuArray::pinned(FLOW_STATS, 0);
+#[map(name = "PC_CLOCK")]
+static CLOCK: Array<u64> = Array::pinned(1, 0);
 
 const BPF_F_NO_PREALLOC: u32 = 1;
 const AF_INET: u32 = 2;
@@ -70,7 +77,7 @@ const DROP: i32 = TC_ACT_SHOT as i32;
 pub fn pc_to_pod(ctx: TcContext) -> i32 {
     let verdict = match Packet::parse(&ctx) {
         Ok(Parsed::Ip(pkt)) => to_pod(&ctx, &pkt),
-        Ok(Parsed::Control) => Counter::PassControl,
+        Ok(Parsed::Control(_)) => Counter::PassControl,
         Ok(Parsed::Unsupported) => Counter::DropUnsupported,
         // Fail closed: a packet towards an enrolled pod that cannot be parsed is dropped.
         Err(()) => Counter::DropMalformed,
@@ -82,7 +89,7 @@ pub fn pc_to_pod(ctx: TcContext) -> i32 {
 pub fn pc_from_pod(ctx: TcContext) -> i32 {
     let verdict = match Packet::parse(&ctx) {
         Ok(Parsed::Ip(pkt)) => from_pod(&ctx, &pkt),
-        Ok(Parsed::Control) => Counter::PassControl,
+        Ok(Parsed::Control(c)) => control_from_pod(&ctx, &c),
         Ok(Parsed::Unsupported) => Counter::DropUnsupported,
         Err(()) => Counter::DropMalformed,
     };
@@ -119,9 +126,14 @@ fn count_flow(stat: u32) {
 
 #[inline(always)]
 fn endpoint(pkt: &Packet, addr: &[u8; 16]) -> Option<Endpoint> {
+    endpoint_of(pkt.is_v6(), addr)
+}
+
+#[inline(always)]
+fn endpoint_of(v6: bool, addr: &[u8; 16]) -> Option<Endpoint> {
     // SAFETY (both): the value is copied out at once; a concurrent update at worst gives the
     // old or the new endpoint.
-    if pkt.is_v6() {
+    if v6 {
         unsafe { EP_V6.get(addr) }.copied()
     } else {
         unsafe { EP_V4.get(&[addr[0], addr[1], addr[2], addr[3]]) }.copied()
@@ -141,10 +153,32 @@ fn now() -> u64 {
     unsafe { bpf_ktime_get_boot_ns() }
 }
 
+/// `CLOCK_REALTIME` nanoseconds, from the boot clock and the offset the agent keeps.
+#[inline(always)]
+fn realtime(boot_ns: u64) -> u64 {
+    boot_ns.wrapping_add(CLOCK.get(0).copied().unwrap_or(0))
+}
+
 /// The local pod's endpoint, if `addr` is an enrolled pod behind this very interface.
 #[inline(always)]
 fn local_endpoint(ctx: &TcContext, pkt: &Packet, addr: &[u8; 16]) -> Option<Endpoint> {
-    endpoint(pkt, addr).filter(|ep| ep.flags & EP_LOCAL != 0 && ep.ifindex == ifindex(ctx))
+    local_endpoint_of(ctx, pkt.is_v6(), addr)
+}
+
+#[inline(always)]
+fn local_endpoint_of(ctx: &TcContext, v6: bool, addr: &[u8; 16]) -> Option<Endpoint> {
+    endpoint_of(v6, addr).filter(|ep| ep.flags & EP_LOCAL != 0 && ep.ifindex == ifindex(ctx))
+}
+
+/// ARP, neighbour discovery and MLD from a pod: an address it claims must be its own, like the
+/// source of every other packet it sends.
+#[inline(always)]
+fn control_from_pod(ctx: &TcContext, c: &Control) -> Counter {
+    match c.sender() {
+        None => Counter::PassControl,
+        Some(addr) if local_endpoint_of(ctx, c.is_v6(), &addr).is_some() => Counter::PassControl,
+        Some(_) => Counter::DropSpoofed,
+    }
 }
 
 /// Whether the packet is TCP or UDP (not an ICMP message or another protocol): the protocols
@@ -295,6 +329,8 @@ fn to_pod(ctx: &TcContext, pkt: &Packet) -> Counter {
         kind: 0,
     };
     let mut flags = FLOW_INBOUND;
+    // Whether a drop is enforced, or only reported (mode `audit`, of the policy or of the MAC).
+    let mut enforced = local.flags & EP_ENFORCE != 0;
     let verdict = if remote.is_none() {
         Counter::DropUnknownPeer
     } else if remote_flags & EP_HOST != 0 {
@@ -305,19 +341,37 @@ fn to_pod(ctx: &TcContext, pkt: &Packet) -> Counter {
             Counter::DropPolicy
         }
     } else {
+        // SAFETY: the value is read in place, at once; a concurrent update at worst gives the
+        // old or the new entry's fields.
         match unsafe { AUTH.get(&pair) } {
             Some(auth) if auth.expires_ns <= now => Counter::DropExpired,
             Some(auth) if !auth.admits(pkt.proto, pkt.dport) => Counter::DropPolicy,
+            Some(_)
+                if pkt.proto == IPPROTO_UDP
+                    && local.flags & EP_UDP_NODE_LOCAL != 0
+                    && remote_flags & EP_LOCAL == 0 =>
+            {
+                Counter::DropPolicy
+            }
+            Some(auth)
+                if pkt.proto == IPPROTO_TCP
+                    && auth.flags & AUTH_KEYED != 0
+                    && local.flags & (EP_MAC_REQUIRE | EP_MAC_AUDIT) != 0 =>
+            {
+                enforced &= local.flags & EP_MAC_REQUIRE != 0;
+                check_mac(ctx, pkt, &auth.keys, auth.flags, now)
+            }
             Some(_) => Counter::PassAuthenticated,
             None => Counter::DropNoAuth,
         }
     };
     let verdict = if verdict.is_drop() {
-        if local.flags & EP_ENFORCE != 0 {
+        if enforced {
             signal(EVENT_DENIED, verdict, &pair, &key, now);
             return verdict;
         }
-        // Mode `audit`: admit, and report what `enforce` would have done.
+        // Mode `audit` (the policy's or the MAC's): admit, and report what `enforce` would
+        // have done.
         signal(EVENT_WOULD_DROP, verdict, &pair, &key, now);
         flags |= FLOW_UNCHECKED;
         Counter::PassAudit
@@ -400,14 +454,155 @@ fn from_pod(ctx: &TcContext, pkt: &Packet) -> Counter {
     }
     if remote_identity != IDENTITY_NONE && remote_flags & EP_HOST == 0 {
         let pair = flow.pair();
-        let valid = matches!(unsafe { AUTH.get(&pair) }, Some(a) if a.expires_ns > now);
-        if !valid {
+        // SAFETY: as in `to_pod`.
+        match unsafe { AUTH.get(&pair) } {
+            Some(a) if a.expires_ns > now => {
+                if pkt.proto == IPPROTO_TCP && a.flags & AUTH_KEYED != 0 {
+                    return sign(ctx, pkt, &a.keys, a.flags, now);
+                }
+            }
             // The peer's agent will drop this SYN until the pair is authenticated: tell ours
             // now, so the handshake starts at connect() time rather than after a drop.
-            signal(EVENT_AUTH_WANTED, Counter::PassOutbound, &pair, &key, now);
+            _ => signal(EVENT_AUTH_WANTED, Counter::PassOutbound, &pair, &key, now),
         }
     }
     Counter::PassOutbound
+}
+
+/// What a SYN's MAC covers, stamped `time`.
+#[inline(always)]
+fn syn_of(pkt: &Packet, time: u32) -> Syn {
+    Syn {
+        family: pkt.family,
+        src: pkt.src,
+        dst: pkt.dst,
+        sport: pkt.sport,
+        dport: pkt.dport,
+        seq: pkt.seq,
+        time,
+    }
+}
+
+/// Whether the SYN of a keyed pair carries a MAC that verifies: our option, the last bytes of
+/// its TCP header, stamped within the window, under the pair's current or previous key.
+#[inline(always)]
+fn check_mac(ctx: &TcContext, pkt: &Packet, keys: &PairKeys, flags: u32, now: u64) -> Counter {
+    if pkt.tcp_len < 20 + OPTION_LEN {
+        return Counter::DropNoMac;
+    }
+    // Through the helper: the verifier cannot follow a direct read at an offset this variable
+    // (LLVM checks the bound on one pointer and reads through another).
+    let Ok(bytes) = ctx.load::<[u8; OPTION_LEN]>(pkt.l4_off + pkt.tcp_len - OPTION_LEN) else {
+        return Counter::DropNoMac;
+    };
+    let Some((time, got)) = mac::parse(&bytes) else {
+        return Counter::DropNoMac;
+    };
+    if !mac::fresh(time, mac::time_units(realtime(now))) {
+        return Counter::DropBadMac;
+    }
+    let msg = mac::message(&syn_of(pkt, time));
+    if mac::siphash24(&keys.verify, &msg) == got
+        || (flags & AUTH_PREVIOUS_KEYS != 0 && mac::siphash24(&keys.verify_previous, &msg) == got)
+    {
+        Counter::PassAuthenticated
+    } else {
+        Counter::DropBadMac
+    }
+}
+
+/// Appends the connection MAC to a SYN the pod sends to a keyed peer: the packet grows by
+/// the option at the end of its TCP header, and the lengths and checksums follow. A SYN with
+/// no room for the option, or with data (TCP Fast Open), leaves unsigned and is counted; the
+/// peer's MAC mode decides it. A failure after the packet grew drops it: it must not be
+/// delivered with the new bytes taken for data.
+#[inline(always)]
+fn sign(ctx: &TcContext, pkt: &Packet, keys: &PairKeys, flags: u32, now: u64) -> Counter {
+    let end = pkt.l4_off + pkt.tcp_len;
+    if pkt.tcp_len < 20 || pkt.tcp_len + OPTION_LEN > TCP_MAX_HEADER || end != pkt.ip_end {
+        return Counter::PassUnsigned;
+    }
+    let key = if flags & AUTH_PREVIOUS_KEYS != 0 && now < keys.sign_from_ns {
+        &keys.sign_previous
+    } else {
+        &keys.sign
+    };
+    let option = mac::option(key, &syn_of(pkt, mac::time_units(realtime(now))));
+    // Read before the packet changes: the data offset's 16-bit word and the IP length.
+    let Ok(word) = load::<[u8; 2]>(ctx, pkt.l4_off + 12) else {
+        return Counter::PassUnsigned;
+    };
+    if ctx.change_tail((end + OPTION_LEN) as u32, 0).is_err() {
+        return Counter::PassUnsigned;
+    }
+    if grow_header(ctx, pkt, &option, word).is_err() {
+        return Counter::DropMalformed;
+    }
+    Counter::PassSigned
+}
+
+/// Writes `option` into the room `sign` made and fixes the TCP data offset, the IP length,
+/// and both checksums (a checksum the device completes, `CHECKSUM_PARTIAL`, gets only the
+/// pseudo-header change: the helpers know).
+#[inline(always)]
+fn grow_header(
+    ctx: &TcContext,
+    pkt: &Packet,
+    option: &[u8; OPTION_LEN],
+    word: [u8; 2],
+) -> Result<(), i64> {
+    let end = pkt.l4_off + pkt.tcp_len;
+    let check = pkt.l4_off + 16;
+    ctx.store(end, option, 0)?;
+    let mut i = 0;
+    while i < OPTION_LEN {
+        let to = u32::from_ne_bytes([option[i], option[i + 1], option[i + 2], option[i + 3]]);
+        ctx.l4_csum_replace(check, 0, u64::from(to), 4)?;
+        i += 4;
+    }
+    let doff = (((pkt.tcp_len + OPTION_LEN) / 4) as u8) << 4 | (word[0] & 0x0f);
+    let new_word = [doff, word[1]];
+    ctx.store(pkt.l4_off + 12, &new_word, 0)?;
+    ctx.l4_csum_replace(
+        check,
+        u64::from(u16::from_ne_bytes(word)),
+        u64::from(u16::from_ne_bytes(new_word)),
+        2,
+    )?;
+    let grown = OPTION_LEN as u16;
+    if pkt.is_v6() {
+        let len_off = ETH_HLEN + 4;
+        let old: [u8; 2] = load(ctx, len_off).map_err(|()| -1i64)?;
+        let new = (u16::from_be_bytes(old) + grown).to_be_bytes();
+        ctx.store(len_off, &new, 0)?;
+        // The pseudo-header's upper-layer length is 32 bits.
+        let (from, to) = (pkt.tcp_len as u32, (pkt.tcp_len + OPTION_LEN) as u32);
+        ctx.l4_csum_replace(
+            check,
+            u64::from(from.to_be()),
+            u64::from(to.to_be()),
+            u64::from(BPF_F_PSEUDO_HDR) | 4,
+        )?;
+    } else {
+        let len_off = ETH_HLEN + 2;
+        let old: [u8; 2] = load(ctx, len_off).map_err(|()| -1i64)?;
+        let new = (u16::from_be_bytes(old) + grown).to_be_bytes();
+        ctx.store(len_off, &new, 0)?;
+        ctx.l3_csum_replace(
+            ETH_HLEN + 10,
+            u64::from(u16::from_ne_bytes(old)),
+            u64::from(u16::from_ne_bytes(new)),
+            2,
+        )?;
+        let (from, to) = (pkt.tcp_len as u16, (pkt.tcp_len + OPTION_LEN) as u16);
+        ctx.l4_csum_replace(
+            check,
+            u64::from(from.to_be()),
+            u64::from(to.to_be()),
+            u64::from(BPF_F_PSEUDO_HDR) | 2,
+        )?;
+    }
+    Ok(())
 }
 
 /// sockops on the pods' cgroup. At `TIMEOUT_INIT` (a pod's `connect()`, before its SYN

@@ -9,7 +9,7 @@ use portcullis_common::{
     AF_INET, AF_INET6, FlowKey, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
 };
 
-const ETH_HLEN: usize = 14;
+pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
 const ETH_P_ARP: u16 = 0x0806;
@@ -35,18 +35,59 @@ pub struct Packet {
     pub sport: u16,
     pub dport: u16,
     pub tcp_flags: u8,
+    /// TCP: the sequence number (host order) and the header's length in bytes.
+    pub seq: u32,
+    pub tcp_len: usize,
+    /// Offset of the transport header, and of the end of the IP packet (its length says;
+    /// anything after it is link padding).
+    pub l4_off: usize,
+    pub ip_end: usize,
     /// `ICMP_*`.
     pub icmp: u8,
     /// For an ICMP error, the offset of the IP header it quotes.
     pub inner_off: usize,
 }
 
+/// The sender of a control packet.
+pub enum Control {
+    /// ARP: the sender protocol address (`0.0.0.0` in a probe), in the maps' 16-byte form.
+    Arp([u8; 16]),
+    /// ICMPv6 neighbour discovery or MLD: the IPv6 source address.
+    Nd([u8; 16]),
+    /// ARP for another protocol than IPv4.
+    Other,
+}
+
+impl Control {
+    /// The address a pod sending this must own, in the maps' form: `None` when no address
+    /// is claimed (unspecified, an ARP probe, ARP of another protocol) or the sender is
+    /// link-local (such packets never leave the link).
+    #[inline(always)]
+    pub fn sender(&self) -> Option<[u8; 16]> {
+        match self {
+            Self::Arp(a) => (u32::from_ne_bytes([a[0], a[1], a[2], a[3]]) != 0).then_some(*a),
+            Self::Nd(a) => {
+                let unspecified = u128::from_ne_bytes(*a) == 0;
+                let link_local = a[0] == 0xfe && a[1] & 0xc0 == 0x80;
+                (!unspecified && !link_local).then_some(*a)
+            }
+            Self::Other => None,
+        }
+    }
+
+    #[inline(always)]
+    pub fn is_v6(&self) -> bool {
+        matches!(self, Self::Nd(_))
+    }
+}
+
 pub enum Parsed {
     /// TCP, UDP, ICMP, or another IP protocol: subject to the rules.
     Ip(Packet),
     /// ARP, and ICMPv6 neighbour discovery and multicast listener messages: needed for the
-    /// network to work at all, carry no connection, pass.
-    Control,
+    /// network to work at all, carry no connection. They pass towards a pod; from a pod, only
+    /// with the pod's own sender address (see [`Control`]).
+    Control(Control),
     /// An ethertype that is neither IP nor ARP.
     Unsupported,
 }
@@ -55,7 +96,7 @@ pub enum Parsed {
 /// bytes (headers nearly always are), else through `bpf_skb_load_bytes`, which also reaches
 /// paged data. The direct read saves a helper call per header on every packet.
 #[inline(always)]
-fn load<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, ()> {
+pub fn load<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, ()> {
     let start = ctx.data();
     let end = ctx.data_end();
     let at = start + off;
@@ -89,6 +130,10 @@ impl Packet {
             sport: 0,
             dport: 0,
             tcp_flags: 0,
+            seq: 0,
+            tcp_len: 0,
+            l4_off: 0,
+            ip_end: 0,
             icmp: ICMP_NONE,
             inner_off: 0,
         }
@@ -100,9 +145,23 @@ impl Packet {
         match ethertype {
             ETH_P_IP => Self::parse_v4(ctx),
             ETH_P_IPV6 => Self::parse_v6(ctx),
-            ETH_P_ARP => Ok(Parsed::Control),
+            ETH_P_ARP => Self::parse_arp(ctx),
             _ => Ok(Parsed::Unsupported),
         }
+    }
+
+    /// ARP over Ethernet: hardware type 1, protocol IPv4, 6- and 4-byte addresses; the sender
+    /// protocol address is at bytes 14..18 of the ARP header. ARP for anything else carries no
+    /// IPv4 sender to check.
+    #[inline(always)]
+    fn parse_arp(ctx: &TcContext) -> Result<Parsed, ()> {
+        let arp: [u8; 18] = load(ctx, ETH_HLEN)?;
+        if u16::from_be_bytes([arp[2], arp[3]]) != ETH_P_IP || arp[4] != 6 || arp[5] != 4 {
+            return Ok(Parsed::Control(Control::Other));
+        }
+        Ok(Parsed::Control(Control::Arp(v4_mapped([
+            arp[14], arp[15], arp[16], arp[17],
+        ]))))
     }
 
     #[inline(always)]
@@ -120,6 +179,7 @@ impl Packet {
             return Err(());
         }
         let mut pkt = Packet::new(AF_INET, proto);
+        pkt.ip_end = ETH_HLEN + usize::from(u16::from_be_bytes([hdr[2], hdr[3]]));
         pkt.src = v4_mapped([hdr[12], hdr[13], hdr[14], hdr[15]]);
         pkt.dst = v4_mapped([hdr[16], hdr[17], hdr[18], hdr[19]]);
         pkt.load_l4(ctx, ETH_HLEN + ihl)?;
@@ -146,10 +206,13 @@ impl Packet {
             let icmp_type: u8 = load(ctx, l4)?;
             // Multicast listener (130–132, 143) and neighbour discovery (133–137).
             if matches!(icmp_type, 130..=137 | 143) {
-                return Ok(Parsed::Control);
+                let mut src = [0u8; 16];
+                src.copy_from_slice(&hdr[8..24]);
+                return Ok(Parsed::Control(Control::Nd(src)));
             }
         }
         let mut pkt = Packet::new(AF_INET6, proto);
+        pkt.ip_end = ETH_HLEN + 40 + usize::from(u16::from_be_bytes([hdr[4], hdr[5]]));
         pkt.src.copy_from_slice(&hdr[8..24]);
         pkt.dst.copy_from_slice(&hdr[24..40]);
         pkt.load_l4(ctx, l4)?;
@@ -158,6 +221,7 @@ impl Packet {
 
     #[inline(always)]
     fn load_l4(&mut self, ctx: &TcContext, off: usize) -> Result<(), ()> {
+        self.l4_off = off;
         match self.proto {
             IPPROTO_ICMP => {
                 let icmp_type: u8 = load(ctx, off)?;
@@ -184,6 +248,8 @@ impl Packet {
                 let l4: [u8; 14] = load(ctx, off)?;
                 self.sport = u16::from_be_bytes([l4[0], l4[1]]);
                 self.dport = u16::from_be_bytes([l4[2], l4[3]]);
+                self.seq = u32::from_be_bytes([l4[4], l4[5], l4[6], l4[7]]);
+                self.tcp_len = usize::from(l4[12] >> 4) * 4;
                 self.tcp_flags = l4[13];
             }
             IPPROTO_UDP => {

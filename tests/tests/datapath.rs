@@ -424,9 +424,10 @@ fn datapath_log_reaches_the_agent_log_when_enabled() {
 }
 
 /// Pins left by a version with another map layout are not adopted blindly: the agent refuses to
-/// start and says what to do.
+/// start and says what to do when the map holds state nothing derives again (the flow table);
+/// the auth map and the counters, which are derived again, are replaced.
 #[test]
-fn pinned_maps_of_an_incompatible_layout_are_refused_with_the_remedy() {
+fn pinned_maps_of_an_incompatible_layout_are_refused_with_the_remedy_or_replaced() {
     assert!(
         // SAFETY: no preconditions.
         unsafe { libc::geteuid() } == 0,
@@ -440,26 +441,55 @@ fn pinned_maps_of_an_incompatible_layout_are_refused_with_the_remedy() {
     testbed::ensure_bpffs().expect("bpffs");
     let maps = tb.node("node-1").bpffs_dir.join("maps");
     std::fs::create_dir_all(&maps).expect("maps dir");
-    // The auth map of an older layout: 16-byte values.
-    let out = std::process::Command::new("bpftool")
-        .args(["map", "create"])
-        .arg(maps.join("PC_AUTH"))
-        .args([
-            "type", "hash", "key", "16", "value", "16", "entries", "16", "name", "PC_AUTH",
-        ])
-        .output()
-        .expect("bpftool");
-    assert!(
-        out.status.success(),
-        "bpftool map create: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let create = |name: &str, kind: &str, key: &str, value: &str| {
+        let out = std::process::Command::new("bpftool")
+            .args(["map", "create"])
+            .arg(maps.join(name))
+            .args([
+                "type", kind, "key", key, "value", value, "entries", "16", "name", name,
+            ])
+            .output()
+            .expect("bpftool");
+        assert!(
+            out.status.success(),
+            "bpftool map create {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // The auth map before pair keys moved into it (88-byte values), and a flow table of an
+    // older layout (16-byte values).
+    create("PC_AUTH", "hash", "16", "88");
+    create("PC_FLOWS", "lru_hash", "40", "16");
     let err = tb
         .start_agent("node-1")
         .expect_err("the agent adopted maps of another layout");
     let msg = format!("{err:#}");
     assert!(
-        msg.contains("incompatible version") && msg.contains("portcullis uninstall"),
+        msg.contains("incompatible version")
+            && msg.contains("PC_FLOWS")
+            && msg.contains("portcullis uninstall"),
         "{msg}"
+    );
+    std::fs::remove_file(maps.join("PC_FLOWS")).expect("remove the old flow table");
+    tb.start_agent("node-1")
+        .unwrap_or_else(|e| panic!("the old auth map was not replaced: {e:#}"));
+    let out = std::process::Command::new("bpftool")
+        .args(["map", "show", "pinned"])
+        .arg(maps.join("PC_AUTH"))
+        .output()
+        .expect("bpftool");
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains(&format!(
+            "value {}B",
+            std::mem::size_of::<portcullis_common::AuthValue>()
+        )),
+        "PC_AUTH is still the old map: {shown}"
+    );
+    assert!(
+        tb.agent_log("node-1")
+            .contains("a pinned map of an earlier layout was replaced"),
+        "the replacement is not logged:\n{}",
+        tb.agent_log("node-1")
     );
 }

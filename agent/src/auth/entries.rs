@@ -5,12 +5,17 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
-use portcullis_common::{AuthKey, AuthValue};
+use portcullis_common::{AUTH_KEYED, AUTH_PREVIOUS_KEYS, AuthKey, AuthValue};
 
 use crate::{
     datapath::{AuthMap, DatapathError},
     handshake::PairKeys,
 };
+
+/// How long after a new proof the kernel goes on signing a pair's SYNs with the keys of the
+/// proof before: the peer writes its entry of the same proof a proof's round trip earlier or
+/// later, and until then verifies only with the keys it had. Longer than any proof lasts.
+pub const KEY_SWITCH_NS: u64 = 5_000_000_000;
 
 /// When an entry should be renewed: at the start of the last third of its lifetime.
 #[must_use]
@@ -31,11 +36,6 @@ pub struct Entries {
     expiries: BTreeSet<(u64, AuthKey)>,
     /// Keys removed since the last [`Entries::take_removed`]: their numbers may be unused now.
     removed: Vec<AuthKey>,
-    /// The pair keys the proof that wrote each entry derived (none for entries adopted from
-    /// the kernel at start or written by `portcullis auth allow`), and those of the proof
-    /// before it: when both agents prove the same pair at once, each may keep the other's
-    /// proof last, so a verifier accepts either.
-    pair_keys: HashMap<AuthKey, (PairKeys, Option<PairKeys>)>,
     /// The peer workload chain each proven entry rests on, by its SHA-256, each chain kept
     /// once with a count of the entries that name it.
     entry_chain: HashMap<AuthKey, [u8; 32]>,
@@ -85,7 +85,6 @@ impl Entries {
     }
 
     fn forget(&mut self, k: &AuthKey) -> Option<AuthValue> {
-        self.pair_keys.remove(k);
         if let Some(h) = self.entry_chain.remove(k)
             && let Some((_, n)) = self.chains.get_mut(&h)
         {
@@ -128,21 +127,31 @@ impl Entries {
         Ok(())
     }
 
-    /// Writes an entry with the pair keys its proof derived and the peer chain it verified:
-    /// they are replaced with it.
+    /// Writes an entry with the pair keys its proof derived and the peer chain it verified.
+    /// The entry's value holds the keys (the kernel signs and checks SYNs with them, and a
+    /// restarted agent finds them there), with those of the proof before: when both agents
+    /// prove the same pair at once, each may keep the other's proof last, so a verifier
+    /// accepts either, and a signer keeps the older one for [`KEY_SWITCH_NS`].
     pub fn insert_keyed(
         &mut self,
         maps: &mut impl AuthMap,
         k: AuthKey,
-        v: AuthValue,
+        mut v: AuthValue,
         keys: Option<PairKeys>,
         chain: Option<Chain>,
     ) -> Result<(), DatapathError> {
-        let before = self.pair_keys.get(&k).map(|(current, _)| current.clone());
-        self.insert(maps, k, v)?;
         if let Some(keys) = keys {
-            self.pair_keys.insert(k, (keys, before));
+            v.flags |= AUTH_KEYED;
+            v.keys.sign = keys.outbound;
+            v.keys.verify = keys.inbound;
+            if let Some(before) = self.map.get(&k).filter(|b| b.flags & AUTH_KEYED != 0) {
+                v.flags |= AUTH_PREVIOUS_KEYS;
+                v.keys.sign_previous = before.keys.sign;
+                v.keys.verify_previous = before.keys.verify;
+                v.keys.sign_from_ns = v.created_ns.saturating_add(KEY_SWITCH_NS);
+            }
         }
+        self.insert(maps, k, v)?;
         if let Some(chain) = chain {
             let h = crate::tls::digest(&chain);
             self.chains.entry(h).or_insert((chain, 0)).1 += 1;
@@ -168,16 +177,26 @@ impl Entries {
 
     /// The pair keys of an entry, if a proof wrote it.
     #[must_use]
-    pub fn pair_keys(&self, k: &AuthKey) -> Option<&PairKeys> {
-        self.pair_keys.get(k).map(|(current, _)| current)
+    pub fn pair_keys(&self, k: &AuthKey) -> Option<PairKeys> {
+        self.map
+            .get(k)
+            .filter(|v| v.flags & AUTH_KEYED != 0)
+            .map(|v| PairKeys {
+                outbound: v.keys.sign,
+                inbound: v.keys.verify,
+            })
     }
 
     /// The keys of the proof before the current one, if the entry was proven twice.
     #[must_use]
-    pub fn previous_pair_keys(&self, k: &AuthKey) -> Option<&PairKeys> {
-        self.pair_keys
+    pub fn previous_pair_keys(&self, k: &AuthKey) -> Option<PairKeys> {
+        self.map
             .get(k)
-            .and_then(|(_, previous)| previous.as_ref())
+            .filter(|v| v.flags & AUTH_PREVIOUS_KEYS != 0)
+            .map(|v| PairKeys {
+                outbound: v.keys.sign_previous,
+                inbound: v.keys.verify_previous,
+            })
     }
 
     /// Removes an entry from the kernel, then here; `false` when there was none.

@@ -3,8 +3,8 @@
 use std::{collections::HashMap, net::IpAddr, sync::Arc, time::Duration};
 
 use portcullis_common::{
-    AF_INET, EP_ENFORCE, EP_LOCAL, Endpoint, FLOW_INBOUND, FlowKey, FlowValue, IPPROTO_TCP,
-    IPPROTO_UDP,
+    AF_INET, AUTH_KEYED, AUTH_PREVIOUS_KEYS, EP_ENFORCE, EP_LOCAL, Endpoint, FLOW_INBOUND, FlowKey,
+    FlowValue, IPPROTO_TCP, IPPROTO_UDP,
 };
 use tokio::sync::watch;
 
@@ -422,14 +422,35 @@ fn a_re_proven_entry_keeps_the_previous_keys() {
         .entries
         .insert_keyed(&mut w.maps, key, value, Some(keys(1)), None)
         .unwrap();
-    assert_eq!(w.auth.entries.pair_keys(&key), Some(&keys(1)));
+    assert_eq!(w.auth.entries.pair_keys(&key), Some(keys(1)));
     assert_eq!(w.auth.entries.previous_pair_keys(&key), None);
+    let first = w.maps.auth[&key];
+    assert_eq!(
+        first.flags & AUTH_KEYED,
+        AUTH_KEYED,
+        "the kernel entry holds the keys"
+    );
+    assert_eq!((first.keys.sign, first.keys.verify), ([1; 16], [2; 16]));
     w.auth
         .entries
         .insert_keyed(&mut w.maps, key, value, Some(keys(5)), None)
         .unwrap();
-    assert_eq!(w.auth.entries.pair_keys(&key), Some(&keys(5)));
-    assert_eq!(w.auth.entries.previous_pair_keys(&key), Some(&keys(1)));
+    assert_eq!(w.auth.entries.pair_keys(&key), Some(keys(5)));
+    assert_eq!(w.auth.entries.previous_pair_keys(&key), Some(keys(1)));
+    let second = w.maps.auth[&key];
+    assert_eq!(second.flags & AUTH_PREVIOUS_KEYS, AUTH_PREVIOUS_KEYS);
+    assert_eq!(
+        (second.keys.sign_previous, second.keys.verify_previous),
+        ([1; 16], [2; 16])
+    );
+    assert_eq!(
+        second.keys.sign_from_ns,
+        value.created_ns + super::entries::KEY_SWITCH_NS,
+        "the kernel signs with the older key until the peer surely holds the new one"
+    );
+    // A restarted agent finds the keys in the kernel.
+    let adopted = Entries::load(w.maps.auth.clone().into_iter().collect());
+    assert_eq!(adopted.pair_keys(&key), Some(keys(5)));
     // Revoked: no keys left.
     w.auth.entries.remove(&mut w.maps, &key).unwrap();
     assert_eq!(w.auth.entries.pair_keys(&key), None);

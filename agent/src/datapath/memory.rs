@@ -154,6 +154,10 @@ impl Kernel for Maps {
     fn pin_dir(&self) -> std::path::PathBuf {
         "memory".into()
     }
+
+    fn set_clock(&mut self) -> Result<(), DatapathError> {
+        Ok(())
+    }
 }
 
 /// Routes as a test sets them: address → interface, or no route.

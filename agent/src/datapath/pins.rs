@@ -211,8 +211,11 @@ pub fn uninstall(root: &Path) -> Result<Removed, DatapathError> {
     }
 }
 
-/// Pinned maps left by an earlier version whose layout differs cannot be adopted: say so
-/// plainly rather than fail in the verifier.
+/// Pinned maps left by an earlier version whose layout differs cannot be adopted blindly.
+/// Those holding state that is derived again by itself are replaced: the auth map (every pair
+/// is proven again; established flows live on in the flow table) and the counters (they start
+/// again from zero, which a Prometheus counter reset handles). For the others the agent says
+/// plainly what to do rather than fail in the verifier.
 pub(super) fn check_pinned_layouts(maps: &Path) -> Result<(), DatapathError> {
     let value_size: fn(&aya::maps::MapInfo) -> u32 = aya::maps::MapInfo::value_size;
     let key_size: fn(&aya::maps::MapInfo) -> u32 = aya::maps::MapInfo::key_size;
@@ -223,29 +226,33 @@ pub(super) fn check_pinned_layouts(maps: &Path) -> Result<(), DatapathError> {
             "the value size",
             size_of::<AuthValue>() as u32,
             value_size,
+            true,
         ),
         (
             map::FLOWS,
             "the value size",
             size_of::<FlowValue>() as u32,
             value_size,
+            false,
         ),
         (
             map::ENDPOINTS_V4,
             "the value size",
             size_of::<Endpoint>() as u32,
             value_size,
+            false,
         ),
         (
             map::COUNTERS,
             "the number of counters",
             Counter::COUNT,
             entries,
+            true,
         ),
         // Endpoints were an LPM trie (key: prefix length + address) before they were a hash.
-        (map::ENDPOINTS_V4, "the key size", 4, key_size),
+        (map::ENDPOINTS_V4, "the key size", 4, key_size, false),
     ];
-    for (name, what, want, read) in expected {
+    for (name, what, want, read, replaceable) in expected {
         let path = maps.join(name);
         if !path.exists() {
             continue;
@@ -255,7 +262,10 @@ pub(super) fn check_pinned_layouts(maps: &Path) -> Result<(), DatapathError> {
             source,
         })?;
         let found = read(&info);
-        if found != want {
+        if found == want {
+            continue;
+        }
+        if !replaceable {
             return Err(DatapathError::Incompatible {
                 path,
                 what,
@@ -263,6 +273,16 @@ pub(super) fn check_pinned_layouts(maps: &Path) -> Result<(), DatapathError> {
                 want,
             });
         }
+        // The programs still attached keep the old map until theirs are replaced; the
+        // loader creates and pins the new one.
+        fs::remove_file(&path).map_err(io_err(&path))?;
+        tracing::warn!(
+            map = name,
+            what,
+            found,
+            want,
+            "a pinned map of an earlier layout was replaced"
+        );
     }
     Ok(())
 }

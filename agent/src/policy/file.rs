@@ -7,7 +7,7 @@ use marked_yaml::Spanned;
 use portcullis_common::MAX_PORT_RANGES;
 use serde::Deserialize;
 
-use super::{Enroll, Mode, Pattern, Policy, Rule, Settings, merge, parse_ports};
+use super::{Enroll, MacMode, Mode, Pattern, Policy, Rule, Settings, merge, parse_ports};
 use crate::input::InputError;
 
 impl Policy {
@@ -24,7 +24,13 @@ impl Policy {
         let defaults = settings(
             path,
             "",
-            [&f.mode, &f.node_traffic, &f.other_protocols],
+            [
+                &f.mode,
+                &f.node_traffic,
+                &f.other_protocols,
+                &f.syn_mac,
+                &f.cross_node_udp,
+            ],
             Settings::default(),
         )?;
         let mut namespaces = BTreeMap::new();
@@ -36,7 +42,13 @@ impl Policy {
                 settings(
                     path,
                     &format!("{prefix}."),
-                    [&o.mode, &o.node_traffic, &o.other_protocols],
+                    [
+                        &o.mode,
+                        &o.node_traffic,
+                        &o.other_protocols,
+                        &o.syn_mac,
+                        &o.cross_node_udp,
+                    ],
                     defaults,
                 )?,
             );
@@ -160,12 +172,13 @@ fn patterns(
         .collect()
 }
 
-/// The three settings of a namespace (or of the document, `prefix` empty) from their fields
-/// `[mode, node_traffic, other_protocols]`; a field left out keeps `base`'s value.
+/// The settings of a namespace (or of the document, `prefix` empty) from their fields
+/// `[mode, node_traffic, other_protocols, syn_mac, cross_node_udp]`; a field left out keeps
+/// `base`'s value.
 fn settings(
     path: &Path,
     prefix: &str,
-    [mode, node_traffic, other_protocols]: [&Option<Spanned<String>>; 3],
+    [mode, node_traffic, other_protocols, syn_mac, cross_node_udp]: [&Option<Spanned<String>>; 5],
     base: Settings,
 ) -> Result<Settings, InputError> {
     let field = |name: &str| format!("{prefix}{name}");
@@ -187,7 +200,35 @@ fn settings(
             "drop",
         )?
         .unwrap_or(base.other_protocols),
+        syn_mac: parse_mac_mode(path, syn_mac.as_ref(), &field("syn_mac"))?.unwrap_or(base.syn_mac),
+        cross_node_udp: parse_choice(
+            path,
+            cross_node_udp.as_ref(),
+            &field("cross_node_udp"),
+            "allow",
+            "deny",
+        )?
+        .unwrap_or(base.cross_node_udp),
     })
+}
+
+fn parse_mac_mode(
+    path: &Path,
+    v: Option<&Spanned<String>>,
+    field: &str,
+) -> Result<Option<MacMode>, InputError> {
+    let Some(v) = v else { return Ok(None) };
+    match v.as_str() {
+        "require" => Ok(Some(MacMode::Require)),
+        "audit" => Ok(Some(MacMode::Audit)),
+        "off" => Ok(Some(MacMode::Off)),
+        other => Err(InputError::value(
+            path,
+            v,
+            field,
+            format!("`{other}` is not `require`, `audit` or `off`"),
+        )),
+    }
 }
 
 fn parse_mode(
@@ -260,6 +301,8 @@ pub(super) struct File {
     mode: Option<Spanned<String>>,
     node_traffic: Option<Spanned<String>>,
     other_protocols: Option<Spanned<String>>,
+    syn_mac: Option<Spanned<String>>,
+    cross_node_udp: Option<Spanned<String>>,
     enroll: Option<EnrollEntry>,
     #[serde(default)]
     namespaces: std::collections::HashMap<Spanned<String>, NamespaceEntry>,
@@ -282,6 +325,8 @@ struct NamespaceEntry {
     mode: Option<Spanned<String>>,
     node_traffic: Option<Spanned<String>>,
     other_protocols: Option<Spanned<String>>,
+    syn_mac: Option<Spanned<String>>,
+    cross_node_udp: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
