@@ -21,7 +21,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use portcullis_common::{EVENT_WOULD_DROP, Event, IDENTITY_NONE};
+use portcullis_common::{Counter, EVENT_WOULD_DROP, Event, IDENTITY_NONE};
 use tokio::sync::{mpsc, watch};
 
 use crate::{
@@ -479,13 +479,19 @@ impl<K: Kernel, R: Routes> Core<K, R> {
         });
     }
 
-    /// A datapath event: journal, metrics, and the pair's authentication asked for.
+    /// A datapath event: journal, metrics, and the pair's authentication asked for. A SYN
+    /// without a valid connection MAC asks for nothing: its pair is authenticated, proving it
+    /// again cures nothing, and forged SYNs must not drive proofs.
     pub fn on_event(&mut self, ev: &Event) {
         let record = self.journal.event(ev, &self.names);
         if ev.kind == EVENT_WOULD_DROP {
             self.would_drop(&record);
         }
-        if ev.remote_identity != IDENTITY_NONE {
+        let mac_failure = matches!(
+            Counter::from_u32(ev.reason),
+            Some(Counter::DropNoMac | Counter::DropBadMac)
+        );
+        if ev.remote_identity != IDENTITY_NONE && !mac_failure {
             let index = self.inputs.index();
             let ctx = auth::Ctx {
                 index: &index,
