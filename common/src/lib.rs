@@ -162,8 +162,14 @@ pub const AUTH_KEYED: u32 = 2;
 /// [`AuthValue::flags`]: [`PairKeys::sign_previous`] and [`PairKeys::verify_previous`] hold
 /// the keys of the proof before (a zero key is never tried).
 pub const AUTH_PREVIOUS_KEYS: u32 = 4;
+/// [`AuthValue::flags`]: [`PairKeys::verify_older`] holds the verify key of the proof before
+/// that.
+pub const AUTH_OLDER_KEY: u32 = 8;
 
-/// The keys one proof of a pair derived (see `docs/PROTOCOL.md`), as the kernel uses them.
+/// The keys the latest proofs of a pair derived (see `docs/PROTOCOL.md`), as the kernel uses
+/// them. When both agents prove a pair at once, each writes the two proofs in its own order,
+/// so their "previous" proofs may differ: a verifier that also keeps the proof before
+/// accepts whatever the other side signs with, whatever the order was.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct PairKeys {
@@ -177,8 +183,34 @@ pub struct PairKeys {
     /// MACs of SYNs the remote workload sends to the local one.
     pub verify: [u8; mac::KEY_LEN],
     pub verify_previous: [u8; mac::KEY_LEN],
+    pub verify_older: [u8; mac::KEY_LEN],
 }
-const _: () = assert!(size_of::<PairKeys>() == 72);
+const _: () = assert!(size_of::<PairKeys>() == 88);
+
+impl PairKeys {
+    /// The key a SYN sent at `boot_ns` is signed with (`flags`: the entry's).
+    #[inline(always)]
+    #[must_use]
+    pub fn signing(&self, flags: u32, boot_ns: u64) -> &[u8; mac::KEY_LEN] {
+        if flags & AUTH_PREVIOUS_KEYS != 0 && boot_ns < self.sign_from_ns {
+            &self.sign_previous
+        } else {
+            &self.sign
+        }
+    }
+
+    /// Whether `got` is the MAC of `msg` under one of the verify keys `flags` marks as held,
+    /// the current one first: the others cost only SYNs signed across a new proof, and forged
+    /// ones.
+    #[inline(always)]
+    #[must_use]
+    pub fn verifies(&self, flags: u32, msg: &[u64; 6], got: u64) -> bool {
+        mac::siphash24(&self.verify, msg) == got
+            || (flags & AUTH_PREVIOUS_KEYS != 0
+                && mac::siphash24(&self.verify_previous, msg) == got)
+            || (flags & AUTH_OLDER_KEY != 0 && mac::siphash24(&self.verify_older, msg) == got)
+    }
+}
 
 /// An auth entry's value: how long the pair is authenticated, and what the authorization
 /// policy lets the remote workload open towards the local one.
@@ -200,7 +232,7 @@ pub struct AuthValue {
     /// Meaningful with [`AUTH_KEYED`].
     pub keys: PairKeys,
 }
-const _: () = assert!(size_of::<AuthValue>() == 160);
+const _: () = assert!(size_of::<AuthValue>() == 176);
 
 impl AuthValue {
     /// Whether a new connection of `proto` to local port `port` is admitted.

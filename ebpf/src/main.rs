@@ -25,12 +25,11 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use portcullis_common::{
-    AUTH_KEYED, AUTH_PREVIOUS_KEYS, AuthKey, AuthValue, Counter, EP_ADMIT_HOST, EP_AUDIT,
-    EP_ENFORCE, EP_HOST, EP_LOCAL, EP_MAC_AUDIT, EP_MAC_REQUIRE, EP_OTHER_PASS, EP_UDP_NODE_LOCAL,
-    EVENT_AUTH_WANTED, EVENT_DENIED, EVENT_INTERVAL_NS, EVENT_WOULD_DROP, Endpoint, Event,
-    FLOW_HOST, FLOW_INBOUND, FLOW_OUTBOUND, FLOW_STAT_RECORDED, FLOW_STAT_REPLACED, FLOW_STATS,
-    FLOW_UNCHECKED, FlowKey, FlowValue, IDENTITY_NONE, IPPROTO_TCP, IPPROTO_UDP, Name, NameKey,
-    PairKeys, capacity,
+    AUTH_KEYED, AuthKey, AuthValue, Counter, EP_ADMIT_HOST, EP_AUDIT, EP_ENFORCE, EP_HOST,
+    EP_LOCAL, EP_MAC_AUDIT, EP_MAC_REQUIRE, EP_OTHER_PASS, EP_UDP_NODE_LOCAL, EVENT_AUTH_WANTED,
+    EVENT_DENIED, EVENT_INTERVAL_NS, EVENT_WOULD_DROP, Endpoint, Event, FLOW_HOST, FLOW_INBOUND,
+    FLOW_OUTBOUND, FLOW_STAT_RECORDED, FLOW_STAT_REPLACED, FLOW_STATS, FLOW_UNCHECKED, FlowKey,
+    FlowValue, IDENTITY_NONE, IPPROTO_TCP, IPPROTO_UDP, Name, NameKey, PairKeys, capacity,
     mac::{self, OPTION_LEN, Syn, TCP_MAX_HEADER},
     seen_units,
 };
@@ -484,7 +483,7 @@ fn syn_of(pkt: &Packet, time: u32) -> Syn {
 }
 
 /// Whether the SYN of a keyed pair carries a MAC that verifies: our option, the last bytes of
-/// its TCP header, stamped within the window, under the pair's current or previous key.
+/// its TCP header, stamped within the window, under one of the pair's last three keys.
 #[inline(always)]
 fn check_mac(ctx: &TcContext, pkt: &Packet, keys: &PairKeys, flags: u32, now: u64) -> Counter {
     if pkt.tcp_len < 20 + OPTION_LEN {
@@ -501,10 +500,7 @@ fn check_mac(ctx: &TcContext, pkt: &Packet, keys: &PairKeys, flags: u32, now: u6
     if !mac::fresh(time, mac::time_units(realtime(now))) {
         return Counter::DropBadMac;
     }
-    let msg = mac::message(&syn_of(pkt, time));
-    if mac::siphash24(&keys.verify, &msg) == got
-        || (flags & AUTH_PREVIOUS_KEYS != 0 && mac::siphash24(&keys.verify_previous, &msg) == got)
-    {
+    if keys.verifies(flags, &mac::message(&syn_of(pkt, time)), got) {
         Counter::PassAuthenticated
     } else {
         Counter::DropBadMac
@@ -522,12 +518,10 @@ fn sign(ctx: &TcContext, pkt: &Packet, keys: &PairKeys, flags: u32, now: u64) ->
     if pkt.tcp_len < 20 || pkt.tcp_len + OPTION_LEN > TCP_MAX_HEADER || end != pkt.ip_end {
         return Counter::PassUnsigned;
     }
-    let key = if flags & AUTH_PREVIOUS_KEYS != 0 && now < keys.sign_from_ns {
-        &keys.sign_previous
-    } else {
-        &keys.sign
-    };
-    let option = mac::option(key, &syn_of(pkt, mac::time_units(realtime(now))));
+    let option = mac::option(
+        keys.signing(flags, now),
+        &syn_of(pkt, mac::time_units(realtime(now))),
+    );
     // Read before the packet changes: the data offset's 16-bit word and the IP length.
     let Ok(word) = load::<[u8; 2]>(ctx, pkt.l4_off + 12) else {
         return Counter::PassUnsigned;

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
-use portcullis_common::{AUTH_KEYED, AUTH_PREVIOUS_KEYS, AuthKey, AuthValue};
+use portcullis_common::{AUTH_KEYED, AUTH_OLDER_KEY, AUTH_PREVIOUS_KEYS, AuthKey, AuthValue};
 
 use crate::{
     datapath::{AuthMap, DatapathError},
@@ -129,9 +129,10 @@ impl Entries {
 
     /// Writes an entry with the pair keys its proof derived and the peer chain it verified.
     /// The entry's value holds the keys (the kernel signs and checks SYNs with them, and a
-    /// restarted agent finds them there), with those of the proof before: when both agents
-    /// prove the same pair at once, each may keep the other's proof last, so a verifier
-    /// accepts either, and a signer keeps the older one for [`KEY_SWITCH_NS`].
+    /// restarted agent finds them there), with those of the proof before (a signer keeps
+    /// signing with it for [`KEY_SWITCH_NS`]) and the verify key of the one before that: when
+    /// both agents prove the same pair at once, each writes the two proofs in its own order,
+    /// and the three keys cover what the other side may sign with.
     pub fn insert_keyed(
         &mut self,
         maps: &mut impl AuthMap,
@@ -149,6 +150,10 @@ impl Entries {
                 v.keys.sign_previous = before.keys.sign;
                 v.keys.verify_previous = before.keys.verify;
                 v.keys.sign_from_ns = v.created_ns.saturating_add(KEY_SWITCH_NS);
+                if before.flags & AUTH_PREVIOUS_KEYS != 0 {
+                    v.flags |= AUTH_OLDER_KEY;
+                    v.keys.verify_older = before.keys.verify_previous;
+                }
             }
         }
         self.insert(maps, k, v)?;

@@ -503,3 +503,95 @@ fn a_bundle_change_revokes_entries_resting_on_chains_it_no_longer_trusts() {
     assert_eq!(revoked, 1);
     assert!(w.maps.auth.is_empty() && w.maps.flows.is_empty());
 }
+
+/// The key schedule across two nodes, as the kernel applies it (`PairKeys::signing` on the
+/// source node, `PairKeys::verifies` on the destination): at every moment between and after
+/// the writes of a re-proof, whatever one side signs a SYN with, the other accepts — also when
+/// both agents first proved the pair at once and wrote the two proofs in opposite orders, and a
+/// later proof comes within the switch delay. (While those two first proofs are half written,
+/// a side with no earlier keys signs with the only keys it has, which the peer holds once it
+/// writes its half, a moment later: a SYN sent in between is retransmitted.)
+#[test]
+fn what_one_node_signs_the_other_verifies_through_concurrent_and_successive_proofs() {
+    use portcullis_common::mac;
+
+    use super::entries::KEY_SWITCH_NS;
+
+    let k = AuthKey {
+        local_identity: 1,
+        remote_identity: 2,
+        remote_node: 3,
+        kind: 0,
+    };
+    // Node A's entry (a, b) and node B's entry (b, a): one key per direction and proof.
+    let (mut a, mut b) = (Entries::default(), Entries::default());
+    let (mut ma, mut mb) = (Maps::default(), Maps::default());
+    let a_to_b = |p: u8| [p; 16];
+    let b_to_a = |p: u8| [p | 0x80; 16];
+    let write = |e: &mut Entries, m: &mut Maps, on_a: bool, proof: u8, at: u64| {
+        let keys = if on_a {
+            crate::handshake::PairKeys {
+                outbound: a_to_b(proof),
+                inbound: b_to_a(proof),
+            }
+        } else {
+            crate::handshake::PairKeys {
+                outbound: b_to_a(proof),
+                inbound: a_to_b(proof),
+            }
+        };
+        let v = AuthValue {
+            created_ns: at,
+            expires_ns: at + 3_600_000_000_000,
+            ..AuthValue::default()
+        };
+        e.insert_keyed(m, k, v, Some(keys), None).unwrap();
+    };
+    let msg = mac::message(&mac::Syn {
+        family: 4,
+        src: [198, 18, 1, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        dst: [198, 18, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        sport: 40000,
+        dport: 8080,
+        seq: 7,
+        time: 1,
+    });
+    // Both directions, at `now`: the signer's MAC verifies at the other node.
+    let agree = |ma: &Maps, mb: &Maps, now: u64, step: &str| {
+        for (from, to, dir) in [(ma, mb, "A→B"), (mb, ma, "B→A")] {
+            let s = from.auth[&k];
+            let v = to.auth[&k];
+            let tag = mac::siphash24(s.keys.signing(s.flags, now), &msg);
+            assert!(
+                v.keys.verifies(v.flags, &msg, tag),
+                "{step}, {dir} at {now} ns: signed with a key the peer does not hold"
+            );
+        }
+    };
+    let ms = 1_000_000;
+    // Proofs 1 (A initiates) and 2 (B initiates) at once: each side answers the other's first.
+    write(&mut b, &mut mb, false, 1, 10 * ms); // B answers proof 1
+    write(&mut a, &mut ma, true, 2, 11 * ms); // A answers proof 2
+    write(&mut a, &mut ma, true, 1, 12 * ms); // A finishes proof 1
+    write(&mut b, &mut mb, false, 2, 13 * ms); // B finishes proof 2
+    // The two nodes now hold the proofs in opposite orders.
+    assert_ne!(ma.auth[&k].keys.sign, mb.auth[&k].keys.verify);
+    for t in [13 * ms, 13 * ms + KEY_SWITCH_NS] {
+        agree(&ma, &mb, t, "both finished");
+    }
+    // Proof 3, by B, within the switch delay: A answers (writes) first.
+    write(&mut a, &mut ma, true, 3, 100 * ms);
+    agree(&ma, &mb, 100 * ms, "proof 3 answered");
+    write(&mut b, &mut mb, false, 3, 101 * ms);
+    for t in [101 * ms, 13 * ms + KEY_SWITCH_NS, 101 * ms + KEY_SWITCH_NS] {
+        agree(&ma, &mb, t, "proof 3 finished");
+    }
+    // Proof 4, by A, long after.
+    let later = 200 * ms + 2 * KEY_SWITCH_NS;
+    write(&mut b, &mut mb, false, 4, later);
+    agree(&ma, &mb, later, "proof 4 answered");
+    write(&mut a, &mut ma, true, 4, later + ms);
+    for t in [later + ms, later + ms + KEY_SWITCH_NS] {
+        agree(&ma, &mb, t, "proof 4 finished");
+    }
+}
