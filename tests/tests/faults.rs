@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use testbed::{
     NodeSpec, Options, PodSpec, Spec, Testbed,
     cluster::Workload,
-    scenario::{Family, Scenario, Server, eventually, last_json, ok},
+    scenario::{Family, Scenario, Server, eventually, last_json, ok, sock},
 };
 
 const PORT: u16 = 8080;
@@ -471,6 +471,199 @@ fn a_syn_flood_from_many_enrolled_sources_is_counted_and_a_legitimate_pair_still
         after["agent"]["pid"].as_u64(),
         "the agent restarted under the flood"
     );
+}
+
+/// `Tcp: InSegs` of pod `pod`'s network namespace: every TCP segment its stack received, both
+/// families.
+fn tcp_in_segs(tb: &Testbed, pod: &str) -> u64 {
+    let out = tb
+        .run_in(pod, &["cat", "/proc/net/snmp"])
+        .expect("reading /proc/net/snmp");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut tcp = text.lines().filter(|l| l.starts_with("Tcp:"));
+    let (names, values) = (tcp.next().unwrap_or(""), tcp.next().unwrap_or(""));
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "InSegs")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or_else(|| panic!("no Tcp InSegs in {pod}'s /proc/net/snmp:\n{text}"))
+}
+
+/// Root on node-3 forges SYNs with the source address of `client` (node-1), whose pair with
+/// `server` (node-2) is authenticated by a real proof, so that its entry is keyed: the forged
+/// SYNs carry no connection MAC and not one is admitted. node-2 counts each exactly once as
+/// `drop_no_mac` while its events stay rate-limited, the server's stack never sees them, and
+/// the genuine client, whose SYNs node-1 signs, still connects. Both families.
+#[test]
+fn forged_syns_from_a_compromised_node_carry_no_mac_and_none_is_admitted() {
+    const SYNS: u64 = 1_000;
+    let tb = up(&pair_spec(true), &handshaking());
+    let s = scenario(&tb);
+    let _server = s.serve("server", PORT);
+    let client_id = s.identity("client");
+    let mut outcomes = Vec::new();
+    for family in [Family::V4, Family::V6] {
+        let target = s.addr("server", family);
+        // A real proof: the first connection asks for it, its retransmitted SYN gets in.
+        assert!(
+            eventually(Duration::from_secs(30), || ok(
+                &s.connect("client", target, PORT, 3000)
+            )),
+            "{family:?}: the pair did not authenticate: {}",
+            s.status("node-2")["auth"]
+        );
+        let signed_before = counters(&s.status("node-1"))["pass_signed"];
+        let genuine = s.connect("client", target, PORT, 3000);
+        let signed_after = counters(&s.status("node-1"))["pass_signed"];
+        assert!(
+            ok(&genuine) && signed_after > signed_before,
+            "{family:?}: the genuine SYN was not signed (pass_signed on node-1 {signed_before} → {signed_after}): {genuine}"
+        );
+        // Let the genuine connection's last segments settle before counting.
+        thread::sleep(Duration::from_millis(300));
+        let before = s.status("node-2");
+        let proofs = |st: &Value| {
+            st["handshakes"]
+                .as_array()
+                .map_or(0, |hs| hs.iter().filter(|h| h["stage"] == "proof").count())
+        };
+        let segs_before = tcp_in_segs(&tb, "server");
+        let flood = s.probe_node(
+            "node-3",
+            &[
+                "flood",
+                "--to",
+                &sock(target, PORT),
+                "--sources",
+                &s.addr("client", family).to_string(),
+                "--count",
+                "1",
+                "--packets",
+                &SYNS.to_string(),
+                "--seconds",
+                "20",
+            ],
+        );
+        assert!(
+            ok(&flood) && flood["sent"] == SYNS,
+            "{family:?}: the flood tool failed: {flood}"
+        );
+        let delta = |st: &Value, name: &str| {
+            counters(st).get(name).copied().unwrap_or(0)
+                - counters(&before).get(name).copied().unwrap_or(0)
+        };
+        let field = |st: &Value, name: &str| {
+            st[name].as_u64().unwrap_or(0) - before[name].as_u64().unwrap_or(0)
+        };
+        let mut last = Value::Null;
+        eventually(Duration::from_secs(5), || {
+            last = s.status("node-2");
+            delta(&last, "drop_no_mac") >= SYNS
+        });
+        // Nothing more arrives afterwards: the count is exact, not a lower bound.
+        thread::sleep(Duration::from_millis(500));
+        let after = s.status("node-2");
+        let segs = tcp_in_segs(&tb, "server") - segs_before;
+        let event_seen = eventually(Duration::from_secs(5), || {
+            s.status("node-2")["events"].as_array().is_some_and(|evs| {
+                evs.iter().any(|e| {
+                    e["kind"] == "denied"
+                        && e["reason"] == "drop_no_mac"
+                        && e["remote"] == client_id.as_str()
+                })
+            })
+        });
+        let balanced = eventually(Duration::from_secs(10), || {
+            last = s.status("node-2");
+            delta(&last, "drop_no_mac")
+                == delta(&last, "event_rate_limited")
+                    + delta(&last, "event_lost")
+                    + field(&last, "events_total")
+                    + field(&last, "events_dropped")
+        });
+        let flood_s = flood["seconds"].as_f64().unwrap_or(0.0);
+        let signed_before = counters(&s.status("node-1"))["pass_signed"];
+        let settled = s.status("node-2");
+        let genuine_after = s.connect("client", target, PORT, 3000);
+        let signed_after = counters(&s.status("node-1"))["pass_signed"];
+        let during: BTreeMap<String, u64> = {
+            let (a, b) = (counters(&s.status("node-2")), counters(&settled));
+            a.iter()
+                .map(|(k, v)| (k.clone(), v - b.get(k).copied().unwrap_or(0)))
+                .filter(|(_, d)| *d > 0)
+                .collect()
+        };
+        let outcome = json!({
+            "family": format!("{family:?}"),
+            "flood": flood,
+            "drop_no_mac": delta(&after, "drop_no_mac"),
+            "drop_bad_mac": delta(&after, "drop_bad_mac"),
+            "drop_no_auth": delta(&after, "drop_no_auth"),
+            "pass_authenticated": delta(&after, "pass_authenticated"),
+            "pass_audit": delta(&after, "pass_audit"),
+            "server_tcp_segments": segs,
+            "events_delivered": field(&last, "events_total"),
+            "events_rate_limited": delta(&last, "event_rate_limited"),
+            "events_lost": delta(&last, "event_lost"),
+            "denied_event_seen": event_seen,
+            "accounted": balanced,
+            "genuine_after": genuine_after,
+            "genuine_after_signed": signed_after - signed_before,
+            "node2_counters_during_genuine_after": during,
+            "proofs_driven_by_the_flood": proofs(&settled).saturating_sub(proofs(&before)),
+        });
+        report("forged_syns_from_a_node", &outcome);
+        assert_eq!(
+            delta(&after, "drop_no_mac"),
+            SYNS,
+            "{family:?}: every forged SYN must count exactly once as drop_no_mac: {outcome}"
+        );
+        assert_eq!(
+            delta(&after, "pass_authenticated"),
+            0,
+            "{family:?}: node-2 admitted forged SYNs: {outcome}"
+        );
+        assert_eq!(
+            delta(&after, "pass_audit"),
+            0,
+            "{family:?}: node-2 let forged SYNs through in audit: {outcome}"
+        );
+        assert_eq!(
+            segs, 0,
+            "{family:?}: the server's stack received TCP segments during the flood: {outcome}"
+        );
+        assert!(
+            event_seen,
+            "{family:?}: no denied event naming drop_no_mac and the client: {outcome}"
+        );
+        assert!(
+            balanced,
+            "{family:?}: dropped SYNs unaccounted for in events: {outcome}"
+        );
+        // At most one event per pair every 100 ms, and a little slack.
+        assert!(
+            (field(&last, "events_total") as f64) <= flood_s * 10.0 + 5.0,
+            "{family:?}: the forged SYNs were not rate-limited as events: {outcome}"
+        );
+        assert!(
+            ok(&genuine_after) && signed_after > signed_before,
+            "{family:?}: the genuine client no longer connects with a signed SYN: {outcome}"
+        );
+        // Forged SYNs must not drive proofs (each would rotate the pair's keys), and the
+        // genuine client's next connection gets in at its first SYN.
+        assert_eq!(
+            proofs(&settled),
+            proofs(&before),
+            "{family:?}: the forged SYNs made node-2 prove the pair again: {outcome}"
+        );
+        assert!(
+            during.keys().all(|k| !k.starts_with("drop_")),
+            "{family:?}: node-2 dropped the genuine client's SYN after the flood: {outcome}"
+        );
+        outcomes.push(outcome);
+    }
+    report("forged_syns_from_a_node_all", &json!(outcomes));
 }
 
 /// The entry for kernel map `name` in a status.

@@ -11,8 +11,10 @@
 //!     client half-closes, reply with the byte count as 8 bytes big-endian, then close.
 //!     --echo: write back everything read (for `probe rr`), close at EOF.
 //!     Exits after --seconds (default 3600); idle connections are dropped after --idle-ms.
-//! probe connect --to ADDR:PORT [--from ADDR] [--timeout-ms N]
-//!     {"ok":true,"connect_ms":…} or {"ok":false,"kind":…,"error":…}.
+//! probe connect --to ADDR:PORT [--from ADDR] [--freebind] [--timeout-ms N]
+//!     {"ok":true,"connect_ms":…} or {"ok":false,"kind":…,"error":…}. --freebind
+//!     (IP_FREEBIND and IP_TRANSPARENT, or their IPv6 forms; needs CAP_NET_ADMIN) lets
+//!     --from be an address this host does not own: a spoofed source from a real TCP stack.
 //! probe send --to ADDR:PORT --bytes N [--seconds S] [--from ADDR] [--timeout-ms N] [--chunk B]
 //!     Connect, send N bytes (paced evenly over S seconds if given), half-close, read the
 //!     server's count and check it equals N. "kind" of a failure: refused, reset, timeout,
@@ -20,8 +22,11 @@
 //!     io.
 //! probe rr --to ADDR:PORT [--count N] [--size B] [--from ADDR] [--timeout-ms N]
 //!     N request/response round trips of B bytes against an --echo server; latency stats.
-//! probe cps --to ADDR:PORT [--seconds S] [--timeout-ms N]
-//!     Short-lived connections back to back against a count-mode server; connections/s.
+//! probe cps --to ADDR:PORT [--seconds S] [--timeout-ms N] [--interval-ms N] [--keep-going]
+//!     Short-lived connections back to back (a pause of --interval-ms between two) against a
+//!     count-mode server; connections/s. The first failure ends it, unless --keep-going:
+//!     then every failure is counted ("attempted", "failed", "first_error") and ok means
+//!     none failed. "max_ms": the slowest connection (connect to answer).
 //! probe udp-serve --port P [--seconds S]       echo every datagram back to its sender.
 //! probe udp-send --to ADDR:PORT [--count N] [--size B] [--timeout-ms N]
 //!     N datagrams one at a time, each waiting for its echo; ok when all came back.
@@ -42,6 +47,22 @@
 //!     key i is the 32-bit little-endian number B + i (default 0x4000_0000) followed by zeros,
 //!     every value zeros. Stops early when the kernel refuses (the map is full). --delete
 //!     removes the same keys instead. {"ok":true,"done":…,"refused":…,"error":…}.
+//! probe inject --iface IF --dst-mac MAC [--src-mac MAC] --from ADDR:PORT --to ADDR:PORT
+//!       [--count N] [--option HEX]
+//!     Writes N raw Ethernet frames (AF_PACKET, needs CAP_NET_RAW) on interface IF, each a
+//!     TCP SYN from ADDR:PORT+i to --to with a random sequence number, carrying the TCP
+//!     options HEX (a multiple of 4 bytes, at most 40) if given: a SYN from the wire, for a
+//!     namespace with no address or route (the fabric). {"ok":true,"sent":…}.
+//! probe replay --iface IF --to ADDR:PORT [--variants LIST] [--delay-ms D] [--timeout-ms N]
+//!     Sniffs IF (AF_PACKET, both directions) for the first TCP SYN to --to whose TCP header
+//!     ends with a connection MAC option (kind 253, length 16, ExID 0x5043), then, after D ms
+//!     (default 200), writes altered copies of it back on IF, one per variant of LIST
+//!     (comma-separated, default `sport,seq`): `sport` another source port, `seq` another
+//!     initial sequence number, `mac` one bit of the MAC flipped, `exact` unchanged; the
+//!     option bytes are those captured, checksums are recomputed. Prints
+//!     {"ok":true,"sniffing":IF} once the socket is bound, then
+//!     {"ok":true,"captured":{…},"sent":…,"variants":[…]}; not ok if nothing was captured
+//!     within --timeout-ms.
 //! ```
 //! `--timeout-ms` (default 10000) bounds each connect, read and write.
 
@@ -60,7 +81,7 @@ struct Args {
     flags: Vec<String>,
 }
 
-const FLAGS: &[&str] = &["echo", "delete"];
+const FLAGS: &[&str] = &["echo", "delete", "freebind", "keep-going"];
 
 impl Args {
     fn parse() -> Result<Args, String> {
@@ -118,6 +139,8 @@ fn main() -> ExitCode {
         "flood" => flood(&args),
         "map-fill" => map_fill(&args),
         "hold" => hold(&args),
+        "inject" => inject(&args),
+        "replay" => replay(&args),
         m => return usage(&format!("unknown mode {m:?}")),
     };
     match result {
@@ -145,7 +168,7 @@ impl From<String> for Usage {
 
 fn usage(msg: &str) -> ExitCode {
     eprintln!(
-        "probe: {msg}\nusage: probe serve|connect|send|rr|cps|udp-serve|udp-send|flood|hold|map-fill [--opt value]… (see the source header)"
+        "probe: {msg}\nusage: probe serve|connect|send|rr|cps|udp-serve|udp-send|flood|hold|map-fill|inject|replay [--opt value]… (see the source header)"
     );
     ExitCode::from(2)
 }
@@ -179,7 +202,28 @@ fn ms(d: Duration) -> f64 {
 /// Connects to `to`, from `from` (an address of this pod) if given, within `timeout`; the
 /// returned stream has `timeout` as read and write timeout too.
 fn dial(to: SocketAddr, from: Option<IpAddr>, timeout: Duration) -> io::Result<TcpStream> {
+    dial_with(to, from, false, timeout)
+}
+
+/// [`dial`], with `freebind`: `from` may be an address this host does not own.
+fn dial_with(
+    to: SocketAddr,
+    from: Option<IpAddr>,
+    freebind: bool,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
     let s = Socket::new(Domain::for_address(to), Type::STREAM, Some(Protocol::TCP))?;
+    if freebind {
+        // FREEBIND lets the bind succeed; TRANSPARENT lets the route lookup take a source
+        // address that is not local (without it connect() fails with ENETUNREACH).
+        if to.is_ipv4() {
+            s.set_freebind_v4(true)?;
+            s.set_ip_transparent_v4(true)?;
+        } else {
+            s.set_freebind_v6(true)?;
+            s.set_ip_transparent_v6(true)?;
+        }
+    }
     if let Some(ip) = from {
         s.bind(&SocketAddr::new(ip, 0).into())?;
     }
@@ -291,8 +335,9 @@ fn exit_after(d: Duration) {
 fn connect_mode(a: &Args) -> Result<Outcome, Usage> {
     let to: SocketAddr = a.req("to")?;
     let from: Option<IpAddr> = a.get("from")?;
+    let freebind = a.flags.iter().any(|f| f == "freebind");
     let t = Instant::now();
-    Ok(match dial(to, from, a.timeout()?) {
+    Ok(match dial_with(to, from, freebind, a.timeout()?) {
         Ok(s) => json_ok(
             json!({"to": to.to_string(), "local": s.local_addr().map(|l| l.to_string()).unwrap_or_default(), "connect_ms": ms(t.elapsed())}),
         ),
@@ -432,29 +477,54 @@ fn rr(a: &Args) -> Result<Outcome, Usage> {
 fn cps(a: &Args) -> Result<Outcome, Usage> {
     let to: SocketAddr = a.req("to")?;
     let seconds: f64 = a.get("seconds")?.unwrap_or(2.0);
+    let interval = Duration::from_millis(a.get("interval-ms")?.unwrap_or(0));
+    let keep_going = a.flags.iter().any(|f| f == "keep-going");
     let timeout = a.timeout()?;
     let start = Instant::now();
-    let mut done = 0u64;
+    let (mut done, mut failed, mut first_error) = (0u64, 0u64, None::<String>);
+    let mut slowest = Duration::ZERO;
     let mut reply = [0u8; 8];
     while start.elapsed().as_secs_f64() < seconds {
+        let t = Instant::now();
         let r = dial(to, None, timeout).and_then(|mut s| {
             s.write_all(&[1])?;
             s.shutdown(Shutdown::Write)?;
             s.read_exact(&mut reply)
         });
-        if let Err(e) = r {
-            return Ok(fail(
-                kind(&e),
-                format!("connection {done}: {e}"),
-                json!({"done": done}),
-            ));
+        slowest = slowest.max(t.elapsed());
+        match r {
+            Ok(()) => done += 1,
+            Err(e) if !keep_going => {
+                return Ok(fail(
+                    kind(&e),
+                    format!("connection {done}: {e}"),
+                    json!({"done": done}),
+                ));
+            }
+            Err(e) => {
+                first_error.get_or_insert_with(|| {
+                    format!("connection {}: {}: {e}", done + failed, kind(&e))
+                });
+                failed += 1;
+            }
         }
-        done += 1;
+        if !interval.is_zero() {
+            std::thread::sleep(interval);
+        }
     }
     let elapsed = start.elapsed().as_secs_f64();
-    Ok(json_ok(
-        json!({"connections": done, "seconds": elapsed, "per_sec": (done as f64 / elapsed).round()}),
-    ))
+    let stats = json!({"connections": done, "attempted": done + failed, "failed": failed,
+                       "first_error": first_error, "max_ms": ms(slowest), "seconds": elapsed,
+                       "per_sec": (done as f64 / elapsed).round()});
+    Ok(if failed == 0 {
+        json_ok(stats)
+    } else {
+        fail(
+            "failed",
+            format!("{failed} of {} connections failed", done + failed),
+            stats,
+        )
+    })
 }
 
 fn udp_serve(a: &Args) -> Result<Outcome, Usage> {
@@ -663,6 +733,437 @@ fn flood(a: &Args) -> Result<Outcome, Usage> {
     ))
 }
 
+/// An AF_PACKET socket bound to one interface, seeing frames in both directions.
+struct PacketSocket {
+    fd: std::os::fd::OwnedFd,
+    ifindex: i32,
+}
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+
+impl PacketSocket {
+    fn open(iface: &str) -> io::Result<PacketSocket> {
+        use std::os::fd::FromRawFd;
+        let name = std::ffi::CString::new(iface)
+            .map_err(|e| io::Error::new(ErrorKind::InvalidInput, e))?;
+        // SAFETY: a valid NUL-terminated string.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        if ifindex == 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let all = (libc::ETH_P_ALL as u16).to_be();
+        // SAFETY: plain socket(2).
+        let raw = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                i32::from(all),
+            )
+        };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a new descriptor owned by nobody else.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+        let s = PacketSocket {
+            fd,
+            ifindex: ifindex as i32,
+        };
+        let mut sll = s.sockaddr(&[0; 6]);
+        sll.sll_protocol = all;
+        // SAFETY: `sll` is a valid sockaddr_ll of the size given.
+        let r = unsafe {
+            libc::bind(
+                s.raw(),
+                (&raw const sll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 100_000,
+        };
+        // SAFETY: a valid timeval of the size given.
+        let r = unsafe {
+            libc::setsockopt(
+                s.raw(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&raw const tv).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(s)
+    }
+
+    fn raw(&self) -> i32 {
+        use std::os::fd::AsRawFd;
+        self.fd.as_raw_fd()
+    }
+
+    fn sockaddr(&self, mac: &[u8; 6]) -> libc::sockaddr_ll {
+        // SAFETY: all-zero is a valid sockaddr_ll.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_ifindex = self.ifindex;
+        sll.sll_halen = 6;
+        sll.sll_addr[..6].copy_from_slice(mac);
+        sll
+    }
+
+    /// One frame, or `None` when the 100 ms receive timeout passed.
+    fn recv(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        // SAFETY: `buf` is writable for its length.
+        let n = unsafe { libc::recv(self.raw(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n >= 0 {
+            return Ok(Some(n as usize));
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted => Ok(None),
+            _ => Err(e),
+        }
+    }
+
+    /// Writes `frame` (Ethernet header included) on the interface.
+    fn send(&self, frame: &[u8]) -> io::Result<()> {
+        let mut dst = [0u8; 6];
+        dst.copy_from_slice(&frame[..6]);
+        let sll = self.sockaddr(&dst);
+        // SAFETY: `frame` is readable for its length; `sll` valid for the size given.
+        let n = unsafe {
+            libc::sendto(
+                self.raw(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&raw const sll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+fn parse_mac(text: &str) -> Result<[u8; 6], Usage> {
+    let parts: Vec<&str> = text.split(':').collect();
+    let mut mac = [0u8; 6];
+    if parts.len() != 6 {
+        return Err(Usage(format!("invalid MAC address {text:?}")));
+    }
+    for (b, p) in mac.iter_mut().zip(parts) {
+        *b = u8::from_str_radix(p, 16)
+            .map_err(|_| Usage(format!("invalid MAC address {text:?}")))?;
+    }
+    Ok(mac)
+}
+
+fn parse_hex(text: &str) -> Result<Vec<u8>, Usage> {
+    let bad = || Usage(format!("invalid hex {text:?}"));
+    if !text.len().is_multiple_of(2) {
+        return Err(bad());
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| {
+            text.get(i..i + 2)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(bad)
+        })
+        .collect()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn mac_text(mac: &[u8]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// `packet` behind an Ethernet header.
+fn ethernet(dst: &[u8; 6], src: &[u8; 6], packet: &[u8]) -> Vec<u8> {
+    let ethertype = if packet[0] >> 4 == 6 {
+        ETH_P_IPV6
+    } else {
+        ETH_P_IP
+    };
+    let mut f = Vec::with_capacity(ETH_HLEN + packet.len());
+    f.extend_from_slice(dst);
+    f.extend_from_slice(src);
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend_from_slice(packet);
+    f
+}
+
+/// Raw SYNs written as Ethernet frames on an interface; see the header.
+fn inject(a: &Args) -> Result<Outcome, Usage> {
+    let iface: String = a.req("iface")?;
+    let dst_mac = parse_mac(&a.req::<String>("dst-mac")?)?;
+    let src_mac = match a.get::<String>("src-mac")? {
+        Some(m) => parse_mac(&m)?,
+        None => [0x02, 0, 0, 0, 0, 0x01],
+    };
+    let from: SocketAddr = a.req("from")?;
+    let to: SocketAddr = a.req("to")?;
+    let count: u16 = a.get("count")?.unwrap_or(1);
+    let options = match a.get::<String>("option")? {
+        Some(h) => parse_hex(&h)?,
+        None => Vec::new(),
+    };
+    if !options.len().is_multiple_of(4) || options.len() > 40 {
+        return Err(Usage(
+            "--option must be a multiple of 4 bytes, at most 40".into(),
+        ));
+    }
+    if from.is_ipv4() != to.is_ipv4() {
+        return Err(Usage("--from and --to must be of the same family".into()));
+    }
+    if u32::from(from.port()) + u32::from(count) > 65536 {
+        return Err(Usage("--count from --from's port runs past 65535".into()));
+    }
+    let sock = match PacketSocket::open(&iface) {
+        Ok(s) => s,
+        Err(e) => {
+            return Ok(fail(
+                kind(&e),
+                format!("packet socket on {iface}: {e}"),
+                json!({}),
+            ));
+        }
+    };
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+        ^ u64::from(std::process::id());
+    let mut ports = Vec::new();
+    for i in 0..count {
+        let sport = from.port() + i;
+        let r = mix(seed.wrapping_add(u64::from(i)));
+        let pkt = syn_with_options(
+            SocketAddr::new(from.ip(), sport),
+            to,
+            r as u32,
+            (r >> 32) as u16,
+            &options,
+        );
+        if let Err(e) = sock.send(&ethernet(&dst_mac, &src_mac, &pkt)) {
+            return Ok(fail(
+                kind(&e),
+                format!("frame {i} on {iface}: {e}"),
+                json!({"sent": i}),
+            ));
+        }
+        ports.push(sport);
+    }
+    Ok(json_ok(
+        json!({"sent": count, "iface": iface, "source_ports": ports}),
+    ))
+}
+
+/// A SYN taken off the wire: its frame cut into Ethernet header, IP header and TCP segment.
+struct Captured {
+    eth: [u8; ETH_HLEN],
+    ip: Vec<u8>,
+    tcp: Vec<u8>,
+    /// TCP header length.
+    doff: usize,
+}
+
+impl Captured {
+    /// A TCP SYN (no ACK) to `to` whose header ends with our option (RFC 6994, kind 253,
+    /// length 16, ExID 0x5043).
+    fn parse(frame: &[u8], to: SocketAddr) -> Option<Captured> {
+        let eth: [u8; ETH_HLEN] = frame.get(..ETH_HLEN)?.try_into().ok()?;
+        let ip = frame.get(ETH_HLEN..)?;
+        let ethertype = u16::from_be_bytes([eth[12], eth[13]]);
+        let (hlen, total) = match (ethertype, to.ip()) {
+            (ETH_P_IP, IpAddr::V4(want)) => {
+                if ip.len() < 20
+                    || ip[0] >> 4 != 4
+                    || ip[9] != IPPROTO_TCP
+                    || ip[16..20] != want.octets()
+                {
+                    return None;
+                }
+                (
+                    usize::from(ip[0] & 0xf) * 4,
+                    usize::from(u16::from_be_bytes([ip[2], ip[3]])),
+                )
+            }
+            (ETH_P_IPV6, IpAddr::V6(want)) => {
+                if ip.len() < 40
+                    || ip[0] >> 4 != 6
+                    || ip[6] != IPPROTO_TCP
+                    || ip[24..40] != want.octets()
+                {
+                    return None;
+                }
+                (40, 40 + usize::from(u16::from_be_bytes([ip[4], ip[5]])))
+            }
+            _ => return None,
+        };
+        let tcp = ip.get(hlen..total)?;
+        if tcp.len() < 20 || u16::from_be_bytes([tcp[2], tcp[3]]) != to.port() {
+            return None;
+        }
+        if tcp[13] & (TCP_SYN | TCP_ACK) != TCP_SYN {
+            return None;
+        }
+        let doff = usize::from(tcp[12] >> 4) * 4;
+        if doff < 20 + portcullis_common::mac::OPTION_LEN || doff > tcp.len() {
+            return None;
+        }
+        let opt: &[u8; portcullis_common::mac::OPTION_LEN] = tcp
+            [doff - portcullis_common::mac::OPTION_LEN..doff]
+            .try_into()
+            .ok()?;
+        portcullis_common::mac::parse(opt)?;
+        Some(Captured {
+            eth,
+            ip: ip[..hlen].to_vec(),
+            tcp: tcp.to_vec(),
+            doff,
+        })
+    }
+
+    fn option(&self) -> &[u8] {
+        &self.tcp[self.doff - portcullis_common::mac::OPTION_LEN..self.doff]
+    }
+
+    fn sport(&self) -> u16 {
+        u16::from_be_bytes([self.tcp[0], self.tcp[1]])
+    }
+
+    fn seq(&self) -> u32 {
+        u32::from_be_bytes([self.tcp[4], self.tcp[5], self.tcp[6], self.tcp[7]])
+    }
+
+    /// The frame of an altered copy, checksums recomputed; `None` for an unknown variant.
+    fn variant(&self, name: &str) -> Option<Vec<u8>> {
+        let (mut ip, mut tcp) = (self.ip.clone(), self.tcp.clone());
+        match name {
+            "sport" => {
+                let other = if self.sport() == u16::MAX {
+                    1024
+                } else {
+                    self.sport() + 1
+                };
+                tcp[0..2].copy_from_slice(&other.to_be_bytes());
+            }
+            "seq" => tcp[4..8].copy_from_slice(&self.seq().wrapping_add(1).to_be_bytes()),
+            "mac" => tcp[self.doff - 1] ^= 1,
+            "exact" => {}
+            _ => return None,
+        }
+        if ip[0] >> 4 == 4 {
+            ip[10..12].copy_from_slice(&[0, 0]);
+            let c = checksum(&[&ip]);
+            ip[10..12].copy_from_slice(&c.to_be_bytes());
+        }
+        let c = tcp_checksum(&ip, &tcp);
+        tcp[16..18].copy_from_slice(&c.to_be_bytes());
+        let mut f = self.eth.to_vec();
+        f.extend_from_slice(&ip);
+        f.extend_from_slice(&tcp);
+        Some(f)
+    }
+}
+
+/// Captures a signed SYN and writes altered copies of it; see the header.
+fn replay(a: &Args) -> Result<Outcome, Usage> {
+    let iface: String = a.req("iface")?;
+    let to: SocketAddr = a.req("to")?;
+    let variants: String = a.get("variants")?.unwrap_or_else(|| "sport,seq".into());
+    let variants: Vec<&str> = variants.split(',').filter(|v| !v.is_empty()).collect();
+    let delay = Duration::from_millis(a.get("delay-ms")?.unwrap_or(200));
+    let timeout = a.timeout()?;
+    if let Some(v) = variants
+        .iter()
+        .find(|v| !["sport", "seq", "mac", "exact"].contains(v))
+    {
+        return Err(Usage(format!("unknown variant {v:?}")));
+    }
+    let sock = match PacketSocket::open(&iface) {
+        Ok(s) => s,
+        Err(e) => {
+            return Ok(fail(
+                kind(&e),
+                format!("packet socket on {iface}: {e}"),
+                json!({}),
+            ));
+        }
+    };
+    println!("{}", json!({"ok": true, "sniffing": iface}));
+    let _ = io::stdout().flush();
+    let start = Instant::now();
+    let mut buf = vec![0u8; 65536];
+    let (mut frames, mut captured) = (0u64, None);
+    while captured.is_none() && start.elapsed() < timeout {
+        match sock.recv(&mut buf) {
+            Ok(Some(n)) => {
+                frames += 1;
+                captured = Captured::parse(&buf[..n], to);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                return Ok(fail(
+                    kind(&e),
+                    format!("reading {iface}: {e}"),
+                    json!({"frames": frames}),
+                ));
+            }
+        }
+    }
+    let Some(c) = captured else {
+        return Ok(fail(
+            "timeout",
+            format!("no SYN to {to} with a connection MAC on {iface} within {timeout:?}"),
+            json!({"frames": frames}),
+        ));
+    };
+    let opt: [u8; portcullis_common::mac::OPTION_LEN] =
+        c.option().try_into().expect("option length");
+    let (time, mac) = portcullis_common::mac::parse(&opt).expect("checked at capture");
+    let desc = json!({
+        "sport": c.sport(), "seq": c.seq(), "option": hex(c.option()), "time": time,
+        "mac": format!("{mac:016x}"), "tcp_header_len": c.doff,
+        "dst_mac": mac_text(&c.eth[..6]), "src_mac": mac_text(&c.eth[6..12]),
+    });
+    std::thread::sleep(delay);
+    let mut sent = 0u64;
+    for v in &variants {
+        let frame = c.variant(v).expect("variants checked above");
+        if let Err(e) = sock.send(&frame) {
+            return Ok(fail(
+                kind(&e),
+                format!("writing variant {v} on {iface}: {e}"),
+                json!({"captured": desc, "sent": sent}),
+            ));
+        }
+        sent += 1;
+    }
+    Ok(json_ok(
+        json!({"captured": desc, "sent": sent, "variants": variants, "frames": frames}),
+    ))
+}
+
 /// Seconds with three decimals.
 fn secs(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e3).round() / 1e3
@@ -824,6 +1325,7 @@ fn mix(mut z: u64) -> u64 {
 }
 
 const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
 const IPPROTO_TCP: u8 = 6;
 /// The TCP header `syn_packet` writes: 20 bytes, no options.
 const TCP_LEN: u16 = 20;
@@ -835,19 +1337,41 @@ const TCP_LEN: u16 = 20;
 /// # Panics
 /// If `src` and `dst` are of different families (`flood` checks they are not).
 fn syn_packet(src: SocketAddr, dst: SocketAddr, seq: u32, id: u16) -> Vec<u8> {
-    let mut tcp = [0u8; TCP_LEN as usize];
+    syn_with_options(src, dst, seq, id, &[])
+}
+
+/// [`syn_packet`] with TCP options `options` (a multiple of 4 bytes, at most 40) after the
+/// fixed header.
+///
+/// # Panics
+/// If the families differ or `options` does not fit.
+fn syn_with_options(
+    src: SocketAddr,
+    dst: SocketAddr,
+    seq: u32,
+    id: u16,
+    options: &[u8],
+) -> Vec<u8> {
+    assert!(
+        options.len().is_multiple_of(4) && options.len() <= 40,
+        "TCP options of {} bytes",
+        options.len()
+    );
+    let mut tcp = vec![0u8; usize::from(TCP_LEN) + options.len()];
     tcp[0..2].copy_from_slice(&src.port().to_be_bytes());
     tcp[2..4].copy_from_slice(&dst.port().to_be_bytes());
     tcp[4..8].copy_from_slice(&seq.to_be_bytes());
-    // Acknowledgment number 0; data offset 5 words.
-    tcp[12] = 5 << 4;
+    // Acknowledgment number 0; data offset in 32-bit words.
+    tcp[12] = ((tcp.len() / 4) as u8) << 4;
     tcp[13] = TCP_SYN;
     tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    tcp[20..].copy_from_slice(options);
+    let tcp_len = tcp.len() as u16;
     let mut pkt = match (src.ip(), dst.ip()) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {
             let mut ip = [0u8; 20];
             ip[0] = 0x45; // version 4, 5 words
-            ip[2..4].copy_from_slice(&(20 + TCP_LEN).to_be_bytes());
+            ip[2..4].copy_from_slice(&(20 + tcp_len).to_be_bytes());
             ip[4..6].copy_from_slice(&id.to_be_bytes());
             ip[6] = 0x40; // DF, fragment offset 0
             ip[8] = 64;
@@ -856,30 +1380,40 @@ fn syn_packet(src: SocketAddr, dst: SocketAddr, seq: u32, id: u16) -> Vec<u8> {
             ip[16..20].copy_from_slice(&d.octets());
             let c = checksum(&[&ip]);
             ip[10..12].copy_from_slice(&c.to_be_bytes());
-            let pseudo = [0, IPPROTO_TCP, (TCP_LEN >> 8) as u8, TCP_LEN as u8];
-            let c = checksum(&[&s.octets(), &d.octets(), &pseudo, &tcp]);
-            tcp[16..18].copy_from_slice(&c.to_be_bytes());
             ip.to_vec()
         }
         (IpAddr::V6(s), IpAddr::V6(d)) => {
             let mut ip = [0u8; 40];
             ip[0] = 0x60; // version 6, traffic class and flow label 0
-            ip[4..6].copy_from_slice(&TCP_LEN.to_be_bytes());
+            ip[4..6].copy_from_slice(&tcp_len.to_be_bytes());
             ip[6] = IPPROTO_TCP;
             ip[7] = 64;
             ip[8..24].copy_from_slice(&s.octets());
             ip[24..40].copy_from_slice(&d.octets());
-            let mut pseudo = [0u8; 8]; // upper-layer length (32 bits), 3 zeros, next header
-            pseudo[0..4].copy_from_slice(&u32::from(TCP_LEN).to_be_bytes());
-            pseudo[7] = IPPROTO_TCP;
-            let c = checksum(&[&s.octets(), &d.octets(), &pseudo, &tcp]);
-            tcp[16..18].copy_from_slice(&c.to_be_bytes());
             ip.to_vec()
         }
         _ => panic!("syn_packet: {src} and {dst} are of different families"),
     };
+    let c = tcp_checksum(&pkt, &tcp);
+    tcp[16..18].copy_from_slice(&c.to_be_bytes());
     pkt.extend_from_slice(&tcp);
     pkt
+}
+
+/// The checksum of TCP segment `tcp` (its checksum field taken as zero) under IP header `ip`
+/// (IPv4, or IPv6 with no extension header).
+fn tcp_checksum(ip: &[u8], tcp: &[u8]) -> u16 {
+    let len = tcp.len() as u32;
+    let (zeroed, rest) = (&tcp[..16], &tcp[18..]);
+    if ip[0] >> 4 == 4 {
+        let pseudo = [0, IPPROTO_TCP, (len >> 8) as u8, len as u8];
+        checksum(&[&ip[12..20], &pseudo, zeroed, &[0, 0], rest])
+    } else {
+        let mut pseudo = [0u8; 8]; // upper-layer length (32 bits), 3 zeros, next header
+        pseudo[0..4].copy_from_slice(&len.to_be_bytes());
+        pseudo[7] = IPPROTO_TCP;
+        checksum(&[&ip[8..40], &pseudo, zeroed, &[0, 0], rest])
+    }
 }
 
 /// The one's-complement sum (RFC 1071) of `parts` laid end to end, as big-endian 16-bit
@@ -969,6 +1503,96 @@ mod tests {
         let pseudo = [&s.octets()[..], &d.octets()[..], &[0, 0, 0, 20, 0, 0, 0, 6]].concat();
         assert_eq!(ones_sum(&[&pseudo, tcp]), 0xffff, "TCP checksum");
         assert_eq!(checksum(&[&pseudo, tcp]), 0);
+    }
+
+    #[test]
+    fn syn_with_options_and_a_captured_copy() {
+        use portcullis_common::mac;
+        let (s, d): (Ipv6Addr, Ipv6Addr) = (
+            "fd00:18:1::2".parse().unwrap(),
+            "fd00:18:2::2".parse().unwrap(),
+        );
+        let syn = mac::Syn {
+            family: 6,
+            src: s.octets(),
+            dst: d.octets(),
+            sport: 40000,
+            dport: 8080,
+            seq: 99,
+            time: 5,
+        };
+        let opt = mac::option(&[3; 16], &syn);
+        let mut opts = vec![2, 4, 5, 0xb4]; // MSS 1460
+        opts.extend_from_slice(&opt);
+        let to = SocketAddr::new(d.into(), 8080);
+        let p = syn_with_options(SocketAddr::new(s.into(), 40000), to, 99, 0, &opts);
+        assert_eq!(p.len(), 40 + 20 + 20);
+        let (ip, tcp) = p.split_at(40);
+        assert_eq!(u16::from_be_bytes([ip[4], ip[5]]), 40);
+        assert_eq!(tcp[12] >> 4, 10, "data offset in words");
+        let pseudo = [&s.octets()[..], &d.octets()[..], &[0, 0, 0, 40, 0, 0, 0, 6]].concat();
+        assert_eq!(ones_sum(&[&pseudo, tcp]), 0xffff, "TCP checksum");
+        let frame = ethernet(&[2, 0, 0, 0, 0, 2], &[2, 0, 0, 0, 0, 1], &p);
+        let c = Captured::parse(&frame, to).expect("a SYN with our option");
+        assert_eq!((c.sport(), c.seq(), c.option()), (40000, 99, &opt[..]));
+        assert!(Captured::parse(&frame, SocketAddr::new(d.into(), 8081)).is_none());
+        for (name, sport, seq) in [
+            ("sport", 40001, 99),
+            ("seq", 40000, 100),
+            ("exact", 40000, 99),
+        ] {
+            let f = c.variant(name).expect("known variant");
+            let v = Captured::parse(&f, to).expect("still a SYN with our option");
+            assert_eq!(
+                (v.sport(), v.seq(), v.option()),
+                (sport, seq, &opt[..]),
+                "{name}"
+            );
+            assert_eq!(
+                ones_sum(&[
+                    &[&s.octets()[..], &d.octets()[..], &[0, 0, 0, 40, 0, 0, 0, 6]].concat(),
+                    &f[54..]
+                ]),
+                0xffff,
+                "{name}"
+            );
+        }
+        let f = c.variant("mac").expect("known variant");
+        assert_ne!(&f[54 + 24..54 + 40], &opt[..]);
+        assert!(c.variant("nonsense").is_none());
+        // Without our option, or a SYN-ACK: not captured.
+        let bare = ethernet(
+            &[2; 6],
+            &[2; 6],
+            &syn_packet(SocketAddr::new(s.into(), 1), to, 1, 0),
+        );
+        assert!(Captured::parse(&bare, to).is_none());
+        let mut synack = frame.clone();
+        synack[54 + 13] |= TCP_ACK;
+        assert!(Captured::parse(&synack, to).is_none());
+    }
+
+    #[test]
+    fn ipv4_variant_checksums() {
+        let (s, d) = (Ipv4Addr::new(198, 18, 1, 2), Ipv4Addr::new(198, 18, 2, 2));
+        let to = SocketAddr::new(d.into(), 8080);
+        let opt = [253, 16, 0x50, 0x43, 0, 0, 0, 1, 1, 2, 3, 4, 5, 6, 7, 8];
+        let p = syn_with_options(SocketAddr::new(s.into(), 5000), to, 7, 9, &opt);
+        let c = Captured::parse(&ethernet(&[2; 6], &[2; 6], &p), to).expect("captured");
+        let f = c.variant("sport").expect("variant");
+        let (ip, tcp) = f[14..].split_at(20);
+        assert_eq!(ones_sum(&[ip]), 0xffff, "IPv4 header checksum");
+        let pseudo = [&s.octets()[..], &d.octets()[..], &[0, 6, 0, 36]].concat();
+        assert_eq!(ones_sum(&[&pseudo, tcp]), 0xffff, "TCP checksum");
+        assert_eq!(u16::from_be_bytes([tcp[0], tcp[1]]), 5001);
+        assert_eq!(&tcp[20..], &opt);
+        assert_eq!(
+            parse_mac("02:aB:00:00:00:ff").ok(),
+            Some([2, 0xab, 0, 0, 0, 0xff])
+        );
+        assert!(parse_mac("02:ab").is_err());
+        assert_eq!(parse_hex("00ff10").ok(), Some(vec![0, 0xff, 0x10]));
+        assert!(parse_hex("0").is_err());
     }
 
     #[test]
