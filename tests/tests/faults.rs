@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use testbed::{
     NodeSpec, Options, PodSpec, Spec, Testbed,
     cluster::Workload,
-    scenario::{Family, Scenario, Server, eventually, last_json, ok, sock},
+    scenario::{Family, Scenario, Server, counter, eventually, last_json, ok, sock},
 };
 
 const PORT: u16 = 8080;
@@ -96,7 +96,9 @@ fn counters(s: &Value) -> BTreeMap<String, u64> {
 
 /// The agent on node-2 is SIGKILLed and restarted `PORTCULLIS_RESTART_ROUNDS` times (5 here,
 /// 20 and more in `cargo xtask soak`) while three long transfers run and, in every outage and
-/// after every restart, an authenticated and an unauthenticated connection are attempted.
+/// after every restart, an authenticated and an unauthenticated connection are attempted. The
+/// pair is authenticated by a real proof, so every new connection needs a connection MAC: the
+/// keys the restarted agent adopts from the kernel's entry keep verifying.
 #[test]
 fn restart_loop_resets_no_authenticated_flow_and_admits_nothing_unauthenticated() {
     let rounds: u32 = std::env::var("PORTCULLIS_RESTART_ROUNDS")
@@ -112,10 +114,23 @@ fn restart_loop_resets_no_authenticated_flow_and_admits_nothing_unauthenticated(
             NodeSpec::new("node-2", vec![PodSpec::new("server")]),
         ],
     };
-    let mut tb = up(&spec, &Options::default());
+    // Only client may open connections to server: other's attempts are refused.
+    let policy = "rules:\n  - from: [\"spiffe://cluster.local/ns/default/sa/client\"]\n    to: [\"spiffe://cluster.local/ns/default/sa/server\"]\n";
+    let mut tb = up(
+        &spec,
+        &Options {
+            authenticate: true,
+            policy: Some(policy.into()),
+            ..Options::default()
+        },
+    );
     let target = scenario(&tb).addr("server", Family::V4);
     let _server = scenario(&tb).serve("server", PORT);
-    scenario(&tb).allow("server", "client");
+    assert!(
+        ok(&scenario(&tb).connect("client", target, PORT, 5000)),
+        "the pair did not authenticate"
+    );
+    let signed_before = counter(&scenario(&tb).status("node-1"), "pass_signed");
     // Long enough to span every round (about 2 s each), paced so that they are mid-stream.
     let seconds = 4 + 2 * rounds;
     let transfers: Vec<_> = (0..3)
@@ -175,10 +190,24 @@ fn restart_loop_resets_no_authenticated_flow_and_admits_nothing_unauthenticated(
     );
     assert_eq!(auth_failed, 0, "{outcome}");
     assert_eq!(unauth_admitted, 0, "{outcome}");
-    // State is consistent afterwards: the entry, the links, and counters that only grew.
+    // State is consistent afterwards: the entries (client's admits every port, other's
+    // nothing: only the reverse direction is authorized), the links, and counters that only
+    // grew.
+    let inbound = |pod: &str| {
+        let id = s.identity(pod);
+        after["auth"].as_array().and_then(|es| {
+            es.iter()
+                .find(|e| e["remote"] == id.as_str())
+                .map(|e| e["inbound_ports"].clone())
+        })
+    };
     assert_eq!(
-        after["auth"].as_array().map(Vec::len),
-        Some(1),
+        (
+            inbound("client"),
+            inbound("other"),
+            after["auth"].as_array().map(Vec::len)
+        ),
+        (Some(json!("all")), Some(json!("none")), Some(2)),
         "{}",
         after["auth"]
     );
@@ -197,9 +226,23 @@ fn restart_loop_resets_no_authenticated_flow_and_admits_nothing_unauthenticated(
             a.get(name)
         );
     }
+    let refused = |c: &BTreeMap<String, u64>| {
+        c.get("drop_no_auth").copied().unwrap_or(0) + c.get("drop_policy").copied().unwrap_or(0)
+    };
     assert!(
-        a["drop_no_auth"] >= b["drop_no_auth"] + u64::from(rounds),
+        refused(&a) >= refused(&b) + u64::from(rounds),
         "the unauthenticated attempts were not counted: {b:?} → {a:?}"
+    );
+    // Every authenticated connection was signed on node-1 and verified on node-2 with the
+    // adopted keys.
+    let mac_drops = |c: &BTreeMap<String, u64>| {
+        c.get("drop_no_mac").copied().unwrap_or(0) + c.get("drop_bad_mac").copied().unwrap_or(0)
+    };
+    assert_eq!(mac_drops(&a), mac_drops(&b), "{b:?} → {a:?}");
+    let signed = counter(&s.status("node-1"), "pass_signed") - signed_before;
+    assert!(
+        signed >= auth_ok as u64,
+        "{signed} signed SYNs for {auth_ok} authenticated connections"
     );
 }
 
