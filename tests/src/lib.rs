@@ -17,12 +17,14 @@
 mod agent;
 pub mod bpfmap;
 pub mod cgroup;
+pub mod cli;
 pub mod cluster;
 pub mod cmd;
 pub mod info;
 pub mod issuer;
 pub mod kube_api;
 pub mod netns;
+pub mod packet;
 mod pods;
 pub mod process;
 pub mod scenario;

@@ -94,6 +94,28 @@ fn counters(s: &Value) -> BTreeMap<String, u64> {
         .unwrap_or_default()
 }
 
+/// Counter `name` of status `st` minus that of status `before` (0 where absent).
+fn counter_growth(st: &Value, before: &Value, name: &str) -> u64 {
+    counters(st).get(name).copied().unwrap_or(0) - counters(before).get(name).copied().unwrap_or(0)
+}
+
+/// Top-level number `name` of status `st` minus that of status `before` (0 where absent).
+fn field_growth(st: &Value, before: &Value, name: &str) -> u64 {
+    st[name].as_u64().unwrap_or(0) - before[name].as_u64().unwrap_or(0)
+}
+
+/// Whether every SYN counted as `drop` from status `before` to `st` is accounted for as an
+/// event: rate-limited, lost, delivered to the agent, or dropped by the agent when busy.
+fn events_account_for(st: &Value, before: &Value, drop: &str) -> bool {
+    let delta = |name: &str| counter_growth(st, before, name);
+    let field = |name: &str| field_growth(st, before, name);
+    delta(drop)
+        == delta("event_rate_limited")
+            + delta("event_lost")
+            + field("events_total")
+            + field("events_dropped")
+}
+
 /// The agent on node-2 is SIGKILLed and restarted `PORTCULLIS_RESTART_ROUNDS` times (5 here,
 /// 20 and more in `cargo xtask soak`) while three long transfers run and, in every outage and
 /// after every restart, an authenticated and an unauthenticated connection are attempted. The
@@ -455,21 +477,12 @@ fn a_syn_flood_from_many_enrolled_sources_is_counted_and_a_legitimate_pair_still
     let status_ms = t.elapsed().as_millis() as u64;
     // Every dropped SYN is rate-limited, lost, or delivered to the agent (which may drop it
     // when busy, and counts that too).
-    let delta = |st: &Value, name: &str| {
-        counters(st).get(name).copied().unwrap_or(0)
-            - counters(&before).get(name).copied().unwrap_or(0)
-    };
-    let field = |st: &Value, name: &str| {
-        st[name].as_u64().unwrap_or(0) - before[name].as_u64().unwrap_or(0)
-    };
+    let delta = |st: &Value, name: &str| counter_growth(st, &before, name);
+    let field = |st: &Value, name: &str| field_growth(st, &before, name);
     let mut last = Value::Null;
     let balanced = eventually(Duration::from_secs(30), || {
         last = s.status("node-2");
-        delta(&last, "drop_no_auth")
-            == delta(&last, "event_rate_limited")
-                + delta(&last, "event_lost")
-                + field(&last, "events_total")
-                + field(&last, "events_dropped")
+        events_account_for(&last, &before, "drop_no_auth")
     });
     let log = std::fs::read_to_string(&tb.node("node-2").log_file).unwrap_or_default();
     let event_lines = log.lines().filter(|l| l.contains("datapath event")).count();
@@ -592,13 +605,8 @@ fn forged_syns_from_a_compromised_node_carry_no_mac_and_none_is_admitted() {
             ok(&flood) && flood["sent"] == SYNS,
             "{family:?}: the flood tool failed: {flood}"
         );
-        let delta = |st: &Value, name: &str| {
-            counters(st).get(name).copied().unwrap_or(0)
-                - counters(&before).get(name).copied().unwrap_or(0)
-        };
-        let field = |st: &Value, name: &str| {
-            st[name].as_u64().unwrap_or(0) - before[name].as_u64().unwrap_or(0)
-        };
+        let delta = |st: &Value, name: &str| counter_growth(st, &before, name);
+        let field = |st: &Value, name: &str| field_growth(st, &before, name);
         let mut last = Value::Null;
         eventually(Duration::from_secs(5), || {
             last = s.status("node-2");
@@ -619,11 +627,7 @@ fn forged_syns_from_a_compromised_node_carry_no_mac_and_none_is_admitted() {
         });
         let balanced = eventually(Duration::from_secs(10), || {
             last = s.status("node-2");
-            delta(&last, "drop_no_mac")
-                == delta(&last, "event_rate_limited")
-                    + delta(&last, "event_lost")
-                    + field(&last, "events_total")
-                    + field(&last, "events_dropped")
+            events_account_for(&last, &before, "drop_no_mac")
         });
         let flood_s = flood["seconds"].as_f64().unwrap_or(0.0);
         let signed_before = counters(&s.status("node-1"))["pass_signed"];

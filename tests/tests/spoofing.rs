@@ -10,7 +10,7 @@ use std::{
     io::{BufRead, BufReader},
     net::Ipv6Addr,
     path::PathBuf,
-    process::{Child, Stdio},
+    process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
     thread,
     time::Duration,
@@ -66,32 +66,107 @@ fn control_spec() -> Spec {
     }
 }
 
-/// Runs `forge ARGS` in `pod` and returns its verdict, which must be `ok`.
-fn forge_in(tb: &Testbed, pod: &str, args: &[&str]) -> Value {
+/// `forge ARGS`, as a command line.
+fn forge_args<'a>(args: &[&'a str]) -> Vec<&'a str> {
     let mut full = vec![forge()];
     full.extend_from_slice(args);
-    let out = tb
-        .exec(pod, &full)
+    full
+}
+
+/// Runs `forge` (`args`, `place` saying where) and returns its verdict, which must be `ok`.
+fn verdict(mut cmd: Command, args: &[&str], place: &str) -> Value {
+    let out = cmd
         .stderr(Stdio::inherit())
         .output()
         .expect("running forge");
     let v = last_json(&out.stdout);
-    assert!(ok(&v), "forge {args:?} in {pod} failed: {v}");
+    assert!(ok(&v), "forge {args:?} {place} failed: {v}");
     v
+}
+
+/// Runs `forge ARGS` in `pod` and returns its verdict, which must be `ok`.
+fn forge_in(tb: &Testbed, pod: &str, args: &[&str]) -> Value {
+    verdict(tb.exec(pod, &forge_args(args)), args, &format!("in {pod}"))
 }
 
 /// Runs `forge ARGS` on node `node` itself (its namespace, outside any pod).
 fn forge_on_node(tb: &Testbed, node: &str, args: &[&str]) -> Value {
-    let mut full = vec![forge()];
-    full.extend_from_slice(args);
-    let out = tb
-        .exec_node(node, &full)
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("running forge");
-    let v = last_json(&out.stdout);
-    assert!(ok(&v), "forge {args:?} on {node} failed: {v}");
-    v
+    verdict(
+        tb.exec_node(node, &forge_args(args)),
+        args,
+        &format!("on {node}"),
+    )
+}
+
+/// `count` ARP messages (`op`: request or reply) from frontend's eth0 with sender protocol
+/// address `sender` and target `target`; replies are counted for `wait_ms` if given (else
+/// forge's default). The verdict.
+fn arp_from_frontend(
+    tb: &Testbed,
+    (op, sender, target): (&str, &str, &str),
+    count: &str,
+    wait_ms: Option<&str>,
+) -> Value {
+    let mut args = vec![
+        "arp",
+        "--dev",
+        "eth0",
+        "--op",
+        op,
+        "--sender-ip",
+        sender,
+        "--target-ip",
+        target,
+        "--count",
+        count,
+    ];
+    if let Some(w) = wait_ms {
+        args.extend(["--wait-ms", w]);
+    }
+    forge_in(tb, "frontend", &args)
+}
+
+/// `count` ICMPv6 messages of `kind` (ns, na or mld) from frontend's eth0 with IPv6 source
+/// `src`, about `target` if given, each carrying `marker`. The verdict.
+fn nd_from_frontend(
+    tb: &Testbed,
+    (kind, src, target): (&str, &str, Option<&str>),
+    count: &str,
+    marker: u16,
+) -> Value {
+    let marker = marker.to_string();
+    let mut args = vec![
+        "nd", "--dev", "eth0", "--kind", kind, "--src", src, "--count", count, "--marker", &marker,
+    ];
+    if let Some(t) = target {
+        args.extend(["--target", t]);
+    }
+    forge_in(tb, "frontend", &args)
+}
+
+/// One batch of `n` forged control messages from frontend, sent by `send`: node-1 must count
+/// exactly `n` more `drop_spoofed`, and the forger must get no answer. `desc` (a JSON object)
+/// describes the batch; it goes into `outcomes` with the forger's verdict and the counter's
+/// growth. `what` names the batch in the messages.
+fn forged_batch(
+    s: &Scenario<'_>,
+    n: u64,
+    (what, mut desc): (&str, Value),
+    outcomes: &mut Vec<Value>,
+    send: impl FnOnce() -> Value,
+) {
+    let before = counter(&s.status("node-1"), "drop_spoofed");
+    let r = send();
+    let after = settle(s, "node-1", "drop_spoofed", before + n);
+    desc["forge"] = r.clone();
+    desc["drop_spoofed_delta"] = json!(after - before);
+    outcomes.push(desc);
+    assert_eq!(
+        after - before,
+        n,
+        "{what}: drop_spoofed on node-1 went {before} → {after}: {outcomes:?}"
+    );
+    assert_eq!(r["replies"], 0, "the node answered a {what}: {r}");
 }
 
 /// A `forge icmp6-listen` or `forge udp-listen` in the background: the JSON lines it prints,
@@ -102,7 +177,7 @@ struct Tap {
 }
 
 impl Tap {
-    fn start(mut cmd: std::process::Command) -> Tap {
+    fn start(mut cmd: Command) -> Tap {
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -204,6 +279,22 @@ fn connect_with_fresh_neighbours(s: &Scenario<'_>) -> Vec<Value> {
         .collect()
 }
 
+/// Asserts that the real connections of [`connect_with_fresh_neighbours`] after the forged
+/// `what` all succeeded, and that node-1 counted none of their packets (the pod's own address
+/// resolution) as spoofed: `spoofed` is how many `drop_spoofed` it counted meanwhile.
+fn assert_still_connects(connections: &[Value], spoofed: u64, what: &str, outcome: &Value) {
+    for (c, family) in connections.iter().zip(["IPv4", "IPv6"]) {
+        assert!(
+            ok(c),
+            "{family}: a real connection after the forged {what} failed: {outcome}"
+        );
+    }
+    assert_eq!(
+        spoofed, 0,
+        "the pod's own address resolution was counted as spoofed: {outcome}"
+    );
+}
+
 fn v4(s: &Scenario<'_>, pod: &str) -> String {
     s.addr(pod, Family::V4).to_string()
 }
@@ -237,40 +328,16 @@ fn arp_claiming_another_pods_address_is_dropped_and_the_pods_own_arp_passes() {
     ];
     let start = counter(&s.status("node-1"), "drop_spoofed");
     let mut outcomes = Vec::new();
-    for (k, (op, sender, target)) in forged.iter().enumerate() {
-        let before = counter(&s.status("node-1"), "drop_spoofed");
-        let r = forge_in(
-            &tb,
-            "frontend",
-            &[
-                "arp",
-                "--dev",
-                "eth0",
-                "--op",
-                op,
-                "--sender-ip",
-                sender,
-                "--target-ip",
-                target,
-                "--count",
-                &n,
-                "--wait-ms",
-                "1000",
-            ],
-        );
-        let after = settle(&s, "node-1", "drop_spoofed", before + N);
-        outcomes.push(
-            json!({"op": op, "sender": sender, "target": target, "forge": r,
-                             "drop_spoofed_delta": after - before}),
-        );
-        assert_eq!(
-            after - before,
+    for (k, &(op, sender, target)) in forged.iter().enumerate() {
+        forged_batch(
+            &s,
             N,
-            "forged ARP {op} #{k} claiming {sender}: drop_spoofed on node-1 went {before} → {after}: {outcomes:?}"
-        );
-        assert_eq!(
-            r["replies"], 0,
-            "the node answered a forged ARP {op} claiming {sender}: {r}"
+            (
+                &format!("forged ARP {op} #{k} claiming {sender}"),
+                json!({"op": op, "sender": sender, "target": target}),
+            ),
+            &mut outcomes,
+            || arp_from_frontend(&tb, (op, sender, target), &n, Some("1000")),
         );
     }
     let forged_total = counter(&s.status("node-1"), "drop_spoofed") - start;
@@ -278,57 +345,9 @@ fn arp_claiming_another_pods_address_is_dropped_and_the_pods_own_arp_passes() {
     // Genuine: the pod's own address, and a probe. Requests are answered (proxy ARP for the
     // remote pod, the node's own address for the probe), and nothing is counted as spoofed.
     let before = s.status("node-1");
-    let asked = forge_in(
-        &tb,
-        "frontend",
-        &[
-            "arp",
-            "--dev",
-            "eth0",
-            "--op",
-            "request",
-            "--sender-ip",
-            &own,
-            "--target-ip",
-            &backend,
-            "--count",
-            &n,
-        ],
-    );
-    let probed = forge_in(
-        &tb,
-        "frontend",
-        &[
-            "arp",
-            "--dev",
-            "eth0",
-            "--op",
-            "request",
-            "--sender-ip",
-            "0.0.0.0",
-            "--target-ip",
-            &node_ip,
-            "--count",
-            &n,
-        ],
-    );
-    let announced = forge_in(
-        &tb,
-        "frontend",
-        &[
-            "arp",
-            "--dev",
-            "eth0",
-            "--op",
-            "reply",
-            "--sender-ip",
-            &own,
-            "--target-ip",
-            &node_ip,
-            "--count",
-            &n,
-        ],
-    );
+    let asked = arp_from_frontend(&tb, ("request", &own, &backend), &n, None);
+    let probed = arp_from_frontend(&tb, ("request", "0.0.0.0", &node_ip), &n, None);
+    let announced = arp_from_frontend(&tb, ("reply", &own, &node_ip), &n, None);
     let control_before = counter(&before, "pass_control");
     let control_after = settle(&s, "node-1", "pass_control", control_before + 3 * N);
     let spoofed_after_genuine = counter(&s.status("node-1"), "drop_spoofed");
@@ -365,15 +384,11 @@ fn arp_claiming_another_pods_address_is_dropped_and_the_pods_own_arp_passes() {
         counter(&before, "drop_spoofed"),
         "genuine ARP was counted as spoofed: {outcome}"
     );
-    for (c, family) in connections.iter().zip(["IPv4", "IPv6"]) {
-        assert!(
-            ok(c),
-            "{family}: a real connection after the forged ARP failed: {outcome}"
-        );
-    }
-    assert_eq!(
-        spoofed_end, spoofed_after_genuine,
-        "the pod's own address resolution was counted as spoofed: {outcome}"
+    assert_still_connects(
+        &connections,
+        spoofed_end - spoofed_after_genuine,
+        "ARP",
+        &outcome,
     );
 }
 
@@ -413,36 +428,16 @@ fn neighbour_discovery_and_mld_from_another_pods_address_are_dropped_and_link_lo
     ];
     let start = counter(&s.status("node-1"), "drop_spoofed");
     let mut outcomes = Vec::new();
-    for (kind, src, marker) in &forged {
-        let before = counter(&s.status("node-1"), "drop_spoofed");
-        let r = forge_in(
-            &tb,
-            "frontend",
-            &[
-                "nd",
-                "--dev",
-                "eth0",
-                "--kind",
-                kind,
-                "--src",
-                src,
-                "--count",
-                &n,
-                "--marker",
-                &marker.to_string(),
-            ],
-        );
-        let after = settle(&s, "node-1", "drop_spoofed", before + N);
-        outcomes.push(json!({"kind": kind, "src": src, "forge": r,
-                             "drop_spoofed_delta": after - before}));
-        assert_eq!(
-            after - before,
+    for &(kind, src, marker) in &forged {
+        forged_batch(
+            &s,
             N,
-            "forged {kind} from {src}: drop_spoofed on node-1 went {before} → {after}: {outcomes:?}"
-        );
-        assert_eq!(
-            r["replies"], 0,
-            "the node answered a forged {kind} from {src}: {r}"
+            (
+                &format!("forged {kind} from {src}"),
+                json!({"kind": kind, "src": src}),
+            ),
+            &mut outcomes,
+            || nd_from_frontend(&tb, (kind, src, None), &n, marker),
         );
     }
     let forged_total = counter(&s.status("node-1"), "drop_spoofed") - start;
@@ -457,15 +452,8 @@ fn neighbour_discovery_and_mld_from_another_pods_address_are_dropped_and_link_lo
     ];
     let before = s.status("node-1");
     let mut answered = Vec::new();
-    for (kind, src, target, marker) in &genuine {
-        let marker = marker.to_string();
-        let mut args = vec![
-            "nd", "--dev", "eth0", "--kind", kind, "--src", src, "--count", &n, "--marker", &marker,
-        ];
-        if let Some(t) = target {
-            args.extend(["--target", t]);
-        }
-        answered.push(forge_in(&tb, "frontend", &args));
+    for &(kind, src, target, marker) in &genuine {
+        answered.push(nd_from_frontend(&tb, (kind, src, target), &n, marker));
     }
     let control_before = counter(&before, "pass_control");
     let control_after = settle(
@@ -523,15 +511,11 @@ fn neighbour_discovery_and_mld_from_another_pods_address_are_dropped_and_link_lo
         control_after - control_before >= N * genuine.len() as u64,
         "the genuine messages were not counted as pass_control: {outcome}"
     );
-    for (c, family) in connections.iter().zip(["IPv4", "IPv6"]) {
-        assert!(
-            ok(c),
-            "{family}: a real connection after the forged messages failed: {outcome}"
-        );
-    }
-    assert_eq!(
-        spoofed_end, spoofed_after_genuine,
-        "the pod's own neighbour discovery was counted as spoofed: {outcome}"
+    assert_still_connects(
+        &connections,
+        spoofed_end - spoofed_after_genuine,
+        "messages",
+        &outcome,
     );
 }
 

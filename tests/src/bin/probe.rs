@@ -66,7 +66,6 @@
 //! ```
 //! `--timeout-ms` (default 10000) bounds each connect, read and write.
 
-use std::collections::HashMap;
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::ExitCode;
@@ -74,57 +73,23 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use socket2::{Domain, Protocol, Socket, Type};
-
-struct Args {
-    mode: String,
-    opts: HashMap<String, String>,
-    flags: Vec<String>,
-}
+use testbed::cli::Args;
+use testbed::packet::{
+    ETH_HLEN, ETH_P_ALL, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, PacketSocket, RawIp, TCP_ACK, TCP_SYN,
+    fill_ipv4_checksum, ip_frame, mac_text, syn_packet, syn_with_options, tcp_checksum,
+};
 
 const FLAGS: &[&str] = &["echo", "delete", "freebind", "keep-going"];
 
-impl Args {
-    fn parse() -> Result<Args, String> {
-        let mut it = std::env::args().skip(1);
-        let mode = it.next().ok_or("missing mode")?;
-        let (mut opts, mut flags) = (HashMap::new(), Vec::new());
-        while let Some(a) = it.next() {
-            let key = a
-                .strip_prefix("--")
-                .ok_or_else(|| format!("unexpected argument {a:?}"))?;
-            if FLAGS.contains(&key) {
-                flags.push(key.to_string());
-            } else {
-                let v = it.next().ok_or_else(|| format!("--{key} needs a value"))?;
-                opts.insert(key.to_string(), v);
-            }
-        }
-        Ok(Args { mode, opts, flags })
-    }
-
-    fn get<T: std::str::FromStr>(&self, key: &str) -> Result<Option<T>, String> {
-        self.opts
-            .get(key)
-            .map(|v| {
-                v.parse::<T>()
-                    .map_err(|_| format!("invalid value for --{key}: {v:?}"))
-            })
-            .transpose()
-    }
-
-    fn req<T: std::str::FromStr>(&self, key: &str) -> Result<T, String> {
-        self.get(key)?.ok_or_else(|| format!("--{key} is required"))
-    }
-
-    fn timeout(&self) -> Result<Duration, String> {
-        Ok(Duration::from_millis(
-            self.get("timeout-ms")?.unwrap_or(10_000),
-        ))
-    }
+/// `--timeout-ms`: 10 s unless given.
+fn timeout(a: &Args) -> Result<Duration, String> {
+    Ok(Duration::from_millis(
+        a.get("timeout-ms")?.unwrap_or(10_000),
+    ))
 }
 
 fn main() -> ExitCode {
-    let args = match Args::parse() {
+    let args = match Args::parse(std::env::args().skip(1), FLAGS) {
         Ok(a) => a,
         Err(e) => return usage(&e),
     };
@@ -239,7 +204,7 @@ fn serve(a: &Args) -> Result<Outcome, Usage> {
     let bind: IpAddr = a.get("bind")?.unwrap_or(IpAddr::V6(Ipv6Addr::UNSPECIFIED));
     let seconds: u64 = a.get("seconds")?.unwrap_or(3600);
     let idle = Duration::from_millis(a.get("idle-ms")?.unwrap_or(120_000));
-    let echo = a.flags.iter().any(|f| f == "echo");
+    let echo = a.flag("echo");
     let addr = SocketAddr::new(bind, port);
     let listener = match listen(addr) {
         Ok(l) => l,
@@ -335,9 +300,9 @@ fn exit_after(d: Duration) {
 fn connect_mode(a: &Args) -> Result<Outcome, Usage> {
     let to: SocketAddr = a.req("to")?;
     let from: Option<IpAddr> = a.get("from")?;
-    let freebind = a.flags.iter().any(|f| f == "freebind");
+    let freebind = a.flag("freebind");
     let t = Instant::now();
-    Ok(match dial_with(to, from, freebind, a.timeout()?) {
+    Ok(match dial_with(to, from, freebind, timeout(a)?) {
         Ok(s) => json_ok(
             json!({"to": to.to_string(), "local": s.local_addr().map(|l| l.to_string()).unwrap_or_default(), "connect_ms": ms(t.elapsed())}),
         ),
@@ -365,7 +330,7 @@ fn send(a: &Args) -> Result<Outcome, Usage> {
         a.get("chunk")?
             .unwrap_or(if seconds > 0.0 { 16 * 1024 } else { 256 * 1024 });
     let from: Option<IpAddr> = a.get("from")?;
-    let timeout = a.timeout()?;
+    let timeout = timeout(a)?;
     if chunk == 0 || !seconds.is_finite() || seconds < 0.0 {
         return Err(Usage("--chunk must be > 0 and --seconds >= 0".into()));
     }
@@ -439,7 +404,7 @@ fn rr(a: &Args) -> Result<Outcome, Usage> {
     let to: SocketAddr = a.req("to")?;
     let count: usize = a.get("count")?.unwrap_or(1000);
     let size: usize = a.get("size")?.unwrap_or(64);
-    let timeout = a.timeout()?;
+    let timeout = timeout(a)?;
     let mut s = match dial(to, a.get("from")?, timeout) {
         Ok(s) => s,
         Err(e) => return Ok(fail(kind(&e), format!("connect to {to}: {e}"), json!({}))),
@@ -478,8 +443,8 @@ fn cps(a: &Args) -> Result<Outcome, Usage> {
     let to: SocketAddr = a.req("to")?;
     let seconds: f64 = a.get("seconds")?.unwrap_or(2.0);
     let interval = Duration::from_millis(a.get("interval-ms")?.unwrap_or(0));
-    let keep_going = a.flags.iter().any(|f| f == "keep-going");
-    let timeout = a.timeout()?;
+    let keep_going = a.flag("keep-going");
+    let timeout = timeout(a)?;
     let start = Instant::now();
     let (mut done, mut failed, mut first_error) = (0u64, 0u64, None::<String>);
     let mut slowest = Duration::ZERO;
@@ -576,7 +541,7 @@ fn udp_send(a: &Args) -> Result<Outcome, Usage> {
     let to: SocketAddr = a.req("to")?;
     let count: u32 = a.get("count")?.unwrap_or(10);
     let size: usize = a.get::<usize>("size")?.unwrap_or(64).clamp(4, 65000);
-    let timeout = a.timeout()?;
+    let timeout = timeout(a)?;
     let local = SocketAddr::new(
         if to.is_ipv6() {
             IpAddr::V6(Ipv6Addr::UNSPECIFIED)
@@ -664,36 +629,12 @@ fn flood(a: &Args) -> Result<Outcome, Usage> {
             "--count {count} from {first} runs past the last address"
         )));
     }
-    let domain = if to.is_ipv4() {
-        Domain::IPV4
-    } else {
-        Domain::IPV6
-    };
-    // IPPROTO_RAW implies IP_HDRINCL for IPv4; IPv6 needs IPV6_HDRINCL set.
-    let sock =
-        Socket::new(domain, Type::RAW, Some(Protocol::from(libc::IPPROTO_RAW))).and_then(|s| {
-            if to.is_ipv6() {
-                s.set_header_included_v6(true)?;
-            }
-            Ok(s)
-        });
-    let sock = match sock {
+    let sock = match RawIp::open(to.ip()) {
         Ok(s) => s,
-        Err(e) => {
-            return Ok(fail(
-                kind(&e),
-                format!("raw socket: {e}"),
-                json!({"sent": 0}),
-            ));
-        }
+        // The error names the step (`raw socket`, `IPV6_HDRINCL`).
+        Err(e) => return Ok(fail(kind(&e), &e, json!({"sent": 0}))),
     };
-    // Raw sockets take the port of the destination sockaddr as 0.
-    let dst = SocketAddr::new(to.ip(), 0).into();
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
-        ^ u64::from(std::process::id());
+    let seed = seed();
     let limit = Duration::from_secs_f64(seconds);
     let start = Instant::now();
     let (mut sent, mut retries) = (0u64, 0u64);
@@ -708,8 +649,8 @@ fn flood(a: &Args) -> Result<Outcome, Usage> {
             r as u32,
             (r >> 32) as u16,
         );
-        match sock.send_to(&pkt, &dst) {
-            Ok(_) => sent += 1,
+        match sock.send(&pkt) {
+            Ok(()) => sent += 1,
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENOBUFS | libc::EAGAIN)) => {
                 retries += 1;
                 std::thread::sleep(Duration::from_micros(100));
@@ -733,128 +674,25 @@ fn flood(a: &Args) -> Result<Outcome, Usage> {
     ))
 }
 
-/// An AF_PACKET socket bound to one interface, seeing frames in both directions.
-struct PacketSocket {
-    fd: std::os::fd::OwnedFd,
-    ifindex: i32,
+/// An AF_PACKET socket on `iface` that sees every frame, both directions; or the failure to
+/// report.
+fn packet_socket(iface: &str) -> Result<PacketSocket, Outcome> {
+    PacketSocket::open(iface, ETH_P_ALL).map_err(|e| {
+        fail(
+            kind(&e),
+            format!("packet socket on {iface}: {e}"),
+            json!({}),
+        )
+    })
 }
 
-const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-
-impl PacketSocket {
-    fn open(iface: &str) -> io::Result<PacketSocket> {
-        use std::os::fd::FromRawFd;
-        let name = std::ffi::CString::new(iface)
-            .map_err(|e| io::Error::new(ErrorKind::InvalidInput, e))?;
-        // SAFETY: a valid NUL-terminated string.
-        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-        if ifindex == 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let all = (libc::ETH_P_ALL as u16).to_be();
-        // SAFETY: plain socket(2).
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                i32::from(all),
-            )
-        };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `raw` is a new descriptor owned by nobody else.
-        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
-        let s = PacketSocket {
-            fd,
-            ifindex: ifindex as i32,
-        };
-        let mut sll = s.sockaddr(&[0; 6]);
-        sll.sll_protocol = all;
-        // SAFETY: `sll` is a valid sockaddr_ll of the size given.
-        let r = unsafe {
-            libc::bind(
-                s.raw(),
-                (&raw const sll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        if r != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let tv = libc::timeval {
-            tv_sec: 0,
-            tv_usec: 100_000,
-        };
-        // SAFETY: a valid timeval of the size given.
-        let r = unsafe {
-            libc::setsockopt(
-                s.raw(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&raw const tv).cast(),
-                std::mem::size_of::<libc::timeval>() as u32,
-            )
-        };
-        if r != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(s)
-    }
-
-    fn raw(&self) -> i32 {
-        use std::os::fd::AsRawFd;
-        self.fd.as_raw_fd()
-    }
-
-    fn sockaddr(&self, mac: &[u8; 6]) -> libc::sockaddr_ll {
-        // SAFETY: all-zero is a valid sockaddr_ll.
-        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_ifindex = self.ifindex;
-        sll.sll_halen = 6;
-        sll.sll_addr[..6].copy_from_slice(mac);
-        sll
-    }
-
-    /// One frame, or `None` when the 100 ms receive timeout passed.
-    fn recv(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
-        // SAFETY: `buf` is writable for its length.
-        let n = unsafe { libc::recv(self.raw(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n >= 0 {
-            return Ok(Some(n as usize));
-        }
-        let e = io::Error::last_os_error();
-        match e.kind() {
-            ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted => Ok(None),
-            _ => Err(e),
-        }
-    }
-
-    /// Writes `frame` (Ethernet header included) on the interface.
-    fn send(&self, frame: &[u8]) -> io::Result<()> {
-        let mut dst = [0u8; 6];
-        dst.copy_from_slice(&frame[..6]);
-        let sll = self.sockaddr(&dst);
-        // SAFETY: `frame` is readable for its length; `sll` valid for the size given.
-        let n = unsafe {
-            libc::sendto(
-                self.raw(),
-                frame.as_ptr().cast(),
-                frame.len(),
-                0,
-                (&raw const sll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
-    }
+/// A seed for [`mix`] that differs from run to run.
+fn seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+        ^ u64::from(std::process::id())
 }
 
 fn parse_mac(text: &str) -> Result<[u8; 6], Usage> {
@@ -889,28 +727,6 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn mac_text(mac: &[u8]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
-/// `packet` behind an Ethernet header.
-fn ethernet(dst: &[u8; 6], src: &[u8; 6], packet: &[u8]) -> Vec<u8> {
-    let ethertype = if packet[0] >> 4 == 6 {
-        ETH_P_IPV6
-    } else {
-        ETH_P_IP
-    };
-    let mut f = Vec::with_capacity(ETH_HLEN + packet.len());
-    f.extend_from_slice(dst);
-    f.extend_from_slice(src);
-    f.extend_from_slice(&ethertype.to_be_bytes());
-    f.extend_from_slice(packet);
-    f
-}
-
 /// Raw SYNs written as Ethernet frames on an interface; see the header.
 fn inject(a: &Args) -> Result<Outcome, Usage> {
     let iface: String = a.req("iface")?;
@@ -937,21 +753,11 @@ fn inject(a: &Args) -> Result<Outcome, Usage> {
     if u32::from(from.port()) + u32::from(count) > 65536 {
         return Err(Usage("--count from --from's port runs past 65535".into()));
     }
-    let sock = match PacketSocket::open(&iface) {
+    let sock = match packet_socket(&iface) {
         Ok(s) => s,
-        Err(e) => {
-            return Ok(fail(
-                kind(&e),
-                format!("packet socket on {iface}: {e}"),
-                json!({}),
-            ));
-        }
+        Err(failed) => return Ok(failed),
     };
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
-        ^ u64::from(std::process::id());
+    let seed = seed();
     let mut ports = Vec::new();
     for i in 0..count {
         let sport = from.port() + i;
@@ -963,7 +769,7 @@ fn inject(a: &Args) -> Result<Outcome, Usage> {
             (r >> 32) as u16,
             &options,
         );
-        if let Err(e) = sock.send(&ethernet(&dst_mac, &src_mac, &pkt)) {
+        if let Err(e) = sock.send(&ip_frame(&dst_mac, &src_mac, &pkt)) {
             return Ok(fail(
                 kind(&e),
                 format!("frame {i} on {iface}: {e}"),
@@ -1073,9 +879,7 @@ impl Captured {
             _ => return None,
         }
         if ip[0] >> 4 == 4 {
-            ip[10..12].copy_from_slice(&[0, 0]);
-            let c = checksum(&[&ip]);
-            ip[10..12].copy_from_slice(&c.to_be_bytes());
+            fill_ipv4_checksum(&mut ip);
         }
         let c = tcp_checksum(&ip, &tcp);
         tcp[16..18].copy_from_slice(&c.to_be_bytes());
@@ -1093,22 +897,16 @@ fn replay(a: &Args) -> Result<Outcome, Usage> {
     let variants: String = a.get("variants")?.unwrap_or_else(|| "sport,seq".into());
     let variants: Vec<&str> = variants.split(',').filter(|v| !v.is_empty()).collect();
     let delay = Duration::from_millis(a.get("delay-ms")?.unwrap_or(200));
-    let timeout = a.timeout()?;
+    let timeout = timeout(a)?;
     if let Some(v) = variants
         .iter()
         .find(|v| !["sport", "seq", "mac", "exact"].contains(v))
     {
         return Err(Usage(format!("unknown variant {v:?}")));
     }
-    let sock = match PacketSocket::open(&iface) {
+    let sock = match packet_socket(&iface) {
         Ok(s) => s,
-        Err(e) => {
-            return Ok(fail(
-                kind(&e),
-                format!("packet socket on {iface}: {e}"),
-                json!({}),
-            ));
-        }
+        Err(failed) => return Ok(failed),
     };
     println!("{}", json!({"ok": true, "sniffing": iface}));
     let _ = io::stdout().flush();
@@ -1116,10 +914,10 @@ fn replay(a: &Args) -> Result<Outcome, Usage> {
     let mut buf = vec![0u8; 65536];
     let (mut frames, mut captured) = (0u64, None);
     while captured.is_none() && start.elapsed() < timeout {
-        match sock.recv(&mut buf) {
-            Ok(Some(n)) => {
+        match sock.recv(&mut buf, Duration::from_millis(100)) {
+            Ok(Some(r)) => {
                 frames += 1;
-                captured = Captured::parse(&buf[..n], to);
+                captured = Captured::parse(&buf[..r.len], to);
             }
             Ok(None) => {}
             Err(e) => {
@@ -1169,7 +967,6 @@ fn secs(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e3).round() / 1e3
 }
 
-/// `first` + `n` (as a u32 for IPv4, a u128 for IPv6); `None` past the end of the space.
 fn hold(a: &Args) -> Result<Outcome, Usage> {
     let to: SocketAddr = a.req("to")?;
     let count: u64 = a.req("count")?;
@@ -1177,7 +974,7 @@ fn hold(a: &Args) -> Result<Outcome, Usage> {
     if !seconds.is_finite() || seconds < 0.0 {
         return Err(Usage("--seconds must be >= 0".into()));
     }
-    let timeout = a.timeout()?;
+    let timeout = timeout(a)?;
     let want = count + 64;
     let limit = libc::rlimit {
         rlim_cur: want,
@@ -1247,7 +1044,7 @@ fn map_fill(a: &Args) -> Result<Outcome, Usage> {
     let pin: String = a.req("pin")?;
     let count: u32 = a.req("count")?;
     let base: u32 = a.get("base")?.unwrap_or(0x4000_0000);
-    let delete = a.flags.iter().any(|f| f == "delete");
+    let delete = a.flag("delete");
     let path = std::ffi::CString::new(pin.clone()).map_err(|e| Usage(e.to_string()))?;
     let mut attr = [0u64; 16];
     attr[0] = path.as_ptr() as u64;
@@ -1305,6 +1102,7 @@ fn map_fill(a: &Args) -> Result<Outcome, Usage> {
     })))
 }
 
+/// `first` + `n` (as a u32 for IPv4, a u128 for IPv6); `None` past the end of the space.
 fn nth_source(first: IpAddr, n: u64) -> Option<IpAddr> {
     match first {
         IpAddr::V4(a) => u32::from(a)
@@ -1324,186 +1122,11 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-const TCP_SYN: u8 = 0x02;
-const TCP_ACK: u8 = 0x10;
-const IPPROTO_TCP: u8 = 6;
-/// The TCP header `syn_packet` writes: 20 bytes, no options.
-const TCP_LEN: u16 = 20;
-
-/// One bare SYN from `src` to `dst`: an IPv4 header (TTL 64, DF, identification `id`) or an
-/// IPv6 header (hop limit 64), then a 20-byte TCP header (window 64240, sequence number
-/// `seq`), both checksums filled in.
-///
-/// # Panics
-/// If `src` and `dst` are of different families (`flood` checks they are not).
-fn syn_packet(src: SocketAddr, dst: SocketAddr, seq: u32, id: u16) -> Vec<u8> {
-    syn_with_options(src, dst, seq, id, &[])
-}
-
-/// [`syn_packet`] with TCP options `options` (a multiple of 4 bytes, at most 40) after the
-/// fixed header.
-///
-/// # Panics
-/// If the families differ or `options` does not fit.
-fn syn_with_options(
-    src: SocketAddr,
-    dst: SocketAddr,
-    seq: u32,
-    id: u16,
-    options: &[u8],
-) -> Vec<u8> {
-    assert!(
-        options.len().is_multiple_of(4) && options.len() <= 40,
-        "TCP options of {} bytes",
-        options.len()
-    );
-    let mut tcp = vec![0u8; usize::from(TCP_LEN) + options.len()];
-    tcp[0..2].copy_from_slice(&src.port().to_be_bytes());
-    tcp[2..4].copy_from_slice(&dst.port().to_be_bytes());
-    tcp[4..8].copy_from_slice(&seq.to_be_bytes());
-    // Acknowledgment number 0; data offset in 32-bit words.
-    tcp[12] = ((tcp.len() / 4) as u8) << 4;
-    tcp[13] = TCP_SYN;
-    tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
-    tcp[20..].copy_from_slice(options);
-    let tcp_len = tcp.len() as u16;
-    let mut pkt = match (src.ip(), dst.ip()) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            let mut ip = [0u8; 20];
-            ip[0] = 0x45; // version 4, 5 words
-            ip[2..4].copy_from_slice(&(20 + tcp_len).to_be_bytes());
-            ip[4..6].copy_from_slice(&id.to_be_bytes());
-            ip[6] = 0x40; // DF, fragment offset 0
-            ip[8] = 64;
-            ip[9] = IPPROTO_TCP;
-            ip[12..16].copy_from_slice(&s.octets());
-            ip[16..20].copy_from_slice(&d.octets());
-            let c = checksum(&[&ip]);
-            ip[10..12].copy_from_slice(&c.to_be_bytes());
-            ip.to_vec()
-        }
-        (IpAddr::V6(s), IpAddr::V6(d)) => {
-            let mut ip = [0u8; 40];
-            ip[0] = 0x60; // version 6, traffic class and flow label 0
-            ip[4..6].copy_from_slice(&tcp_len.to_be_bytes());
-            ip[6] = IPPROTO_TCP;
-            ip[7] = 64;
-            ip[8..24].copy_from_slice(&s.octets());
-            ip[24..40].copy_from_slice(&d.octets());
-            ip.to_vec()
-        }
-        _ => panic!("syn_packet: {src} and {dst} are of different families"),
-    };
-    let c = tcp_checksum(&pkt, &tcp);
-    tcp[16..18].copy_from_slice(&c.to_be_bytes());
-    pkt.extend_from_slice(&tcp);
-    pkt
-}
-
-/// The checksum of TCP segment `tcp` (its checksum field taken as zero) under IP header `ip`
-/// (IPv4, or IPv6 with no extension header).
-fn tcp_checksum(ip: &[u8], tcp: &[u8]) -> u16 {
-    let len = tcp.len() as u32;
-    let (zeroed, rest) = (&tcp[..16], &tcp[18..]);
-    if ip[0] >> 4 == 4 {
-        let pseudo = [0, IPPROTO_TCP, (len >> 8) as u8, len as u8];
-        checksum(&[&ip[12..20], &pseudo, zeroed, &[0, 0], rest])
-    } else {
-        let mut pseudo = [0u8; 8]; // upper-layer length (32 bits), 3 zeros, next header
-        pseudo[0..4].copy_from_slice(&len.to_be_bytes());
-        pseudo[7] = IPPROTO_TCP;
-        checksum(&[&ip[8..40], &pseudo, zeroed, &[0, 0], rest])
-    }
-}
-
-/// The one's-complement sum (RFC 1071) of `parts` laid end to end, as big-endian 16-bit
-/// words; every part but the last must be of even length.
-fn ones_sum(parts: &[&[u8]]) -> u16 {
-    let mut acc = 0u64;
-    for w in parts.iter().flat_map(|p| p.chunks(2)) {
-        acc += u64::from(u16::from_be_bytes([w[0], w.get(1).copied().unwrap_or(0)]));
-    }
-    while acc > 0xffff {
-        acc = (acc & 0xffff) + (acc >> 16);
-    }
-    acc as u16
-}
-
-/// The Internet checksum of `parts` (see `ones_sum`).
-fn checksum(parts: &[&[u8]]) -> u16 {
-    !ones_sum(parts)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::net::Ipv4Addr;
-
-    #[test]
-    fn checksum_of_a_known_ipv4_header() {
-        // The usual worked example: 192.168.0.1 -> 192.168.0.199, UDP, length 0x73.
-        let h = [
-            0x45, 0, 0, 0x73, 0, 0, 0x40, 0, 0x40, 0x11, 0, 0, 192, 168, 0, 1, 192, 168, 0, 199,
-        ];
-        assert_eq!(checksum(&[&h]), 0xb861);
-    }
-
-    #[test]
-    fn ipv4_syn() {
-        let (s, d) = (Ipv4Addr::new(10, 1, 2, 3), Ipv4Addr::new(10, 9, 8, 7));
-        let p = syn_packet(
-            SocketAddr::new(s.into(), 12345),
-            SocketAddr::new(d.into(), 80),
-            0xdead_beef,
-            0x1234,
-        );
-        assert_eq!(p.len(), 40);
-        let (ip, tcp) = p.split_at(20);
-        assert_eq!(ip[0], 0x45);
-        assert_eq!(u16::from_be_bytes([ip[2], ip[3]]), 40);
-        assert_eq!(&ip[4..6], &[0x12, 0x34]);
-        assert_eq!(&ip[6..8], &[0x40, 0], "DF, no fragment offset");
-        assert_eq!((ip[8], ip[9]), (64, 6));
-        assert_eq!(ones_sum(&[ip]), 0xffff, "IPv4 header checksum");
-        assert_eq!(checksum(&[ip]), 0);
-        assert_eq!(&ip[12..16], &s.octets());
-        assert_eq!(&ip[16..20], &d.octets());
-        assert_eq!(u16::from_be_bytes([tcp[0], tcp[1]]), 12345);
-        assert_eq!(u16::from_be_bytes([tcp[2], tcp[3]]), 80);
-        assert_eq!(&tcp[4..8], &0xdead_beefu32.to_be_bytes());
-        assert_eq!(&tcp[8..12], &[0; 4]);
-        assert_eq!(tcp[12], 0x50);
-        assert_eq!(tcp[13], TCP_SYN, "SYN only");
-        assert_eq!(u16::from_be_bytes([tcp[14], tcp[15]]), 64240);
-        let pseudo = [&s.octets()[..], &d.octets()[..], &[0, 6, 0, 20]].concat();
-        assert_eq!(ones_sum(&[&pseudo, tcp]), 0xffff, "TCP checksum");
-    }
-
-    #[test]
-    fn ipv6_syn() {
-        let s: Ipv6Addr = "2001:db8::1:2".parse().unwrap();
-        let d: Ipv6Addr = "fd00:10::7".parse().unwrap();
-        let p = syn_packet(
-            SocketAddr::new(s.into(), 40000),
-            SocketAddr::new(d.into(), 443),
-            7,
-            0,
-        );
-        assert_eq!(p.len(), 60);
-        let (ip, tcp) = p.split_at(40);
-        assert_eq!(ip[0] >> 4, 6);
-        assert_eq!(u16::from_be_bytes([ip[4], ip[5]]), 20, "payload length");
-        assert_eq!((ip[6], ip[7]), (6, 64), "next header TCP, hop limit 64");
-        assert_eq!(&ip[8..24], &s.octets());
-        assert_eq!(&ip[24..40], &d.octets());
-        assert_eq!(u16::from_be_bytes([tcp[0], tcp[1]]), 40000);
-        assert_eq!(u16::from_be_bytes([tcp[2], tcp[3]]), 443);
-        assert_eq!(&tcp[4..8], &7u32.to_be_bytes());
-        assert_eq!(tcp[13], TCP_SYN, "SYN only");
-        let pseudo = [&s.octets()[..], &d.octets()[..], &[0, 0, 0, 20, 0, 0, 0, 6]].concat();
-        assert_eq!(ones_sum(&[&pseudo, tcp]), 0xffff, "TCP checksum");
-        assert_eq!(checksum(&[&pseudo, tcp]), 0);
-    }
+    use testbed::packet::ones_sum;
 
     #[test]
     fn syn_with_options_and_a_captured_copy() {
@@ -1532,7 +1155,7 @@ mod tests {
         assert_eq!(tcp[12] >> 4, 10, "data offset in words");
         let pseudo = [&s.octets()[..], &d.octets()[..], &[0, 0, 0, 40, 0, 0, 0, 6]].concat();
         assert_eq!(ones_sum(&[&pseudo, tcp]), 0xffff, "TCP checksum");
-        let frame = ethernet(&[2, 0, 0, 0, 0, 2], &[2, 0, 0, 0, 0, 1], &p);
+        let frame = ip_frame(&[2, 0, 0, 0, 0, 2], &[2, 0, 0, 0, 0, 1], &p);
         let c = Captured::parse(&frame, to).expect("a SYN with our option");
         assert_eq!((c.sport(), c.seq(), c.option()), (40000, 99, &opt[..]));
         assert!(Captured::parse(&frame, SocketAddr::new(d.into(), 8081)).is_none());
@@ -1561,7 +1184,7 @@ mod tests {
         assert_ne!(&f[54 + 24..54 + 40], &opt[..]);
         assert!(c.variant("nonsense").is_none());
         // Without our option, or a SYN-ACK: not captured.
-        let bare = ethernet(
+        let bare = ip_frame(
             &[2; 6],
             &[2; 6],
             &syn_packet(SocketAddr::new(s.into(), 1), to, 1, 0),
@@ -1578,7 +1201,7 @@ mod tests {
         let to = SocketAddr::new(d.into(), 8080);
         let opt = [253, 16, 0x50, 0x43, 0, 0, 0, 1, 1, 2, 3, 4, 5, 6, 7, 8];
         let p = syn_with_options(SocketAddr::new(s.into(), 5000), to, 7, 9, &opt);
-        let c = Captured::parse(&ethernet(&[2; 6], &[2; 6], &p), to).expect("captured");
+        let c = Captured::parse(&ip_frame(&[2; 6], &[2; 6], &p), to).expect("captured");
         let f = c.variant("sport").expect("variant");
         let (ip, tcp) = f[14..].split_at(20);
         assert_eq!(ones_sum(&[ip]), 0xffff, "IPv4 header checksum");
