@@ -896,3 +896,186 @@ fn audit_mode_admits_and_reports_a_missing_or_bad_mac_and_off_admits_silently() 
         "require (vault) after the edit",
     );
 }
+
+/// The MAC layout is checked against an implementation of its own: the test reads the pair's
+/// keys from node-2's auth entry (as root on the host) and writes SYNs on the fabric carrying
+/// options computed here. One with a fresh stamp under the verify key is admitted — nothing but
+/// the key makes a SYN acceptable; one stamped two minutes early or late, or under the key of
+/// the other direction, is dropped as `drop_bad_mac`.
+#[test]
+fn only_a_fresh_mac_under_the_pairs_key_for_that_direction_is_admitted() {
+    let tb = up(&spec(false, vec![]), &authenticated());
+    let s = scenario(&tb);
+    let _server = s.serve("backend", PORT);
+    wait_keyed(&s, "frontend", "backend");
+    let keys = entry_keys(&tb, "node-2");
+    let (iface, mac) = (
+        tb.node("node-2").fabric_veth.clone(),
+        node_mac(&tb, "node-2"),
+    );
+    let hex = |k: &[u8; 16]| k.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    for family in FAMILIES {
+        let (frontend, backend) = (s.addr("frontend", family), s.addr("backend", family));
+        let cases = [
+            (
+                hex(&keys.verify),
+                0,
+                "pass_authenticated",
+                "a fresh MAC under the verify key",
+            ),
+            (
+                hex(&keys.verify),
+                -120,
+                "drop_bad_mac",
+                "a MAC stamped 2 min early",
+            ),
+            (
+                hex(&keys.verify),
+                120,
+                "drop_bad_mac",
+                "a MAC stamped 2 min late",
+            ),
+            (
+                hex(&keys.sign),
+                0,
+                "drop_bad_mac",
+                "a MAC under the other direction's key",
+            ),
+        ];
+        for (i, (key, shift, counted, what)) in cases.iter().enumerate() {
+            let before = s.status("node-2");
+            let out = fabric_probe(
+                &s,
+                &[
+                    "inject",
+                    "--iface",
+                    &iface,
+                    "--dst-mac",
+                    &mac,
+                    "--from",
+                    &sock(frontend, 31000 + i as u16),
+                    "--to",
+                    &sock(backend, PORT),
+                    "--mac-key",
+                    key,
+                    "--mac-shift-secs",
+                    &shift.to_string(),
+                ],
+            )
+            .output()
+            .expect("running probe inject");
+            let r = last_json(&out.stdout);
+            assert!(ok(&r), "{family:?}: probe inject failed: {r}");
+            let others: Vec<&str> = ["pass_authenticated", "drop_bad_mac", "drop_no_mac"]
+                .into_iter()
+                .filter(|c| c != counted)
+                .collect();
+            counted_exactly(
+                &s,
+                &before,
+                (counted, 1),
+                &others,
+                &format!("{family:?}: {what}"),
+            );
+        }
+    }
+}
+
+/// A SYN whose TCP header has no room left for the option (40 bytes of options already) leaves
+/// node-1 unsigned, counted `pass_unsigned`, and node-2 drops it as `drop_no_mac`; one with 24
+/// bytes of options is signed (a 60-byte header) and admitted. Both are raw frames the pod
+/// writes on its own interface.
+#[test]
+fn a_syn_without_room_for_the_mac_leaves_unsigned_and_is_dropped_a_long_header_is_signed() {
+    let tb = up(&spec(false, vec![]), &authenticated());
+    let s = scenario(&tb);
+    let _server = s.serve("backend", PORT);
+    wait_keyed(&s, "frontend", "backend");
+    let pod = tb.pod("frontend").clone();
+    let gateway = {
+        let out = Command::new("ip")
+            .args(["-n", &tb.node(&pod.node).netns, "-j", "link", "show", "dev"])
+            .arg(&pod.host_veth)
+            .output()
+            .expect("running ip");
+        let v: Value = serde_json::from_slice(&out.stdout).expect("ip -j output");
+        v[0]["address"]
+            .as_str()
+            .expect("the host veth's MAC")
+            .to_owned()
+    };
+    let nops = |n: usize| "01".repeat(n);
+    for family in FAMILIES {
+        let (frontend, backend) = (s.addr("frontend", family), s.addr("backend", family));
+        for (i, (options, signed, counted)) in [
+            (nops(40), "pass_unsigned", "drop_no_mac"),
+            (nops(24), "pass_signed", "pass_authenticated"),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let (before1, before2) = (s.status("node-1"), s.status("node-2"));
+            let r = s.probe(
+                "frontend",
+                &[
+                    "inject",
+                    "--iface",
+                    "eth0",
+                    "--dst-mac",
+                    &gateway,
+                    "--from",
+                    &sock(frontend, 32000 + i as u16),
+                    "--to",
+                    &sock(backend, PORT),
+                    "--option",
+                    options,
+                ],
+            );
+            assert!(ok(&r), "{family:?}: probe inject in the pod failed: {r}");
+            let what = format!(
+                "{family:?}: a SYN with {} bytes of options",
+                options.len() / 2
+            );
+            let after1 = grown(&s, "node-1", &before1, signed, 1);
+            grew_by(&after1, &before1, signed, 1, &what);
+            counted_exactly(&s, &before2, (counted, 1), &["drop_bad_mac"], &what);
+        }
+    }
+}
+
+/// The keys of node's only keyed auth entry, read from its pinned map.
+fn entry_keys(tb: &Testbed, node: &str) -> portcullis_common::PairKeys {
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(tb.node(node).bpffs_dir.join("maps/PC_AUTH"))
+        .output()
+        .expect("running bpftool");
+    assert!(out.status.success(), "bpftool map dump: {out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).expect("bpftool -j output");
+    let values: Vec<portcullis_common::AuthValue> = v
+        .as_array()
+        .expect("a list of entries")
+        .iter()
+        .map(|e| {
+            let bytes: Vec<u8> = e["value"]
+                .as_array()
+                .expect("value bytes")
+                .iter()
+                .map(|b| {
+                    u8::from_str_radix(b.as_str().expect("a hex byte").trim_start_matches("0x"), 16)
+                        .expect("a hex byte")
+                })
+                .collect();
+            assert_eq!(
+                bytes.len(),
+                std::mem::size_of::<portcullis_common::AuthValue>()
+            );
+            // SAFETY: `AuthValue` is `repr(C)` plain data, every bit pattern valid, and the
+            // slice holds exactly its size.
+            unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) }
+        })
+        .filter(|v: &portcullis_common::AuthValue| v.flags & portcullis_common::AUTH_KEYED != 0)
+        .collect();
+    assert_eq!(values.len(), 1, "keyed entries of {node}: {values:?}");
+    values[0].keys
+}

@@ -48,11 +48,13 @@
 //!     every value zeros. Stops early when the kernel refuses (the map is full). --delete
 //!     removes the same keys instead. {"ok":true,"done":…,"refused":…,"error":…}.
 //! probe inject --iface IF --dst-mac MAC [--src-mac MAC] --from ADDR:PORT --to ADDR:PORT
-//!       [--count N] [--option HEX]
+//!       [--count N] [--option HEX] [--seq N] [--mac-key HEX [--mac-shift-secs S]]
 //!     Writes N raw Ethernet frames (AF_PACKET, needs CAP_NET_RAW) on interface IF, each a
-//!     TCP SYN from ADDR:PORT+i to --to with a random sequence number, carrying the TCP
-//!     options HEX (a multiple of 4 bytes, at most 40) if given: a SYN from the wire, for a
-//!     namespace with no address or route (the fabric). {"ok":true,"sent":…}.
+//!     TCP SYN from ADDR:PORT+i to --to with a random sequence number (or --seq), carrying the
+//!     TCP options HEX (a multiple of 4 bytes, at most 40) if given: a SYN from the wire, for a
+//!     namespace with no address or route (the fabric). With --mac-key (16 bytes), each SYN
+//!     also ends with a connection MAC option computed with that key here, stamped with the
+//!     wall clock moved by S seconds (default 0). {"ok":true,"sent":…}.
 //! probe replay --iface IF --to ADDR:PORT [--variants LIST] [--delay-ms D] [--timeout-ms N]
 //!     Sniffs IF (AF_PACKET, both directions) for the first TCP SYN to --to whose TCP header
 //!     ends with a connection MAC option (kind 253, length 16, ExID 0x5043), then, after D ms
@@ -742,10 +744,26 @@ fn inject(a: &Args) -> Result<Outcome, Usage> {
         Some(h) => parse_hex(&h)?,
         None => Vec::new(),
     };
-    if !options.len().is_multiple_of(4) || options.len() > 40 {
-        return Err(Usage(
-            "--option must be a multiple of 4 bytes, at most 40".into(),
-        ));
+    let key: Option<[u8; portcullis_common::mac::KEY_LEN]> = match a.get::<String>("mac-key")? {
+        Some(h) => Some(
+            parse_hex(&h)?
+                .try_into()
+                .map_err(|_| Usage("--mac-key must be 16 bytes".into()))?,
+        ),
+        None => None,
+    };
+    let shift: i64 = a.get("mac-shift-secs")?.unwrap_or(0);
+    let fixed_seq: Option<u32> = a.get("seq")?;
+    let room = 40
+        - if key.is_some() {
+            portcullis_common::mac::OPTION_LEN
+        } else {
+            0
+        };
+    if !options.len().is_multiple_of(4) || options.len() > room {
+        return Err(Usage(format!(
+            "--option must be a multiple of 4 bytes, at most {room}"
+        )));
     }
     if from.is_ipv4() != to.is_ipv4() {
         return Err(Usage("--from and --to must be of the same family".into()));
@@ -762,13 +780,13 @@ fn inject(a: &Args) -> Result<Outcome, Usage> {
     for i in 0..count {
         let sport = from.port() + i;
         let r = mix(seed.wrapping_add(u64::from(i)));
-        let pkt = syn_with_options(
-            SocketAddr::new(from.ip(), sport),
-            to,
-            r as u32,
-            (r >> 32) as u16,
-            &options,
-        );
+        let seq = fixed_seq.unwrap_or(r as u32);
+        let src = SocketAddr::new(from.ip(), sport);
+        let mut opts = options.clone();
+        if let Some(key) = &key {
+            opts.extend_from_slice(&signed_option(key, src, to, seq, shift));
+        }
+        let pkt = syn_with_options(src, to, seq, (r >> 32) as u16, &opts);
         if let Err(e) = sock.send(&ip_frame(&dst_mac, &src_mac, &pkt)) {
             return Ok(fail(
                 kind(&e),
@@ -781,6 +799,42 @@ fn inject(a: &Args) -> Result<Outcome, Usage> {
     Ok(json_ok(
         json!({"sent": count, "iface": iface, "source_ports": ports}),
     ))
+}
+
+/// The connection MAC option the source node would add to a SYN, computed here with `key`,
+/// stamped with the wall clock moved by `shift` seconds.
+fn signed_option(
+    key: &[u8; portcullis_common::mac::KEY_LEN],
+    src: SocketAddr,
+    dst: SocketAddr,
+    seq: u32,
+    shift: i64,
+) -> [u8; portcullis_common::mac::OPTION_LEN] {
+    use portcullis_common::mac;
+    let map_form = |ip: IpAddr| match ip {
+        IpAddr::V4(a) => {
+            let mut b = [0u8; 16];
+            b[..4].copy_from_slice(&a.octets());
+            b
+        }
+        IpAddr::V6(a) => a.octets(),
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let at = now.saturating_add_signed(shift.saturating_mul(1_000_000_000));
+    mac::option(
+        key,
+        &mac::Syn {
+            family: if src.is_ipv4() { 4 } else { 6 },
+            src: map_form(src.ip()),
+            dst: map_form(dst.ip()),
+            sport: src.port(),
+            dport: dst.port(),
+            seq,
+            time: mac::time_units(at),
+        },
+    )
 }
 
 /// A SYN taken off the wire: its frame cut into Ethernet header, IP header and TCP segment.
