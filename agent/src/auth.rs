@@ -116,6 +116,8 @@ pub struct Auth {
     reproving: HashSet<AuthKey>,
     /// When the flow table was last swept for idle UDP flows.
     swept_at: u64,
+    /// The entries found without pair keys at start have been sent to be proven again.
+    unkeyed_proven: bool,
 }
 
 impl Auth {
@@ -141,6 +143,7 @@ impl Auth {
             refused_error: None,
             udp_idle_ns: 120_000_000_000,
             swept_at: 0,
+            unkeyed_proven: false,
             started_seen: portcullis_common::seen_units(boot_ns()),
             reprove_backlog: std::collections::VecDeque::new(),
             reproving: HashSet::new(),
@@ -296,7 +299,14 @@ impl Auth {
         );
         self.renewal_checked.remove(&key);
         self.entries
-            .insert_keyed(maps, key, value, rec.keys.clone(), rec.remote_chain.clone())
+            .insert_keyed(
+                maps,
+                key,
+                value,
+                rec.keys.clone(),
+                rec.remote_chain.clone(),
+                rec.role == Role::Responder,
+            )
             .map_err(|e| {
             let why = self.refuse(e.to_string());
             // One line per refusal is bounded by the handshake rate, which is limited.

@@ -12,10 +12,11 @@ use crate::{
     handshake::PairKeys,
 };
 
-/// How long after a new proof the kernel goes on signing a pair's SYNs with the keys of the
-/// proof before: the peer writes its entry of the same proof a proof's round trip earlier or
-/// later, and until then verifies only with the keys it had. Longer than any proof lasts.
-pub const KEY_SWITCH_NS: u64 = 5_000_000_000;
+/// How long after answering a proof the kernel goes on signing a pair's SYNs with the keys of
+/// the proof before: the side that answers writes its entry first, and the peer, which writes
+/// its own once it has checked the answer, verifies only with the keys it had until then. The
+/// side that proved writes last and signs with the new keys at once.
+pub const KEY_SWITCH_NS: u64 = 2_000_000_000;
 
 /// When an entry should be renewed: at the start of the last third of its lifetime.
 #[must_use]
@@ -129,10 +130,11 @@ impl Entries {
 
     /// Writes an entry with the pair keys its proof derived and the peer chain it verified.
     /// The entry's value holds the keys (the kernel signs and checks SYNs with them, and a
-    /// restarted agent finds them there), with those of the proof before (a signer keeps
-    /// signing with it for [`KEY_SWITCH_NS`]) and the verify key of the one before that: when
-    /// both agents prove the same pair at once, each writes the two proofs in its own order,
-    /// and the three keys cover what the other side may sign with.
+    /// restarted agent finds them there), with those of the proof before and the verify key of
+    /// the one before that: when both agents prove the same pair at once, each writes the two
+    /// proofs in its own order, and the three keys cover what the other side may sign with.
+    /// `answered`: this side answered the proof, so it writes first and keeps signing with
+    /// the keys before for [`KEY_SWITCH_NS`].
     pub fn insert_keyed(
         &mut self,
         maps: &mut impl AuthMap,
@@ -140,6 +142,7 @@ impl Entries {
         mut v: AuthValue,
         keys: Option<PairKeys>,
         chain: Option<Chain>,
+        answered: bool,
     ) -> Result<(), DatapathError> {
         if let Some(keys) = keys {
             v.flags |= AUTH_KEYED;
@@ -149,7 +152,9 @@ impl Entries {
                 v.flags |= AUTH_PREVIOUS_KEYS;
                 v.keys.sign_previous = before.keys.sign;
                 v.keys.verify_previous = before.keys.verify;
-                v.keys.sign_from_ns = v.created_ns.saturating_add(KEY_SWITCH_NS);
+                if answered {
+                    v.keys.sign_from_ns = v.created_ns.saturating_add(KEY_SWITCH_NS);
+                }
                 if before.flags & AUTH_PREVIOUS_KEYS != 0 {
                     v.flags |= AUTH_OLDER_KEY;
                     v.keys.verify_older = before.keys.verify_previous;

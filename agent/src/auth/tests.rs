@@ -420,7 +420,7 @@ fn a_re_proven_entry_keeps_the_previous_keys() {
     };
     w.auth
         .entries
-        .insert_keyed(&mut w.maps, key, value, Some(keys(1)), None)
+        .insert_keyed(&mut w.maps, key, value, Some(keys(1)), None, true)
         .unwrap();
     assert_eq!(w.auth.entries.pair_keys(&key), Some(keys(1)));
     assert_eq!(w.auth.entries.previous_pair_keys(&key), None);
@@ -433,7 +433,7 @@ fn a_re_proven_entry_keeps_the_previous_keys() {
     assert_eq!((first.keys.sign, first.keys.verify), ([1; 16], [2; 16]));
     w.auth
         .entries
-        .insert_keyed(&mut w.maps, key, value, Some(keys(5)), None)
+        .insert_keyed(&mut w.maps, key, value, Some(keys(5)), None, true)
         .unwrap();
     assert_eq!(w.auth.entries.pair_keys(&key), Some(keys(5)));
     assert_eq!(w.auth.entries.previous_pair_keys(&key), Some(keys(1)));
@@ -472,11 +472,11 @@ fn a_bundle_change_revokes_entries_resting_on_chains_it_no_longer_trusts() {
     let (api, db) = (w.key("web", "api"), w.key("web", "db"));
     w.auth
         .entries
-        .insert_keyed(&mut w.maps, api, value, None, Some(chain(1)))
+        .insert_keyed(&mut w.maps, api, value, None, Some(chain(1)), false)
         .unwrap();
     w.auth
         .entries
-        .insert_keyed(&mut w.maps, db, value, None, Some(chain(2)))
+        .insert_keyed(&mut w.maps, db, value, None, Some(chain(2)), false)
         .unwrap();
     w.flow(API, 40000, IPPROTO_TCP, api, 0);
     w.flow(DB, 40001, IPPROTO_TCP, db, 0);
@@ -528,7 +528,8 @@ fn what_one_node_signs_the_other_verifies_through_concurrent_and_successive_proo
     let (mut ma, mut mb) = (Maps::default(), Maps::default());
     let a_to_b = |p: u8| [p; 16];
     let b_to_a = |p: u8| [p | 0x80; 16];
-    let write = |e: &mut Entries, m: &mut Maps, on_a: bool, proof: u8, at: u64| {
+    // `answered`: the side answers the proof (writes first), else it proved it (writes last).
+    let write = |e: &mut Entries, m: &mut Maps, on_a: bool, proof: u8, at: u64, answered: bool| {
         let keys = if on_a {
             crate::handshake::PairKeys {
                 outbound: a_to_b(proof),
@@ -545,7 +546,7 @@ fn what_one_node_signs_the_other_verifies_through_concurrent_and_successive_proo
             expires_ns: at + 3_600_000_000_000,
             ..AuthValue::default()
         };
-        e.insert_keyed(m, k, v, Some(keys), None).unwrap();
+        e.insert_keyed(m, k, v, Some(keys), None, answered).unwrap();
     };
     let msg = mac::message(&mac::Syn {
         family: 4,
@@ -570,28 +571,49 @@ fn what_one_node_signs_the_other_verifies_through_concurrent_and_successive_proo
     };
     let ms = 1_000_000;
     // Proofs 1 (A initiates) and 2 (B initiates) at once: each side answers the other's first.
-    write(&mut b, &mut mb, false, 1, 10 * ms); // B answers proof 1
-    write(&mut a, &mut ma, true, 2, 11 * ms); // A answers proof 2
-    write(&mut a, &mut ma, true, 1, 12 * ms); // A finishes proof 1
-    write(&mut b, &mut mb, false, 2, 13 * ms); // B finishes proof 2
+    write(&mut b, &mut mb, false, 1, 10 * ms, true); // B answers proof 1
+    write(&mut a, &mut ma, true, 2, 11 * ms, true); // A answers proof 2
+    write(&mut a, &mut ma, true, 1, 12 * ms, false); // A finishes proof 1
+    write(&mut b, &mut mb, false, 2, 13 * ms, false); // B finishes proof 2
     // The two nodes now hold the proofs in opposite orders.
     assert_ne!(ma.auth[&k].keys.sign, mb.auth[&k].keys.verify);
     for t in [13 * ms, 13 * ms + KEY_SWITCH_NS] {
         agree(&ma, &mb, t, "both finished");
     }
     // Proof 3, by B, within the switch delay: A answers (writes) first.
-    write(&mut a, &mut ma, true, 3, 100 * ms);
+    write(&mut a, &mut ma, true, 3, 100 * ms, true);
     agree(&ma, &mb, 100 * ms, "proof 3 answered");
-    write(&mut b, &mut mb, false, 3, 101 * ms);
+    write(&mut b, &mut mb, false, 3, 101 * ms, false);
     for t in [101 * ms, 13 * ms + KEY_SWITCH_NS, 101 * ms + KEY_SWITCH_NS] {
         agree(&ma, &mb, t, "proof 3 finished");
     }
-    // Proof 4, by A, long after.
+    // Proof 4, by A, long after: B answers first.
     let later = 200 * ms + 2 * KEY_SWITCH_NS;
-    write(&mut b, &mut mb, false, 4, later);
+    write(&mut b, &mut mb, false, 4, later, true);
     agree(&ma, &mb, later, "proof 4 answered");
-    write(&mut a, &mut ma, true, 4, later + ms);
+    write(&mut a, &mut ma, true, 4, later + ms, false);
     for t in [later + ms, later + ms + KEY_SWITCH_NS] {
         agree(&ma, &mb, t, "proof 4 finished");
     }
+    // B's entry alone is lost (revoked there); A's remains. Proof 5 by A: B answers with no
+    // earlier keys (until A writes, a moment later, A's SYNs meet a key B no longer holds, as
+    // they met no entry at all before), and A, which proved, signs with the new keys at once.
+    b.remove(&mut mb, &k).unwrap();
+    let again = later + 3 * KEY_SWITCH_NS;
+    write(&mut b, &mut mb, false, 5, again, true);
+    write(&mut a, &mut ma, true, 5, again + ms, false);
+    agree(&ma, &mb, again + ms, "proof 5 finished");
+    // The other way round, proof 6 by B after B lost its entry again: A answers and signs with
+    // its keys before for the switch delay, which B no longer holds (SYNs from A in that
+    // window are retransmitted); from then on both agree.
+    b.remove(&mut mb, &k).unwrap();
+    let last = again + 3 * KEY_SWITCH_NS;
+    write(&mut a, &mut ma, true, 6, last, true);
+    write(&mut b, &mut mb, false, 6, last + ms, false);
+    agree(
+        &ma,
+        &mb,
+        last + KEY_SWITCH_NS,
+        "proof 6 finished, the switch delay passed",
+    );
 }
