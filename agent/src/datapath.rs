@@ -282,7 +282,7 @@ impl Datapath {
                 .create(dir)
                 .map_err(io_err(dir))?;
         }
-        check_pinned_layouts(&dirs.maps)?;
+        let carried = check_pinned_layouts(&dirs.maps)?;
         // aya-log's level is a global in the object: 0 compiles every log statement out of the
         // verifier's view at load time, so the packet path pays nothing when logging is off.
         let level: u8 = if datapath_log {
@@ -348,6 +348,9 @@ impl Datapath {
         };
         // Before any program is attached: a SYN is never stamped with the boot clock.
         Kernel::set_clock(&mut dp)?;
+        for (k, v) in &carried {
+            dp.allow_pair(k, v)?;
+        }
         Ok((dp, Channels { events, logger }))
     }
 

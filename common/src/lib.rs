@@ -571,6 +571,10 @@ mod tests {
         assert_eq!(offset_of!(FlowValue, seen), 28);
         assert_eq!(align_of::<Event>(), 8);
         assert_eq!(offset_of!(Name, bytes), 4);
+        // The layout before pair keys is this one up to `keys`: an agent carries old entries
+        // over by that prefix.
+        assert_eq!(offset_of!(AuthValue, keys), 88);
+        assert_eq!(offset_of!(PairKeys, verify_older), 72);
     }
 
     #[test]

@@ -1045,37 +1045,162 @@ fn a_syn_without_room_for_the_mac_leaves_unsigned_and_is_dropped_a_long_header_i
 
 /// The keys of node's only keyed auth entry, read from its pinned map.
 fn entry_keys(tb: &Testbed, node: &str) -> portcullis_common::PairKeys {
-    let out = Command::new("bpftool")
-        .args(["-j", "map", "dump", "pinned"])
-        .arg(tb.node(node).bpffs_dir.join("maps/PC_AUTH"))
-        .output()
-        .expect("running bpftool");
-    assert!(out.status.success(), "bpftool map dump: {out:?}");
-    let v: Value = serde_json::from_slice(&out.stdout).expect("bpftool -j output");
-    let values: Vec<portcullis_common::AuthValue> = v
-        .as_array()
-        .expect("a list of entries")
-        .iter()
-        .map(|e| {
-            let bytes: Vec<u8> = e["value"]
-                .as_array()
-                .expect("value bytes")
-                .iter()
-                .map(|b| {
-                    u8::from_str_radix(b.as_str().expect("a hex byte").trim_start_matches("0x"), 16)
-                        .expect("a hex byte")
-                })
-                .collect();
-            assert_eq!(
-                bytes.len(),
-                std::mem::size_of::<portcullis_common::AuthValue>()
-            );
-            // SAFETY: `AuthValue` is `repr(C)` plain data, every bit pattern valid, and the
-            // slice holds exactly its size.
-            unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) }
-        })
-        .filter(|v: &portcullis_common::AuthValue| v.flags & portcullis_common::AUTH_KEYED != 0)
-        .collect();
+    let values: Vec<portcullis_common::AuthValue> =
+        bpftool_entries(&tb.node(node).bpffs_dir.join("maps/PC_AUTH"))
+            .into_iter()
+            .map(|(_, bytes)| {
+                assert_eq!(
+                    bytes.len(),
+                    std::mem::size_of::<portcullis_common::AuthValue>()
+                );
+                // SAFETY: `AuthValue` is `repr(C)` plain data, every bit pattern valid, and
+                // the bytes are exactly its size.
+                unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) }
+            })
+            .filter(|v: &portcullis_common::AuthValue| v.flags & portcullis_common::AUTH_KEYED != 0)
+            .collect();
     assert_eq!(values.len(), 1, "keyed entries of {node}: {values:?}");
     values[0].keys
+}
+
+/// An upgrade from the version before pair keys: node-2's agent is stopped while a transfer
+/// runs, its auth map is swapped for one of that version's layout (88-byte values, the same
+/// entries without keys), and the new agent started. It carries the entries over, so the
+/// transfer's flow is not cut as unauthenticated; it proves them again, so the pair is keyed
+/// once more and new connections are signed and verified.
+#[test]
+fn an_auth_map_of_the_layout_before_keys_is_carried_over_and_its_pairs_proven_again() {
+    let mut tb = up(&spec(false, vec![]), &authenticated());
+    let target = scenario(&tb).addr("backend", Family::V4);
+    let _server = scenario(&tb).serve("backend", PORT);
+    wait_keyed(&scenario(&tb), "frontend", "backend");
+    let transfer = scenario(&tb).transfer("frontend", target, PORT, 2_000_000, 6, 5000);
+    thread::sleep(Duration::from_millis(500));
+    let before_key =
+        key_out(&scenario(&tb), "node-2", "backend", "frontend").expect("node-2's entry is keyed");
+    tb.kill_agent("node-2").expect("stopping node-2's agent");
+    let pin = tb.node("node-2").bpffs_dir.join("maps/PC_AUTH");
+    let entries = bpftool_entries(&pin);
+    assert!(
+        !entries.is_empty(),
+        "node-2 has no auth entry to carry over"
+    );
+    std::fs::remove_file(&pin).expect("unpinning the auth map");
+    let size = |n: usize| n.to_string();
+    run_bpftool(&[
+        "map",
+        "create",
+        pin.to_str().expect("a UTF-8 path"),
+        "type",
+        "hash",
+        "key",
+        &size(16),
+        "value",
+        &size(88),
+        "entries",
+        &size(1024),
+        "name",
+        "PC_AUTH",
+    ]);
+    for (k, v) in &entries {
+        let mut args = vec![
+            "map",
+            "update",
+            "pinned",
+            pin.to_str().expect("a UTF-8 path"),
+            "key",
+        ];
+        let (k, v): (Vec<String>, Vec<String>) = (
+            k.iter().map(|b| format!("{b:02x}")).collect(),
+            v[..88].iter().map(|b| format!("{b:02x}")).collect(),
+        );
+        args.push("hex");
+        args.extend(k.iter().map(String::as_str));
+        args.extend(["value", "hex"]);
+        args.extend(v.iter().map(String::as_str));
+        run_bpftool(&args);
+    }
+    tb.start_agent("node-2").expect("starting the new agent");
+    let s = scenario(&tb);
+    let carried = eventually(Duration::from_secs(10), || {
+        key_out(&s, "node-2", "backend", "frontend").is_some_and(|k| k != before_key)
+    });
+    assert!(
+        carried,
+        "the carried-over entry was not proven again: {}",
+        s.status("node-2")["auth"]
+    );
+    assert!(
+        tb.agent_log("node-2").contains("carried_over=1")
+            || tb.agent_log("node-2").contains("carried_over: 1"),
+        "the agent did not say it carried the entry over:\n{}",
+        tb.agent_log("node-2")
+    );
+    let r = transfer.finish();
+    assert!(ok(&r), "the transfer was cut across the upgrade: {r}");
+    let (before1, before2) = (s.status("node-1"), s.status("node-2"));
+    let r = s.connect("frontend", target, PORT, 3000);
+    assert!(ok(&r), "a new connection after the upgrade failed: {r}");
+    grew_by(
+        &s.status("node-1"),
+        &before1,
+        "pass_signed",
+        1,
+        "the new SYN was not signed",
+    );
+    let after2 = grown(&s, "node-2", &before2, "pass_authenticated", 1);
+    grew_by(
+        &after2,
+        &before2,
+        "pass_authenticated",
+        1,
+        "the new connection was not admitted",
+    );
+    none_counted(
+        &after2,
+        &before2,
+        &["drop_no_mac", "drop_bad_mac"],
+        "after the upgrade",
+    );
+}
+
+fn run_bpftool(args: &[&str]) -> Vec<u8> {
+    let out = Command::new("bpftool")
+        .args(args)
+        .output()
+        .expect("running bpftool");
+    assert!(
+        out.status.success(),
+        "bpftool {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// The raw entries of a pinned hash map.
+fn bpftool_entries(pin: &std::path::Path) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let out = run_bpftool(&[
+        "-j",
+        "map",
+        "dump",
+        "pinned",
+        pin.to_str().expect("a UTF-8 path"),
+    ]);
+    let v: Value = serde_json::from_slice(&out).expect("bpftool -j output");
+    let bytes = |v: &Value| -> Vec<u8> {
+        v.as_array()
+            .expect("bytes")
+            .iter()
+            .map(|b| {
+                u8::from_str_radix(b.as_str().expect("a hex byte").trim_start_matches("0x"), 16)
+                    .expect("a hex byte")
+            })
+            .collect()
+    };
+    v.as_array()
+        .expect("a list of entries")
+        .iter()
+        .map(|e| (bytes(&e["key"]), bytes(&e["value"])))
+        .collect()
 }

@@ -83,6 +83,12 @@ impl Scheduler {
         }
     }
 
+    /// Whether proofs can run: the node sessions are set.
+    #[must_use]
+    pub fn has_sessions(&self) -> bool {
+        self.sessions.is_some()
+    }
+
     /// The node sessions to prove pairs through.
     pub fn set_sessions(&mut self, sessions: Arc<Sessions>) {
         self.sessions = Some(sessions);

@@ -22,6 +22,7 @@ impl Auth {
         if let Some(s) = self.scheduler.as_mut() {
             s.tick(ctx.view);
         }
+        self.prove_unkeyed(ctx);
         self.drain_reproofs(ctx);
         let now = boot_ns();
         self.expire(maps, ctx, now);
@@ -30,6 +31,29 @@ impl Auth {
         if now.saturating_sub(self.swept_at) >= UDP_SWEEP_NS {
             self.swept_at = now;
             self.sweep_udp(maps, now);
+        }
+    }
+
+    /// Once proofs can run, proves again the entries this agent found without pair keys: those
+    /// an earlier version wrote (carried over from its auth map) and those written by hand.
+    /// Until then they admit by address alone, as they did.
+    fn prove_unkeyed(&mut self, ctx: &Ctx<'_>) {
+        if self.unkeyed_proven
+            || ctx.view.borrow().is_none()
+            || !self.scheduler.as_ref().is_some_and(Scheduler::has_sessions)
+        {
+            return;
+        }
+        self.unkeyed_proven = true;
+        let unkeyed: HashSet<AuthKey> = self
+            .entries
+            .iter()
+            .filter(|(_, v)| v.flags & portcullis_common::AUTH_KEYED == 0)
+            .map(|(k, _)| *k)
+            .collect();
+        if !unkeyed.is_empty() {
+            let n = self.reprove(ctx, |k| unkeyed.contains(k));
+            tracing::info!(entries = n, "entries without pair keys are proven again");
         }
     }
 

@@ -8,7 +8,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use portcullis_common::{AuthValue, Counter, Endpoint, FlowValue, map};
+use portcullis_common::{AUTH_ALL_PORTS, AuthKey, AuthValue, Counter, Endpoint, FlowValue, map};
 use serde::Serialize;
 
 use super::{DatapathError, Hook, io_err};
@@ -211,12 +211,19 @@ pub fn uninstall(root: &Path) -> Result<Removed, DatapathError> {
     }
 }
 
+/// The auth map's value before pair keys moved into it: `AuthValue` up to its `keys`.
+const AUTH_VALUE_BEFORE_KEYS: usize = 88;
+
 /// Pinned maps left by an earlier version whose layout differs cannot be adopted blindly.
-/// Those holding state that is derived again by itself are replaced: the auth map (every pair
-/// is proven again; established flows live on in the flow table) and the counters (they start
-/// again from zero, which a Prometheus counter reset handles). For the others the agent says
-/// plainly what to do rather than fail in the verifier.
-pub(super) fn check_pinned_layouts(maps: &Path) -> Result<(), DatapathError> {
+/// Those holding state that is derived again by itself are replaced: the auth map and the
+/// counters (they start again from zero, which a Prometheus counter reset handles). An auth
+/// map of the layout before pair keys is carried over, its entries without keys (admitted by
+/// address, as that version did, until they are proven again), so that the flows they admitted
+/// are not cut as unauthenticated; they are returned, to be written into the new map. For the
+/// other maps the agent says plainly what to do rather than fail in the verifier.
+pub(super) fn check_pinned_layouts(
+    maps: &Path,
+) -> Result<Vec<(AuthKey, AuthValue)>, DatapathError> {
     let value_size: fn(&aya::maps::MapInfo) -> u32 = aya::maps::MapInfo::value_size;
     let key_size: fn(&aya::maps::MapInfo) -> u32 = aya::maps::MapInfo::key_size;
     let entries: fn(&aya::maps::MapInfo) -> u32 = aya::maps::MapInfo::max_entries;
@@ -252,6 +259,7 @@ pub(super) fn check_pinned_layouts(maps: &Path) -> Result<(), DatapathError> {
         // Endpoints were an LPM trie (key: prefix length + address) before they were a hash.
         (map::ENDPOINTS_V4, "the key size", 4, key_size, false),
     ];
+    let mut carried = Vec::new();
     for (name, what, want, read, replaceable) in expected {
         let path = maps.join(name);
         if !path.exists() {
@@ -273,6 +281,9 @@ pub(super) fn check_pinned_layouts(maps: &Path) -> Result<(), DatapathError> {
                 want,
             });
         }
+        if name == map::AUTH && found as usize == AUTH_VALUE_BEFORE_KEYS {
+            carried = entries_before_keys(&path)?;
+        }
         // The programs still attached keep the old map until theirs are replaced; the
         // loader creates and pins the new one.
         fs::remove_file(&path).map_err(io_err(&path))?;
@@ -281,8 +292,38 @@ pub(super) fn check_pinned_layouts(maps: &Path) -> Result<(), DatapathError> {
             what,
             found,
             want,
+            carried_over = carried.len(),
             "a pinned map of an earlier layout was replaced"
         );
     }
-    Ok(())
+    Ok(carried)
+}
+
+/// The entries of an auth map of the layout before pair keys, as unkeyed entries.
+fn entries_before_keys(path: &Path) -> Result<Vec<(AuthKey, AuthValue)>, DatapathError> {
+    let map_err = |source| DatapathError::Map {
+        name: map::AUTH,
+        source,
+    };
+    let data = aya::maps::MapData::from_pin(path).map_err(map_err)?;
+    let old: aya::maps::HashMap<_, AuthKey, [u8; AUTH_VALUE_BEFORE_KEYS]> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).map_err(map_err)?;
+    let mut out = Vec::new();
+    for entry in old.iter() {
+        let (k, bytes) = entry.map_err(map_err)?;
+        let mut v = AuthValue::default();
+        // SAFETY: `AuthValue` is `repr(C)` plain data whose first `AUTH_VALUE_BEFORE_KEYS`
+        // bytes are the old layout, field for field; every bit pattern is valid.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                std::ptr::from_mut(&mut v).cast::<u8>(),
+                AUTH_VALUE_BEFORE_KEYS,
+            );
+        }
+        // The only flag of that layout.
+        v.flags &= AUTH_ALL_PORTS;
+        out.push((k, v));
+    }
+    Ok(out)
 }
