@@ -522,8 +522,8 @@ fn sign(ctx: &TcContext, pkt: &Packet, keys: &PairKeys, flags: u32, now: u64) ->
         keys.signing(flags, now),
         &syn_of(pkt, mac::time_units(realtime(now))),
     );
-    // Read before the packet changes: the data offset's 16-bit word and the IP length.
-    let Ok(word) = load::<[u8; 2]>(ctx, pkt.l4_off + 12) else {
+    // Read before the packet changes: the 32-bit word holding the data offset.
+    let Ok(word) = load::<[u8; 4]>(ctx, pkt.l4_off + 12) else {
         return Counter::PassUnsigned;
     };
     if ctx.change_tail((end + OPTION_LEN) as u32, 0).is_err() {
@@ -536,39 +536,53 @@ fn sign(ctx: &TcContext, pkt: &Packet, keys: &PairKeys, flags: u32, now: u64) ->
 }
 
 /// Writes `option` into the room `sign` made and fixes the TCP data offset, the IP length,
-/// and both checksums (a checksum the device completes, `CHECKSUM_PARTIAL`, gets only the
-/// pseudo-header change: the helpers know).
+/// and both checksums: one difference for the header's new bytes, one for the pseudo-header's
+/// length (a checksum the device completes, `CHECKSUM_PARTIAL`, takes only the latter: the
+/// helper knows).
 #[inline(always)]
 fn grow_header(
     ctx: &TcContext,
     pkt: &Packet,
     option: &[u8; OPTION_LEN],
-    word: [u8; 2],
+    word: [u8; 4],
 ) -> Result<(), i64> {
     let end = pkt.l4_off + pkt.tcp_len;
     let check = pkt.l4_off + 16;
+    let new_word = [
+        (((pkt.tcp_len + OPTION_LEN) / 4) as u8) << 4 | (word[0] & 0x0f),
+        word[1],
+        word[2],
+        word[3],
+    ];
     ctx.store(end, option, 0)?;
-    let mut i = 0;
-    while i < OPTION_LEN {
-        let to = u32::from_ne_bytes([option[i], option[i + 1], option[i + 2], option[i + 3]]);
-        ctx.l4_csum_replace(check, 0, u64::from(to), 4)?;
-        i += 4;
-    }
-    let doff = (((pkt.tcp_len + OPTION_LEN) / 4) as u8) << 4 | (word[0] & 0x0f);
-    let new_word = [doff, word[1]];
     ctx.store(pkt.l4_off + 12, &new_word, 0)?;
-    ctx.l4_csum_replace(
-        check,
-        u64::from(u16::from_ne_bytes(word)),
-        u64::from(u16::from_ne_bytes(new_word)),
-        2,
-    )?;
+    let w = |b: &[u8], i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    let mut from = [w(&word, 0)];
+    let mut to = [
+        w(&new_word, 0),
+        w(option, 0),
+        w(option, 4),
+        w(option, 8),
+        w(option, 12),
+    ];
+    // SAFETY: both buffers are on the stack, of the sizes given (multiples of 4).
+    let diff = unsafe {
+        aya_ebpf::helpers::bpf_csum_diff(
+            from.as_mut_ptr(),
+            4,
+            to.as_mut_ptr(),
+            (to.len() * 4) as u32,
+            0,
+        )
+    };
+    if diff < 0 {
+        return Err(diff);
+    }
+    ctx.l4_csum_replace(check, 0, diff as u64, 0)?;
     let grown = OPTION_LEN as u16;
     if pkt.is_v6() {
-        let len_off = ETH_HLEN + 4;
-        let old: [u8; 2] = load(ctx, len_off).map_err(|()| -1i64)?;
-        let new = (u16::from_be_bytes(old) + grown).to_be_bytes();
-        ctx.store(len_off, &new, 0)?;
+        let payload = (pkt.ip_end - ETH_HLEN - 40) as u16;
+        ctx.store(ETH_HLEN + 4, &(payload + grown).to_be_bytes(), 0)?;
         // The pseudo-header's upper-layer length is 32 bits.
         let (from, to) = (pkt.tcp_len as u32, (pkt.tcp_len + OPTION_LEN) as u32);
         ctx.l4_csum_replace(
@@ -578,14 +592,12 @@ fn grow_header(
             u64::from(BPF_F_PSEUDO_HDR) | 4,
         )?;
     } else {
-        let len_off = ETH_HLEN + 2;
-        let old: [u8; 2] = load(ctx, len_off).map_err(|()| -1i64)?;
-        let new = (u16::from_be_bytes(old) + grown).to_be_bytes();
-        ctx.store(len_off, &new, 0)?;
+        let total = (pkt.ip_end - ETH_HLEN) as u16;
+        ctx.store(ETH_HLEN + 2, &(total + grown).to_be_bytes(), 0)?;
         ctx.l3_csum_replace(
             ETH_HLEN + 10,
-            u64::from(u16::from_ne_bytes(old)),
-            u64::from(u16::from_ne_bytes(new)),
+            u64::from(total.to_be()),
+            u64::from((total + grown).to_be()),
             2,
         )?;
         let (from, to) = (pkt.tcp_len as u16, (pkt.tcp_len + OPTION_LEN) as u16);
