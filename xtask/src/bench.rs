@@ -10,13 +10,16 @@
 //! Output: a table on stdout with progress on stderr, and `bench.json` / `bench.md`.
 
 mod auth_scale;
+mod bpf;
 mod churn;
 mod datapath;
 mod endpoints;
 mod first_connection;
+mod frames;
 mod handshakes;
 mod issuer;
 mod kube;
+mod mac;
 mod table;
 mod util;
 mod warmup;
@@ -68,6 +71,12 @@ pub struct Args {
     /// testbed.
     #[arg(long)]
     issuer_only: bool,
+    /// Only the connection-MAC measurement: new connections per second with policy
+    /// `syn_mac: require` against `off`, and what signing and checking add per SYN in the
+    /// kernel (BPF_PROG_TEST_RUN on the live programs); `--reps`, `--seconds` and `--quick`
+    /// apply.
+    #[arg(long)]
+    mac_only: bool,
     /// Only the Kubernetes-source measurement: time to ready and RSS with this many realistic
     /// Pod objects (comma-separated sizes, such as 1000,10000,100000).
     #[arg(long, value_name = "N,N…", value_delimiter = ',')]
@@ -126,6 +135,20 @@ pub fn run(args: Args) -> Result<i32> {
     if args.issuer_only {
         return issuer::only(&agent(&args, true)?);
     }
+    if args.mac_only {
+        let plan = mac::Plan::new(args.quick, args.reps, args.seconds);
+        // As invoked, options included, for the table's caption.
+        let command = std::iter::once("cargo xtask".to_owned())
+            .chain(std::env::args().skip(1))
+            .collect::<Vec<_>>()
+            .join(" ");
+        return mac::only(
+            &agent(&args, !args.quick)?,
+            &cargo::probe_bin()?,
+            &plan,
+            &command,
+        );
+    }
     if args.churn || !args.churn_sizes.is_empty() {
         return churn_only(&args);
     }
@@ -163,8 +186,15 @@ fn full(args: &Args) -> Result<i32> {
     let agent = agent(args, !quick)?;
     let probe = cargo::probe_bin()?;
     let plan = datapath::Plan::new(quick, args.reps, args.seconds);
+    let command = format!("cargo xtask bench{}", if quick { " --quick" } else { "" });
     let sections = [
         datapath::run(&agent, &probe, &plan)?,
+        mac::run(
+            &agent,
+            &probe,
+            &mac::Plan::new(quick, args.reps, args.seconds),
+            &command,
+        )?,
         first_connection::run(&agent, &probe)?,
         endpoints::run(&agent, quick)?,
         auth_scale::section(&agent, quick)?,
@@ -181,7 +211,6 @@ fn full(args: &Args) -> Result<i32> {
     let scenarios = Value::Object(scenarios);
     let goals = goals(&scenarios);
     md.push(goal_table(&goals));
-    let command = format!("cargo xtask bench{}", if quick { " --quick" } else { "" });
     md.push(format!(
         "`{command}` in {:.0} s; none throughput {:.2} Gbit/s.\n",
         started.elapsed().as_secs_f64(),
@@ -250,6 +279,7 @@ fn goals(sc: &Value) -> Vec<Goal> {
         .filter_map(|p| p["ns_per_run"].as_f64())
         .fold(f64::NAN, f64::max);
     let floor_ns = num(&sc["program_cost_floor_ns"]);
+    let [mac_cps, mac_syn, mac_ack] = mac::judged(&sc["connection_macs"]);
     let big = sc["endpoint_scale"]
         .as_array()
         .and_then(|a| a.last())
@@ -319,6 +349,21 @@ fn goals(sc: &Value) -> Vec<Goal> {
             ),
         ),
         (
+            "connection MACs: new connections/s with `syn_mac: require` ≥ 0.95 × `off`",
+            mac_cps.0,
+            mac_cps.1,
+        ),
+        (
+            "connection MACs: added cost per SYN < 150 ns (checking in pc_to_pod, signing in pc_from_pod)",
+            mac_syn.0,
+            mac_syn.1,
+        ),
+        (
+            "connection MACs: established-flow packets cost the same in pc_to_pod",
+            mac_ack.0,
+            mac_ack.1,
+        ),
+        (
             "program cost < 100 ns per packet",
             max_cost < 100.0,
             format!("{max_cost:.0} ns (an empty program: {floor_ns:.0} ns)"),
@@ -351,11 +396,12 @@ fn goal_table(goals: &[Goal]) -> String {
 }
 
 /// The scenarios `bench.json` must hold (checked by the CI smoke run).
-pub const SCENARIOS: [&str; 11] = [
+pub const SCENARIOS: [&str; 12] = [
     "throughput_1_stream",
     "throughput_4_streams",
     "rr_latency",
     "connections_per_second",
+    "connection_macs",
     "first_connection",
     "program_cost",
     "handshakes",
@@ -394,6 +440,13 @@ fn check_scenarios(sc: &Value) -> Result<()> {
             }
         }
     }
+    for m in ["cps", "to_pod_syn_ns", "to_pod_established_ns"] {
+        for mode in ["off", "require"] {
+            if sc["connection_macs"][m][mode]["median"].as_f64().is_none() {
+                bail!("connection_macs has no `{m}` for `syn_mac: {mode}`");
+            }
+        }
+    }
     if sc["first_connection"].as_array().map(Vec::len) != Some(first_connection::SETTINGS.len()) {
         bail!("first_connection needs its four settings");
     }
@@ -426,6 +479,11 @@ mod tests {
             "first_connection".into(),
             json!(first_connection::SETTINGS.map(|s| json!({"setting": s}))),
         );
+        let modes = json!({"off": {"median": 1.0}, "require": {"median": 1.0}});
+        sc.insert(
+            "connection_macs".into(),
+            json!({"cps": modes, "to_pod_syn_ns": modes, "to_pod_established_ns": modes}),
+        );
         let row = json!([{"workloads": 1000, "windows": []}]);
         sc.insert("churn".into(), json!({"kubernetes": row, "file": row}));
         json!({"scenarios": sc})
@@ -438,6 +496,7 @@ mod tests {
         for (pointer, what) in [
             ("/scenarios/handshakes", "handshakes"),
             ("/scenarios/churn/file", "file source"),
+            ("/scenarios/connection_macs/cps/require", "syn_mac: require"),
         ] {
             let mut bad = ok.clone();
             *bad.pointer_mut(pointer).expect("present") = Value::Null;

@@ -1,0 +1,303 @@
+//! The few `bpf(2)` commands the connection-MAC benchmark needs, without bpftool: open a pin
+//! (`BPF_OBJ_GET`), follow a pinned link to its program (`BPF_OBJ_GET_INFO_BY_FD`,
+//! `BPF_PROG_GET_FD_BY_ID`), look a key up in a map (per-CPU maps too), and run a program on a
+//! packet in the kernel (`BPF_PROG_TEST_RUN`).
+
+use std::{
+    ffi::CString,
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd},
+        unix::ffi::OsStrExt,
+    },
+    path::Path,
+};
+
+use anyhow::{Context, Result, bail};
+
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+
+const BPF_MAP_TYPE_PERCPU_HASH: u32 = 5;
+const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
+const BPF_MAP_TYPE_LRU_PERCPU_HASH: u32 = 10;
+
+/// `sizeof(struct __sk_buff)` (UAPI, kernel 6.18) and the offset of its `ifindex`.
+const SK_BUFF_SIZE: usize = 192;
+const SK_BUFF_IFINDEX: usize = 40;
+
+/// `union bpf_attr`, as large as the kernel's (it zero-checks what it does not know); each
+/// command fills the leading fields of its own struct and leaves the rest zero.
+#[repr(C, align(8))]
+struct Attr([u8; 128]);
+
+impl Attr {
+    fn new() -> Self {
+        Self([0; 128])
+    }
+
+    fn put_u32(&mut self, at: usize, v: u32) -> &mut Self {
+        self.0[at..at + 4].copy_from_slice(&v.to_ne_bytes());
+        self
+    }
+
+    fn put_u64(&mut self, at: usize, v: u64) -> &mut Self {
+        self.0[at..at + 8].copy_from_slice(&v.to_ne_bytes());
+        self
+    }
+
+    fn u32_at(&self, at: usize) -> u32 {
+        u32::from_ne_bytes(self.0[at..at + 4].try_into().expect("4 bytes"))
+    }
+
+    /// Runs `bpf(cmd, self)`: the syscall's result (a file descriptor or 0).
+    fn call(&mut self, cmd: libc::c_long) -> std::io::Result<libc::c_long> {
+        // SAFETY: `self` is a zero-initialised `bpf_attr` of the size passed, whose pointer
+        // fields (set by the callers) point to buffers that outlive the call and are as large
+        // as the kernel will access for this command.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd,
+                self.0.as_mut_ptr(),
+                std::mem::size_of::<Self>(),
+            )
+        };
+        if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(r)
+        }
+    }
+}
+
+fn fd_of(r: libc::c_long) -> Result<OwnedFd> {
+    let raw = i32::try_from(r).context("bpf(2) returned no file descriptor")?;
+    // SAFETY: the kernel just returned this new descriptor, and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+fn raw(fd: &OwnedFd) -> u32 {
+    u32::try_from(fd.as_raw_fd()).expect("file descriptors are non-negative")
+}
+
+/// `BPF_OBJ_GET`: a descriptor for the object pinned at `path`.
+fn obj_get(path: &Path) -> Result<OwnedFd> {
+    let c = CString::new(path.as_os_str().as_bytes()).context("a path without NUL")?;
+    fd_of(
+        Attr::new()
+            .put_u64(0, c.as_ptr() as u64)
+            .call(BPF_OBJ_GET)
+            .with_context(|| format!("BPF_OBJ_GET {}", path.display()))?,
+    )
+}
+
+/// `BPF_OBJ_GET_INFO_BY_FD` into `info` (the leading bytes of the object's info struct).
+fn info(fd: &OwnedFd, info: &mut [u8]) -> Result<()> {
+    Attr::new()
+        .put_u32(0, raw(fd))
+        .put_u32(4, u32::try_from(info.len()).context("info size")?)
+        .put_u64(8, info.as_mut_ptr() as u64)
+        .call(BPF_OBJ_GET_INFO_BY_FD)
+        .context("BPF_OBJ_GET_INFO_BY_FD")
+        .map(drop)
+}
+
+fn u32_in(b: &[u8], at: usize) -> u32 {
+    u32::from_ne_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+/// A loaded program, opened through the link it is attached with.
+pub struct Prog {
+    fd: OwnedFd,
+    pub id: u32,
+    pub name: String,
+}
+
+/// What one `BPF_PROG_TEST_RUN` reported.
+pub struct TestRun {
+    /// The program's return value (of the last run).
+    pub retval: u32,
+    /// Average nanoseconds per run, as the kernel timed them.
+    pub duration_ns: u32,
+    /// The packet after the (last) run, when an output buffer was asked for.
+    pub data_out: Vec<u8>,
+}
+
+impl Prog {
+    /// The program inside the link pinned at `path` (link info → program id → a descriptor).
+    pub fn from_link_pin(path: &Path) -> Result<Self> {
+        let link = obj_get(path)?;
+        // struct bpf_link_info: type, id, prog_id (u32 each), then a union.
+        let mut li = [0u8; 64];
+        info(&link, &mut li).with_context(|| format!("link info of {}", path.display()))?;
+        let id = u32_in(&li, 8);
+        if id == 0 {
+            bail!("the link pinned at {} holds no program", path.display());
+        }
+        let fd = fd_of(
+            Attr::new()
+                .put_u32(0, id)
+                .call(BPF_PROG_GET_FD_BY_ID)
+                .with_context(|| format!("BPF_PROG_GET_FD_BY_ID {id}"))?,
+        )?;
+        // struct bpf_prog_info: the name (16 bytes, NUL-padded) is at offset 64.
+        let mut pi = [0u8; 80];
+        info(&fd, &mut pi).with_context(|| format!("program info of id {id}"))?;
+        let name = pi[64..80]
+            .iter()
+            .take_while(|b| **b != 0)
+            .map(|b| char::from(*b))
+            .collect();
+        Ok(Self { fd, id, name })
+    }
+
+    /// `BPF_PROG_TEST_RUN`: runs the program `repeat` times on `frame` (an Ethernet frame) as
+    /// a packet of interface `ifindex` (`__sk_buff.ifindex`, looked up in the calling
+    /// thread's network namespace). With `out`, the packet after the last run is returned
+    /// (up to that many bytes).
+    pub fn test_run(&self, frame: &[u8], ifindex: u32, repeat: u32, out: usize) -> Result<TestRun> {
+        let mut ctx = [0u8; SK_BUFF_SIZE];
+        ctx[SK_BUFF_IFINDEX..SK_BUFF_IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
+        let mut data_out = vec![0u8; out];
+        let mut a = Attr::new();
+        a.put_u32(0, raw(&self.fd))
+            .put_u32(8, u32::try_from(frame.len()).context("frame size")?)
+            .put_u64(16, frame.as_ptr() as u64)
+            .put_u32(32, repeat)
+            .put_u32(40, SK_BUFF_SIZE as u32)
+            .put_u64(48, ctx.as_ptr() as u64);
+        if out > 0 {
+            a.put_u32(12, u32::try_from(out).context("output size")?)
+                .put_u64(24, data_out.as_mut_ptr() as u64);
+        }
+        a.call(BPF_PROG_TEST_RUN)
+            .with_context(|| format!("BPF_PROG_TEST_RUN of {} (id {})", self.name, self.id))?;
+        data_out.truncate(a.u32_at(12) as usize);
+        Ok(TestRun {
+            retval: a.u32_at(4),
+            duration_ns: a.u32_at(36),
+            data_out,
+        })
+    }
+}
+
+/// An open pinned map.
+pub struct Map {
+    fd: OwnedFd,
+    key_size: usize,
+    value_size: usize,
+    /// Per-CPU maps return one value per possible CPU, each padded to 8 bytes.
+    per_cpu: bool,
+}
+
+impl Map {
+    pub fn open(path: &Path) -> Result<Self> {
+        let fd = obj_get(path)?;
+        // struct bpf_map_info: type, id, key_size, value_size, ... (u32 each).
+        let mut mi = [0u8; 80];
+        info(&fd, &mut mi).with_context(|| format!("map info of {}", path.display()))?;
+        Ok(Self {
+            fd,
+            key_size: u32_in(&mi, 8) as usize,
+            value_size: u32_in(&mi, 12) as usize,
+            per_cpu: matches!(
+                u32_in(&mi, 0),
+                BPF_MAP_TYPE_PERCPU_HASH | BPF_MAP_TYPE_PERCPU_ARRAY | BPF_MAP_TYPE_LRU_PERCPU_HASH
+            ),
+        })
+    }
+
+    /// The value under `key` (for a per-CPU map, every CPU's value, each padded to 8
+    /// bytes), or `None`.
+    pub fn lookup(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        if key.len() != self.key_size {
+            bail!(
+                "a key of {} bytes for a map with {}-byte keys",
+                key.len(),
+                self.key_size
+            );
+        }
+        let size = if self.per_cpu {
+            self.value_size.div_ceil(8) * 8 * possible_cpus()?
+        } else {
+            self.value_size
+        };
+        let mut value = vec![0u8; size.max(1)];
+        let r = Attr::new()
+            .put_u32(0, raw(&self.fd))
+            .put_u64(8, key.as_ptr() as u64)
+            .put_u64(16, value.as_mut_ptr() as u64)
+            .call(BPF_MAP_LOOKUP_ELEM);
+        match r {
+            Ok(_) => Ok(Some(value)),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+            Err(e) => Err(e).context("BPF_MAP_LOOKUP_ELEM"),
+        }
+    }
+
+    /// A value of type `T` (a `#[repr(C)]` type of `portcullis_common`) under `key`.
+    pub fn get<T: Plain>(&self, key: &[u8]) -> Result<Option<T>> {
+        self.lookup(key)?.map(|v| T::read(&v)).transpose()
+    }
+
+    /// The sum over CPUs of the `u64` under `index` of a per-CPU array.
+    pub fn per_cpu_sum(&self, index: u32) -> Result<u64> {
+        if !self.per_cpu || self.value_size != 8 {
+            bail!("not a per-CPU array of u64");
+        }
+        let v = self
+            .lookup(&index.to_ne_bytes())?
+            .with_context(|| format!("no slot {index}"))?;
+        Ok(v.as_chunks::<8>()
+            .0
+            .iter()
+            .map(|c| u64::from_ne_bytes(*c))
+            .sum())
+    }
+}
+
+/// The number of possible CPUs (`/sys/devices/system/cpu/possible`, such as `0-1`), which sizes
+/// per-CPU values.
+fn possible_cpus() -> Result<usize> {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/possible")
+        .context("reading /sys/devices/system/cpu/possible")?;
+    let mut n = 0;
+    for part in text.trim().split(',') {
+        let (lo, hi) = part.split_once('-').unwrap_or((part, part));
+        let (lo, hi): (usize, usize) = (lo.parse()?, hi.parse()?);
+        n += hi - lo + 1;
+    }
+    Ok(n)
+}
+
+/// The ABI types of `portcullis_common` as bytes: `#[repr(C)]`, `Copy`, without implicit
+/// padding (the crate pins each size), and valid for every bit pattern.
+pub trait Plain: Copy {
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: `Self` is plain old data without padding (the trait's contract), so all of
+        // its `size_of` bytes are initialised.
+        unsafe {
+            std::slice::from_raw_parts(std::ptr::from_ref(self).cast(), std::mem::size_of::<Self>())
+        }
+    }
+
+    fn read(b: &[u8]) -> Result<Self> {
+        if b.len() < std::mem::size_of::<Self>() {
+            bail!(
+                "{} bytes for a value of {}",
+                b.len(),
+                std::mem::size_of::<Self>()
+            );
+        }
+        // SAFETY: enough bytes (checked), and every bit pattern is a valid `Self`.
+        Ok(unsafe { std::ptr::read_unaligned(b.as_ptr().cast()) })
+    }
+}
+
+impl Plain for portcullis_common::Endpoint {}
+impl Plain for portcullis_common::AuthKey {}
+impl Plain for portcullis_common::AuthValue {}
+impl Plain for portcullis_common::FlowKey {}
