@@ -1,8 +1,9 @@
-//! Lookups in a pinned BPF map through the `bpf(2)` syscall, for measurements that poll a map
-//! every few hundred microseconds (one `bpftool` process per lookup costs milliseconds).
-//!
-//! Only what polling needs: open a pin (`BPF_OBJ_GET`), learn its key and value sizes
-//! (`BPF_OBJ_GET_INFO_BY_FD`) and look a key up (`BPF_MAP_LOOKUP_ELEM`).
+//! The `bpf(2)` commands that measurements and tests need, without bpftool (one `bpftool`
+//! process per lookup costs milliseconds, too much for a map polled every few hundred
+//! microseconds): open a pin (`BPF_OBJ_GET`), learn a map's key and value sizes
+//! (`BPF_OBJ_GET_INFO_BY_FD`) and look a key up (`BPF_MAP_LOOKUP_ELEM`, per-CPU maps too),
+//! follow a pinned link to its program (`BPF_OBJ_GET_INFO_BY_FD`, `BPF_PROG_GET_FD_BY_ID`),
+//! and run a program on a packet in the kernel (`BPF_PROG_TEST_RUN`).
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -13,7 +14,18 @@ use anyhow::{Context, Result, bail};
 
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+
+const BPF_MAP_TYPE_PERCPU_HASH: u32 = 5;
+const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
+const BPF_MAP_TYPE_LRU_PERCPU_HASH: u32 = 10;
+
+/// `sizeof(struct __sk_buff)` (UAPI, kernel 6.18): a test run's context.
+const SK_BUFF_SIZE: usize = 192;
+/// The offset of `__sk_buff.ifindex`.
+const SK_BUFF_IFINDEX: usize = 40;
 
 /// `union bpf_attr`, as large as the kernel's (it zero-checks what it does not know); each
 /// command fills the leading fields of its own struct and leaves the rest zero.
@@ -33,6 +45,11 @@ impl Attr {
     fn put_u64(&mut self, at: usize, v: u64) -> &mut Self {
         self.0[at..at + 8].copy_from_slice(&v.to_ne_bytes());
         self
+    }
+
+    /// The `u32` at `at` (an output field, after the call).
+    fn u32_at(&self, at: usize) -> u32 {
+        u32_in(&self.0, at)
     }
 
     /// Runs `bpf(cmd, self)`: the syscall's result (a file descriptor or 0).
@@ -66,49 +83,79 @@ fn raw_u32(fd: &OwnedFd) -> u32 {
     u32::try_from(fd.as_raw_fd()).expect("file descriptors are non-negative")
 }
 
+/// The native-endian `u32` at `at` in `b`.
+fn u32_in(b: &[u8], at: usize) -> u32 {
+    u32::from_ne_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+/// `BPF_OBJ_GET`: a descriptor for the object pinned at `path` (flags 0 ask for read-write,
+/// which root has).
+fn obj_get(path: &Path) -> Result<OwnedFd> {
+    let c = CString::new(path.as_os_str().as_bytes()).context("a path without NUL")?;
+    fd_of(
+        Attr::new()
+            .put_u64(0, c.as_ptr() as u64)
+            .call(BPF_OBJ_GET)
+            .with_context(|| format!("BPF_OBJ_GET {}", path.display()))?,
+    )
+}
+
+/// `BPF_OBJ_GET_INFO_BY_FD` into `info` (the leading bytes of the object's info struct).
+fn obj_info(fd: &OwnedFd, info: &mut [u8]) -> Result<()> {
+    Attr::new()
+        .put_u32(0, raw_u32(fd))
+        .put_u32(4, u32::try_from(info.len()).context("info size")?)
+        .put_u64(8, info.as_mut_ptr() as u64)
+        .call(BPF_OBJ_GET_INFO_BY_FD)
+        .context("BPF_OBJ_GET_INFO_BY_FD")
+        .map(drop)
+}
+
 /// An open pinned map.
 pub struct PinnedMap {
     fd: OwnedFd,
     key_size: usize,
     value_size: usize,
+    /// For a per-CPU map, the number of possible CPUs: a lookup returns one value for each,
+    /// padded to 8 bytes.
+    cpus: Option<usize>,
 }
 
 impl PinnedMap {
-    /// Opens the map pinned at `path` (read-only is enough for lookups, but `BPF_OBJ_GET`
-    /// with flags 0 asks for read-write, which root has).
+    /// Opens the map pinned at `path`.
     pub fn open(path: &Path) -> Result<Self> {
-        let c = CString::new(path.as_os_str().as_bytes()).context("a path without NUL")?;
-        let fd = fd_of(
-            Attr::new()
-                .put_u64(0, c.as_ptr() as u64)
-                .call(BPF_OBJ_GET)
-                .with_context(|| format!("BPF_OBJ_GET {}", path.display()))?,
-        )?;
+        let fd = obj_get(path)?;
         // struct bpf_map_info: type, id, key_size, value_size, ... (u32 each).
         let mut info = [0u8; 80];
-        Attr::new()
-            .put_u32(0, raw_u32(&fd))
-            .put_u32(4, info.len() as u32)
-            .put_u64(8, info.as_mut_ptr() as u64)
-            .call(BPF_OBJ_GET_INFO_BY_FD)
-            .with_context(|| format!("BPF_OBJ_GET_INFO_BY_FD {}", path.display()))?;
-        let field = |i: usize| u32::from_ne_bytes(info[i * 4..i * 4 + 4].try_into().expect("4"));
+        obj_info(&fd, &mut info).with_context(|| format!("map info of {}", path.display()))?;
+        let per_cpu = matches!(
+            u32_in(&info, 0),
+            BPF_MAP_TYPE_PERCPU_HASH | BPF_MAP_TYPE_PERCPU_ARRAY | BPF_MAP_TYPE_LRU_PERCPU_HASH
+        );
         Ok(Self {
             fd,
-            key_size: field(2) as usize,
-            value_size: field(3) as usize,
+            key_size: u32_in(&info, 8) as usize,
+            value_size: u32_in(&info, 12) as usize,
+            cpus: if per_cpu {
+                Some(possible_cpus()?)
+            } else {
+                None
+            },
         })
     }
 
+    /// The size of a key, in bytes.
     pub fn key_size(&self) -> usize {
         self.key_size
     }
 
+    /// The size of a value (one CPU's, in a per-CPU map), in bytes.
     pub fn value_size(&self) -> usize {
         self.value_size
     }
 
-    /// The value stored under `key`, or `None` when the map has no such key.
+    /// The value stored under `key` (for a per-CPU map, every possible CPU's, each padded to
+    /// 8 bytes), or `None` when the map has no such key.
     pub fn lookup(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
         if key.len() != self.key_size {
             bail!(
@@ -117,7 +164,11 @@ impl PinnedMap {
                 self.key_size
             );
         }
-        let mut value = vec![0u8; self.value_size.max(1)];
+        let size = match self.cpus {
+            Some(cpus) => self.value_size.div_ceil(8) * 8 * cpus,
+            None => self.value_size,
+        };
+        let mut value = vec![0u8; size.max(1)];
         let r = Attr::new()
             .put_u32(0, raw_u32(&self.fd))
             .put_u64(8, key.as_ptr() as u64)
@@ -134,7 +185,157 @@ impl PinnedMap {
     pub fn contains(&self, key: &[u8]) -> Result<bool> {
         Ok(self.lookup(key)?.is_some())
     }
+
+    /// The value of type `T` (an ABI type of `portcullis_common`) under `key`, or `None`.
+    pub fn get<T: Plain>(&self, key: &[u8]) -> Result<Option<T>> {
+        self.lookup(key)?.map(|v| T::read(&v)).transpose()
+    }
+
+    /// The sum over CPUs of the `u64` under `index` of a per-CPU array.
+    pub fn per_cpu_sum(&self, index: u32) -> Result<u64> {
+        if self.cpus.is_none() || self.value_size != 8 {
+            bail!("not a per-CPU array of u64");
+        }
+        let v = self
+            .lookup(&index.to_ne_bytes())?
+            .with_context(|| format!("no slot {index}"))?;
+        Ok(v.as_chunks::<8>()
+            .0
+            .iter()
+            .map(|c| u64::from_ne_bytes(*c))
+            .sum())
+    }
 }
+
+/// The number of possible CPUs (`/sys/devices/system/cpu/possible`, such as `0-1`), which
+/// sizes per-CPU values.
+fn possible_cpus() -> Result<usize> {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/possible")
+        .context("reading /sys/devices/system/cpu/possible")?;
+    let mut n = 0;
+    for part in text.trim().split(',') {
+        let (lo, hi) = part.split_once('-').unwrap_or((part, part));
+        let (lo, hi): (usize, usize) = (lo.parse()?, hi.parse()?);
+        n += hi - lo + 1;
+    }
+    Ok(n)
+}
+
+/// A loaded program, opened through the link it is attached with.
+pub struct PinnedProg {
+    fd: OwnedFd,
+    /// The program's id.
+    pub id: u32,
+    /// The program's name (as the kernel keeps it: at most 15 bytes).
+    pub name: String,
+}
+
+/// What one `BPF_PROG_TEST_RUN` reported.
+pub struct TestRun {
+    /// The program's return value (of the last run).
+    pub retval: u32,
+    /// Average nanoseconds per run, as the kernel timed them.
+    pub duration_ns: u32,
+    /// The packet after the (last) run, when an output buffer was asked for.
+    pub data_out: Vec<u8>,
+}
+
+impl PinnedProg {
+    /// The program inside the link pinned at `path` (link info → program id → a descriptor).
+    pub fn from_link_pin(path: &Path) -> Result<Self> {
+        let link = obj_get(path)?;
+        // struct bpf_link_info: type, id, prog_id (u32 each), then a union.
+        let mut li = [0u8; 64];
+        obj_info(&link, &mut li).with_context(|| format!("link info of {}", path.display()))?;
+        let id = u32_in(&li, 8);
+        if id == 0 {
+            bail!("the link pinned at {} holds no program", path.display());
+        }
+        let fd = fd_of(
+            Attr::new()
+                .put_u32(0, id)
+                .call(BPF_PROG_GET_FD_BY_ID)
+                .with_context(|| format!("BPF_PROG_GET_FD_BY_ID {id}"))?,
+        )?;
+        // struct bpf_prog_info: the name (16 bytes, NUL-padded) is at offset 64.
+        let mut pi = [0u8; 80];
+        obj_info(&fd, &mut pi).with_context(|| format!("program info of id {id}"))?;
+        let name = pi[64..80]
+            .iter()
+            .take_while(|b| **b != 0)
+            .map(|b| char::from(*b))
+            .collect();
+        Ok(Self { fd, id, name })
+    }
+
+    /// `BPF_PROG_TEST_RUN`: runs the program `repeat` times on `frame` (an Ethernet frame) as
+    /// a packet of interface `ifindex` (`__sk_buff.ifindex`, looked up in the calling
+    /// thread's network namespace). With `out`, the packet after the last run is returned
+    /// (up to that many bytes).
+    pub fn test_run(&self, frame: &[u8], ifindex: u32, repeat: u32, out: usize) -> Result<TestRun> {
+        let mut ctx = [0u8; SK_BUFF_SIZE];
+        ctx[SK_BUFF_IFINDEX..SK_BUFF_IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
+        let mut data_out = vec![0u8; out];
+        let mut a = Attr::new();
+        a.put_u32(0, raw_u32(&self.fd))
+            .put_u32(8, u32::try_from(frame.len()).context("frame size")?)
+            .put_u64(16, frame.as_ptr() as u64)
+            .put_u32(32, repeat)
+            .put_u32(40, SK_BUFF_SIZE as u32)
+            .put_u64(48, ctx.as_ptr() as u64);
+        if out > 0 {
+            a.put_u32(12, u32::try_from(out).context("output size")?)
+                .put_u64(24, data_out.as_mut_ptr() as u64);
+        }
+        a.call(BPF_PROG_TEST_RUN)
+            .with_context(|| format!("BPF_PROG_TEST_RUN of {} (id {})", self.name, self.id))?;
+        data_out.truncate(a.u32_at(12) as usize);
+        Ok(TestRun {
+            retval: a.u32_at(4),
+            duration_ns: a.u32_at(36),
+            data_out,
+        })
+    }
+}
+
+/// The ABI types of `portcullis_common` as bytes.
+///
+/// # Safety
+/// Implementors are `#[repr(C)]` without implicit padding (the crate pins each size), and
+/// valid for every bit pattern.
+pub unsafe trait Plain: Copy {
+    /// The value's bytes, as a map key or value.
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: `Self` is plain old data without padding (the trait's contract), so all of
+        // its `size_of` bytes are initialised.
+        unsafe {
+            std::slice::from_raw_parts(std::ptr::from_ref(self).cast(), std::mem::size_of::<Self>())
+        }
+    }
+
+    /// A value read from the leading bytes of `b`.
+    fn read(b: &[u8]) -> Result<Self> {
+        if b.len() < std::mem::size_of::<Self>() {
+            bail!(
+                "{} bytes for a value of {}",
+                b.len(),
+                std::mem::size_of::<Self>()
+            );
+        }
+        // SAFETY: enough bytes (checked), and every bit pattern is a valid `Self`.
+        Ok(unsafe { std::ptr::read_unaligned(b.as_ptr().cast()) })
+    }
+}
+
+// SAFETY: the map ABI of `portcullis_common`: `#[repr(C)]` integers and byte arrays, their
+// sizes pinned there (no padding), every bit pattern a value.
+unsafe impl Plain for portcullis_common::Endpoint {}
+// SAFETY: as above.
+unsafe impl Plain for portcullis_common::AuthKey {}
+// SAFETY: as above.
+unsafe impl Plain for portcullis_common::AuthValue {}
+// SAFETY: as above.
+unsafe impl Plain for portcullis_common::FlowKey {}
 
 #[cfg(test)]
 mod tests {
@@ -145,11 +346,11 @@ mod tests {
     const BPF_OBJ_PIN: libc::c_long = 6;
     const BPF_MAP_TYPE_HASH: u32 = 1;
 
-    /// Creates a hash map (for tests of this module), returning its descriptor.
-    fn create_hash(key_size: u32, value_size: u32, max_entries: u32) -> Result<OwnedFd> {
+    /// Creates a map of type `kind` (for tests of this module), returning its descriptor.
+    fn create(kind: u32, key_size: u32, value_size: u32, max_entries: u32) -> Result<OwnedFd> {
         fd_of(
             Attr::new()
-                .put_u32(0, BPF_MAP_TYPE_HASH)
+                .put_u32(0, kind)
                 .put_u32(4, key_size)
                 .put_u32(8, value_size)
                 .put_u32(12, max_entries)
@@ -187,21 +388,33 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_pinned_map_is_opened_and_looked_up_by_syscall() {
+    /// A new map (see [`create`]) pinned as `portcullis-bpfmap-NAME-PID` in bpffs; needs root.
+    fn pinned_map(
+        kind: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        name: &str,
+    ) -> (OwnedFd, Pin) {
         assert!(
             crate::process::is_root(),
-            "the pinned-map test creates and pins a BPF map: run it as root"
+            "the pinned-map tests create and pin BPF maps: run them as root"
         );
         crate::ensure_bpffs().expect("bpffs");
-        let map = create_hash(4, 16, 8).expect("a map");
+        let map = create(kind, key_size, value_size, max_entries).expect("a map");
         let pinned = Pin(std::path::PathBuf::from(format!(
-            "{}/portcullis-bpfmap-test-{}",
+            "{}/portcullis-bpfmap-{name}-{}",
             crate::info::BPFFS_ROOT,
             std::process::id()
         )));
         let _ = std::fs::remove_file(&pinned.0);
         pin(&map, &pinned.0).expect("pin");
+        (map, pinned)
+    }
+
+    #[test]
+    fn a_pinned_map_is_opened_and_looked_up_by_syscall() {
+        let (map, pinned) = pinned_map(BPF_MAP_TYPE_HASH, 4, 16, 8, "test");
         let value: Vec<u8> = (1..=16).collect();
         update(&map, &[198, 19, 0, 1], &value).expect("update");
         drop(map);
@@ -212,5 +425,23 @@ mod tests {
         assert!(!m.contains(&[198, 19, 0, 2]).expect("lookup"));
         assert!(m.lookup(&[0; 16]).is_err(), "a key of the wrong size");
         assert!(PinnedMap::open(&pinned.0.with_extension("absent")).is_err());
+        assert!(m.per_cpu_sum(0).is_err(), "not a per-CPU map");
+    }
+
+    #[test]
+    fn a_per_cpu_array_is_looked_up_for_every_cpu() {
+        let (map, pinned) = pinned_map(BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, 2, "percpu-test");
+        let cpus = possible_cpus().expect("possible CPUs");
+        let values: Vec<u8> = (1..=cpus as u64).flat_map(u64::to_ne_bytes).collect();
+        update(&map, &1u32.to_ne_bytes(), &values).expect("update");
+        drop(map);
+
+        let m = PinnedMap::open(&pinned.0).expect("open the pin");
+        assert_eq!((m.key_size(), m.value_size()), (4, 8));
+        assert_eq!(m.lookup(&1u32.to_ne_bytes()).expect("lookup"), Some(values));
+        let n = cpus as u64;
+        assert_eq!(m.per_cpu_sum(1).expect("slot 1"), n * (n + 1) / 2);
+        assert_eq!(m.per_cpu_sum(0).expect("slot 0"), 0);
+        assert!(m.per_cpu_sum(2).is_err(), "past the array");
     }
 }

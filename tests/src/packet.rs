@@ -1,6 +1,7 @@
 //! Hand-made frames and packets for the tools that forge traffic (`probe inject`, `probe
-//! replay`, `probe flood`, `forge`): Ethernet, IPv4 and IPv6 headers, TCP SYNs, UDP datagrams,
-//! Internet checksums under their pseudo-headers, and AF_PACKET sockets to write frames on an
+//! replay`, `probe flood`, `forge`) and for the benchmarks' test runs: Ethernet, IPv4 and
+//! IPv6 headers, TCP segments, UDP datagrams, Internet checksums under their pseudo-headers,
+//! TCP/IPv4 frames cut back into their parts, and AF_PACKET sockets to write frames on an
 //! interface and read what passes it.
 
 use std::ffi::CString;
@@ -180,6 +181,24 @@ pub fn syn_with_options(
     id: u16,
     options: &[u8],
 ) -> Vec<u8> {
+    let tcp = tcp_segment(src, dst, seq, 0, TCP_SYN, options);
+    ip_packet(src.ip(), dst.ip(), IPPROTO_TCP, id, &tcp)
+}
+
+/// A TCP segment without payload from `src` to `dst`: sequence number `seq`, acknowledgment
+/// number `ack`, flags `flags` (`TCP_*`), window 64240, then options `options` (a multiple
+/// of 4 bytes, at most 40) after the fixed header; its checksum filled in.
+///
+/// # Panics
+/// If the families differ or `options` does not fit.
+pub fn tcp_segment(
+    src: SocketAddr,
+    dst: SocketAddr,
+    seq: u32,
+    ack: u32,
+    flags: u8,
+    options: &[u8],
+) -> Vec<u8> {
     assert!(
         options.len().is_multiple_of(4) && options.len() <= 40,
         "TCP options of {} bytes",
@@ -189,14 +208,73 @@ pub fn syn_with_options(
     tcp[0..2].copy_from_slice(&src.port().to_be_bytes());
     tcp[2..4].copy_from_slice(&dst.port().to_be_bytes());
     tcp[4..8].copy_from_slice(&seq.to_be_bytes());
-    // Acknowledgment number 0; data offset in 32-bit words.
+    tcp[8..12].copy_from_slice(&ack.to_be_bytes());
+    // Data offset in 32-bit words.
     tcp[12] = ((tcp.len() / 4) as u8) << 4;
-    tcp[13] = TCP_SYN;
+    tcp[13] = flags;
     tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
     tcp[20..].copy_from_slice(options);
     let c = segment_checksum(src.ip(), dst.ip(), IPPROTO_TCP, &tcp, 16);
     tcp[16..18].copy_from_slice(&c.to_be_bytes());
-    ip_packet(src.ip(), dst.ip(), IPPROTO_TCP, id, &tcp)
+    tcp
+}
+
+/// The IPv4 header and TCP segment of an Ethernet frame, as [`tcp4_in_frame`] cuts them.
+#[derive(Clone, Copy, Debug)]
+pub struct Tcp4InFrame<'a> {
+    /// The IPv4 header, its options included.
+    pub ip: &'a [u8],
+    /// The TCP segment (header, options, payload), as long as the IPv4 total length says.
+    pub tcp: &'a [u8],
+}
+
+impl Tcp4InFrame<'_> {
+    /// The TCP header's length (its data offset), options included.
+    pub fn header_len(&self) -> usize {
+        usize::from(self.tcp[12] >> 4) * 4
+    }
+
+    /// The TCP options: the header past its fixed 20 bytes.
+    pub fn options(&self) -> &[u8] {
+        &self.tcp[usize::from(TCP_LEN)..self.header_len()]
+    }
+
+    /// Whether the IPv4 header checksum verifies.
+    pub fn ip_checksum_ok(&self) -> bool {
+        ones_sum(&[self.ip]) == 0xffff
+    }
+
+    /// Whether the TCP checksum verifies under the IPv4 pseudo-header.
+    pub fn tcp_checksum_ok(&self) -> bool {
+        let (src, dst) = addresses(self.ip);
+        let pseudo = pseudo_header(src, dst, IPPROTO_TCP, self.tcp.len());
+        ones_sum(&[&pseudo, self.tcp]) == 0xffff
+    }
+}
+
+/// Cuts Ethernet `frame` into its IPv4 header and TCP segment, checking that both are whole
+/// (as the IPv4 header length, total length and the TCP data offset say); the checksums are
+/// not checked.
+pub fn tcp4_in_frame(frame: &[u8]) -> anyhow::Result<Tcp4InFrame<'_>> {
+    let tcp_len = usize::from(TCP_LEN);
+    if frame.len() < ETH_HLEN + 20 + tcp_len || frame[12..14] != ETH_P_IP.to_be_bytes() {
+        anyhow::bail!("not an IPv4 frame ({} bytes)", frame.len());
+    }
+    let ip = &frame[ETH_HLEN..];
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    if ihl < 20 || ip.len() < total || total < ihl + tcp_len || ip[9] != IPPROTO_TCP {
+        anyhow::bail!("not a whole TCP/IPv4 packet (IHL {ihl}, total length {total})");
+    }
+    let seen = Tcp4InFrame {
+        ip: &ip[..ihl],
+        tcp: &ip[ihl..total],
+    };
+    let doff = seen.header_len();
+    if doff < tcp_len || doff > seen.tcp.len() {
+        anyhow::bail!("a TCP header of {doff} bytes");
+    }
+    Ok(seen)
 }
 
 /// An IPv4 (TTL 64, DF, identification 0) or IPv6 (hop limit 64) packet holding one UDP
@@ -537,6 +615,37 @@ mod tests {
         let pseudo = [&s.octets()[..], &d.octets()[..], &[0, 0, 0, 20, 0, 0, 0, 6]].concat();
         assert_eq!(ones_sum(&[&pseudo, tcp]), 0xffff, "TCP checksum");
         assert_eq!(checksum(&[&pseudo, tcp]), 0);
+    }
+
+    #[test]
+    fn an_ack_in_a_frame_is_cut_and_its_checksums_verify() {
+        let (s, d): (SocketAddr, SocketAddr) = (
+            "198.18.1.2:1023".parse().unwrap(),
+            "198.18.2.2:8082".parse().unwrap(),
+        );
+        let options = [1, 1, 8, 10, 1, 2, 3, 4, 5, 6, 7, 8];
+        let tcp = tcp_segment(s, d, 7, 0x0a0b_0c0d, TCP_ACK, &options);
+        assert_eq!(&tcp[8..12], &0x0a0b_0c0du32.to_be_bytes());
+        assert_eq!((tcp[12], tcp[13]), (0x80, TCP_ACK));
+        let frame = ip_frame(
+            &[2, 0, 0, 0, 0, 2],
+            &[2, 0, 0, 0, 0, 1],
+            &ip_packet(s.ip(), d.ip(), IPPROTO_TCP, 0, &tcp),
+        );
+        let seen = tcp4_in_frame(&frame).expect("a TCP/IPv4 frame");
+        assert_eq!(
+            (seen.ip.len(), seen.tcp, seen.header_len()),
+            (20, &tcp[..], 32)
+        );
+        assert_eq!(seen.options(), &options);
+        assert!(seen.ip_checksum_ok() && seen.tcp_checksum_ok());
+        let mut bad = frame.clone();
+        bad[ETH_HLEN + 20 + 4] ^= 1;
+        let seen = tcp4_in_frame(&bad).expect("still a TCP/IPv4 frame");
+        assert!(seen.ip_checksum_ok() && !seen.tcp_checksum_ok());
+        assert!(tcp4_in_frame(&frame[..ETH_HLEN + 40]).is_err(), "cut short");
+        let udp = udp_packet(s, d, b"hi");
+        assert!(tcp4_in_frame(&ip_frame(&[2; 6], &[2; 6], &udp)).is_err());
     }
 
     #[test]

@@ -10,7 +10,6 @@
 //! Output: a table on stdout with progress on stderr, and `bench.json` / `bench.md`.
 
 mod auth_scale;
-mod bpf;
 mod churn;
 mod datapath;
 mod endpoints;

@@ -1,17 +1,21 @@
-//! Hand-made Ethernet/IPv4/TCP frames for `BPF_PROG_TEST_RUN`, with correct checksums, and
-//! the few fields the connection-MAC benchmark reads back from a frame a program changed.
+//! The connection-MAC benchmark's frames for `BPF_PROG_TEST_RUN`: TCP/IPv4 segments of the
+//! pair as Linux sends them (built by [`testbed::packet`], checksums filled in), and the few
+//! fields the benchmark reads back from a frame a program changed.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use portcullis_common::mac;
+use testbed::packet;
 
-pub const SYN: u8 = 0x02;
-pub const ACK: u8 = 0x10;
-
-const ETH_LEN: usize = 14;
-const IP_LEN: usize = 20;
-const TCP_LEN: usize = 20;
+/// The frames' destination Ethernet address (locally administered).
+const DST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+/// The frames' source Ethernet address (locally administered).
+const SRC_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+/// The frames' IPv4 identification (the programs do not read it).
+const IP_ID: u16 = 0x1234;
+/// The frames' IPv4 TTL, one below a sender's 64 (the programs do not read it).
+const IP_TTL: u8 = 63;
 
 /// One TCP segment without payload, from `src:sport` to `dst:dport`.
 #[derive(Clone, Debug)]
@@ -22,6 +26,7 @@ pub struct Tcp4 {
     pub dport: u16,
     pub seq: u32,
     pub ack: u32,
+    /// `packet::TCP_*` bits.
     pub flags: u8,
     /// TCP options, a multiple of 4 bytes, at most 40.
     pub options: Vec<u8>,
@@ -51,31 +56,6 @@ pub fn v4_16(a: Ipv4Addr) -> [u8; 16] {
     out
 }
 
-/// The one's-complement sum of `data` (16-bit big-endian words) added to `sum`, unfolded.
-fn sum16(mut sum: u32, data: &[u8]) -> u32 {
-    let (words, rest) = data.as_chunks::<2>();
-    for c in words {
-        sum += u32::from(u16::from_be_bytes(*c));
-    }
-    if let [last] = rest {
-        sum += u32::from(*last) << 8;
-    }
-    sum
-}
-
-fn fold(mut sum: u32) -> u16 {
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum as u16
-}
-
-fn pseudo(src: &[u8], dst: &[u8], tcp_len: usize) -> u32 {
-    let mut s = sum16(0, src);
-    s = sum16(s, dst);
-    s + 6 + tcp_len as u32
-}
-
 impl Tcp4 {
     /// What the MAC of this SYN covers, stamped with `time`.
     pub fn mac_syn(&self, time: u32) -> mac::Syn {
@@ -97,42 +77,17 @@ impl Tcp4 {
         t
     }
 
-    /// The Ethernet frame (locally administered MAC addresses), with correct IPv4 and TCP
-    /// checksums.
+    /// The Ethernet frame, with correct IPv4 and TCP checksums.
     pub fn frame(&self) -> Vec<u8> {
-        assert!(
-            self.options.len().is_multiple_of(4) && self.options.len() <= 40,
-            "TCP options of {} bytes",
-            self.options.len()
+        let (src, dst) = (
+            SocketAddr::from((self.src, self.sport)),
+            SocketAddr::from((self.dst, self.dport)),
         );
-        let tcp_len = TCP_LEN + self.options.len();
-        let total = IP_LEN + tcp_len;
-        let mut f = Vec::with_capacity(ETH_LEN + total);
-        f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x02, 0x02, 0, 0, 0, 0, 0x01, 0x08, 0x00]);
-        let ip = ETH_LEN;
-        f.extend_from_slice(&[0x45, 0]);
-        f.extend_from_slice(&(total as u16).to_be_bytes());
-        f.extend_from_slice(&[0x12, 0x34, 0x40, 0, 63, 6, 0, 0]);
-        f.extend_from_slice(&self.src.octets());
-        f.extend_from_slice(&self.dst.octets());
-        let ip_sum = !fold(sum16(0, &f[ip..ip + IP_LEN]));
-        f[ip + 10..ip + 12].copy_from_slice(&ip_sum.to_be_bytes());
-        let tcp = f.len();
-        f.extend_from_slice(&self.sport.to_be_bytes());
-        f.extend_from_slice(&self.dport.to_be_bytes());
-        f.extend_from_slice(&self.seq.to_be_bytes());
-        f.extend_from_slice(&self.ack.to_be_bytes());
-        f.push(((tcp_len / 4) as u8) << 4);
-        f.push(self.flags);
-        f.extend_from_slice(&64_240u16.to_be_bytes());
-        f.extend_from_slice(&[0, 0, 0, 0]);
-        f.extend_from_slice(&self.options);
-        let s = sum16(
-            pseudo(&self.src.octets(), &self.dst.octets(), tcp_len),
-            &f[tcp..],
-        );
-        f[tcp + 16..tcp + 18].copy_from_slice(&(!fold(s)).to_be_bytes());
-        f
+        let tcp = packet::tcp_segment(src, dst, self.seq, self.ack, self.flags, &self.options);
+        let mut ip = packet::ip_packet(src.ip(), dst.ip(), packet::IPPROTO_TCP, IP_ID, &tcp);
+        ip[8] = IP_TTL;
+        packet::fill_ipv4_checksum(&mut ip[..20]);
+        packet::ip_frame(&DST_MAC, &SRC_MAC, &ip)
     }
 }
 
@@ -149,35 +104,17 @@ pub struct Seen {
 
 /// Parses an Ethernet/IPv4/TCP frame.
 pub fn parse(f: &[u8]) -> Result<Seen> {
-    if f.len() < ETH_LEN + IP_LEN + TCP_LEN || f[12..14] != [0x08, 0x00] {
-        bail!("not an IPv4 frame ({} bytes)", f.len());
-    }
-    let ip = ETH_LEN;
-    let ihl = usize::from(f[ip] & 0x0f) * 4;
-    let total = usize::from(u16::from_be_bytes([f[ip + 2], f[ip + 3]]));
-    if ihl < IP_LEN || f.len() < ip + total || total < ihl + TCP_LEN || f[ip + 9] != 6 {
-        bail!("not a whole TCP/IPv4 packet (IHL {ihl}, total length {total})");
-    }
-    let tcp = ip + ihl;
-    let doff = usize::from(f[tcp + 12] >> 4) * 4;
-    if doff < TCP_LEN || tcp + doff > ip + total {
-        bail!("a TCP header of {doff} bytes");
-    }
-    let last_option = (doff >= TCP_LEN + mac::OPTION_LEN).then(|| {
-        let mut o = [0u8; mac::OPTION_LEN];
-        o.copy_from_slice(&f[tcp + doff - mac::OPTION_LEN..tcp + doff]);
-        o
-    });
-    let segment = &f[tcp..ip + total];
+    let p = packet::tcp4_in_frame(f)?;
+    let options = p.options();
     Ok(Seen {
-        ip_total_len: total,
-        tcp_header_len: doff,
-        last_option,
-        ip_checksum_ok: fold(sum16(0, &f[ip..ip + ihl])) == 0xffff,
-        tcp_checksum_ok: fold(sum16(
-            pseudo(&f[ip + 12..ip + 16], &f[ip + 16..ip + 20], segment.len()),
-            segment,
-        )) == 0xffff,
+        ip_total_len: p.ip.len() + p.tcp.len(),
+        tcp_header_len: p.header_len(),
+        last_option: options
+            .len()
+            .checked_sub(mac::OPTION_LEN)
+            .map(|at| options[at..].try_into().expect("16 bytes")),
+        ip_checksum_ok: p.ip_checksum_ok(),
+        tcp_checksum_ok: p.tcp_checksum_ok(),
     })
 }
 
@@ -193,7 +130,7 @@ mod tests {
             dport: 8082,
             seq: 0x1234_5678,
             ack: 0,
-            flags: SYN,
+            flags: packet::TCP_SYN,
             options: linux_syn_options(),
         }
     }

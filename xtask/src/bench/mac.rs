@@ -39,11 +39,12 @@ use portcullis_common::{
 use serde_json::{Value, json};
 use testbed::{
     Options, Testbed,
+    bpfmap::{PinnedMap, PinnedProg, Plain as _},
+    packet,
     scenario::{Family, Scenario, eventually, ok, sock},
 };
 
 use super::{
-    bpf::{Map, Plain as _, Prog},
     datapath::COUNT_PORT,
     frames::{self, Tcp4},
     table::{Section, Table},
@@ -139,16 +140,17 @@ struct Node {
     name: String,
     netns: String,
     links: PathBuf,
-    endpoints: Map,
-    auth: Map,
-    counters: Map,
+    endpoints: PinnedMap,
+    auth: PinnedMap,
+    counters: PinnedMap,
 }
 
 impl Node {
     fn open(tb: &Testbed, name: &str) -> Result<Self> {
         let n = tb.info().node(name)?;
         let maps = n.bpffs_dir.join("maps");
-        let open = |m: &str| Map::open(&maps.join(m)).with_context(|| format!("{name}'s {m}"));
+        let open =
+            |m: &str| PinnedMap::open(&maps.join(m)).with_context(|| format!("{name}'s {m}"));
         Ok(Self {
             name: name.to_owned(),
             netns: n.netns.clone(),
@@ -247,9 +249,9 @@ impl Side {
 
     /// The program attached to the pod's interface on `hook` (`to_pod`, `from_pod`), through
     /// its pinned link.
-    fn prog(&self, hook: &str, name: &str) -> Result<Prog> {
+    fn prog(&self, hook: &str, name: &str) -> Result<PinnedProg> {
         let pin = self.node.links.join(format!("{}-{hook}", self.ifindex));
-        let p = Prog::from_link_pin(&pin)?;
+        let p = PinnedProg::from_link_pin(&pin)?;
         if p.name != name {
             bail!("the link {} holds {}, not {name}", pin.display(), p.name);
         }
@@ -261,7 +263,7 @@ impl Side {
     /// kernel's average time per run, in ns.
     fn checked(
         &self,
-        prog: &Prog,
+        prog: &PinnedProg,
         what: &str,
         frame: &[u8],
         repeat: u32,
@@ -280,7 +282,7 @@ impl Side {
     /// includes one reading of the kernel's clock), checked like [`Side::checked`].
     fn single_runs(
         &self,
-        prog: &Prog,
+        prog: &PinnedProg,
         what: &str,
         frame: &[u8],
         calls: u32,
@@ -305,7 +307,7 @@ impl Side {
     }
 
     /// One run with the packet returned.
-    fn output(&self, prog: &Prog, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+    fn output(&self, prog: &PinnedProg, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
         let r = in_netns(&self.node.netns, || {
             prog.test_run(frame, self.ifindex, 1, 512)
         })?;
@@ -316,7 +318,14 @@ impl Side {
 /// Fails unless `want` moved by `runs` and the return code is `want`'s. A little more is
 /// tolerated (8 and 0.1 %): the counters are the node's, and the last packets of the
 /// connections just measured can meet the same counter (a wrong path would count none).
-fn expect(prog: &Prog, what: &str, d: &[u64], retval: u32, runs: u64, want: Counter) -> Result<()> {
+fn expect(
+    prog: &PinnedProg,
+    what: &str,
+    d: &[u64],
+    retval: u32,
+    runs: u64,
+    want: Counter,
+) -> Result<()> {
     let code = if want.is_drop() {
         TC_ACT_SHOT
     } else {
@@ -386,7 +395,7 @@ impl Frames {
                 dport: COUNT_PORT,
                 seq: ISN,
                 ack: 0,
-                flags: frames::SYN,
+                flags: packet::TCP_SYN,
                 options: frames::linux_syn_options(),
             },
         }
@@ -415,7 +424,7 @@ impl Frames {
         Tcp4 {
             seq: ISN.wrapping_add(1),
             ack: 0x0a0b_0c0d,
-            flags: frames::ACK,
+            flags: packet::TCP_ACK,
             options: frames::established_options(),
             ..self.syn.clone()
         }
@@ -485,8 +494,8 @@ struct World<'a> {
     /// node-1: the client's side (`pc_from_pod` signs).
     src: Side,
     frames: Frames,
-    to_pod: Prog,
-    from_pod: Prog,
+    to_pod: PinnedProg,
+    from_pod: PinnedProg,
 }
 
 impl World<'_> {
