@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use testbed::{
     NodeSpec, Options, PodSpec, Spec, Testbed,
     issuer::{self, Credential},
-    scenario::{Family, Scenario, eventually, ok},
+    scenario::{Family, Scenario, counter, eventually, ok},
     session::{self, Answer, Connect, Identity, Proof, Session},
 };
 
@@ -481,6 +481,8 @@ fn a_node_cannot_prove_a_workload_that_cluster_state_places_on_another_node() {
             issuer_replicas: 1,
             // Nothing authenticates a pair before a connection asks.
             proactive: Some(false),
+            // Edited below to show the entry with connection MACs off.
+            policy: Some("syn_mac: require\n".into()),
             ..Options::default()
         },
     );
@@ -658,12 +660,32 @@ fn a_node_cannot_prove_a_workload_that_cluster_state_places_on_another_node() {
         "node-2 did not write the entry for web-3: {:?}",
         entries(&s, "node-2")
     );
-    // That entry is node-3's pods' (the kernel takes the remote node from the source address):
-    // web-3 gets in, web-1 still does not.
-    let r = s.connect("web-3", s.addr("server", Family::V4), PORT, 3000);
-    assert!(ok(&r), "web-3 → server with node-2's entry: {r}");
+    // The entry holds the pair keys of the attacker's proof, which node-3's kernel does not
+    // hold (its agent is stopped): web-3's SYN reaches node-2 unsigned and is dropped.
+    let before_mac = counter(&s.status("node-2"), "drop_no_mac");
+    let r = s.connect("web-3", s.addr("server", Family::V4), PORT, 1500);
+    assert!(!ok(&r), "web-3 got in without a connection MAC: {r}");
+    assert!(
+        counter(&s.status("node-2"), "drop_no_mac") > before_mac,
+        "web-3's unsigned SYN was not counted as drop_no_mac"
+    );
+    // Without connection MACs, the entry is node-3's pods' (the kernel takes the remote node
+    // from the source address): web-3 gets in, web-1 still does not.
+    tb.set_policy("syn_mac: off\n")
+        .expect("turning connection MACs off");
+    assert!(
+        eventually(Duration::from_secs(5), || ok(&s.connect(
+            "web-3",
+            s.addr("server", Family::V4),
+            PORT,
+            1000
+        ))),
+        "web-3 → server with node-2's entry and syn_mac off"
+    );
     let r = s.connect("web-1", s.addr("server", Family::V4), PORT, 1500);
     assert!(!ok(&r), "web-1 got in on node-3's entry: {r}");
+    tb.set_policy("syn_mac: require\n")
+        .expect("turning connection MACs on again");
     assert!(
         !has_entry(&s, "node-2", &server_id, &web_id, "node-1"),
         "{:?}",
