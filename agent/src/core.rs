@@ -446,13 +446,13 @@ impl<K: Kernel, R: Routes> Core<K, R> {
         drop(index);
         self.reclaim_names();
         self.repin();
+        if let Err(e) = self.dp.set_clock() {
+            tracing::error!(error = %e, "cannot update the clock the programs stamp connection MACs with");
+        }
         self.beat();
     }
 
     fn repin(&mut self) {
-        if let Err(e) = self.dp.set_clock() {
-            tracing::error!(error = %e, "cannot update the clock the programs stamp connection MACs with");
-        }
         match self.dp.repin_maps() {
             Ok(maps) => {
                 if !maps.is_empty() {

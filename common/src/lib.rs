@@ -155,14 +155,14 @@ impl PortRange {
 
 /// [`AuthValue::flags`]: new connections *to* the local workload are admitted on every port.
 pub const AUTH_ALL_PORTS: u32 = 1;
-/// [`AuthValue::flags`]: the entry holds pair keys ([`PairKeys`]): SYNs of the pair are signed
+/// [`AuthValue::flags`]: the entry holds pair keys ([`EntryKeys`]): SYNs of the pair are signed
 /// and, in MAC mode `require`, checked. Without it (an entry written by hand with
 /// `portcullis auth allow`) the pair is admitted by address alone.
 pub const AUTH_KEYED: u32 = 2;
-/// [`AuthValue::flags`]: [`PairKeys::sign_previous`] and [`PairKeys::verify_previous`] hold
+/// [`AuthValue::flags`]: [`EntryKeys::sign_previous`] and [`EntryKeys::verify_previous`] hold
 /// the keys of the proof before (a zero key is never tried).
 pub const AUTH_PREVIOUS_KEYS: u32 = 4;
-/// [`AuthValue::flags`]: [`PairKeys::verify_older`] holds the verify key of the proof before
+/// [`AuthValue::flags`]: [`EntryKeys::verify_older`] holds the verify key of the proof before
 /// that.
 pub const AUTH_OLDER_KEY: u32 = 8;
 
@@ -172,7 +172,7 @@ pub const AUTH_OLDER_KEY: u32 = 8;
 /// accepts whatever the other side signs with, whatever the order was.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct PairKeys {
+pub struct EntryKeys {
     /// `CLOCK_BOOTTIME` nanoseconds from which SYNs are signed with [`Self::sign`]; before
     /// it, with [`Self::sign_previous`] (when [`AUTH_PREVIOUS_KEYS`]), so that the peer, which
     /// writes its entry of the same proof a moment later or earlier, can verify every SYN.
@@ -185,9 +185,9 @@ pub struct PairKeys {
     pub verify_previous: [u8; mac::KEY_LEN],
     pub verify_older: [u8; mac::KEY_LEN],
 }
-const _: () = assert!(size_of::<PairKeys>() == 88);
+const _: () = assert!(size_of::<EntryKeys>() == 88);
 
-impl PairKeys {
+impl EntryKeys {
     /// The key a SYN sent at `boot_ns` is signed with (`flags`: the entry's).
     #[inline(always)]
     #[must_use]
@@ -230,7 +230,7 @@ pub struct AuthValue {
     pub nports: u32,
     pub ports: [PortRange; MAX_PORT_RANGES],
     /// Meaningful with [`AUTH_KEYED`].
-    pub keys: PairKeys,
+    pub keys: EntryKeys,
 }
 const _: () = assert!(size_of::<AuthValue>() == 176);
 
@@ -545,7 +545,7 @@ mod user {
     unsafe impl aya::Pod for super::Endpoint {}
     unsafe impl aya::Pod for super::AuthKey {}
     unsafe impl aya::Pod for super::AuthValue {}
-    unsafe impl aya::Pod for super::PairKeys {}
+    unsafe impl aya::Pod for super::EntryKeys {}
     unsafe impl aya::Pod for super::PortRange {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowValue {}
@@ -574,7 +574,7 @@ mod tests {
         // The layout before pair keys is this one up to `keys`: an agent carries old entries
         // over by that prefix.
         assert_eq!(offset_of!(AuthValue, keys), 88);
-        assert_eq!(offset_of!(PairKeys, verify_older), 72);
+        assert_eq!(offset_of!(EntryKeys, verify_older), 72);
     }
 
     #[test]

@@ -29,7 +29,7 @@ use portcullis_common::{
     EP_LOCAL, EP_MAC_AUDIT, EP_MAC_REQUIRE, EP_OTHER_PASS, EP_UDP_NODE_LOCAL, EVENT_AUTH_WANTED,
     EVENT_DENIED, EVENT_INTERVAL_NS, EVENT_WOULD_DROP, Endpoint, Event, FLOW_HOST, FLOW_INBOUND,
     FLOW_OUTBOUND, FLOW_STAT_RECORDED, FLOW_STAT_REPLACED, FLOW_STATS, FLOW_UNCHECKED, FlowKey,
-    FlowValue, IDENTITY_NONE, IPPROTO_TCP, IPPROTO_UDP, Name, NameKey, PairKeys, capacity,
+    FlowValue, IDENTITY_NONE, IPPROTO_TCP, IPPROTO_UDP, Name, NameKey, EntryKeys, capacity,
     mac::{self, OPTION_LEN, Syn, TCP_MAX_HEADER},
     seen_units,
 };
@@ -485,7 +485,7 @@ fn syn_of(pkt: &Packet, time: u32) -> Syn {
 /// Whether the SYN of a keyed pair carries a MAC that verifies: our option, the last bytes of
 /// its TCP header, stamped within the window, under one of the pair's last three keys.
 #[inline(always)]
-fn check_mac(ctx: &TcContext, pkt: &Packet, keys: &PairKeys, flags: u32, now: u64) -> Counter {
+fn check_mac(ctx: &TcContext, pkt: &Packet, keys: &EntryKeys, flags: u32, now: u64) -> Counter {
     if pkt.tcp_len < 20 + OPTION_LEN {
         return Counter::DropNoMac;
     }
@@ -513,7 +513,7 @@ fn check_mac(ctx: &TcContext, pkt: &Packet, keys: &PairKeys, flags: u32, now: u6
 /// peer's MAC mode decides it. A failure after the packet grew drops it: it must not be
 /// delivered with the new bytes taken for data.
 #[inline(always)]
-fn sign(ctx: &TcContext, pkt: &Packet, keys: &PairKeys, flags: u32, now: u64) -> Counter {
+fn sign(ctx: &TcContext, pkt: &Packet, keys: &EntryKeys, flags: u32, now: u64) -> Counter {
     let end = pkt.l4_off + pkt.tcp_len;
     if pkt.tcp_len < 20 || pkt.tcp_len + OPTION_LEN > TCP_MAX_HEADER || end != pkt.ip_end {
         return Counter::PassUnsigned;

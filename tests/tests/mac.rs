@@ -180,23 +180,20 @@ fn assert_reported(s: &Scenario<'_>, kind: &str, reason: &str, limit: Duration) 
 
 /// The MAC address of `node`'s eth0 (what the fabric delivers the node's frames to).
 fn node_mac(tb: &Testbed, node: &str) -> String {
+    link_mac(&tb.node(node).netns, "eth0")
+}
+
+/// The MAC address of interface `dev` in network namespace `netns`.
+fn link_mac(netns: &str, dev: &str) -> String {
     let out = Command::new("ip")
-        .args([
-            "-n",
-            &tb.node(node).netns,
-            "-j",
-            "link",
-            "show",
-            "dev",
-            "eth0",
-        ])
+        .args(["-n", netns, "-j", "link", "show", "dev", dev])
         .output()
         .expect("running ip");
     assert!(out.status.success(), "ip link show: {out:?}");
     let v: Value = serde_json::from_slice(&out.stdout).expect("ip -j output");
     v[0]["address"]
         .as_str()
-        .unwrap_or_else(|| panic!("no MAC address of {node}'s eth0: {v}"))
+        .unwrap_or_else(|| panic!("no MAC address of {dev} in {netns}: {v}"))
         .to_owned()
 }
 
@@ -211,6 +208,32 @@ fn fabric_probe(s: &Scenario<'_>, args: &[&str]) -> Command {
         .expect("a command in the fabric namespace");
     c.stdout(Stdio::piped()).stderr(Stdio::inherit());
     c
+}
+
+/// `probe inject` from the fabric onto node-2's port: SYNs from `from` to `to:PORT`, with
+/// `extra` options of the mode; its report.
+fn inject_on_fabric(s: &Scenario<'_>, from: (IpAddr, u16), to: IpAddr, extra: &[&str]) -> Value {
+    let (iface, mac) = (
+        s.tb.node("node-2").fabric_veth.clone(),
+        node_mac(s.tb, "node-2"),
+    );
+    let (from, to) = (sock(from.0, from.1), sock(to, PORT));
+    let mut args = vec![
+        "inject",
+        "--iface",
+        &iface,
+        "--dst-mac",
+        &mac,
+        "--from",
+        &from,
+        "--to",
+        &to,
+    ];
+    args.extend_from_slice(extra);
+    let out = fabric_probe(s, &args)
+        .output()
+        .expect("running probe inject");
+    last_json(&out.stdout)
 }
 
 /// Forged SYNs from node-3 (raw socket, source `from`): `packets` of them, each from another
@@ -623,10 +646,6 @@ fn forged_syns_with_an_authenticated_source_address_are_dropped_for_want_of_a_ma
     wait_keyed(&s, "frontend", "backend");
     let r = s.connect("frontend", s.addr("backend", Family::V4), PORT, 3000);
     assert!(ok(&r), "the genuine connection failed: {r}");
-    let (iface, mac) = (
-        tb.node("node-2").fabric_veth.clone(),
-        node_mac(&tb, "node-2"),
-    );
     for family in FAMILIES {
         let (frontend, backend) = (s.addr("frontend", family), s.addr("backend", family));
 
@@ -668,25 +687,7 @@ fn forged_syns_with_an_authenticated_source_address_are_dropped_for_want_of_a_ma
         none_counted(&after, &before, &["pass_authenticated"], &what);
 
         let before = s.status("node-2");
-        let out = fabric_probe(
-            &s,
-            &[
-                "inject",
-                "--iface",
-                &iface,
-                "--dst-mac",
-                &mac,
-                "--from",
-                &sock(frontend, 30000),
-                "--to",
-                &sock(backend, PORT),
-                "--count",
-                "5",
-            ],
-        )
-        .output()
-        .expect("running probe inject");
-        let r = last_json(&out.stdout);
+        let r = inject_on_fabric(&s, (frontend, 30000), backend, &["--count", "5"]);
         assert!(
             ok(&r) && r["sent"] == 5,
             "{family:?}: probe inject failed: {r}"
@@ -909,10 +910,6 @@ fn only_a_fresh_mac_under_the_pairs_key_for_that_direction_is_admitted() {
     let _server = s.serve("backend", PORT);
     wait_keyed(&s, "frontend", "backend");
     let keys = entry_keys(&tb, "node-2");
-    let (iface, mac) = (
-        tb.node("node-2").fabric_veth.clone(),
-        node_mac(&tb, "node-2"),
-    );
     let hex = |k: &[u8; 16]| k.iter().map(|b| format!("{b:02x}")).collect::<String>();
     for family in FAMILIES {
         let (frontend, backend) = (s.addr("frontend", family), s.addr("backend", family));
@@ -944,27 +941,12 @@ fn only_a_fresh_mac_under_the_pairs_key_for_that_direction_is_admitted() {
         ];
         for (i, (key, shift, counted, what)) in cases.iter().enumerate() {
             let before = s.status("node-2");
-            let out = fabric_probe(
+            let r = inject_on_fabric(
                 &s,
-                &[
-                    "inject",
-                    "--iface",
-                    &iface,
-                    "--dst-mac",
-                    &mac,
-                    "--from",
-                    &sock(frontend, 31000 + i as u16),
-                    "--to",
-                    &sock(backend, PORT),
-                    "--mac-key",
-                    key,
-                    "--mac-shift-secs",
-                    &shift.to_string(),
-                ],
-            )
-            .output()
-            .expect("running probe inject");
-            let r = last_json(&out.stdout);
+                (frontend, 31000 + i as u16),
+                backend,
+                &["--mac-key", key, "--mac-shift-secs", &shift.to_string()],
+            );
             assert!(ok(&r), "{family:?}: probe inject failed: {r}");
             let others: Vec<&str> = ["pass_authenticated", "drop_bad_mac", "drop_no_mac"]
                 .into_iter()
@@ -992,18 +974,7 @@ fn a_syn_without_room_for_the_mac_leaves_unsigned_and_is_dropped_a_long_header_i
     let _server = s.serve("backend", PORT);
     wait_keyed(&s, "frontend", "backend");
     let pod = tb.pod("frontend").clone();
-    let gateway = {
-        let out = Command::new("ip")
-            .args(["-n", &tb.node(&pod.node).netns, "-j", "link", "show", "dev"])
-            .arg(&pod.host_veth)
-            .output()
-            .expect("running ip");
-        let v: Value = serde_json::from_slice(&out.stdout).expect("ip -j output");
-        v[0]["address"]
-            .as_str()
-            .expect("the host veth's MAC")
-            .to_owned()
-    };
+    let gateway = link_mac(&tb.node(&pod.node).netns, &pod.host_veth);
     let nops = |n: usize| "01".repeat(n);
     for family in FAMILIES {
         let (frontend, backend) = (s.addr("frontend", family), s.addr("backend", family));
@@ -1044,7 +1015,7 @@ fn a_syn_without_room_for_the_mac_leaves_unsigned_and_is_dropped_a_long_header_i
 }
 
 /// The keys of node's only keyed auth entry, read from its pinned map.
-fn entry_keys(tb: &Testbed, node: &str) -> portcullis_common::PairKeys {
+fn entry_keys(tb: &Testbed, node: &str) -> portcullis_common::EntryKeys {
     let values: Vec<portcullis_common::AuthValue> =
         bpftool_entries(&tb.node(node).bpffs_dir.join("maps/PC_AUTH"))
             .into_iter()

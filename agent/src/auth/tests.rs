@@ -504,8 +504,8 @@ fn a_bundle_change_revokes_entries_resting_on_chains_it_no_longer_trusts() {
     assert!(w.maps.auth.is_empty() && w.maps.flows.is_empty());
 }
 
-/// The key schedule across two nodes, as the kernel applies it (`PairKeys::signing` on the
-/// source node, `PairKeys::verifies` on the destination): at every moment between and after
+/// The key schedule across two nodes, as the kernel applies it (`EntryKeys::signing` on the
+/// source node, `EntryKeys::verifies` on the destination): at every moment between and after
 /// the writes of a re-proof, whatever one side signs a SYN with, the other accepts — also when
 /// both agents first proved the pair at once and wrote the two proofs in opposite orders, and a
 /// later proof comes within the switch delay. (While those two first proofs are half written,
