@@ -17,7 +17,10 @@ mod packet;
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{__sk_buff, BPF_F_PSEUDO_HDR, BPF_SOCK_OPS_TIMEOUT_INIT, TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{
+        __sk_buff, BPF_F_PSEUDO_HDR, BPF_SOCK_OPS_TIMEOUT_INIT, TC_ACT_SHOT,
+        tcx_action_base::TCX_NEXT,
+    },
     helpers::bpf_ktime_get_boot_ns,
     macros::{classifier, map, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
@@ -68,8 +71,16 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 
-/// tc verdicts. With TCX, `TC_ACT_OK` ends processing with "pass" and `TC_ACT_SHOT` drops.
-const PASS: i32 = TC_ACT_OK as i32;
+/// tc verdicts. A pass is `TCX_NEXT` (-1, i.e. `TC_ACT_UNSPEC`), not `TC_ACT_OK`: our links
+/// come first in the interface's TCX chain, and any verdict but `TCX_NEXT` ends the chain, so
+/// `TC_ACT_OK` would skip the CNI's programs after ours (its policy, its NAT) and even its
+/// classic tc filters. With `TCX_NEXT` the next program runs; when ours is the last one, the
+/// kernel runs the classic tc filters if there are any, and otherwise passes the packet
+/// (`tcx_run`, `sch_handle_ingress` and `sch_handle_egress` in net/core/dev.c,
+/// `tcx_action_code` in include/net/tcx.h:
+/// <https://github.com/torvalds/linux/blob/v6.6/net/core/dev.c>). A drop, `TC_ACT_SHOT`, ends
+/// the chain: nothing after us sees the packet.
+const PASS: i32 = TCX_NEXT;
 const DROP: i32 = TC_ACT_SHOT as i32;
 
 #[classifier]

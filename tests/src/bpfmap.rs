@@ -3,7 +3,11 @@
 //! microseconds): open a pin (`BPF_OBJ_GET`), learn a map's key and value sizes
 //! (`BPF_OBJ_GET_INFO_BY_FD`) and look a key up (`BPF_MAP_LOOKUP_ELEM`, per-CPU maps too),
 //! follow a pinned link to its program (`BPF_OBJ_GET_INFO_BY_FD`, `BPF_PROG_GET_FD_BY_ID`),
-//! and run a program on a packet in the kernel (`BPF_PROG_TEST_RUN`).
+//! and run a program on a packet in the kernel (`BPF_PROG_TEST_RUN`). For the tests that put
+//! programs of their own next to ours, as a CNI does: create an array map
+//! (`BPF_MAP_CREATE`), load a tc program from raw instructions (`BPF_PROG_LOAD`), attach it
+//! with a TCX link first or last on an interface (`BPF_LINK_CREATE`), and list an interface's
+//! TCX chain in order (`BPF_PROG_QUERY`).
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -12,15 +16,37 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 
+const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_PROG_QUERY: libc::c_long = 16;
+const BPF_LINK_CREATE: libc::c_long = 28;
 
+const BPF_MAP_TYPE_ARRAY: u32 = 2;
 const BPF_MAP_TYPE_PERCPU_HASH: u32 = 5;
 const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
 const BPF_MAP_TYPE_LRU_PERCPU_HASH: u32 = 10;
+
+const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+const BPF_TCX_INGRESS: u32 = 46;
+const BPF_TCX_EGRESS: u32 = 47;
+/// With `relative_fd` 0: ahead of every program on the hook.
+const BPF_F_BEFORE: u32 = 1 << 3;
+/// With `relative_fd` 0: behind every program on the hook.
+const BPF_F_AFTER: u32 = 1 << 4;
+/// `src_reg` of a `BPF_LD | BPF_IMM | BPF_DW` whose immediate is a map's descriptor.
+const BPF_PSEUDO_MAP_FD: u8 = 1;
+
+/// tc verdicts as TCX programs return them: `TCX_NEXT` (-1, `TC_ACT_UNSPEC`) hands the
+/// packet to the next program of the chain (after the last one, the kernel passes it),
+/// `TC_ACT_OK` passes it and ends the chain, `TC_ACT_SHOT` drops it.
+pub const TCX_NEXT: i32 = -1;
+pub const TC_ACT_OK: i32 = 0;
+pub const TC_ACT_SHOT: i32 = 2;
 
 /// `sizeof(struct __sk_buff)` (UAPI, kernel 6.18): a test run's context.
 const SK_BUFF_SIZE: usize = 192;
@@ -111,7 +137,7 @@ fn obj_info(fd: &OwnedFd, info: &mut [u8]) -> Result<()> {
         .map(drop)
 }
 
-/// An open pinned map.
+/// An open pinned map, or a map of the caller's own ([`PinnedMap::new_array`]).
 pub struct PinnedMap {
     fd: OwnedFd,
     key_size: usize,
@@ -142,6 +168,38 @@ impl PinnedMap {
                 None
             },
         })
+    }
+
+    /// A new array map (not pinned) of `entries` `u64` values under `u32` keys, all 0: a
+    /// test program's counters. It goes when the last descriptor does (this one and the
+    /// programs that use it).
+    pub fn new_array(entries: u32) -> Result<Self> {
+        let fd = fd_of(
+            Attr::new()
+                .put_u32(0, BPF_MAP_TYPE_ARRAY)
+                .put_u32(4, 4)
+                .put_u32(8, 8)
+                .put_u32(12, entries)
+                .call(BPF_MAP_CREATE)
+                .context("BPF_MAP_CREATE of an array")?,
+        )?;
+        Ok(Self {
+            fd,
+            key_size: 4,
+            value_size: 8,
+            cpus: None,
+        })
+    }
+
+    /// The `u64` under `index` of an array of `u64` (not per-CPU).
+    pub fn u64_at(&self, index: u32) -> Result<u64> {
+        if self.cpus.is_some() || self.value_size != 8 {
+            bail!("not an array of u64");
+        }
+        let v = self
+            .lookup(&index.to_ne_bytes())?
+            .with_context(|| format!("no slot {index}"))?;
+        Ok(u64::from_ne_bytes(v[..8].try_into().expect("8 bytes")))
     }
 
     /// The size of a key, in bytes.
@@ -221,7 +279,8 @@ fn possible_cpus() -> Result<usize> {
     Ok(n)
 }
 
-/// A loaded program, opened through the link it is attached with.
+/// A loaded program: opened through the link it is attached with, or loaded by a test from
+/// raw instructions ([`PinnedProg::load_sched_cls`]).
 pub struct PinnedProg {
     fd: OwnedFd,
     /// The program's id.
@@ -232,8 +291,8 @@ pub struct PinnedProg {
 
 /// What one `BPF_PROG_TEST_RUN` reported.
 pub struct TestRun {
-    /// The program's return value (of the last run).
-    pub retval: u32,
+    /// The program's return value (of the last run): a tc verdict such as [`TCX_NEXT`].
+    pub retval: i32,
     /// Average nanoseconds per run, as the kernel timed them.
     pub duration_ns: u32,
     /// The packet after the (last) run, when an output buffer was asked for.
@@ -291,10 +350,178 @@ impl PinnedProg {
             .with_context(|| format!("BPF_PROG_TEST_RUN of {} (id {})", self.name, self.id))?;
         data_out.truncate(a.u32_at(12) as usize);
         Ok(TestRun {
-            retval: a.u32_at(4),
+            retval: a.u32_at(4).cast_signed(),
             duration_ns: a.u32_at(36),
             data_out,
         })
+    }
+}
+
+impl PinnedProg {
+    /// `BPF_PROG_LOAD`: a tc (`BPF_PROG_TYPE_SCHED_CLS`) program of the caller's own, from raw
+    /// instructions, named `name` (at most 15 bytes). It is unloaded when this descriptor and
+    /// every link holding it are gone. A program the verifier rejects is an error quoting the
+    /// verifier's log.
+    pub fn load_sched_cls(name: &str, insns: &[Insn]) -> Result<Self> {
+        if name.len() > 15 {
+            bail!("program name {name:?} is longer than 15 bytes");
+        }
+        let license = c"GPL";
+        let mut log = vec![0u8; 1 << 20];
+        let load = |log: Option<&mut [u8]>| -> std::io::Result<libc::c_long> {
+            let mut a = Attr::new();
+            a.put_u32(0, BPF_PROG_TYPE_SCHED_CLS)
+                .put_u32(
+                    4,
+                    u32::try_from(insns.len()).map_err(std::io::Error::other)?,
+                )
+                .put_u64(8, insns.as_ptr() as u64)
+                .put_u64(16, license.as_ptr() as u64);
+            if let Some(log) = log {
+                a.put_u32(24, 1)
+                    .put_u32(28, u32::try_from(log.len()).map_err(std::io::Error::other)?)
+                    .put_u64(32, log.as_mut_ptr() as u64);
+            }
+            // prog_name, after log_level, log_size, log_buf, kern_version and prog_flags.
+            a.0[48..48 + name.len()].copy_from_slice(name.as_bytes());
+            a.call(BPF_PROG_LOAD)
+        };
+        let r = match load(None) {
+            Ok(r) => r,
+            // Again with the verifier's log, to say why.
+            Err(first) => load(Some(&mut log)).map_err(|_| {
+                let text =
+                    String::from_utf8_lossy(&log[..log.iter().position(|b| *b == 0).unwrap_or(0)])
+                        .into_owned();
+                anyhow::anyhow!("BPF_PROG_LOAD of {name}: {first}; the verifier said:\n{text}")
+            })?,
+        };
+        let fd = fd_of(r)?;
+        let mut pi = [0u8; 80];
+        obj_info(&fd, &mut pi).with_context(|| format!("program info of {name}"))?;
+        Ok(Self {
+            fd,
+            id: u32_in(&pi, 4),
+            name: name.to_owned(),
+        })
+    }
+
+    /// `BPF_LINK_CREATE`: attaches the program with a TCX link at `hook` of interface
+    /// `ifindex`, looked up in the calling thread's network namespace (enter the node's
+    /// first), first or last in the chain as `order` says. The link is not pinned: it is
+    /// detached when the returned [`TcxLink`] is dropped.
+    pub fn attach_tcx(&self, ifindex: u32, hook: TcxHook, order: TcxOrder) -> Result<TcxLink> {
+        let flags = match order {
+            TcxOrder::First => BPF_F_BEFORE,
+            TcxOrder::Last => BPF_F_AFTER,
+        };
+        // relative_fd (offset 16) 0: relative to the whole chain.
+        let fd = fd_of(
+            Attr::new()
+                .put_u32(0, raw_u32(&self.fd))
+                .put_u32(4, ifindex)
+                .put_u32(8, hook.attach_type())
+                .put_u32(12, flags)
+                .call(BPF_LINK_CREATE)
+                .with_context(|| {
+                    format!(
+                        "BPF_LINK_CREATE of {} at {hook:?} of interface {ifindex} ({order:?})",
+                        self.name
+                    )
+                })?,
+        )?;
+        // struct bpf_link_info: type, id, prog_id (u32 each), then a union.
+        let mut li = [0u8; 64];
+        obj_info(&fd, &mut li).context("link info")?;
+        Ok(TcxLink {
+            _fd: fd,
+            id: u32_in(&li, 4),
+        })
+    }
+}
+
+/// A TCX hook of an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcxHook {
+    /// Packets the interface receives (on a pod's host-side veth: what the pod sends).
+    Ingress,
+    /// Packets the interface sends (on a pod's host-side veth: what goes into the pod).
+    Egress,
+}
+
+impl TcxHook {
+    fn attach_type(self) -> u32 {
+        match self {
+            Self::Ingress => BPF_TCX_INGRESS,
+            Self::Egress => BPF_TCX_EGRESS,
+        }
+    }
+}
+
+/// Where a new TCX link goes in the chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcxOrder {
+    /// Ahead of every program there (`BPF_F_BEFORE`, no relative program).
+    First,
+    /// Behind every program there (`BPF_F_AFTER`, no relative program).
+    Last,
+}
+
+/// A TCX link of the caller's own, detached on drop (closing its only descriptor releases it).
+pub struct TcxLink {
+    _fd: OwnedFd,
+    /// The link's id.
+    pub id: u32,
+}
+
+/// `BPF_PROG_QUERY`: the ids of the programs attached with TCX at `hook` of interface
+/// `ifindex` (looked up in the calling thread's network namespace), in the order they run.
+pub fn tcx_chain(ifindex: u32, hook: TcxHook) -> Result<Vec<u32>> {
+    let mut ids = vec![0u32; 64];
+    let mut a = Attr::new();
+    a.put_u32(0, ifindex)
+        .put_u32(4, hook.attach_type())
+        .put_u64(16, ids.as_mut_ptr() as u64)
+        .put_u32(24, u32::try_from(ids.len()).context("id buffer")?);
+    a.call(BPF_PROG_QUERY)
+        .with_context(|| format!("BPF_PROG_QUERY of {hook:?} of interface {ifindex}"))?;
+    ids.truncate(a.u32_at(24) as usize);
+    Ok(ids)
+}
+
+/// One eBPF instruction (`struct bpf_insn`), for the tests' own programs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Insn {
+    code: u8,
+    /// The destination register in the low nibble, the source in the high one.
+    regs: u8,
+    /// A jump's offset (in instructions, from the next one) or a memory access's.
+    pub off: i16,
+    imm: i32,
+}
+
+impl Insn {
+    /// The instruction `code` (`BPF_ALU64 | BPF_MOV | BPF_K` and the like) with registers
+    /// `dst` and `src` (0 to 10), offset `off` and immediate `imm`.
+    pub fn new(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> Self {
+        assert!(dst <= 10 && src <= 10, "registers are r0 to r10");
+        Self {
+            code,
+            regs: dst | (src << 4),
+            off,
+            imm,
+        }
+    }
+
+    /// `dst = map` (`BPF_LD | BPF_IMM | BPF_DW` with `BPF_PSEUDO_MAP_FD`), two instructions:
+    /// the kernel puts the map's address there at load time. `map` must outlive the load.
+    pub fn ld_map(dst: u8, map: &PinnedMap) -> [Self; 2] {
+        let fd = map.fd.as_raw_fd();
+        [
+            Self::new(0x18, dst, BPF_PSEUDO_MAP_FD, 0, fd),
+            Self::new(0, 0, 0, 0, 0),
+        ]
     }
 }
 
@@ -341,7 +568,6 @@ unsafe impl Plain for portcullis_common::FlowKey {}
 mod tests {
     use super::*;
 
-    const BPF_MAP_CREATE: libc::c_long = 0;
     const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
     const BPF_OBJ_PIN: libc::c_long = 6;
     const BPF_MAP_TYPE_HASH: u32 = 1;

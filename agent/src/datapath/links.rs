@@ -39,6 +39,11 @@ impl Datapath {
         let path = self.dirs.link(iface.index, hook);
         let prog = classifier(&mut self.ebpf, hook)?;
         if path.exists() {
+            // Adopting replaces the program inside the pinned link (`bpf_link_update`): the
+            // link keeps its place in the interface's chain. That is first for a link attached
+            // first (below), but a link of an earlier version, which attached last, stays
+            // after the CNI's programs until it is attached anew (the pod's interface
+            // recreated, or `portcullis uninstall` and a start).
             let adopted = PinnedLink::from_pin(&path)
                 .map_err(|e| e.to_string())
                 .and_then(|pinned| {
@@ -66,7 +71,11 @@ impl Datapath {
                 iface.index,
                 TcAttach::Tcx {
                     attach_type: hook.attach_type(),
-                    order: LinkOrder::default(),
+                    // Ahead of whatever is already on the interface (the CNI's own TCX
+                    // programs): our drop must not depend on a program before us passing the
+                    // packet on, and our pass (`TCX_NEXT`) hands it to them. A program that
+                    // another agent attaches later with `BPF_F_BEFORE` still goes ahead of us.
+                    order: LinkOrder::first(),
                 },
             )
             .map_err(|e| err(e.into()))?;

@@ -39,7 +39,7 @@ use portcullis_common::{
 use serde_json::{Value, json};
 use testbed::{
     Options, Testbed,
-    bpfmap::{PinnedMap, PinnedProg, Plain as _},
+    bpfmap::{PinnedMap, PinnedProg, Plain as _, TC_ACT_SHOT, TCX_NEXT},
     packet,
     scenario::{Family, Scenario, eventually, ok, sock},
 };
@@ -64,9 +64,6 @@ const SAME_NS: f64 = 3.0;
 const SPORT: u16 = 1023;
 const ISN: u32 = 0x5eed_0001;
 const POLL_MS: u64 = 100;
-/// tc return codes (TCX): pass, drop.
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Mode {
@@ -291,10 +288,10 @@ impl Side {
         let before = self.node.counters()?;
         let (times, retval) = in_netns(&self.node.netns, || {
             let mut times = Vec::with_capacity(calls as usize);
-            let mut retval = TC_ACT_OK;
+            let mut retval = TCX_NEXT;
             for _ in 0..calls {
                 let r = prog.test_run(frame, self.ifindex, 1, 0)?;
-                if r.retval != TC_ACT_OK {
+                if r.retval != TCX_NEXT {
                     retval = r.retval;
                 }
                 times.push(f64::from(r.duration_ns));
@@ -307,7 +304,7 @@ impl Side {
     }
 
     /// One run with the packet returned.
-    fn output(&self, prog: &PinnedProg, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+    fn output(&self, prog: &PinnedProg, frame: &[u8]) -> Result<(i32, Vec<u8>)> {
         let r = in_netns(&self.node.netns, || {
             prog.test_run(frame, self.ifindex, 1, 512)
         })?;
@@ -322,14 +319,15 @@ fn expect(
     prog: &PinnedProg,
     what: &str,
     d: &[u64],
-    retval: u32,
+    retval: i32,
     runs: u64,
     want: Counter,
 ) -> Result<()> {
     let code = if want.is_drop() {
         TC_ACT_SHOT
     } else {
-        TC_ACT_OK
+        // A pass hands the packet to the next program of the chain.
+        TCX_NEXT
     };
     let n = d[want as usize];
     if !(runs..=runs + 8 + runs / 1000).contains(&n) || retval != code {
@@ -632,7 +630,7 @@ impl World<'_> {
         // with no room for the option, alternated.
         let src_entry = self.src.keyed()?;
         let (code, out) = self.src.output(&self.from_pod, &self.frames.syn.frame())?;
-        if code != TC_ACT_OK {
+        if code != TCX_NEXT {
             bail!("pc_from_pod returned {code} for the client's SYN");
         }
         let (checksums, key) = verify_signed(&self.frames, &src_entry, &out)?;
