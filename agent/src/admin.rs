@@ -42,6 +42,15 @@ pub enum Request {
         remote: String,
         remote_node: String,
     },
+    /// From `portcullis-cni` ADD: read the claim of `container_id` now, and say whether its pod
+    /// is enforced.
+    CniAdd {
+        container_id: String,
+    },
+    /// From `portcullis-cni` DEL: the claim of `container_id` is gone; release its interface.
+    CniDel {
+        container_id: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -54,6 +63,11 @@ pub enum Response {
     Revoked {
         entry_removed: bool,
         flows_cut: usize,
+    },
+    /// Whether a claimed pod is enforced by the agent's programs, and if not, why.
+    Enrollment {
+        enforced: bool,
+        detail: String,
     },
     Error {
         message: String,
@@ -168,14 +182,22 @@ async fn serve_one(stream: UnixStream, core: mpsc::Sender<Call>) -> io::Result<(
 
 /// Client side: one request, one answer.
 pub fn call(path: &Path, request: &Request) -> Result<Response, AdminError> {
+    call_with_timeout(path, request, Duration::from_secs(30))
+}
+
+/// [`call`], waiting at most `timeout` for the answer.
+pub fn call_with_timeout(
+    path: &Path,
+    request: &Request,
+    timeout: Duration,
+) -> Result<Response, AdminError> {
     let io = |source| AdminError::Io {
         path: path.to_owned(),
         source,
     };
     let mut stream = StdUnixStream::connect(path).map_err(io)?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .map_err(io)?;
+    stream.set_read_timeout(Some(timeout)).map_err(io)?;
+    stream.set_write_timeout(Some(timeout)).map_err(io)?;
     let mut line = serde_json::to_vec(request).map_err(|e| io(io::Error::other(e)))?;
     line.push(b'\n');
     stream.write_all(&line).map_err(io)?;

@@ -3,6 +3,7 @@
 
 mod auth;
 mod ca;
+mod cni;
 mod doctor;
 mod issuer;
 mod run;
@@ -45,6 +46,9 @@ enum Command {
     Ca(ca::Command),
     #[command(subcommand)]
     Issuer(issuer::Command),
+    /// Install or remove the `portcullis-cni` plugin on this node.
+    #[command(subcommand)]
+    Cni(cni::Command),
     Uninstall(uninstall::Args),
     Doctor(doctor::Args),
     /// Validate --config and print the effective configuration as JSON.
@@ -148,6 +152,7 @@ pub fn main() -> ExitCode {
         Command::Auth(cmd) => cli.target().and_then(|t| auth::execute(&t, cmd)),
         Command::Ca(cmd) => ca::execute(cmd),
         Command::Issuer(cmd) => issuer::execute(cmd),
+        Command::Cni(cmd) => cli.target().and_then(|t| cni::execute(&t, cmd)),
         Command::Doctor(args) => cli.target().and_then(|t| doctor::execute(&t, args)),
         Command::CheckConfig => cli.target().and_then(|t| {
             let config = t

@@ -27,6 +27,8 @@ struct File {
     policy: Option<Spanned<String>>,
     bpffs_dir: Option<Spanned<String>>,
     admin_socket: Option<Spanned<String>>,
+    pod_interfaces: Option<Spanned<String>>,
+    cni_state_dir: Option<Spanned<String>>,
     log_level: Option<Spanned<String>>,
     #[serde(default)]
     datapath_log: bool,
@@ -179,6 +181,20 @@ pub const DEFAULT_MAX_CONCURRENT: u32 = 32;
 pub const DEFAULT_PEER_RATE: u32 = 100;
 pub const DEFAULT_PEER_BURST: u32 = 200;
 
+/// How the agent learns a local pod's host-side interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PodInterfaces {
+    /// The interface `portcullis-cni` recorded on ADD; for a pod without a record (one that
+    /// started before the plugin was chained, or a node without it), the interface the pod's
+    /// address routes through, unless that is a bridge: right on CNIs that route a /32 to each
+    /// pod's veth (Calico, `ptp`).
+    Auto,
+    /// Only the interface `portcullis-cni` recorded. A pod without a record is not enforced on
+    /// any interface (and keeps the agent from being ready).
+    Cni,
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Config {
@@ -199,6 +215,11 @@ pub struct Config {
     pub bpffs_dir: PathBuf,
     /// The admin API's Unix socket.
     pub admin_socket: PathBuf,
+    /// How local pods' host-side interfaces are found.
+    pub pod_interfaces: PodInterfaces,
+    /// Where `portcullis-cni` records which pod each interface belongs to (read with
+    /// `pod_interfaces: cni`).
+    pub cni_state_dir: PathBuf,
     /// `error`, `warn`, `info`, `debug` or `trace`, or a tracing filter directive.
     pub log_level: String,
     /// `text` (default) or `json` (one JSON object per line, for log pipelines).
@@ -325,6 +346,25 @@ impl Config {
             f.admin_socket.as_ref(),
             "admin_socket",
             DEFAULT_ADMIN_SOCKET,
+        )?;
+        let pod_interfaces = match &f.pod_interfaces {
+            None => PodInterfaces::Auto,
+            Some(v) if v.as_str() == "auto" => PodInterfaces::Auto,
+            Some(v) if v.as_str() == "cni" => PodInterfaces::Cni,
+            Some(v) => {
+                return Err(InputError::value(
+                    path,
+                    v,
+                    "pod_interfaces",
+                    format!("`{}` is neither `auto` nor `cni`", v.as_str()),
+                ));
+            }
+        };
+        let cni_state_dir = absolute_path(
+            path,
+            f.cni_state_dir.as_ref(),
+            "cni_state_dir",
+            crate::cni::DEFAULT_STATE_DIR,
         )?;
         let log_level = log_level(path, f.log_level.as_ref())?;
         let poll_interval_ms = ranged(
@@ -511,6 +551,8 @@ impl Config {
             policy,
             bpffs_dir,
             admin_socket,
+            pod_interfaces,
+            cni_state_dir,
             log_level,
             datapath_log: f.datapath_log,
             poll_interval: Duration::from_millis(poll_interval_ms),

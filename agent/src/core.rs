@@ -186,7 +186,8 @@ impl<K: Kernel, R: Routes> Core<K, R> {
             creds: Creds::new(&config.node, config.identity.clone()),
             started: Instant::now(),
             names: Registry::load(adopted.names),
-            enforce: Enforcer::new(routes, adopted.endpoints, adopted.pinned_interfaces),
+            enforce: Enforcer::new(routes, adopted.endpoints, adopted.pinned_interfaces)
+                .with_pod_interfaces(config.pod_interfaces, config.cni_state_dir.clone()),
             dp,
             inputs,
             auth,
@@ -423,16 +424,7 @@ impl<K: Kernel, R: Routes> Core<K, R> {
             self.beat();
             return;
         }
-        let index = self.inputs.index();
-        let synced = self
-            .enforce
-            .tick(&mut self.dp, &mut self.names, &index, self.inputs.policy());
-        drop(index);
-        self.owed.addrs.extend(synced.changed);
-        if self.owed.cause.is_empty() {
-            self.owed.cause = "endpoints changed";
-        }
-        self.revalidate_owed();
+        self.enforce_now(false);
         self.refresh_creds(false);
         let index = self.inputs.index();
         let ctx = auth::Ctx {
@@ -450,6 +442,27 @@ impl<K: Kernel, R: Routes> Core<K, R> {
             tracing::error!(error = %e, "cannot update the clock the programs stamp connection MACs with");
         }
         self.beat();
+    }
+
+    /// What can change without cluster state saying so, applied: local pods' interfaces (and
+    /// with `claims`, the claims `portcullis-cni` recorded, read now), the node's addresses,
+    /// pins, writes to retry; then the revalidation it owes.
+    fn enforce_now(&mut self, claims: bool) {
+        let index = self.inputs.index();
+        let policy = self.inputs.policy();
+        let synced = if claims {
+            self.enforce
+                .claims_changed(&mut self.dp, &mut self.names, &index, policy)
+        } else {
+            self.enforce
+                .tick(&mut self.dp, &mut self.names, &index, policy)
+        };
+        drop(index);
+        self.owed.addrs.extend(synced.changed);
+        if self.owed.cause.is_empty() {
+            self.owed.cause = "endpoints changed";
+        }
+        self.revalidate_owed();
     }
 
     fn repin(&mut self) {

@@ -16,6 +16,7 @@ mod locals;
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     net::IpAddr,
+    path::PathBuf,
 };
 
 use portcullis_common::{
@@ -25,6 +26,7 @@ use portcullis_common::{
 
 pub use self::locals::{Iface, LocalState};
 use crate::{
+    config::PodInterfaces,
     datapath::{Attached, DatapathError, EndpointMap, Links, NameMap, route::Routes},
     inputs::{Changes, Index},
     policy::{self, MacMode, Mode, Policy},
@@ -171,6 +173,8 @@ pub struct Enforcer<R = crate::datapath::route::Netlink> {
     refusals: Refusals,
     /// Pinned links found at start that no local pod claimed yet.
     leftover_pins: Vec<u32>,
+    /// Interfaces held for `portcullis-cni` claims, as of the last pass.
+    held: HashSet<u32>,
 }
 
 impl<R: Routes> Enforcer<R> {
@@ -192,7 +196,28 @@ impl<R: Routes> Enforcer<R> {
             missing: BTreeMap::new(),
             refusals: Refusals::default(),
             leftover_pins,
+            held: HashSet::new(),
         }
+    }
+
+    /// Where local pods' interfaces come from (see [`LocalState::new`]).
+    #[must_use]
+    pub fn with_pod_interfaces(mut self, mode: PodInterfaces, cni_state_dir: PathBuf) -> Self {
+        self.locals = LocalState::new(mode, cni_state_dir);
+        self
+    }
+
+    /// `portcullis-cni` recorded a claim or removed one: read them now, and bring endpoints
+    /// and links in line.
+    pub fn claims_changed<M: EndpointMap + NameMap + Links>(
+        &mut self,
+        maps: &mut M,
+        names: &mut Registry,
+        index: &Index,
+        policy: &Policy,
+    ) -> Synced {
+        self.locals.reload_claims();
+        self.tick(maps, names, index, policy)
     }
 
     #[must_use]
@@ -532,14 +557,29 @@ impl<R: Routes> Enforcer<R> {
     fn links(&mut self, links: &mut impl Links) {
         let wanted: HashSet<u32> = self.local_ifaces.keys().copied().collect();
         self.locals.attach(links, &wanted);
-        let released: Vec<u32> = self
+        let held = self.locals.claimed(&self.routes);
+        // Interfaces held for claims that are gone now are released like any other.
+        let unheld: Vec<u32> = self.held.difference(&held).copied().collect();
+        let mut released: Vec<u32> = self
             .locals
             .attached_indices()
             .into_iter()
             .chain(self.leftover_pins.iter().copied())
+            .chain(unheld)
             .filter(|i| !wanted.contains(i))
             .collect();
+        released.sort_unstable();
+        released.dedup();
+        self.held.clone_from(&held);
         for index in released {
+            if held.contains(&index) {
+                // Its pod left cluster state (or is not in it yet) but still has its sandbox:
+                // the links stay, and with no endpoint behind them they drop everything.
+                if let Some(i) = self.locals.detached(index) {
+                    tracing::info!(workload = %i.workload, interface = %i.name, ifindex = index, "no longer a workload; its interface stays held in default-deny until CNI DEL");
+                }
+                continue;
+            }
             if let Err(e) = links.detach(index) {
                 tracing::error!(ifindex = index, error = %e, "cannot detach; retrying at the next tick");
                 continue;

@@ -9,6 +9,7 @@ pub mod admin;
 pub mod auth;
 pub mod caps;
 pub mod cli;
+pub mod cni;
 pub mod config;
 pub mod core;
 pub mod creds;

@@ -23,6 +23,10 @@ pub struct Status {
     pub interfaces: Vec<InterfaceInfo>,
     /// Local workloads whose interface was not found (yet).
     pub pending: Vec<String>,
+    /// Interfaces `portcullis-cni` holds in default-deny for pods that are no workload of this
+    /// node in cluster state (yet): `namespace/name (interface)`.
+    #[serde(default)]
+    pub held: Vec<String>,
     pub counters: BTreeMap<String, u64>,
     #[serde(default)]
     pub maps: Vec<MapFill>,

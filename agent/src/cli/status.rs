@@ -90,6 +90,7 @@ fn offline(target: &Target) -> anyhow::Result<Status> {
         },
         interfaces: Vec::new(),
         pending: Vec::new(),
+        held: Vec::new(),
         counters: status::counters(view.counters()?),
         maps: Vec::new(),
         auth_total: auth.len() as u64,
@@ -267,6 +268,12 @@ fn render(s: &Status) -> String {
     }
     for p in &s.pending {
         let _ = writeln!(o, "  (waiting for the interface of {p})");
+    }
+    for h in &s.held {
+        let _ = writeln!(
+            o,
+            "  {h}: held in default-deny (not a workload of this node in cluster state yet)"
+        );
     }
     if !s.identities.is_empty() || !s.identity_problems.is_empty() {
         let _ = writeln!(o, "\nidentities ({})", s.identities.len());

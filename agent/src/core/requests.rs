@@ -35,10 +35,27 @@ impl<K: Kernel, R: Routes> Core<K, R> {
                 remote,
                 remote_node,
             } => self.revoke(&local, &remote, &remote_node),
+            Request::CniAdd { container_id } | Request::CniDel { container_id } => {
+                Ok(self.cni(&container_id))
+            }
         };
         result.unwrap_or_else(|e| Response::Error {
             message: format!("{e:#}"),
         })
+    }
+
+    /// `portcullis-cni` added or removed a claim: apply the claims now, and say where the
+    /// container's pod stands.
+    fn cni(&mut self, container_id: &str) -> Response {
+        let started = std::time::Instant::now();
+        // Cluster state first: the pod may have arrived since the last poll.
+        self.step();
+        if self.inputs.loaded() {
+            self.enforce_now(true);
+        }
+        let (enforced, detail) = self.enforce.locals().enrollment(container_id);
+        tracing::debug!(container_id, enforced, %detail, took_us = started.elapsed().as_micros() as u64, "portcullis-cni asked");
+        Response::Enrollment { enforced, detail }
     }
 
     fn pair(&mut self, local: &str, remote: &str, remote_node: &str) -> anyhow::Result<AuthKey> {
@@ -204,6 +221,11 @@ impl<K: Kernel, R: Routes> Core<K, R> {
                 .pending(&index)
                 .into_iter()
                 .map(|(w, _)| w)
+                .collect(),
+            held: locals
+                .held()
+                .into_iter()
+                .map(|(pod, iface)| format!("{pod} ({iface})"))
                 .collect(),
             counters: status::counters(counters.clone()),
             maps,

@@ -167,6 +167,8 @@ pub struct FakeRoutes {
     /// Interfaces that exist, by index.
     pub links: RefCell<HashMap<u32, String>>,
     pub host: Vec<IpAddr>,
+    /// Interfaces that are bridges.
+    pub bridges: RefCell<std::collections::HashSet<u32>>,
 }
 
 impl FakeRoutes {
@@ -198,6 +200,10 @@ impl Routes for FakeRoutes {
 
     fn interface(&self, index: u32) -> Option<String> {
         self.links.borrow().get(&index).cloned()
+    }
+
+    fn is_bridge(&self, iface: &Interface) -> bool {
+        self.bridges.borrow().contains(&iface.index)
     }
 
     fn local_addresses(&self) -> io::Result<Vec<IpAddr>> {

@@ -7,6 +7,7 @@ use std::{ffi::CStr, io, net::IpAddr};
 use netlink_packet_core::{NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
+    link::{LinkAttribute, LinkInfo, LinkMessage},
     route::{RouteAddress, RouteAttribute, RouteMessage, RouteType},
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
@@ -32,6 +33,8 @@ pub trait Routes {
     fn lookup(&self, addr: IpAddr) -> Result<Interface, RouteError>;
     /// The name of interface `index`, while it exists.
     fn interface(&self, index: u32) -> Option<String>;
+    /// Whether `iface` is a bridge (a route through it names no single pod's interface).
+    fn is_bridge(&self, iface: &Interface) -> bool;
     /// This node's own addresses (see [`local_addresses`]).
     fn local_addresses(&self) -> io::Result<Vec<IpAddr>>;
 }
@@ -47,6 +50,10 @@ impl Routes for Netlink {
 
     fn interface(&self, index: u32) -> Option<String> {
         if_name(index).ok()
+    }
+
+    fn is_bridge(&self, iface: &Interface) -> bool {
+        matches!(link(&iface.name), Ok(Some((i, Some(kind)))) if i == iface.index && kind == "bridge")
     }
 
     fn local_addresses(&self) -> io::Result<Vec<IpAddr>> {
@@ -76,24 +83,7 @@ pub fn lookup(addr: IpAddr) -> Result<Interface, RouteError> {
     }
     msg.attributes
         .push(RouteAttribute::Destination(RouteAddress::from(addr)));
-    let mut req = NetlinkMessage::new(
-        NetlinkHeader::default(),
-        NetlinkPayload::from(RouteNetlinkMessage::GetRoute(msg)),
-    );
-    req.header.flags = NLM_F_REQUEST;
-    req.header.sequence_number = 1;
-    req.finalize();
-    let mut buf = vec![0; req.buffer_len()];
-    req.serialize(&mut buf);
-
-    let mut socket = Socket::new(NETLINK_ROUTE)?;
-    socket.bind_auto()?;
-    socket.connect(&SocketAddr::new(0, 0))?;
-    socket.send(&buf, 0)?;
-    let mut answer = vec![0; 16 * 1024];
-    let n = socket.recv(&mut &mut answer[..], 0)?;
-    let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&answer[..n])
-        .map_err(|e| RouteError::Decode(e.to_string()))?;
+    let reply = ask(RouteNetlinkMessage::GetRoute(msg))?;
     match reply.payload {
         NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(route)) => {
             if route.header.kind != RouteType::Unicast {
@@ -125,6 +115,50 @@ pub fn lookup(addr: IpAddr) -> Result<Interface, RouteError> {
                 |c| io::Error::from_raw_os_error(-c.get()),
             ),
         }),
+        other => Err(RouteError::Decode(format!("unexpected answer {other:?}"))),
+    }
+}
+
+/// Sends one request and returns the kernel's one answer.
+fn ask(request: RouteNetlinkMessage) -> Result<NetlinkMessage<RouteNetlinkMessage>, RouteError> {
+    let mut req = NetlinkMessage::new(NetlinkHeader::default(), NetlinkPayload::from(request));
+    req.header.flags = NLM_F_REQUEST;
+    req.header.sequence_number = 1;
+    req.finalize();
+    let mut buf = vec![0; req.buffer_len()];
+    req.serialize(&mut buf);
+
+    let mut socket = Socket::new(NETLINK_ROUTE)?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    socket.send(&buf, 0)?;
+    let mut answer = vec![0; 16 * 1024];
+    let n = socket.recv(&mut &mut answer[..], 0)?;
+    NetlinkMessage::<RouteNetlinkMessage>::deserialize(&answer[..n])
+        .map_err(|e| RouteError::Decode(e.to_string()))
+}
+
+/// An interface by name: its index and its kind (`veth`, `bridge`…; `None` for a physical
+/// one), or `None` when there is no such interface in this network namespace.
+pub fn link(name: &str) -> Result<Option<(u32, Option<String>)>, RouteError> {
+    let mut msg = LinkMessage::default();
+    msg.attributes.push(LinkAttribute::IfName(name.to_owned()));
+    match ask(RouteNetlinkMessage::GetLink(msg))?.payload {
+        NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => {
+            let kind = link.attributes.iter().find_map(|a| match a {
+                LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
+                    LinkInfo::Kind(k) => Some(k.to_string()),
+                    _ => None,
+                }),
+                _ => None,
+            });
+            Ok(Some((link.header.index, kind)))
+        }
+        NetlinkPayload::Error(e) if e.code.is_some_and(|c| -c.get() == libc::ENODEV) => Ok(None),
+        NetlinkPayload::Error(e) => Err(RouteError::Io(e.code.map_or_else(
+            || io::Error::other("unknown"),
+            |c| io::Error::from_raw_os_error(-c.get()),
+        ))),
         other => Err(RouteError::Decode(format!("unexpected answer {other:?}"))),
     }
 }
@@ -200,5 +234,8 @@ mod tests {
             other => panic!("expected a local route, got {other:?}"),
         }
         assert_eq!(if_name(1).unwrap(), "lo");
+        // `lo` is index 1 and has no kind; a missing interface is `None`, not an error.
+        assert_eq!(link("lo").unwrap(), Some((1, None)));
+        assert_eq!(link("pcnosuchif0").unwrap(), None);
     }
 }

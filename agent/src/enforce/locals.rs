@@ -1,17 +1,25 @@
-//! This node's pods: the host-side interface each one's addresses route through, and the
-//! programs attached to it.
+//! This node's pods: the host-side interface of each, and the programs attached to it.
 //!
-//! An interface is found by route lookup. A lookup that fails for a pod whose interface is
-//! known and still exists does not release the pod: its programs stay and it stays enforced
-//! (the failure is shown in `status` and the lookup retried at every tick). Only an interface
-//! that is gone, or a route that now leads elsewhere, changes the pod's interface.
+//! A pod's interface is the one `portcullis-cni` claimed for it on ADD (see [`crate::cni`]),
+//! while that interface exists. Without a claim, and only with `pod_interfaces: auto`, it is
+//! found by route lookup, and a bridge (shared by every pod on it) is refused. A lookup that fails for a pod whose interface is known and still
+//! exists does not release the pod: its programs stay and it stays enforced (the failure is
+//! shown in `status` and the lookup retried at every tick). Only an interface that is gone, or
+//! a route that now leads elsewhere, changes the pod's interface.
+//!
+//! A claimed interface is never detached here: it stays held (default-deny, or our programs
+//! with no endpoint behind them, which drop everything) until DEL releases it.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     net::IpAddr,
+    path::PathBuf,
+    time::SystemTime,
 };
 
 use crate::{
+    cni::{self, BadClaim, Claim},
+    config::PodInterfaces,
     datapath::{
         Attached, Links,
         route::{Interface, Routes},
@@ -41,9 +49,75 @@ struct Local {
     problem: Option<String>,
 }
 
+/// The claims `portcullis-cni` recorded, re-read when their directory changes.
+#[derive(Debug, Default)]
+struct Claims {
+    dir: Option<PathBuf>,
+    /// The directory's modification time when last read.
+    stamp: Option<SystemTime>,
+    by_pod: BTreeMap<WorkloadKey, Claim>,
+    bad: Vec<BadClaim>,
+    error: Option<String>,
+}
+
+impl Claims {
+    /// Reads the claims again if the directory changed (or `force`); whether it did.
+    fn reload(&mut self, force: bool) -> bool {
+        let Some(dir) = &self.dir else { return false };
+        let stamp = std::fs::metadata(dir).and_then(|m| m.modified()).ok();
+        if !force && stamp.is_some() && stamp == self.stamp {
+            return false;
+        }
+        self.stamp = stamp;
+        match cni::read_claims(dir) {
+            Ok((by_pod, bad)) => {
+                for b in bad.iter().filter(|b| !self.bad.contains(b)) {
+                    tracing::warn!(claim = %b.path.display(), error = %b.error, "unreadable portcullis-cni claim; skipped");
+                }
+                let changed = by_pod != self.by_pod;
+                self.by_pod = by_pod;
+                self.bad = bad;
+                self.error = None;
+                changed
+            }
+            Err(e) => {
+                if crate::journal::is_new(&mut self.error, e.to_string()) {
+                    tracing::error!(dir = %dir.display(), error = %e, "cannot read the portcullis-cni claims; keeping the last ones");
+                }
+                false
+            }
+        }
+    }
+
+    /// The claimed interface of `key`, while it exists: `Err` says why not.
+    fn interface(
+        &self,
+        key: &WorkloadKey,
+        routes: &impl Routes,
+    ) -> Option<Result<Interface, String>> {
+        let c = self.by_pod.get(key)?;
+        Some(
+            if routes.interface(c.ifindex).as_deref() == Some(c.interface.as_str()) {
+                Ok(Interface {
+                    index: c.ifindex,
+                    name: c.interface.clone(),
+                })
+            } else {
+                Err(format!(
+                    "the interface portcullis-cni recorded for it, {} (index {}), is gone",
+                    c.interface, c.ifindex
+                ))
+            },
+        )
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct LocalState {
     locals: BTreeMap<WorkloadKey, Local>,
+    /// `pod_interfaces: cni`: no route lookup, claims only.
+    claims_only: bool,
+    claims: Claims,
     attached: BTreeMap<u32, Iface>,
     /// Why attaching to an interface failed, per workload, until it succeeds.
     attach_errors: HashMap<WorkloadKey, String>,
@@ -54,6 +128,90 @@ fn label(key: &WorkloadKey) -> String {
 }
 
 impl LocalState {
+    /// Local pods' interfaces from `portcullis-cni`'s claims in `dir` and, with
+    /// [`PodInterfaces::Auto`], by route lookup for pods without one.
+    #[must_use]
+    pub fn new(mode: PodInterfaces, dir: PathBuf) -> Self {
+        Self {
+            claims_only: mode == PodInterfaces::Cni,
+            claims: Claims {
+                dir: Some(dir),
+                ..Claims::default()
+            },
+            ..Self::default()
+        }
+    }
+
+    /// Reads the claims now (the plugin asked); whether they changed.
+    pub fn reload_claims(&mut self) -> bool {
+        self.claims.reload(true)
+    }
+
+    /// Interfaces held for a claim: never detached until the claim goes.
+    #[must_use]
+    pub fn claimed(&self, routes: &impl Routes) -> HashSet<u32> {
+        self.claims
+            .by_pod
+            .keys()
+            .filter_map(|k| self.claims.interface(k, routes)?.ok())
+            .map(|i| i.index)
+            .collect()
+    }
+
+    /// What the agent tells the plugin about the pod of container `container_id`: whether it
+    /// is enforced, and if not why.
+    #[must_use]
+    pub fn enrollment(&self, container_id: &str) -> (bool, String) {
+        let Some((key, claim)) = self
+            .claims
+            .by_pod
+            .iter()
+            .find(|(_, c)| c.container_id == container_id)
+        else {
+            return (
+                false,
+                format!(
+                    "no claim of container {container_id} (or a later container of its pod replaced it)"
+                ),
+            );
+        };
+        let Some(l) = self.locals.get(key) else {
+            return (
+                false,
+                format!(
+                    "{} is not a workload of this node in cluster state yet",
+                    label(key)
+                ),
+            );
+        };
+        if self
+            .attached
+            .get(&claim.ifindex)
+            .is_some_and(|a| a.key == *key)
+        {
+            return (true, format!("enforced on {}", claim.interface));
+        }
+        let why = self
+            .attach_errors
+            .get(key)
+            .cloned()
+            .or_else(|| l.problem.clone())
+            .unwrap_or_else(|| "its endpoint is not programmed yet".to_owned());
+        (false, why)
+    }
+
+    /// Claimed pods that are no local workload (yet): their interfaces are held in
+    /// default-deny.
+    #[must_use]
+    pub fn held(&self) -> Vec<(String, String)> {
+        self.claims
+            .by_pod
+            .iter()
+            .filter(|(k, _)| !self.locals.contains_key(*k))
+            .map(|(k, c)| (label(k), c.interface.clone()))
+            .collect()
+    }
+
     /// The interface of local workload `namespace/name`, once found.
     #[must_use]
     pub fn interface(&self, namespace: &str, name: &str) -> Option<&Interface> {
@@ -73,6 +231,7 @@ impl LocalState {
     /// returns the addresses whose local endpoint may change.
     pub fn refresh(&mut self, index: &Index, routes: &impl Routes) -> HashSet<IpAddr> {
         let mut touched = HashSet::new();
+        self.claims.reload(false);
         let now: BTreeMap<WorkloadKey, (SpiffeId, Vec<IpAddr>)> = index
             .local_workloads()
             .map(|w| (w.key(), (w.identity.clone(), w.addresses.clone())))
@@ -99,7 +258,24 @@ impl LocalState {
                 l.addresses = addresses;
             }
             let before = l.iface.clone();
-            resolve(&key, l, routes);
+            match self.claims.interface(&key, routes) {
+                Some(Ok(iface)) => {
+                    if l.iface.as_ref() != Some(&iface) {
+                        tracing::info!(workload = %label(&key), interface = %iface.name, ifindex = iface.index, "the pod's interface, as portcullis-cni recorded it");
+                    }
+                    l.iface = Some(iface);
+                    l.problem = None;
+                }
+                Some(Err(why)) if self.claims_only => {
+                    l.iface = None;
+                    l.problem = Some(why);
+                }
+                None if self.claims_only => {
+                    l.iface = None;
+                    l.problem = Some("portcullis-cni recorded no interface for it (pod_interfaces: cni): is portcullis-cni chained in the node's CNI configuration?".to_owned());
+                }
+                _ => resolve(&key, l, routes),
+            }
             if l.iface != before {
                 touched.extend(l.addresses.iter().copied());
             }
@@ -222,6 +398,12 @@ fn resolve(key: &WorkloadKey, l: &mut Local, routes: &impl Routes) {
     let mut failure = None;
     for addr in &l.addresses {
         match routes.lookup(*addr) {
+            Ok(iface) if l.iface.as_ref() != Some(&iface) && routes.is_bridge(&iface) => {
+                failure.get_or_insert(format!(
+                    "{addr} routes through {}, a bridge every pod on it shares: the pod's own interface is known only from portcullis-cni (a pod started before the plugin was chained needs a restart)",
+                    iface.name
+                ));
+            }
             Ok(iface) => {
                 if l.iface.as_ref() != Some(&iface) {
                     tracing::info!(workload = %label(key), %addr, interface = %iface.name, ifindex = iface.index, "found the pod's interface");

@@ -296,3 +296,98 @@ fn a_nearly_full_name_map_numbers_local_pods_first_and_says_when_it_cannot() {
         "{pending:?}"
     );
 }
+
+/// On a bridge every pod's address routes through the bridge: with `pod_interfaces: cni` the
+/// pod's interface is the veth `portcullis-cni` claimed, never the route's; a claimed
+/// interface stays held (not detached) while its pod is no workload, and is released with
+/// its claim.
+#[test]
+fn claimed_interfaces_win_over_routes_and_stay_held_until_the_claim_goes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = World::new();
+    w.e = std::mem::take(&mut w.e).with_pod_interfaces(PodInterfaces::Cni, dir.path().into());
+    // Both pods route through the bridge, index 3.
+    w.e.routes().pod("198.18.1.2", 3);
+    w.e.routes().pod("198.18.1.3", 3);
+    w.e.routes().links.borrow_mut().insert(8, "veth8".into());
+    w.index.upsert(workload("web", "n1", "198.18.1.2"));
+    w.index.upsert(workload("db", "n1", "198.18.1.3"));
+    w.apply();
+    assert!(
+        w.maps.links.is_empty(),
+        "no claim: no interface, whatever the route says"
+    );
+    assert_eq!(w.e.locals().pending().len(), 2);
+    let claim = crate::cni::Claim {
+        container_id: "c1".into(),
+        namespace: "default".into(),
+        name: "web".into(),
+        uid: String::new(),
+        interface: "veth8".into(),
+        ifindex: 8,
+        netns: "/run/netns/web".into(),
+        addresses: Vec::new(),
+        added_unix_ms: 1,
+    };
+    crate::cni::write_claim(dir.path(), &claim).unwrap();
+    w.e.claims_changed(&mut w.maps, &mut w.names, &w.index, &w.policy);
+    assert_eq!(w.maps.links, [8].into());
+    assert_eq!(w.ep("198.18.1.2").unwrap().ifindex, 8);
+    assert!(w.e.locals().enrollment("c1").0);
+    assert_eq!(w.e.locals().pending()[0].0, "default/db");
+    // The pod leaves cluster state before DEL: its endpoint goes, its links stay.
+    w.index.remove("default", "web");
+    w.apply();
+    assert!(w.ep("198.18.1.2").is_none());
+    assert_eq!(w.maps.links, [8].into(), "held until DEL");
+    assert_eq!(
+        w.e.locals().held(),
+        [("default/web".to_owned(), "veth8".to_owned())]
+    );
+    assert!(!w.e.locals().enrollment("c1").0);
+    // DEL: the claim goes, and so do the links.
+    crate::cni::remove_claim(dir.path(), "c1").unwrap();
+    w.e.claims_changed(&mut w.maps, &mut w.names, &w.index, &w.policy);
+    assert!(w.maps.links.is_empty());
+    assert!(w.e.locals().held().is_empty());
+}
+
+/// With `pod_interfaces: auto` a pod without a claim is found by route, unless the route leads
+/// to a bridge; a claim, once there, wins.
+#[test]
+fn without_a_claim_a_route_through_a_bridge_is_refused_and_a_veth_route_is_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = World::new();
+    w.e = std::mem::take(&mut w.e).with_pod_interfaces(PodInterfaces::Auto, dir.path().into());
+    w.e.routes().pod("198.18.1.2", 3);
+    w.e.routes().bridges.borrow_mut().insert(3);
+    w.e.routes().pod("198.18.1.9", 9);
+    w.index.upsert(workload("web", "n1", "198.18.1.2"));
+    w.index.upsert(workload("ptp", "n1", "198.18.1.9"));
+    w.apply();
+    assert_eq!(
+        w.maps.links,
+        [9].into(),
+        "the veth route is taken, the bridge is not"
+    );
+    let pending = w.e.locals().pending();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].0, "default/web");
+    assert!(pending[0].1.contains("bridge"), "{pending:?}");
+    w.e.routes().links.borrow_mut().insert(8, "veth8".into());
+    let claim = crate::cni::Claim {
+        container_id: "c1".into(),
+        namespace: "default".into(),
+        name: "web".into(),
+        uid: String::new(),
+        interface: "veth8".into(),
+        ifindex: 8,
+        netns: "/run/netns/web".into(),
+        addresses: Vec::new(),
+        added_unix_ms: 1,
+    };
+    crate::cni::write_claim(dir.path(), &claim).unwrap();
+    w.e.claims_changed(&mut w.maps, &mut w.names, &w.index, &w.policy);
+    assert_eq!(w.maps.links, [8, 9].into());
+    assert!(w.e.locals().pending().is_empty());
+}
