@@ -2,7 +2,9 @@
 # Brings a bare Debian 12 machine to the point where `cargo xtask …` works:
 # LLVM 22 (bpf-linker must link against the same LLVM major as rustc), the pinned
 # toolchain with rust-src (eBPF needs build-std=core), bpf-linker, iproute2, iperf3, ping,
-# stunnel4 and nftables (benchmark baselines).
+# stunnel4 and nftables (benchmark baselines), podman and runc (`cargo xtask image` and the
+# image test: Debian's default runtime, crun, refuses a hybrid cgroup layout; runc does not),
+# and the reference CNI plugins (containernetworking-plugins: the testbed wires pods with them).
 # Idempotent: every step checks first, so a rerun on a ready machine takes seconds.
 set -euo pipefail
 
@@ -12,7 +14,7 @@ llvm_major=22
 log() { printf '[bootstrap] %s\n' "$*" >&2; }
 
 need_pkgs=()
-for p in "llvm-${llvm_major}-dev" "clang-${llvm_major}" bpftool iproute2 iperf3 iputils-ping stunnel4 nftables g++ libpolly-${llvm_major}-dev zlib1g-dev libzstd-dev; do
+for p in "llvm-${llvm_major}-dev" "clang-${llvm_major}" bpftool iproute2 iperf3 iputils-ping stunnel4 nftables g++ libpolly-${llvm_major}-dev zlib1g-dev libzstd-dev podman runc containernetworking-plugins; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$p")
 done
 if ((${#need_pkgs[@]})); then

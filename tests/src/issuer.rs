@@ -368,7 +368,7 @@ impl Testbed {
         self.issuer_dir().join("audit.jsonl")
     }
 
-    fn issuer_config(&self, k: usize) -> PathBuf {
+    pub(crate) fn issuer_config(&self, k: usize) -> PathBuf {
         self.issuer_dir().join(format!("issuer{k}.yaml"))
     }
 

@@ -20,6 +20,7 @@ pub mod cgroup;
 pub mod cli;
 pub mod cluster;
 pub mod cmd;
+pub mod container;
 pub mod info;
 pub mod issuer;
 pub mod kube_api;

@@ -7,6 +7,7 @@ mod bench;
 mod cargo;
 mod demo;
 mod fuzz;
+mod image;
 mod soak;
 mod test;
 mod testbed;
@@ -37,6 +38,10 @@ enum Command {
     /// The restart loop of the fault suite for many rounds (default 20): an agent SIGKILLed
     /// and restarted under load, with counted outcomes.
     Soak(soak::Args),
+    /// The container image from this checkout, with podman and no registry: release
+    /// binaries, a local base of the libraries they link, deploy/Dockerfile's `prebuilt`
+    /// stage; tagged localhost/portcullis:dev by default.
+    Image(image::Args),
 }
 
 fn main() {
@@ -48,6 +53,7 @@ fn main() {
         Command::Bench(args) => bench::run(args),
         Command::Fuzz(args) => fuzz::run(args),
         Command::Soak(args) => soak::run(args),
+        Command::Image(args) => image::run(args),
     };
     match result {
         Ok(code) => std::process::exit(code),
