@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
+use crate::cni::Wiring;
 use crate::{cgroup, cluster, netns};
 
 /// Parent of every testbed's state directory.
@@ -66,6 +67,25 @@ pub struct NodeInfo {
     pub bpffs_dir: PathBuf,
     /// The agent's address as published in cluster.yaml.
     pub agent_address: SocketAddr,
+    /// How its pods are wired.
+    #[serde(default)]
+    pub wiring: Wiring,
+    /// With CNI wiring: the network list (`net.d/`), IPAM state, cached results and
+    /// `portcullis-cni`'s claims, all below this directory.
+    #[serde(default)]
+    pub cni_dir: PathBuf,
+}
+
+impl NodeInfo {
+    /// The network configuration list the node's runtime uses.
+    pub fn conflist(&self) -> PathBuf {
+        self.cni_dir.join("net.d").join("10-testbed.conflist")
+    }
+
+    /// Where `portcullis-cni` records its claims (the agent's `cni_state_dir`).
+    pub fn cni_claims(&self) -> PathBuf {
+        self.cni_dir.join("claims")
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -86,6 +106,9 @@ pub struct PodInfo {
     /// Host end of the pod's veth, inside the node namespace.
     pub host_veth: String,
     pub cgroup: PathBuf,
+    /// With CNI wiring: the sandbox's container ID (`CNI_CONTAINERID`).
+    #[serde(default)]
+    pub container_id: String,
 }
 
 impl PodInfo {

@@ -20,6 +20,7 @@ pub mod cgroup;
 pub mod cli;
 pub mod cluster;
 pub mod cmd;
+pub mod cni;
 pub mod container;
 pub mod info;
 pub mod issuer;
@@ -35,6 +36,7 @@ mod teardown;
 mod testbed;
 
 pub use agent::ensure_bpffs;
+pub use cni::Wiring;
 pub use cluster::{AgentConfig, ClusterFile, ClusterNode, Workload};
 pub use info::{NodeInfo, PodInfo, STATE_ROOT, TestbedInfo};
 pub use spec::{NodeSpec, PodSpec, Spec};

@@ -121,6 +121,24 @@ pub fn sysctl_get(netns: &str, key: &str) -> Result<String> {
         .map_err(|_| anyhow!("the sysctl thread panicked"))?
 }
 
+/// The index of interface `ifname` inside namespace `netns`.
+pub fn ifindex(netns: &str, ifname: &str) -> Result<u32> {
+    let fd = open(netns)?;
+    let name = std::ffi::CString::new(ifname)?;
+    let worker = std::thread::spawn(move || -> Result<u32> {
+        setns(&fd)?;
+        // SAFETY: a NUL-terminated name.
+        match unsafe { libc::if_nametoindex(name.as_ptr()) } {
+            0 => Err(std::io::Error::last_os_error().into()),
+            i => Ok(i),
+        }
+    });
+    worker
+        .join()
+        .map_err(|_| anyhow!("the ifindex thread panicked"))?
+        .with_context(|| format!("no interface {ifname} in {netns}"))
+}
+
 /// Checks a name is acceptable as a Linux interface name.
 pub fn check_ifname(name: &str) -> Result<()> {
     if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', ':']) {

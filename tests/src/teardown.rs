@@ -40,6 +40,10 @@ pub fn teardown_id(id: &str) -> Vec<String> {
     let state_dir = info::state_dir(id);
     let mut errors = Vec::new();
 
+    // Containers the image tests ran (`<prefix>-agent-<node>`, `<prefix>-issuer<k>`): a test
+    // killed before its handles dropped leaves them running.
+    errors.extend(remove_containers(&prefix));
+
     // Agents recorded in pid files. Normally they are in our cgroup and cgroup.kill below gets
     // them anyway; this catches one whose cgroup move failed. The pid is checked to still be
     // in the testbed's cgroup, so a recycled pid is never signalled.
@@ -131,4 +135,35 @@ pub fn leftovers(id: &str) -> Vec<String> {
         }
     }
     found
+}
+
+/// Removes the podman containers whose names start with `<prefix>-` (none when podman is not
+/// installed).
+fn remove_containers(prefix: &str) -> Vec<String> {
+    let Ok(out) = crate::container::podman()
+        .args(["ps", "-a", "-q", "--filter", &format!("name=^{prefix}-")])
+        .output()
+    else {
+        return Vec::new();
+    };
+    let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    if ids.is_empty() {
+        return Vec::new();
+    }
+    match crate::container::podman()
+        .args(["rm", "-f", "-t", "0"])
+        .args(&ids)
+        .output()
+    {
+        Ok(o) if o.status.success() => Vec::new(),
+        Ok(o) => vec![format!(
+            "podman rm -f {}: {}",
+            ids.join(" "),
+            String::from_utf8_lossy(&o.stderr).trim()
+        )],
+        Err(e) => vec![format!("podman rm: {e}")],
+    }
 }

@@ -22,6 +22,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 
 use crate::cluster::{AgentConfig, ClusterFile, ClusterNode};
+use crate::cni::Wiring;
 use crate::info::{self, BPFFS_ROOT, NodeInfo, PodInfo, TestbedInfo};
 use crate::spec::Spec;
 use crate::{cgroup, cmd, netns, process, teardown};
@@ -67,6 +68,10 @@ pub struct Options {
     pub detach_agents: bool,
     /// How long to wait for an agent's admin socket to appear.
     pub agent_ready_timeout: Duration,
+    /// How every node's pods are wired; `None`: as a cluster's nodes are, through the
+    /// reference CNI plugins with `portcullis-cni` chained after them, `ptp` on odd nodes and
+    /// `bridge` on even ones.
+    pub wiring: Option<Wiring>,
 }
 
 impl Default for Options {
@@ -85,15 +90,18 @@ impl Default for Options {
             trust_domain: "cluster.local".into(),
             detach_agents: false,
             agent_ready_timeout: Duration::from_secs(20),
+            wiring: None,
         }
     }
 }
 
 impl Options {
-    /// Options for a testbed with no agents (plain connectivity).
+    /// Options for a testbed with no agents (plain connectivity, or agents a test starts
+    /// itself): wired directly, since no CNI plugin of ours runs where no agent does.
     pub fn without_agents() -> Self {
         Options {
             agents: false,
+            wiring: Some(Wiring::Direct),
             ..Options::default()
         }
     }
@@ -283,6 +291,12 @@ impl Testbed {
             pid_file: sd.join(format!("{name}.pid")),
             bpffs_dir: self.info.bpffs_root.join(name),
             agent_address: SocketAddr::new(ipv4.into(), AGENT_PORT),
+            wiring: self.opts.wiring.unwrap_or(if index % 2 == 1 {
+                Wiring::Ptp
+            } else {
+                Wiring::Bridge
+            }),
+            cni_dir: sd.join(format!("{name}-cni")),
         };
         netns::check_ifname(&node.fabric_veth)?;
         // Recorded before creation so that a failure halfway is still torn down by name.
@@ -329,7 +343,79 @@ impl Testbed {
         for cg in [&node.agent_cgroup, &node.pods_cgroup, &node.host_cgroup] {
             cgroup::create(cg)?;
         }
+        if node.wiring.is_cni() {
+            // No duplicate address detection on the interfaces the plugins make: a tentative
+            // address would hold every new pod's IPv6 for a second or two.
+            netns::sysctl(
+                &ns,
+                &[("net.ipv6.conf.default.accept_dad".into(), "0".into())],
+            )?;
+            self.write_network_list(&node)?;
+        }
         Ok(())
+    }
+
+    /// The node's network configuration list: the reference plugin of its wiring with
+    /// `host-local` addresses from the node's pod subnets (the pod's own asked for through the
+    /// `ips` capability), and `portcullis-cni` chained after it (from the agent binary's
+    /// directory): a pod made while the node's agent is down (or not started yet) is held.
+    fn write_network_list(&self, node: &NodeInfo) -> Result<()> {
+        let i = node.index;
+        let ipam = serde_json::json!({
+            "type": "host-local",
+            "dataDir": node.cni_dir.join("ipam"),
+            "ranges": [
+                [{"subnet": node.pod_cidr_v4, "gateway": format!("198.18.{i}.1")}],
+                [{"subnet": node.pod_cidr_v6, "gateway": format!("fd00:18:{i:x}::1")}],
+            ],
+            "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}],
+        });
+        let main = match node.wiring {
+            Wiring::Ptp => serde_json::json!({
+                "type": "ptp", "ipMasq": false, "ipam": ipam, "capabilities": {"ips": true},
+            }),
+            Wiring::Bridge => serde_json::json!({
+                "type": "bridge", "bridge": crate::cni::BRIDGE, "isGateway": true,
+                "ipMasq": false, "hairpinMode": false, "ipam": ipam,
+                "capabilities": {"ips": true},
+            }),
+            Wiring::Direct => bail!("node {} is wired directly, without CNI", node.name),
+        };
+        let mut plugins = vec![main];
+        if self.info.agent_bin.is_some() {
+            plugins.push(serde_json::json!({
+                "type": "portcullis-cni",
+                "bpffsDir": node.bpffs_dir,
+                "adminSocket": node.admin_socket,
+                "stateDir": node.cni_claims(),
+                "enrollTimeoutMs": crate::cni::ENROLL_TIMEOUT_MS,
+            }));
+        }
+        let list = serde_json::json!({
+            "cniVersion": crate::cni::CNI_VERSION,
+            "name": format!("{}-{}", self.info.prefix, node.name),
+            "plugins": plugins,
+        });
+        let path = node.conflist();
+        std::fs::create_dir_all(path.parent().context("conflist dir")?)?;
+        crate::cluster::write_atomic(&path, &serde_json::to_vec_pretty(&list)?)
+    }
+
+    /// The node's network list, with the directories its plugins are found in: the
+    /// reference plugins, and `portcullis-cni` next to the agent binary.
+    pub fn network_list(&self, node: &str) -> Result<crate::cni::NetworkList> {
+        let node = self.info.node(node)?;
+        let text = std::fs::read(node.conflist())
+            .with_context(|| format!("reading {}", node.conflist().display()))?;
+        let mut path = vec![PathBuf::from(crate::cni::REFERENCE_PLUGINS)];
+        if let Some(dir) = self.info.agent_bin.as_ref().and_then(|b| b.parent()) {
+            path.push(dir.to_owned());
+        }
+        Ok(crate::cni::NetworkList {
+            list: serde_json::from_slice(&text)?,
+            path,
+            cache_dir: node.cni_dir.join("results"),
+        })
     }
 
     /// Every node routes every other node's pod subnets to that node (a flat L2 fabric with
@@ -436,6 +522,13 @@ impl Testbed {
         }
         for n in &self.info.nodes {
             let mut extra = extra.clone();
+            if n.wiring.is_cni() {
+                // `pod_interfaces` stays the default, `auto`, as the DaemonSet ships it.
+                extra.insert(
+                    "cni_state_dir".to_owned(),
+                    n.cni_claims().to_string_lossy().into_owned().into(),
+                );
+            }
             if self.issuers()
                 && let Some(serde_yaml::Value::Mapping(identity)) = extra.get_mut("identity")
             {

@@ -12,7 +12,7 @@ use std::{
 
 use serde_json::{Value, json};
 use testbed::{
-    NodeSpec, Options, PodSpec, Spec, Testbed,
+    NodeSpec, Options, PodSpec, Spec, Testbed, Wiring,
     bpfmap::PinnedMap,
     scenario::{Family, Scenario, eventually, ok},
 };
@@ -77,9 +77,17 @@ fn interface(s: &Scenario<'_>, node: &str, workload: &str) -> Option<Value> {
 /// detach its programs: an unenforced pod, until the lookup worked again. Now the pod stays
 /// enforced on the interface it had (which still exists), `status` says why, and the lookup is
 /// retried until it works.
+///
+/// Route lookup is how a directly wired node (no `portcullis-cni` records) finds interfaces.
 #[test]
 fn a_failing_route_lookup_keeps_a_live_pod_enforced() {
-    let tb = up(&pair(), &Options::default());
+    let tb = up(
+        &pair(),
+        &Options {
+            wiring: Some(Wiring::Direct),
+            ..Options::default()
+        },
+    );
     let s = scenario(&tb);
     let server = tb.pod("server").clone();
     let label = "default/server";

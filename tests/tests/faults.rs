@@ -15,7 +15,7 @@ use std::{
 
 use serde_json::{Value, json};
 use testbed::{
-    NodeSpec, Options, PodSpec, Spec, Testbed,
+    NodeSpec, Options, PodSpec, Spec, Testbed, Wiring,
     cluster::Workload,
     scenario::{Family, Scenario, Server, counter, eventually, last_json, ok, sock},
 };
@@ -1088,7 +1088,8 @@ fn a_flow_table_flood_evicts_visibly_and_admits_nothing_unauthenticated() {
 /// a pod's interface vanishes and comes back (new index); the agent's pinned links are removed
 /// from bpffs (they take the programs with them); a pod is deleted while a handshake for it
 /// is under way. And a SYN-timeout cgroup that does not exist stops the agent at start with
-/// the path named, and it starts once the path exists.
+/// the path named, and it starts once the path exists. (Directly wired: an interface that
+/// vanishes and comes back without CNI DEL and ADD is found again by route.)
 #[test]
 fn interface_loss_pin_loss_and_a_pod_deleted_mid_handshake_are_survived() {
     let spec = Spec {
@@ -1106,7 +1107,13 @@ fn interface_loss_pin_loss_and_a_pod_deleted_mid_handshake_are_survived() {
             ),
         ],
     };
-    let mut tb = up(&spec, &handshaking());
+    let mut tb = up(
+        &spec,
+        &Options {
+            wiring: Some(Wiring::Direct),
+            ..handshaking()
+        },
+    );
     let server_label = "default/server";
     let s = scenario(&tb);
     let _server = s.serve("server", PORT);

@@ -365,14 +365,16 @@ fn the_agent_keeps_only_cap_bpf_and_cap_net_admin_once_set_up() {
     let s = scenario(&tb);
     let _server = s.serve("late", PORT);
     let late = s.addr("late", Family::V4);
-    // It attaches the programs to the new pod's interface…
+    // It puts its programs on the new pod's interface: into the links `portcullis-cni`
+    // pinned on ADD (adopted), or attached anew on a directly wired node…
     let mut st = Value::Null;
     assert!(
         eventually(Duration::from_secs(10), || {
             st = s.status("node-2");
             st["interfaces"].as_array().is_some_and(|is| {
                 is.iter().any(|i| {
-                    i["attached"] == "new" && i["addresses"].to_string().contains(&late.to_string())
+                    i["interface"] == tb.pod("late").host_veth.as_str()
+                        && i["addresses"].to_string().contains(&late.to_string())
                 })
             })
         }),

@@ -345,7 +345,13 @@ fn arp_claiming_another_pods_address_is_dropped_and_the_pods_own_arp_passes() {
     // Genuine: the pod's own address, and a probe. Requests are answered (proxy ARP for the
     // remote pod, the node's own address for the probe), and nothing is counted as spoofed.
     let before = s.status("node-1");
-    let asked = arp_from_frontend(&tb, ("request", &own, &backend), &n, None);
+    // Asked of the pod's gateway (on a directly wired node, proxy ARP answers for the remote
+    // pod).
+    let gateway = tb
+        .gateway_v4("frontend")
+        .expect("frontend's gateway")
+        .map_or_else(|| backend.clone(), |g| g.to_string());
+    let asked = arp_from_frontend(&tb, ("request", &own, &gateway), &n, None);
     let probed = arp_from_frontend(&tb, ("request", "0.0.0.0", &node_ip), &n, None);
     let announced = arp_from_frontend(&tb, ("reply", &own, &node_ip), &n, None);
     let control_before = counter(&before, "pass_control");
@@ -444,8 +450,12 @@ fn neighbour_discovery_and_mld_from_another_pods_address_are_dropped_and_link_lo
 
     // Genuine: from the pod's link-local address, and an advertisement of the pod's own
     // global address from that address.
+    let gateway = tb
+        .gateway_v6("frontend")
+        .expect("frontend's gateway")
+        .to_string();
     let genuine: Vec<(&str, &str, Option<&str>, u16)> = vec![
-        ("ns", &ll, None, 201),
+        ("ns", &ll, Some(&gateway), 201),
         ("na", &ll, Some(&own), 202),
         ("mld", &ll, None, 203),
         ("na", &own, None, 204),

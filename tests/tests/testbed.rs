@@ -350,6 +350,8 @@ fn agents_start_in_their_node_and_stop() {
         &Spec::two_nodes(1),
         &Options {
             agent_bin: Some(fake.clone()),
+            // The fake agent comes without a `portcullis-cni` beside it.
+            wiring: Some(testbed::Wiring::Direct),
             ..Options::default()
         },
     );

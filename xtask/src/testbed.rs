@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Subcommand;
-use testbed::{Options, Spec, Testbed, TestbedInfo};
+use testbed::{Options, Spec, Testbed, TestbedInfo, Wiring};
 
 use crate::cargo;
 
@@ -36,6 +36,11 @@ enum Cmd {
         /// log_level written into the agent configs.
         #[arg(long, default_value = "debug")]
         log_level: String,
+        /// How pods are wired on every node: `ptp` or `bridge` (the reference CNI plugins,
+        /// with portcullis-cni chained), or `direct` (the testbed's own veths, no CNI);
+        /// default: `ptp` on odd nodes and `bridge` on even ones.
+        #[arg(long, value_parser = ["direct", "ptp", "bridge"])]
+        wiring: Option<String>,
     },
     /// Remove a testbed (by id, e.g. 1a2b or pc1a2b) or all of them, also after a crash.
     Down {
@@ -71,7 +76,15 @@ pub fn run(args: Args) -> Result<i32> {
             no_identity,
             agent_bin,
             log_level,
-        } => up(spec, no_agents, no_identity, agent_bin, log_level),
+            wiring,
+        } => up(
+            spec,
+            no_agents,
+            no_identity,
+            agent_bin,
+            log_level,
+            wiring.as_deref(),
+        ),
         Cmd::Down { id, all } => down(id, all),
         Cmd::Status { id, json } => status(id, json),
         Cmd::Exec { id, target, cmd } => exec(id, &target, &cmd),
@@ -84,7 +97,16 @@ fn up(
     no_identity: bool,
     agent_bin: Option<PathBuf>,
     log_level: String,
+    wiring: Option<&str>,
 ) -> Result<i32> {
+    let wiring = match wiring {
+        None if no_agents => Some(Wiring::Direct),
+        None => None,
+        Some("direct") => Some(Wiring::Direct),
+        Some("ptp") => Some(Wiring::Ptp),
+        Some("bridge") => Some(Wiring::Bridge),
+        Some(other) => anyhow::bail!("--wiring {other}: not direct, ptp or bridge"),
+    };
     let spec = match spec {
         Some(path) => Spec::load(&path)?,
         None => Spec::two_nodes(2),
@@ -101,6 +123,7 @@ fn up(
         authenticate: !no_identity,
         issuer_replicas: 2,
         detach_agents: true,
+        wiring,
         ..Options::default()
     };
     let tb = Testbed::up(&spec, &opts)?;
@@ -188,8 +211,8 @@ fn print_summary(info: &TestbedInfo) {
             }
         };
         println!(
-            "    {:<12} {:<15} {:<16} pods {} / {}  netns {}  {agent}",
-            n.name, n.ipv4, n.ipv6, n.pod_cidr_v4, n.pod_cidr_v6, n.netns
+            "    {:<12} {:<15} {:<16} pods {} / {}  wired {:?}  netns {}  {agent}",
+            n.name, n.ipv4, n.ipv6, n.pod_cidr_v4, n.pod_cidr_v6, n.wiring, n.netns
         );
     }
     println!("  pods:");
