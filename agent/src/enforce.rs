@@ -557,14 +557,36 @@ impl<R: Routes> Enforcer<R> {
     fn links(&mut self, links: &mut impl Links) {
         let wanted: HashSet<u32> = self.local_ifaces.keys().copied().collect();
         self.locals.attach(links, &wanted);
-        let held = self.locals.claimed(&self.routes);
+        let claimed = self.locals.claimed(&self.routes);
+        // A held interface whose pins are gone (removed from outside, or by an agent that
+        // took them for leftovers) gets our programs: with no endpoint behind them they drop
+        // everything, as the plugin's did.
+        for iface in &claimed {
+            if !wanted.contains(&iface.index) && !links.pinned(iface.index) {
+                match links.attach(iface) {
+                    Ok(_) => {
+                        tracing::warn!(interface = %iface.name, ifindex = iface.index, "a held interface had lost its links; holding it with ours")
+                    }
+                    Err(e) => {
+                        tracing::error!(interface = %iface.name, ifindex = iface.index, error = %e, "a held interface lost its links and cannot be held again; retrying at the next tick")
+                    }
+                }
+            }
+        }
+        let held: HashSet<u32> = claimed.iter().map(|i| i.index).collect();
+        // Until the claims were read, a pinned link may be one a claim holds: keep it.
+        let leftovers = if self.locals.claims_read() {
+            std::mem::take(&mut self.leftover_pins)
+        } else {
+            Vec::new()
+        };
         // Interfaces held for claims that are gone now are released like any other.
         let unheld: Vec<u32> = self.held.difference(&held).copied().collect();
         let mut released: Vec<u32> = self
             .locals
             .attached_indices()
             .into_iter()
-            .chain(self.leftover_pins.iter().copied())
+            .chain(leftovers)
             .chain(unheld)
             .filter(|i| !wanted.contains(i))
             .collect();
@@ -593,7 +615,6 @@ impl<R: Routes> Enforcer<R> {
                 }
             }
         }
-        self.leftover_pins.clear();
     }
 }
 

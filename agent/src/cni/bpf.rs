@@ -28,6 +28,10 @@ const BPF_LINK_TYPE_TCX: u32 = 11;
 /// With `relative_fd` 0: ahead of every program already attached.
 const BPF_F_BEFORE: u32 = 1 << 3;
 
+// The instructions below are written as little-endian `struct bpf_insn`s.
+#[cfg(not(target_endian = "little"))]
+compile_error!("portcullis-cni's default-deny program is encoded for little-endian hosts");
+
 /// `r0 = TC_ACT_SHOT; exit`: every packet dropped, whatever follows in the chain.
 const DENY: [u64; 2] = [
     // BPF_ALU64 | BPF_MOV | BPF_K, dst r0, imm 2

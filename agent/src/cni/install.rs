@@ -1,7 +1,9 @@
 //! Installing the plugin on a node (the DaemonSet's init container) and removing it: the
 //! binary into the host's CNI binary directory, and an entry chained at the end of the
-//! network configuration list the runtime uses (the first in name order in the
-//! configuration directory, as containerd and CRI-O choose it).
+//! network configuration list the runtime uses (the first `*.conf`, `*.conflist` or `*.json`
+//! in name order in the configuration directory, as containerd and CRI-O choose it). A
+//! single-plugin `.conf` cannot have a plugin chained after it, and a list of a spec version
+//! the plugin does not speak would fail every ADD: both are refused, never skipped.
 
 use std::{
     fs, io,
@@ -10,6 +12,8 @@ use std::{
 };
 
 use serde_json::{Map, Value, json};
+
+use super::plugin::SUPPORTED_VERSIONS;
 
 /// The plugin's `type`, and its binary's name.
 pub const PLUGIN: &str = "portcullis-cni";
@@ -24,6 +28,18 @@ pub enum InstallError {
     NoConfList { dir: PathBuf },
     #[error("{path}: {why}")]
     Bad { path: PathBuf, why: String },
+    #[error(
+        "{path} is the configuration the runtime uses, and it is a single plugin (no `plugins` list): nothing can be chained after it; convert it into a .conflist (its plugin as the list's one entry)"
+    )]
+    SinglePlugin { path: PathBuf },
+    #[error(
+        "{path} declares cniVersion {version}; portcullis-cni supports {supported}: every ADD would fail"
+    )]
+    Version {
+        path: PathBuf,
+        version: String,
+        supported: String,
+    },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> InstallError + '_ {
@@ -67,13 +83,17 @@ fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<(), InstallE
     fs::rename(&tmp, path).map_err(io_err(path))
 }
 
-/// The network configuration list the runtime uses: the first `*.conflist` by name.
+/// The network configuration the runtime uses: the first `*.conf`, `*.conflist` or `*.json`
+/// by name.
 pub fn active_conflist(conf_dir: &Path) -> Result<PathBuf, InstallError> {
     let mut lists: Vec<PathBuf> = fs::read_dir(conf_dir)
         .map_err(io_err(conf_dir))?
         .filter_map(Result::ok)
         .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "conflist"))
+        .filter(|p| {
+            p.extension()
+                .is_some_and(|e| e == "conflist" || e == "conf" || e == "json")
+        })
         .filter(|p| {
             !p.file_name()
                 .is_some_and(|n| n.as_encoded_bytes().starts_with(b"."))
@@ -96,6 +116,9 @@ fn read_list(path: &Path) -> Result<Map<String, Value>, InstallError> {
     };
     match serde_json::from_slice(&bytes).map_err(|e| bad(format!("not JSON: {e}")))? {
         Value::Object(m) if m.get("plugins").is_some_and(Value::is_array) => Ok(m),
+        Value::Object(m) if m.contains_key("type") => Err(InstallError::SinglePlugin {
+            path: path.to_owned(),
+        }),
         _ => Err(bad(
             "not a network configuration list (no `plugins` array)".into()
         )),
@@ -126,6 +149,18 @@ pub fn install(
     write_atomically(&bin_dir.join(PLUGIN), &bytes, 0o755)?;
     let path = active_conflist(conf_dir)?;
     let mut list = read_list(&path)?;
+    let version = list
+        .get("cniVersion")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    if !SUPPORTED_VERSIONS.contains(&version.as_str()) {
+        return Err(InstallError::Version {
+            path,
+            version,
+            supported: SUPPORTED_VERSIONS.join(", "),
+        });
+    }
     let chain = plugins(&mut list);
     chain.retain(|p| !is_ours(p));
     chain.push(entry.to_json());
@@ -231,5 +266,19 @@ mod tests {
             uninstall(&bin, &conf).unwrap().is_empty(),
             "twice is no error"
         );
+        // A single-plugin file first in name order, or a list of another spec version, is
+        // refused, not passed over.
+        let single = json!({"cniVersion": "1.0.0", "name": "k8s", "type": "ptp"});
+        fs::write(conf.join("05-ptp.conf"), single.to_string()).unwrap();
+        assert!(matches!(
+            install(&plugin, &bin, &conf, &entry()),
+            Err(InstallError::SinglePlugin { .. })
+        ));
+        fs::remove_file(conf.join("05-ptp.conf")).unwrap();
+        let mut newer = original.clone();
+        newer["cniVersion"] = json!("2.0.0");
+        fs::write(conf.join("10-ptp.conflist"), newer.to_string()).unwrap();
+        let e = install(&plugin, &bin, &conf, &entry()).unwrap_err();
+        assert!(e.to_string().contains("2.0.0"), "{e}");
     }
 }

@@ -21,7 +21,7 @@ use std::{
     collections::BTreeMap,
     fs, io,
     net::IpAddr,
-    os::unix::fs::DirBuilderExt,
+    os::unix::fs::{DirBuilderExt, PermissionsExt},
     path::{Path, PathBuf},
 };
 
@@ -63,8 +63,9 @@ pub struct BadClaim {
 /// that could leave the directory.
 #[must_use]
 pub fn valid_container_id(id: &str) -> bool {
+    // At most 200: the claim's temporary file name adds a few bytes, within NAME_MAX.
     !id.is_empty()
-        && id.len() <= 256
+        && id.len() <= 200
         && !id.starts_with('.')
         && id
             .bytes()
@@ -88,6 +89,7 @@ pub fn write_claim(dir: &Path, claim: &Claim) -> io::Result<()> {
         &tmp,
         serde_json::to_vec_pretty(claim).map_err(io::Error::other)?,
     )?;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600))?;
     fs::rename(&tmp, &path)
 }
 
@@ -115,16 +117,40 @@ pub fn read_claim(dir: &Path, container_id: &str) -> io::Result<Option<Claim>> {
 /// Claims by pod (`namespace`, `name`).
 pub type ClaimsByPod = BTreeMap<(String, String), Claim>;
 
+/// Why a claim, or the directory, cannot be trusted: a claim says which pod an interface is,
+/// so only root (or the agent's own user) may have written it.
+fn untrusted(meta: &fs::Metadata) -> Option<String> {
+    use std::os::unix::fs::MetadataExt as _;
+    // SAFETY: no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != 0 && meta.uid() != me {
+        return Some(format!("owned by uid {}, not root", meta.uid()));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Some(format!(
+            "writable by group or others (mode {:o})",
+            meta.mode() & 0o7777
+        ));
+    }
+    None
+}
+
 /// Every claim in `dir` (none when it does not exist), by pod; of two claims for one pod the
-/// later. Files that cannot be read are returned apart.
+/// later. Files that cannot be read or trusted are returned apart; a directory that cannot be
+/// trusted is an error.
 pub fn read_claims(dir: &Path) -> io::Result<(ClaimsByPod, Vec<BadClaim>)> {
     let mut claims = ClaimsByPod::new();
     let mut bad = Vec::new();
-    let entries = match fs::read_dir(dir) {
-        Ok(e) => e,
+    match fs::metadata(dir) {
+        Ok(meta) => {
+            if let Some(why) = untrusted(&meta) {
+                return Err(io::Error::other(format!("{}: {why}", dir.display())));
+            }
+        }
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((claims, bad)),
         Err(e) => return Err(e),
-    };
+    }
+    let entries = fs::read_dir(dir)?;
     for entry in entries {
         let path = entry?.path();
         let is_claim = path.extension().is_some_and(|e| e == "json")
@@ -134,8 +160,14 @@ pub fn read_claims(dir: &Path) -> io::Result<(ClaimsByPod, Vec<BadClaim>)> {
         if !is_claim {
             continue;
         }
-        let claim = fs::read(&path)
+        let claim = fs::symlink_metadata(&path)
             .map_err(|e| e.to_string())
+            .and_then(|m| match untrusted(&m) {
+                Some(why) => Err(why),
+                None if !m.is_file() => Err("not a regular file".to_owned()),
+                None => Ok(()),
+            })
+            .and_then(|()| fs::read(&path).map_err(|e| e.to_string()))
             .and_then(|b| serde_json::from_slice::<Claim>(&b).map_err(|e| e.to_string()));
         match claim {
             Ok(c) => {
@@ -198,9 +230,23 @@ mod tests {
     }
 
     #[test]
+    fn claims_others_could_write_are_not_trusted() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("cni");
+        write_claim(&d, &claim("a", "web", 1)).unwrap();
+        fs::set_permissions(d.join("a.json"), fs::Permissions::from_mode(0o666)).unwrap();
+        let (claims, bad) = read_claims(&d).unwrap();
+        assert!(claims.is_empty());
+        assert!(bad[0].error.contains("writable"), "{bad:?}");
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o777)).unwrap();
+        let e = read_claims(&d).unwrap_err();
+        assert!(e.to_string().contains("writable"), "{e}");
+    }
+
+    #[test]
     fn container_ids_cannot_leave_the_directory() {
         assert!(valid_container_id("3f2a9c-d_1.x"));
-        for bad in ["", "../x", "a/b", ".hidden", &"a".repeat(257)] {
+        for bad in ["", "../x", "a/b", ".hidden", &"a".repeat(201)] {
             assert!(!valid_container_id(bad), "{bad:?}");
         }
     }

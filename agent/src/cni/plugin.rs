@@ -8,7 +8,7 @@ use std::{
     net::IpAddr,
     path::{Path, PathBuf},
     process::ExitCode,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use serde::Deserialize;
@@ -21,8 +21,12 @@ use crate::{
     datapath::{Hook, PinDirs, ensure_bpffs, route},
 };
 
-/// The one spec version spoken.
+/// The spec version of our own answers (VERSION, errors without a configuration).
 pub const CNI_VERSION: &str = "1.0.0";
+/// The versions of network configuration accepted: a chained plugin passes the previous
+/// result on as it came, and reads only `interfaces` and `ips`, which these share. (1.1.0
+/// adds the STATUS and GC verbs, which this plugin does not implement.)
+pub const SUPPORTED_VERSIONS: [&str; 4] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0"];
 /// How long ADD waits for the agent to enroll the pod, unless configured.
 pub const DEFAULT_ENROLL_TIMEOUT_MS: u64 = 2000;
 
@@ -143,11 +147,12 @@ impl NetConf {
                 ));
             }
         };
-        if cni_version != CNI_VERSION {
+        if !SUPPORTED_VERSIONS.contains(&cni_version.as_str()) {
             return Err(CniError::new(
                 code::INCOMPATIBLE_VERSION,
                 format!(
-                    "CNI version {cni_version} is not supported; portcullis-cni speaks {CNI_VERSION}"
+                    "CNI version {cni_version} is not supported; portcullis-cni supports {}",
+                    SUPPORTED_VERSIONS.join(", ")
                 ),
             ));
         }
@@ -240,7 +245,7 @@ impl Env {
             return Err(CniError::new(
                 code::INVALID_ENVIRONMENT,
                 format!(
-                    "CNI_CONTAINERID `{}` is not a container ID (letters, digits, `-`, `_`, `.`; at most 256)",
+                    "CNI_CONTAINERID `{}` is not a container ID (letters, digits, `-`, `_`, `.`; at most 200)",
                     self.container_id
                 ),
             ));
@@ -388,51 +393,49 @@ fn hold(dirs: &PinDirs, ifindex: u32) -> Result<Vec<PathBuf>, CniError> {
     ensure_bpffs(&dirs.root).map_err(|e| CniError::new(code::IO_FAILURE, e.to_string()))?;
     std::fs::create_dir_all(&dirs.links)
         .map_err(|e| attach_error(format!("creating {}", dirs.links.display()), &e))?;
-    let mut deny = None;
+    let mut deny: Option<std::os::fd::OwnedFd> = None;
     let mut made = Vec::new();
+    let undo = |made: &[PathBuf]| {
+        for pin in made {
+            if let Err(e) = std::fs::remove_file(pin) {
+                eprintln!("portcullis-cni: removing {}: {e}", pin.display());
+            }
+        }
+    };
     for hook in Hook::ALL {
         let pin = dirs.link(ifindex, hook);
-        match bpf::pinned_tcx(&pin) {
-            Ok(l) if l.ifindex == ifindex && l.hook == Some(hook) => continue,
-            // A pin of an interface that went (its index now reused): replace it.
-            Ok(_) => std::fs::remove_file(&pin)
-                .map_err(|e| attach_error(format!("removing {}", pin.display()), &e))?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(attach_error(format!("reading {}", pin.display()), &e)),
-        }
-        if deny.is_none() {
-            deny = Some(
-                bpf::load_deny()
-                    .map_err(|e| attach_error("loading the default-deny program".into(), &e))?,
-            );
-        }
-        let prog = deny.as_ref().expect("loaded above");
-        bpf::attach_first(prog, ifindex, hook, &pin)
-            .map_err(|e| attach_error(format!("attaching to interface {ifindex} at {hook}"), &e))?;
-        made.push(pin);
-    }
-    Ok(made)
-}
-
-/// Removes the pinned links of `ifindex` that are still on it.
-fn release(dirs: &PinDirs, ifindex: u32) -> Result<(), CniError> {
-    for hook in Hook::ALL {
-        let pin = dirs.link(ifindex, hook);
-        let ours = match bpf::pinned_tcx(&pin) {
-            Ok(l) => l.ifindex == ifindex,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            // A pin that is no link cannot be ours to keep.
-            Err(_) => true,
-        };
-        if ours {
-            match std::fs::remove_file(&pin) {
-                Ok(()) => {}
+        let attached = (|| {
+            match bpf::pinned_tcx(&pin) {
+                Ok(l) if l.ifindex == ifindex && l.hook == Some(hook) => return Ok(false),
+                // A pin of an interface that went (its index now reused): replace it.
+                Ok(_) => std::fs::remove_file(&pin)
+                    .map_err(|e| attach_error(format!("removing {}", pin.display()), &e))?,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(attach_error(format!("removing {}", pin.display()), &e)),
+                Err(e) => return Err(attach_error(format!("reading {}", pin.display()), &e)),
+            }
+            let prog = match &deny {
+                Some(p) => p,
+                None => deny
+                    .insert(bpf::load_deny().map_err(|e| {
+                        attach_error("loading the default-deny program".into(), &e)
+                    })?),
+            };
+            bpf::attach_first(prog, ifindex, hook, &pin).map_err(|e| {
+                attach_error(format!("attaching to interface {ifindex} at {hook}"), &e)
+            })?;
+            Ok(true)
+        })();
+        match attached {
+            Ok(true) => made.push(pin),
+            Ok(false) => {}
+            Err(e) => {
+                // Half a hold is no hold: what this call made goes again.
+                undo(&made);
+                return Err(e);
             }
         }
     }
-    Ok(())
+    Ok(made)
 }
 
 /// What the agent said about a pod, or why it could not be asked.
@@ -453,8 +456,10 @@ fn ask_agent(socket: &Path, request: &Request, timeout: Duration) -> Asked {
     }
 }
 
-/// ADD: hold the interface in default-deny, record the claim, and wait (bounded) for the agent
-/// to enroll the pod. Returns the previous result, passed on.
+/// ADD: record the claim, hold the interface in default-deny, and ask the agent (once, waiting
+/// at most `enrollTimeoutMs` for its answer) to enroll the pod. Returns the previous result,
+/// passed on. The claim comes first: an agent that starts between the two must find the
+/// pinned links claimed, or it would take them for leftovers and remove them.
 pub fn add(conf: &NetConf, env: &Env) -> Result<Value, CniError> {
     env.require(&["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"])?;
     let prev = conf.prev_result.as_ref().ok_or_else(|| {
@@ -467,7 +472,6 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<Value, CniError> {
     let name = env.pod_arg("K8S_POD_NAME")?;
     let (interface, ifindex) = host_interface(prev)?;
     let dirs = PinDirs::new(&conf.bpffs_dir);
-    let made = hold(&dirs, ifindex)?;
     let claim = Claim {
         container_id: env.container_id.clone(),
         namespace,
@@ -487,19 +491,22 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<Value, CniError> {
             format!("recording the claim in {}: {e}", conf.state_dir.display()),
         )
     })?;
-    let request = Request::CniAdd {
-        container_id: env.container_id.clone(),
-    };
-    let deadline = Instant::now() + conf.enroll_timeout;
-    let outcome = loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let asked = ask_agent(&conf.admin_socket, &request, left);
-        // Waiting helps only while the agent answers: one that is down is not waited for.
-        if !matches!(asked, Asked::Pending(_)) || Instant::now() >= deadline {
-            break asked;
+    let made = match hold(&dirs, ifindex) {
+        Ok(made) => made,
+        Err(e) => {
+            forget(conf, &claim.container_id);
+            return Err(e);
         }
-        std::thread::sleep(Duration::from_millis(50).min(left));
     };
+    // The agent applies what it knows at once, so asking again would only wait for cluster
+    // state, which names the pod's addresses only after ADD returns on a real cluster.
+    let outcome = ask_agent(
+        &conf.admin_socket,
+        &Request::CniAdd {
+            container_id: env.container_id.clone(),
+        },
+        conf.enroll_timeout,
+    );
     let pod = format!("{}/{}", claim.namespace, claim.name);
     match outcome {
         Asked::Enforced => {}
@@ -509,10 +516,12 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<Value, CniError> {
         Asked::Unreachable(why) => {
             if conf.agent_unavailable == Unavailable::Fail {
                 // Undo what this ADD did, and only that: links pinned before stay.
-                let _ = remove_claim(&conf.state_dir, &claim.container_id);
-                for pin in made {
-                    let _ = std::fs::remove_file(pin);
+                for pin in &made {
+                    if let Err(e) = std::fs::remove_file(pin) {
+                        eprintln!("portcullis-cni: removing {}: {e}", pin.display());
+                    }
                 }
+                forget(conf, &claim.container_id);
                 return Err(CniError::new(
                     code::TRY_AGAIN_LATER,
                     format!(
@@ -532,28 +541,39 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<Value, CniError> {
     Ok(result)
 }
 
-/// DEL: forget the claim and release the links. Idempotent: nothing recorded is no error.
+/// Removes a claim this ADD wrote, reporting (not failing on) an error: the ADD is failing
+/// already.
+fn forget(conf: &NetConf, container_id: &str) {
+    if let Err(e) = remove_claim(&conf.state_dir, container_id) {
+        eprintln!("portcullis-cni: removing the claim of {container_id}: {e}");
+    }
+}
+
+/// DEL: forget the claim, and tell the agent. Idempotent: nothing recorded is no error. The
+/// links stay to the agent, their one remover: it detaches an interface no claim holds any
+/// more, and the previous plugins' DEL deletes the interface, which releases the links with
+/// it. (Removing them here while the interface lives would leave it without a program.)
 pub fn del(conf: &NetConf, env: &Env) -> Result<(), CniError> {
     env.require(&["CNI_CONTAINERID", "CNI_IFNAME"])?;
-    let claim = read_claim(&conf.state_dir, &env.container_id).unwrap_or(None);
-    remove_claim(&conf.state_dir, &env.container_id).map_err(|e| {
+    let removed = remove_claim(&conf.state_dir, &env.container_id).map_err(|e| {
         CniError::new(
             code::IO_FAILURE,
             format!("removing the claim in {}: {e}", conf.state_dir.display()),
         )
     })?;
-    let Some(claim) = claim else { return Ok(()) };
-    // The agent stops enforcing on the interface (it detaches); without an agent the links go
-    // here. The interface itself is the previous plugins' to delete.
-    let _ = ask_agent(
-        &conf.admin_socket,
-        &Request::CniDel {
-            container_id: env.container_id.clone(),
-        },
-        conf.enroll_timeout,
-    );
-    if route::if_name(claim.ifindex).ok().as_deref() == Some(claim.interface.as_str()) {
-        release(&PinDirs::new(&conf.bpffs_dir), claim.ifindex)?;
+    if removed
+        && let Asked::Unreachable(why) = ask_agent(
+            &conf.admin_socket,
+            &Request::CniDel {
+                container_id: env.container_id.clone(),
+            },
+            conf.enroll_timeout,
+        )
+    {
+        eprintln!(
+            "portcullis-cni: the agent is not reachable ({why}); it releases {}'s interface when it starts",
+            env.container_id
+        );
     }
     Ok(())
 }
@@ -603,7 +623,7 @@ pub fn run(env: &Env, stdin: &[u8]) -> Result<Option<Value>, CniError> {
     if env.command == "VERSION" {
         return Ok(Some(json!({
             "cniVersion": CNI_VERSION,
-            "supportedVersions": [CNI_VERSION],
+            "supportedVersions": SUPPORTED_VERSIONS,
         })));
     }
     let conf = NetConf::parse(stdin)?;
@@ -661,9 +681,9 @@ mod tests {
 
     #[test]
     fn configuration_errors_carry_the_spec_codes_and_name_the_field() {
-        let e = NetConf::parse(br#"{"cniVersion":"0.3.1","name":"k8s"}"#).unwrap_err();
+        let e = NetConf::parse(br#"{"cniVersion":"0.2.0","name":"k8s"}"#).unwrap_err();
         assert_eq!(e.code, code::INCOMPATIBLE_VERSION);
-        assert!(e.msg.contains("0.3.1"), "{}", e.msg);
+        assert!(e.msg.contains("0.2.0"), "{}", e.msg);
         assert_eq!(
             NetConf::parse(b"{").unwrap_err().code,
             code::DECODING_FAILURE
@@ -719,7 +739,7 @@ mod tests {
         )
         .unwrap()
         .unwrap();
-        assert_eq!(e["supportedVersions"], json!(["1.0.0"]));
+        assert_eq!(e["supportedVersions"], json!(SUPPORTED_VERSIONS));
     }
 
     #[test]

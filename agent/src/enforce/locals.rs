@@ -58,19 +58,26 @@ struct Claims {
     by_pod: BTreeMap<WorkloadKey, Claim>,
     bad: Vec<BadClaim>,
     error: Option<String>,
+    /// Whether the claims were read at least once (or there is no directory to read): until
+    /// then no pinned link may be taken for a leftover.
+    read: bool,
 }
 
 impl Claims {
     /// Reads the claims again if the directory changed (or `force`); whether it did.
     fn reload(&mut self, force: bool) -> bool {
-        let Some(dir) = &self.dir else { return false };
+        let Some(dir) = &self.dir else {
+            self.read = true;
+            return false;
+        };
         let stamp = std::fs::metadata(dir).and_then(|m| m.modified()).ok();
         if !force && stamp.is_some() && stamp == self.stamp {
             return false;
         }
-        self.stamp = stamp;
         match cni::read_claims(dir) {
             Ok((by_pod, bad)) => {
+                self.stamp = stamp;
+                self.read = true;
                 for b in bad.iter().filter(|b| !self.bad.contains(b)) {
                     tracing::warn!(claim = %b.path.display(), error = %b.error, "unreadable portcullis-cni claim; skipped");
                 }
@@ -89,13 +96,26 @@ impl Claims {
         }
     }
 
-    /// The claimed interface of `key`, while it exists: `Err` says why not.
+    /// The claimed interface of `key` (whose cluster-state addresses are `addresses`, if it is
+    /// a workload), while it exists: `Err` says why not. A claim whose addresses are none of
+    /// the workload's is refused: a stale or mistaken claim must not give a pod's identity to
+    /// another pod's interface.
     fn interface(
         &self,
         key: &WorkloadKey,
+        addresses: Option<&[IpAddr]>,
         routes: &impl Routes,
     ) -> Option<Result<Interface, String>> {
         let c = self.by_pod.get(key)?;
+        if let Some(addresses) = addresses
+            && !c.addresses.is_empty()
+            && !c.addresses.iter().any(|a| addresses.contains(a))
+        {
+            return Some(Err(format!(
+                "portcullis-cni recorded {:?} for it on {}, cluster state has {addresses:?}",
+                c.addresses, c.interface
+            )));
+        }
         Some(
             if routes.interface(c.ifindex).as_deref() == Some(c.interface.as_str()) {
                 Ok(Interface {
@@ -147,15 +167,20 @@ impl LocalState {
         self.claims.reload(true)
     }
 
-    /// Interfaces held for a claim: never detached until the claim goes.
+    /// Interfaces held for a claim (that exist): never detached until the claim goes.
     #[must_use]
-    pub fn claimed(&self, routes: &impl Routes) -> HashSet<u32> {
+    pub fn claimed(&self, routes: &impl Routes) -> Vec<Interface> {
         self.claims
             .by_pod
             .keys()
-            .filter_map(|k| self.claims.interface(k, routes)?.ok())
-            .map(|i| i.index)
+            .filter_map(|k| self.claims.interface(k, None, routes)?.ok())
             .collect()
+    }
+
+    /// Whether the claims were read (so that a pinned link no claim holds is a leftover).
+    #[must_use]
+    pub fn claims_read(&self) -> bool {
+        self.claims.read
     }
 
     /// What the agent tells the plugin about the pod of container `container_id`: whether it
@@ -258,7 +283,7 @@ impl LocalState {
                 l.addresses = addresses;
             }
             let before = l.iface.clone();
-            match self.claims.interface(&key, routes) {
+            match self.claims.interface(&key, Some(&l.addresses), routes) {
                 Some(Ok(iface)) => {
                     if l.iface.as_ref() != Some(&iface) {
                         tracing::info!(workload = %label(&key), interface = %iface.name, ifindex = iface.index, "the pod's interface, as portcullis-cni recorded it");
@@ -301,6 +326,15 @@ impl LocalState {
             let Some(iface) = &l.iface else { continue };
             if !wanted.contains(&iface.index) {
                 continue;
+            }
+            if self
+                .attached
+                .get(&iface.index)
+                .is_some_and(|a| a.name != iface.name)
+            {
+                // The index of an interface that went, reused by another (whose links the
+                // plugin pinned anew): attach again.
+                self.attached.remove(&iface.index);
             }
             if let Some(a) = self.attached.get_mut(&iface.index) {
                 // The same interface, perhaps a workload that changed.

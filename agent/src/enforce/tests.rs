@@ -391,3 +391,56 @@ fn without_a_claim_a_route_through_a_bridge_is_refused_and_a_veth_route_is_taken
     assert_eq!(w.maps.links, [8, 9].into());
     assert!(w.e.locals().pending().is_empty());
 }
+
+/// Until the claims could be read, no pinned link is taken for a leftover (it may be one a
+/// claim holds); and an interface held for a claim whose links vanished is held again with
+/// ours, although its pod is no workload.
+#[test]
+fn pins_are_kept_until_claims_are_read_and_a_held_interface_that_lost_its_links_is_held_again() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let claims = dir.path().join("cni");
+    let ghost = crate::cni::Claim {
+        container_id: "c1".into(),
+        namespace: "default".into(),
+        name: "ghost".into(),
+        uid: String::new(),
+        interface: "veth8".into(),
+        ifindex: 8,
+        netns: "/run/netns/ghost".into(),
+        addresses: Vec::new(),
+        added_unix_ms: 1,
+    };
+    crate::cni::write_claim(&claims, &ghost).unwrap();
+    std::fs::set_permissions(&claims, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let mut w = World::new();
+    w.maps.links.insert(9);
+    w.e = Enforcer::new(
+        FakeRoutes {
+            host: vec!["198.18.0.1".parse().unwrap()],
+            ..FakeRoutes::default()
+        },
+        HashMap::new(),
+        vec![9],
+    )
+    .with_pod_interfaces(PodInterfaces::Auto, claims.clone());
+    w.e.routes().links.borrow_mut().insert(8, "veth8".into());
+    w.e.routes().links.borrow_mut().insert(9, "veth9".into());
+    w.apply();
+    assert_eq!(
+        w.maps.links,
+        [9].into(),
+        "an unreadable claim directory released a pin"
+    );
+    std::fs::set_permissions(&claims, std::fs::Permissions::from_mode(0o700)).unwrap();
+    w.e.claims_changed(&mut w.maps, &mut w.names, &w.index, &w.policy);
+    assert_eq!(
+        w.maps.links,
+        [8].into(),
+        "the leftover goes once the claims are read; the held interface without links gets ours"
+    );
+    assert_eq!(
+        w.e.locals().held(),
+        [("default/ghost".to_owned(), "veth8".to_owned())]
+    );
+}
