@@ -358,7 +358,8 @@ impl Testbed {
     /// The node's network configuration list: the reference plugin of its wiring with
     /// `host-local` addresses from the node's pod subnets (the pod's own asked for through the
     /// `ips` capability), and `portcullis-cni` chained after it (from the agent binary's
-    /// directory): a pod made while the node's agent is down (or not started yet) is held.
+    /// directory) when the testbed runs agents: a pod made while the node's agent is down (or
+    /// not started yet) is held. A testbed without agents is one without portcullis: no plugin.
     fn write_network_list(&self, node: &NodeInfo) -> Result<()> {
         let i = node.index;
         let ipam = serde_json::json!({
@@ -382,7 +383,7 @@ impl Testbed {
             Wiring::Direct => bail!("node {} is wired directly, without CNI", node.name),
         };
         let mut plugins = vec![main];
-        if self.info.agent_bin.is_some() {
+        if self.opts.agents {
             plugins.push(serde_json::json!({
                 "type": "portcullis-cni",
                 "bpffsDir": node.bpffs_dir,

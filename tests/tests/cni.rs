@@ -337,11 +337,15 @@ fn add_del_and_check_answer_as_the_cni_spec_says() {
     )
     .expect("VERSION")
     .expect("VERSION prints the versions");
-    assert_eq!(version["supportedVersions"], json!(["1.0.0"]));
+    let versions = version["supportedVersions"].to_string();
+    assert!(
+        versions.contains("\"1.0.0\"") && versions.contains("\"0.4.0\""),
+        "{versions}"
+    );
 
     let mut old = with_prev(&conf, cached.clone());
-    old["cniVersion"] = json!("0.3.1");
-    let e = run(&tb, "node-2", "ADD", "t1", "server", &old).expect_err("0.3.1");
+    old["cniVersion"] = json!("0.2.0");
+    let e = run(&tb, "node-2", "ADD", "t1", "server", &old).expect_err("0.2.0");
     assert_eq!(e.code, 1, "wrong cniVersion: {e}");
 
     let e = run(&tb, "node-2", "ADD", "t1", "server", &conf).expect_err("no prevResult");
@@ -402,15 +406,31 @@ fn add_del_and_check_answer_as_the_cni_spec_says() {
         "a failed ADD removed a link it did not make"
     );
     assert!(!pin.exists(), "a failed ADD left the link it made");
-    // ADD again (a runtime retrying) puts the missing link back, default-deny.
-    run(&tb, "node-2", "ADD", &pod.container_id, "server", &check).expect("ADD again");
+    // ADD again (a runtime retrying), from a list of spec 0.4.0 this time, puts the missing
+    // link back, default-deny, and passes the previous result on in the list's version.
+    let mut v04 = check.clone();
+    v04["cniVersion"] = json!("0.4.0");
+    let passed = run(&tb, "node-2", "ADD", &pod.container_id, "server", &v04)
+        .expect("ADD again")
+        .expect("ADD prints the result");
+    assert_eq!(passed["cniVersion"], "0.4.0");
+    assert_eq!(
+        passed["interfaces"], cached["interfaces"],
+        "prevResult not passed on"
+    );
     assert!(pin.exists(), "ADD did not pin the missing link");
     run(&tb, "node-2", "CHECK", &pod.container_id, "server", &check).expect("CHECK after ADD");
-    // DEL removes claim and links; twice is no error.
+    // DEL removes the claim; twice is no error. The links stay to the agent (the interface
+    // still exists): it releases them once it runs and no claim holds them.
     for _ in 0..2 {
         run(&tb, "node-2", "DEL", &pod.container_id, "server", &check).expect("DEL is idempotent");
     }
-    assert!(!pin.exists(), "DEL left the link pinned");
+    assert!(pin.exists(), "DEL removed a link while the interface lives");
+    tb.start_agent("node-2").expect("starting the agent");
+    assert!(
+        testbed::scenario::eventually(Duration::from_secs(5), || !pin.exists()),
+        "the agent did not release the links of an interface no claim holds"
+    );
     assert!(
         !node
             .cni_claims()
