@@ -11,6 +11,7 @@
 
 mod auth_scale;
 mod churn;
+mod cni;
 mod datapath;
 mod endpoints;
 mod first_connection;
@@ -76,6 +77,11 @@ pub struct Args {
     /// apply.
     #[arg(long)]
     mac_only: bool,
+    /// Only the CNI measurement: ADD with `portcullis-cni` chained against the same chain
+    /// without it, on a `ptp` and a `bridge` node, and a pod added while the agent is down
+    /// (`--quick`: 3 pods of each kind per node instead of 40).
+    #[arg(long)]
+    cni_only: bool,
     /// Only the Kubernetes-source measurement: time to ready and RSS with this many realistic
     /// Pod objects (comma-separated sizes, such as 1000,10000,100000).
     #[arg(long, value_name = "N,N…", value_delimiter = ',')]
@@ -148,6 +154,9 @@ pub fn run(args: Args) -> Result<i32> {
             &command,
         );
     }
+    if args.cni_only {
+        return cni::only(&agent(&args, !args.quick)?, args.quick);
+    }
     if args.churn || !args.churn_sizes.is_empty() {
         return churn_only(&args);
     }
@@ -195,6 +204,7 @@ fn full(args: &Args) -> Result<i32> {
             &command,
         )?,
         first_connection::run(&agent, &probe)?,
+        cni::section(&agent, quick)?,
         endpoints::run(&agent, quick)?,
         auth_scale::section(&agent, quick)?,
         warmup::section(&agent, quick)?,
@@ -395,13 +405,14 @@ fn goal_table(goals: &[Goal]) -> String {
 }
 
 /// The scenarios `bench.json` must hold (checked by the CI smoke run).
-pub const SCENARIOS: [&str; 12] = [
+pub const SCENARIOS: [&str; 13] = [
     "throughput_1_stream",
     "throughput_4_streams",
     "rr_latency",
     "connections_per_second",
     "connection_macs",
     "first_connection",
+    "cni_add",
     "program_cost",
     "handshakes",
     "endpoint_scale",
@@ -446,6 +457,14 @@ fn check_scenarios(sc: &Value) -> Result<()> {
             }
         }
     }
+    if sc["cni_add"].as_array().is_none_or(|rows| {
+        rows.len() != 2
+            || rows
+                .iter()
+                .any(|r| r["add_with_plugin_ms"]["median"].as_f64().is_none())
+    }) {
+        bail!("cni_add needs its ptp and bridge rows");
+    }
     if sc["first_connection"].as_array().map(Vec::len) != Some(first_connection::SETTINGS.len()) {
         bail!("first_connection needs its four settings");
     }
@@ -474,6 +493,8 @@ mod tests {
             .iter()
             .map(|s| ((*s).to_owned(), json!({"settings": settings})))
             .collect();
+        let cni = json!({"add_with_plugin_ms": {"median": 1.0}});
+        sc.insert("cni_add".into(), json!([cni, cni]));
         sc.insert(
             "first_connection".into(),
             json!(first_connection::SETTINGS.map(|s| json!({"setting": s}))),
