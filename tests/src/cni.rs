@@ -75,6 +75,24 @@ pub struct Call<'a> {
     pub args: &'a str,
 }
 
+impl<'a> Call<'a> {
+    /// A call for a pod's `eth0`, as the kubelet makes them.
+    pub fn for_pod(
+        command: &'a str,
+        container_id: &'a str,
+        netns: &'a Path,
+        args: &'a str,
+    ) -> Self {
+        Self {
+            command,
+            container_id,
+            netns,
+            ifname: "eth0",
+            args,
+        }
+    }
+}
+
 /// Runs plugin binary `bin` once inside `node_netns` (in `cgroup`): its JSON answer, or its
 /// error result. A plugin that prints no JSON error but fails is an `Err`.
 pub fn exec_plugin(

@@ -123,15 +123,8 @@ impl Testbed {
         {
             plugins.retain(|p| p["type"] != "portcullis-cni");
         }
-        let netns_path = netns::path(&pod.netns);
-        let args = pod_args(pod);
-        let call = Call {
-            command: "ADD",
-            container_id: &pod.container_id,
-            netns: &netns_path,
-            ifname: "eth0",
-            args: &args,
-        };
+        let (netns_path, args) = (netns::path(&pod.netns), pod_args(pod));
+        let call = Call::for_pod("ADD", &pod.container_id, &netns_path, &args);
         let runtime = serde_json::json!({
             "ips": [format!("{}/24", pod.ipv4), format!("{}/64", pod.ipv6)],
         });
@@ -150,15 +143,8 @@ impl Testbed {
     /// CNI DEL for `pod` (through the node's list, in reverse order).
     fn cni_del(&self, node: &NodeInfo, pod: &PodInfo) -> Result<()> {
         let list = self.network_list(&node.name)?;
-        let netns_path = netns::path(&pod.netns);
-        let args = pod_args(pod);
-        let call = Call {
-            command: "DEL",
-            container_id: &pod.container_id,
-            netns: &netns_path,
-            ifname: "eth0",
-            args: &args,
-        };
+        let (netns_path, args) = (netns::path(&pod.netns), pod_args(pod));
+        let call = Call::for_pod("DEL", &pod.container_id, &netns_path, &args);
         list.del(&node.netns, &node.host_cgroup, &call)?
             .map_err(|e| anyhow::anyhow!("CNI DEL of pod {} on {}: {e}", pod.name, node.name))
     }

@@ -284,13 +284,7 @@ fn run(
     let n = tb.node(node);
     let netns = testbed::netns::path(&tb.pod(pod).netns);
     let args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod}");
-    let call = Call {
-        command,
-        container_id,
-        netns: &netns,
-        ifname: "eth0",
-        args: &args,
-    };
+    let call = Call::for_pod(command, container_id, &netns, &args);
     exec_plugin(
         &n.netns,
         &n.host_cgroup,

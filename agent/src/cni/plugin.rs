@@ -123,6 +123,16 @@ fn field_error(key: &str, v: &Value, want: &str) -> CniError {
 }
 
 impl NetConf {
+    /// The previous plugin's result, which ADD and CHECK need.
+    fn prev_result(&self) -> Result<&Value, CniError> {
+        self.prev_result.as_ref().ok_or_else(|| {
+            CniError::new(
+                code::INVALID_CONFIG,
+                "network configuration has no prevResult: portcullis-cni is a chained plugin and must follow the plugin that creates the pod's interface",
+            )
+        })
+    }
+
     /// Parses stdin's configuration.
     pub fn parse(bytes: &[u8]) -> Result<Self, CniError> {
         let v: Value = serde_json::from_slice(bytes).map_err(|e| {
@@ -462,12 +472,7 @@ fn ask_agent(socket: &Path, request: &Request, timeout: Duration) -> Asked {
 /// pinned links claimed, or it would take them for leftovers and remove them.
 pub fn add(conf: &NetConf, env: &Env) -> Result<Value, CniError> {
     env.require(&["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"])?;
-    let prev = conf.prev_result.as_ref().ok_or_else(|| {
-        CniError::new(
-            code::INVALID_CONFIG,
-            "network configuration has no prevResult: portcullis-cni is a chained plugin and must follow the plugin that creates the pod's interface",
-        )
-    })?;
+    let prev = conf.prev_result()?;
     let namespace = env.pod_arg("K8S_POD_NAMESPACE")?;
     let name = env.pod_arg("K8S_POD_NAME")?;
     let (interface, ifindex) = host_interface(prev)?;
@@ -581,12 +586,7 @@ pub fn del(conf: &NetConf, env: &Env) -> Result<(), CniError> {
 /// CHECK: the pod's interface is the one recorded, and holds both programs.
 pub fn check(conf: &NetConf, env: &Env) -> Result<(), CniError> {
     env.require(&["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"])?;
-    let prev = conf.prev_result.as_ref().ok_or_else(|| {
-        CniError::new(
-            code::INVALID_CONFIG,
-            "network configuration has no prevResult, which CHECK requires",
-        )
-    })?;
+    let prev = conf.prev_result()?;
     let (interface, ifindex) = host_interface(prev)?;
     let claim = read_claim(&conf.state_dir, &env.container_id)
         .map_err(|e| CniError::new(code::IO_FAILURE, e.to_string()))?

@@ -12,6 +12,21 @@ use crate::{
     inputs::{Node, Workload},
 };
 
+/// `portcullis-cni`'s claim of interface `veth8` (index 8) for pod `default/name`.
+fn claim(name: &str) -> crate::cni::Claim {
+    crate::cni::Claim {
+        container_id: "c1".into(),
+        namespace: "default".into(),
+        name: name.into(),
+        uid: String::new(),
+        interface: "veth8".into(),
+        ifindex: 8,
+        netns: format!("/run/netns/{name}"),
+        addresses: Vec::new(),
+        added_unix_ms: 1,
+    }
+}
+
 fn workload(name: &str, node: &str, addr: &str) -> Workload {
     Workload {
         name: name.into(),
@@ -318,17 +333,7 @@ fn claimed_interfaces_win_over_routes_and_stay_held_until_the_claim_goes() {
         "no claim: no interface, whatever the route says"
     );
     assert_eq!(w.e.locals().pending().len(), 2);
-    let claim = crate::cni::Claim {
-        container_id: "c1".into(),
-        namespace: "default".into(),
-        name: "web".into(),
-        uid: String::new(),
-        interface: "veth8".into(),
-        ifindex: 8,
-        netns: "/run/netns/web".into(),
-        addresses: Vec::new(),
-        added_unix_ms: 1,
-    };
+    let claim = claim("web");
     crate::cni::write_claim(dir.path(), &claim).unwrap();
     w.e.claims_changed(&mut w.maps, &mut w.names, &w.index, &w.policy);
     assert_eq!(w.maps.links, [8].into());
@@ -375,17 +380,7 @@ fn without_a_claim_a_route_through_a_bridge_is_refused_and_a_veth_route_is_taken
     assert_eq!(pending[0].0, "default/web");
     assert!(pending[0].1.contains("bridge"), "{pending:?}");
     w.e.routes().links.borrow_mut().insert(8, "veth8".into());
-    let claim = crate::cni::Claim {
-        container_id: "c1".into(),
-        namespace: "default".into(),
-        name: "web".into(),
-        uid: String::new(),
-        interface: "veth8".into(),
-        ifindex: 8,
-        netns: "/run/netns/web".into(),
-        addresses: Vec::new(),
-        added_unix_ms: 1,
-    };
+    let claim = claim("web");
     crate::cni::write_claim(dir.path(), &claim).unwrap();
     w.e.claims_changed(&mut w.maps, &mut w.names, &w.index, &w.policy);
     assert_eq!(w.maps.links, [8, 9].into());
@@ -400,17 +395,7 @@ fn pins_are_kept_until_claims_are_read_and_a_held_interface_that_lost_its_links_
     use std::os::unix::fs::PermissionsExt as _;
     let dir = tempfile::tempdir().unwrap();
     let claims = dir.path().join("cni");
-    let ghost = crate::cni::Claim {
-        container_id: "c1".into(),
-        namespace: "default".into(),
-        name: "ghost".into(),
-        uid: String::new(),
-        interface: "veth8".into(),
-        ifindex: 8,
-        netns: "/run/netns/ghost".into(),
-        addresses: Vec::new(),
-        added_unix_ms: 1,
-    };
+    let ghost = claim("ghost");
     crate::cni::write_claim(&claims, &ghost).unwrap();
     std::fs::set_permissions(&claims, std::fs::Permissions::from_mode(0o777)).unwrap();
     let mut w = World::new();
