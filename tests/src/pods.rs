@@ -2,7 +2,7 @@
 //! them at runtime.
 
 use std::net::Ipv4Addr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
@@ -16,7 +16,7 @@ impl Testbed {
     /// Creates a pod: its namespace, interface, addresses and routes, and cgroup.
     pub(crate) fn setup_pod(&mut self, node_name: &str, spec: &PodSpec) -> Result<PodInfo> {
         let pod = self.plan_pod(node_name, spec)?;
-        self.wire_pod(&pod.name)
+        self.wire_pod(&pod.name).map(|(pod, _)| pod)
     }
 
     /// Chooses a pod's names and addresses and records it (so that teardown finds whatever
@@ -89,27 +89,31 @@ impl Testbed {
     }
 
     /// Makes what [`Self::plan_pod`] recorded: the namespace, then the interface (directly,
-    /// or by CNI ADD through the node's network list), then the cgroup.
-    fn wire_pod(&mut self, name: &str) -> Result<PodInfo> {
+    /// or by CNI ADD through the node's network list), then the cgroup. Returns the pod and
+    /// how long making its interface took (the CNI ADD, as a runtime would time it).
+    fn wire_pod(&mut self, name: &str) -> Result<(PodInfo, Duration)> {
         let pod = self.info.pod(name)?.clone();
         let node = self.info.node(&pod.node)?.clone();
         netns::add(&pod.netns)?;
-        if node.wiring.is_cni() {
-            let host_veth = self.cni_add(&node, &pod)?;
+        let took = if node.wiring.is_cni() {
+            let (host_veth, took) = self.cni_add(&node, &pod)?;
             if let Some(p) = self.info.pods.iter_mut().find(|p| p.name == name) {
                 p.host_veth = host_veth;
             }
+            took
         } else {
+            let started = Instant::now();
             plumb(&node.netns, &pod)?;
-        }
+            started.elapsed()
+        };
         cgroup::create(&pod.cgroup)?;
-        self.info.pod(name).cloned()
+        Ok((self.info.pod(name)?.clone(), took))
     }
 
     /// CNI ADD for `pod` as the node's runtime runs it; returns the host-side interface the
     /// result names. A pod the agents do not know (not enrolled) stands for a workload outside
     /// enforcement, so its chain leaves `portcullis-cni` out.
-    fn cni_add(&self, node: &NodeInfo, pod: &PodInfo) -> Result<String> {
+    fn cni_add(&self, node: &NodeInfo, pod: &PodInfo) -> Result<(String, Duration)> {
         netns::sysctl(
             &pod.netns,
             &[
@@ -128,16 +132,19 @@ impl Testbed {
         let runtime = serde_json::json!({
             "ips": [format!("{}/24", pod.ipv4), format!("{}/64", pod.ipv6)],
         });
+        let started = Instant::now();
         let result = list
             .add(&node.netns, &node.host_cgroup, &call, &runtime)?
             .map_err(|e| anyhow::anyhow!("CNI ADD of pod {} on {}: {e}", pod.name, node.name))?;
+        let took = started.elapsed();
         let bridge = (node.wiring == Wiring::Bridge).then_some(crate::cni::BRIDGE);
-        crate::cni::host_interface(&result, bridge).with_context(|| {
+        let host = crate::cni::host_interface(&result, bridge).with_context(|| {
             format!(
                 "the CNI result for pod {} names no host interface: {result}",
                 pod.name
             )
-        })
+        })?;
+        Ok((host, took))
     }
 
     /// CNI DEL for `pod` (through the node's list, in reverse order).
@@ -152,6 +159,12 @@ impl Testbed {
     /// Adds a pod at runtime; an enrolled pod (`spec.enroll`) is added to cluster.yaml first,
     /// as a pod is in the API before its sandbox is made.
     pub fn add_pod(&mut self, node: &str, spec: PodSpec) -> Result<PodInfo> {
+        self.add_pod_timed(node, spec).map(|(pod, _)| pod)
+    }
+
+    /// [`Self::add_pod`], with how long making the pod's interface took: the CNI ADD of its
+    /// node's network list (which, with `portcullis-cni`, returns once the pod is enforced).
+    pub fn add_pod_timed(&mut self, node: &str, spec: PodSpec) -> Result<(PodInfo, Duration)> {
         let planned = self.plan_pod(node, &spec);
         // Saved even on failure: the half-made pod is recorded, so teardown finds it.
         self.info.save()?;

@@ -93,11 +93,9 @@ fn pinned(tb: &Testbed, pod: &str) -> bool {
 fn a_pod_created_while_the_agent_is_down_is_held_in_default_deny_then_enrolled_when_it_starts() {
     let mut tb = up(None);
     tb.stop_agent("node-2").expect("stopping node-2's agent");
-    let started = Instant::now();
-    let late = tb
-        .add_pod("node-2", PodSpec::new("late"))
+    let (late, add_took) = tb
+        .add_pod_timed("node-2", PodSpec::new("late"))
         .expect("CNI ADD with the agent down");
-    let add_took = started.elapsed();
     assert!(
         add_took < Duration::from_secs(2),
         "ADD waited {add_took:?} for an agent that is down"
@@ -156,11 +154,9 @@ fn a_pod_created_while_the_agent_is_down_is_held_in_default_deny_then_enrolled_w
 fn a_pod_created_while_the_agent_runs_is_enforced_before_its_first_packet() {
     let mut tb = up(None);
     let before = scenario(&tb).status("node-2");
-    let started = Instant::now();
-    let late = tb
-        .add_pod("node-2", PodSpec::new("late"))
+    let (late, enforced_after) = tb
+        .add_pod_timed("node-2", PodSpec::new("late"))
         .expect("CNI ADD with the agent up");
-    let enforced_after = started.elapsed();
     let s = scenario(&tb);
     // The first packet, right after ADD returned: from an unauthenticated peer, dropped.
     let _server = s.serve("late", PORT);
@@ -190,10 +186,9 @@ fn a_pod_created_while_the_agent_runs_is_enforced_before_its_first_packet() {
     drop(_server);
     drop(s);
     // The same chain without portcullis-cni (a pod outside enforcement), for comparison.
-    let started = Instant::now();
-    tb.add_pod("node-2", PodSpec::new("plain").enroll(false))
+    let (_, plain_took) = tb
+        .add_pod_timed("node-2", PodSpec::new("plain").enroll(false))
         .expect("CNI ADD without portcullis-cni");
-    let plain_took = started.elapsed();
     eprintln!(
         "CNI ADD to enforced (the ADD's own duration, agent up): {enforced_after:?}; the same ADD without portcullis-cni: {plain_took:?}"
     );
