@@ -173,8 +173,6 @@ pub struct Enforcer<R = crate::datapath::route::Netlink> {
     refusals: Refusals,
     /// Pinned links found at start that no local pod claimed yet.
     leftover_pins: Vec<u32>,
-    /// Interfaces held for `portcullis-cni` claims, as of the last pass.
-    held: HashSet<u32>,
 }
 
 impl<R: Routes> Enforcer<R> {
@@ -196,7 +194,6 @@ impl<R: Routes> Enforcer<R> {
             missing: BTreeMap::new(),
             refusals: Refusals::default(),
             leftover_pins,
-            held: HashSet::new(),
         }
     }
 
@@ -557,7 +554,7 @@ impl<R: Routes> Enforcer<R> {
     fn links(&mut self, links: &mut impl Links) {
         let wanted: HashSet<u32> = self.local_ifaces.keys().copied().collect();
         self.locals.attach(links, &wanted);
-        let claimed = self.locals.claimed(&self.routes);
+        let (claimed, unheld) = self.locals.take_held(&self.routes);
         // A held interface whose pins are gone (removed from outside, or by an agent that
         // took them for leftovers) gets our programs: with no endpoint behind them they drop
         // everything, as the plugin's did.
@@ -581,7 +578,6 @@ impl<R: Routes> Enforcer<R> {
             Vec::new()
         };
         // Interfaces held for claims that are gone now are released like any other.
-        let unheld: Vec<u32> = self.held.difference(&held).copied().collect();
         let mut released: Vec<u32> = self
             .locals
             .attached_indices()
@@ -592,7 +588,6 @@ impl<R: Routes> Enforcer<R> {
             .collect();
         released.sort_unstable();
         released.dedup();
-        self.held.clone_from(&held);
         for index in released {
             if held.contains(&index) {
                 // Its pod left cluster state (or is not in it yet) but still has its sandbox:

@@ -36,8 +36,8 @@ mod teardown;
 mod testbed;
 
 pub use agent::ensure_bpffs;
-pub use cni::Wiring;
 pub use cluster::{AgentConfig, ClusterFile, ClusterNode, Workload};
+pub use cni::Wiring;
 pub use info::{NodeInfo, PodInfo, STATE_ROOT, TestbedInfo};
 pub use spec::{NodeSpec, PodSpec, Spec};
 pub use teardown::{down_by_prefix, leftovers, teardown_id};

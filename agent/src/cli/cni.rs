@@ -6,8 +6,8 @@ use std::{path::PathBuf, process::ExitCode};
 use super::Target;
 use crate::cni::{
     self,
+    conf::DEFAULT_ENROLL_TIMEOUT_MS,
     install::{Entry, PLUGIN},
-    plugin::DEFAULT_ENROLL_TIMEOUT_MS,
 };
 
 #[derive(Debug, clap::Subcommand)]

@@ -13,7 +13,7 @@ use std::{
 
 use serde_json::{Map, Value, json};
 
-use super::plugin::SUPPORTED_VERSIONS;
+use super::conf::SUPPORTED_VERSIONS;
 
 /// The plugin's `type`, and its binary's name.
 pub const PLUGIN: &str = "portcullis-cni";

@@ -14,6 +14,7 @@
 //! The claim directory is written only by the plugin; the agent only reads it.
 
 pub mod bpf;
+pub mod conf;
 pub mod install;
 pub mod plugin;
 

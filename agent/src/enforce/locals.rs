@@ -138,6 +138,8 @@ pub struct LocalState {
     /// `pod_interfaces: cni`: no route lookup, claims only.
     claims_only: bool,
     claims: Claims,
+    /// The interfaces held for claims, as of the last [`Self::take_held`].
+    held: HashSet<u32>,
     attached: BTreeMap<u32, Iface>,
     /// Why attaching to an interface failed, per workload, until it succeeds.
     attach_errors: HashMap<WorkloadKey, String>,
@@ -167,14 +169,19 @@ impl LocalState {
         self.claims.reload(true)
     }
 
-    /// Interfaces held for a claim (that exist): never detached until the claim goes.
-    #[must_use]
-    pub fn claimed(&self, routes: &impl Routes) -> Vec<Interface> {
-        self.claims
+    /// Interfaces held for a claim (that exist), never detached until the claim goes; and
+    /// those held at the last call that no claim holds any more.
+    pub fn take_held(&mut self, routes: &impl Routes) -> (Vec<Interface>, Vec<u32>) {
+        let claimed: Vec<Interface> = self
+            .claims
             .by_pod
             .keys()
             .filter_map(|k| self.claims.interface(k, None, routes)?.ok())
-            .collect()
+            .collect();
+        let now: HashSet<u32> = claimed.iter().map(|i| i.index).collect();
+        let gone = self.held.difference(&now).copied().collect();
+        self.held = now;
+        (claimed, gone)
     }
 
     /// Whether the claims were read (so that a pinned link no claim holds is a leftover).
