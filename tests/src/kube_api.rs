@@ -1,9 +1,14 @@
 //! A stand-in for the Kubernetes API server that speaks its real list/watch wire format over
 //! HTTP/1.1, for testing the agent's Kubernetes watcher where no API server can run:
 //!
-//! - `GET /api/v1/pods`, `/api/v1/nodes`, `/api/v1/namespaces/{ns}/configmaps` (with
-//!   `fieldSelector=metadata.name=…`): a `PodList`/`NodeList`/`ConfigMapList` whose
-//!   `metadata.resourceVersion` is the current version;
+//! - `GET /api/v1/pods`, `/api/v1/nodes`, `/api/v1/namespaces/{ns}/configmaps`, and of the
+//!   custom resources (group `portcullis.dev`, version `v1alpha1`)
+//!   `/apis/portcullis.dev/v1alpha1/portcullispolicies` (every namespace's),
+//!   `/apis/portcullis.dev/v1alpha1/namespaces/{ns}/portcullispolicies` and
+//!   `/apis/portcullis.dev/v1alpha1/portcullisclusterpolicies` (with
+//!   `fieldSelector=metadata.name=…`): a `PodList`/`NodeList`/`ConfigMapList`/
+//!   `PortcullisPolicyList`/`PortcullisClusterPolicyList` of the kind's `apiVersion` (`v1`, or
+//!   `portcullis.dev/v1alpha1`) whose `metadata.resourceVersion` is the current version;
 //! - with `limit=N`, the list in pages, as the API server pages a list for a client that asks:
 //!   each page carries at most N items and, but for the last, an opaque `continue` token and
 //!   `remainingItemCount`; every page of one list shows the same snapshot, taken at the first
@@ -12,12 +17,34 @@
 //!   compaction, and the client must list again from the start;
 //! - the same with `watch=true&resourceVersion=N`: a chunked stream of watch events (`ADDED`,
 //!   `MODIFIED`, `DELETED` with the object, `BOOKMARK` every second when
-//!   `allowWatchBookmarks=true`), ended after `timeoutSeconds`; a `resourceVersion` older than
+//!   `allowWatchBookmarks=true`, an object of the list's kind and `apiVersion` carrying only
+//!   `metadata.resourceVersion`), ended after `timeoutSeconds`; a `resourceVersion` older than
 //!   the last [`FakeApi::expire`] gets what a real API server sends after compaction: an
 //!   `ERROR` event carrying a `Status` with code 410 (reason `Expired`);
 //! - `GET /api/v1/namespaces/{ns}/pods/{name}` (and `/api/v1/nodes/{name}`,
-//!   `/api/v1/namespaces/{ns}/configmaps/{name}`): the one object, or `404` with a `Status` of
-//!   reason `NotFound`, as a client reading a bound pod's `spec.nodeName` gets it;
+//!   `/api/v1/namespaces/{ns}/configmaps/{name}`,
+//!   `/apis/portcullis.dev/v1alpha1/namespaces/{ns}/portcullispolicies/{name}`,
+//!   `/apis/portcullis.dev/v1alpha1/portcullisclusterpolicies/{name}`): the one object, or `404`
+//!   with a `Status` of reason `NotFound` whose `details.kind` is the resource (and
+//!   `details.group` the group, for a custom one, whose message then names it
+//!   `portcullispolicies.portcullis.dev "name" not found`), as a client reading a bound pod's
+//!   `spec.nodeName` gets it;
+//! - `PUT /apis/portcullis.dev/v1alpha1/namespaces/{ns}/portcullispolicies/{name}/status` (and
+//!   `/apis/portcullis.dev/v1alpha1/portcullisclusterpolicies/{name}/status`): a write of the
+//!   status subresource, the whole object as the body (as kube-rs's `Api::replace_status`
+//!   sends it), answered as the API server answers one for a custom resource. A body that is
+//!   not a JSON object, names another `apiVersion` or `kind`, or whose `metadata.name` is not
+//!   the path's (or whose `metadata.namespace` is another) gets `400` (reason `BadRequest`); an
+//!   object the server does not hold, `404` (reason `NotFound`); a body whose
+//!   `metadata.resourceVersion` (or `metadata.uid`) is set and is not the stored one, `409
+//!   Conflict` (reason `Conflict`, `Operation cannot be fulfilled on
+//!   portcullispolicies.portcullis.dev "name": the object has been modified; please apply your
+//!   changes to the latest version and try again`, `details` naming `name`, `group` and the
+//!   resource as `kind`). Otherwise only the stored `status` is replaced by the body's (removed,
+//!   if the body has none): `spec`, `metadata` and `metadata.generation` stay, the object gets
+//!   a new `resourceVersion` and a `MODIFIED` event, and the answer is `200 OK` with the object
+//!   as stored. A write that changes nothing is `200 OK` with no new version and no event, as
+//!   the API server skips a write of what is already stored;
 //! - `POST /apis/authentication.k8s.io/v1/tokenreviews`: `201 Created` with the `TokenReview`
 //!   echoed back and its `status` filled in as the API server's service-account token
 //!   authenticator fills it, for the tokens the test registered with [`FakeApi::add_token`] (see
@@ -25,10 +52,16 @@
 //!   `Status` of reason `BadRequest`.
 //!
 //! Objects are JSON values as a real server would return them (the test writes real Pod and
-//! Node manifests, or [`realistic_pod`] ones); the server stamps `metadata.resourceVersion` and
-//! `metadata.uid`. Each object is serialized once, when it is applied: lists and watch events
-//! are assembled from those bytes, so serving 100,000 objects costs copying them, not encoding
-//! them again per request.
+//! Node manifests, or [`realistic_pod`] ones); the server stamps `metadata.resourceVersion`,
+//! `metadata.uid`, `apiVersion` and `kind`, and treats a custom resource written with
+//! [`FakeApi::apply`] as the API server treats one written through its main resource while the
+//! status subresource is on (see [`FakeApi::apply_all`]): `metadata.generation` (1 on creation,
+//! one more on each change of `spec`), a `metadata.creationTimestamp`, and no `status` but
+//! what a status write put there. Any other method or path gets `404`.
+//!
+//! Each object is serialized once, when it is written: lists and watch events are assembled
+//! from those bytes, so serving 100,000 objects costs copying them, not encoding them again per
+//! request.
 
 use std::{
     collections::{BTreeMap, VecDeque},
@@ -50,24 +83,81 @@ pub enum Kind {
     Pod,
     Node,
     ConfigMap,
+    /// `PortcullisPolicy` (`portcullis.dev/v1alpha1`, namespaced), a custom resource with the
+    /// status subresource.
+    Policy,
+    /// `PortcullisClusterPolicy` (`portcullis.dev/v1alpha1`, cluster-scoped), a custom resource
+    /// with the status subresource.
+    ClusterPolicy,
 }
 
+/// The API group of the custom resources.
+pub const POLICY_GROUP: &str = "portcullis.dev";
+
+/// The `apiVersion` of the custom resources.
+pub const POLICY_API_VERSION: &str = "portcullis.dev/v1alpha1";
+
 impl Kind {
-    fn name(self) -> &'static str {
+    /// The kind, as objects name it in their `kind` (and lists, with `List` appended).
+    #[must_use]
+    pub fn name(self) -> &'static str {
         match self {
             Self::Pod => "Pod",
             Self::Node => "Node",
             Self::ConfigMap => "ConfigMap",
+            Self::Policy => "PortcullisPolicy",
+            Self::ClusterPolicy => "PortcullisClusterPolicy",
         }
     }
 
     /// The resource, as the API server names it in paths and in a `NotFound` status.
-    fn resource(self) -> &'static str {
+    #[must_use]
+    pub fn resource(self) -> &'static str {
         match self {
             Self::Pod => "pods",
             Self::Node => "nodes",
             Self::ConfigMap => "configmaps",
+            Self::Policy => "portcullispolicies",
+            Self::ClusterPolicy => "portcullisclusterpolicies",
         }
+    }
+
+    /// The `apiVersion` of its objects, lists and bookmarks.
+    #[must_use]
+    pub fn api_version(self) -> &'static str {
+        match self {
+            Self::Pod | Self::Node | Self::ConfigMap => "v1",
+            Self::Policy | Self::ClusterPolicy => POLICY_API_VERSION,
+        }
+    }
+
+    /// The API group: empty for the core group.
+    fn group(self) -> &'static str {
+        match self {
+            Self::Pod | Self::Node | Self::ConfigMap => "",
+            Self::Policy | Self::ClusterPolicy => POLICY_GROUP,
+        }
+    }
+
+    /// The resource as the API server's errors name it: `pods`, but
+    /// `portcullispolicies.portcullis.dev` for one of a group.
+    fn qualified_resource(self) -> String {
+        match self.group() {
+            "" => self.resource().to_owned(),
+            group => format!("{}.{group}", self.resource()),
+        }
+    }
+
+    /// A custom resource, served with the status subresource: writes to the main resource
+    /// leave `status` alone and count `metadata.generation`, writes to `/status` change only
+    /// `status`.
+    fn has_status_subresource(self) -> bool {
+        matches!(self, Self::Policy | Self::ClusterPolicy)
+    }
+
+    /// Objects of a namespace, not of the cluster.
+    fn namespaced(self) -> bool {
+        matches!(self, Self::Pod | Self::ConfigMap | Self::Policy)
     }
 }
 
@@ -161,6 +251,8 @@ struct State {
     tokens_issued: u64,
     /// The token of each review answered, in order, for the test to count.
     reviewed: Vec<String>,
+    /// Writes to a `/status` subresource answered `200 OK`.
+    status_writes: usize,
 }
 
 struct Shared {
@@ -173,7 +265,25 @@ struct Shared {
 pub struct FakeApi {
     shared: Arc<Shared>,
     pub addr: SocketAddr,
-    accept: Option<thread::JoinHandle<()>>,
+    /// One accepting thread per listener.
+    accept: Vec<thread::JoinHandle<()>>,
+}
+
+/// Accepts on `listener` until `shared.stop`, one thread per connection.
+fn accept_loop(shared: Arc<Shared>, listener: TcpListener) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        while !shared.stop.load(Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((conn, _)) => {
+                    let s = shared.clone();
+                    thread::spawn(move || {
+                        let _ = handle(&s, conn);
+                    });
+                }
+                Err(_) => thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    })
 }
 
 impl FakeApi {
@@ -189,28 +299,21 @@ impl FakeApi {
             changed: Condvar::new(),
             stop: AtomicBool::new(false),
         });
-        let s = shared.clone();
-        let accept = thread::spawn(move || {
-            while !s.stop.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((conn, _)) => {
-                        let s = s.clone();
-                        thread::spawn(move || {
-                            let _ = handle(&s, conn);
-                        });
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        thread::sleep(Duration::from_millis(10));
-                    }
-                    Err(_) => thread::sleep(Duration::from_millis(10)),
-                }
-            }
-        });
+        let accept = vec![accept_loop(shared.clone(), listener)];
         Ok(Self {
             shared,
             addr,
-            accept: Some(accept),
+            accept,
         })
+    }
+
+    /// Serves the same objects on another listener too (one in another network namespace, so
+    /// that clients on both sides see one API server); returns its address.
+    pub fn also_serve(&mut self, listener: TcpListener) -> Result<SocketAddr> {
+        let addr = listener.local_addr()?;
+        listener.set_nonblocking(true)?;
+        self.accept.push(accept_loop(self.shared.clone(), listener));
+        Ok(addr)
     }
 
     pub fn url(&self) -> String {
@@ -227,9 +330,25 @@ impl FakeApi {
     }
 
     /// Creates or replaces many objects, each one event, under one lock.
+    ///
+    /// An object of a kind with the status subresource ([`Kind::Policy`],
+    /// [`Kind::ClusterPolicy`]) is written as `kubectl apply` writes it through the main
+    /// resource, and the API server treats it as it treats a custom resource's: created, it
+    /// gets `metadata.generation` 1 and a `metadata.creationTimestamp` (now, unless given) and
+    /// loses any `status`; replaced, it keeps the stored `status` (any given is dropped) and
+    /// `creationTimestamp`, and its `generation` goes up by one only if something but its
+    /// metadata (in practice, its `spec`) changed. A replacement identical to what is stored
+    /// is no write, as on the API server: no new resource version, no event. A cluster-scoped
+    /// one loses any `metadata.namespace`.
     pub fn apply_all(&self, kind: Kind, objs: impl IntoIterator<Item = Value>) {
         let mut st = self.lock();
         for mut obj in objs {
+            if kind.has_status_subresource()
+                && !kind.namespaced()
+                && let Some(meta) = obj["metadata"].as_object_mut()
+            {
+                meta.remove("namespace");
+            }
             let ns = obj["metadata"]["namespace"]
                 .as_str()
                 .unwrap_or("")
@@ -238,14 +357,34 @@ impl FakeApi {
                 .as_str()
                 .expect("object without metadata.name")
                 .to_owned();
+            let key = (kind, ns, name);
+            if kind.has_status_subresource() {
+                let old: Option<Value> = st
+                    .objects
+                    .get(&key)
+                    .map(|o| serde_json::from_str(o).expect("stored JSON"));
+                obj["metadata"]["uid"] = json!(object_uid(kind, &key.1, &key.2));
+                obj["apiVersion"] = json!(kind.api_version());
+                obj["kind"] = json!(kind.name());
+                match &old {
+                    None => prepare_create(&mut obj),
+                    Some(old) => {
+                        prepare_update(&mut obj, old);
+                        obj["metadata"]["resourceVersion"] =
+                            old["metadata"]["resourceVersion"].clone();
+                        if obj == *old {
+                            continue;
+                        }
+                    }
+                }
+            }
             st.rv += 1;
             let rv = st.rv;
             obj["metadata"]["resourceVersion"] = json!(rv.to_string());
-            obj["metadata"]["uid"] = json!(object_uid(kind, &ns, &name));
-            obj["apiVersion"] = json!("v1");
+            obj["metadata"]["uid"] = json!(object_uid(kind, &key.1, &key.2));
+            obj["apiVersion"] = json!(kind.api_version());
             obj["kind"] = json!(kind.name());
             let object: Arc<str> = obj.to_string().into();
-            let key = (kind, ns, name);
             let kind_of_event = if st.objects.insert(key.clone(), object.clone()).is_some() {
                 "MODIFIED"
             } else {
@@ -260,6 +399,17 @@ impl FakeApi {
         }
         drop(st);
         self.shared.changed.notify_all();
+    }
+
+    /// The object the server holds, as it serves it: for a test to read back what a client
+    /// wrote to its status.
+    #[must_use]
+    pub fn get(&self, kind: Kind, namespace: &str, name: &str) -> Option<Value> {
+        let key = (kind, namespace.to_owned(), name.to_owned());
+        self.lock()
+            .objects
+            .get(&key)
+            .map(|o| serde_json::from_str(o).expect("stored JSON"))
     }
 
     /// Deletes an object (DELETED).
@@ -299,9 +449,16 @@ impl FakeApi {
         self.shared.changed.notify_all();
     }
 
-    /// Request lines served so far.
+    /// Request lines served so far (every method, status writes among them).
     pub fn requests(&self) -> Vec<String> {
         self.lock().requests.clone()
+    }
+
+    /// How many writes to a `/status` subresource were answered `200 OK` (one that changed
+    /// nothing among them; those refused are not counted, but [`FakeApi::requests`] lists
+    /// them).
+    pub fn status_writes(&self) -> usize {
+        self.lock().status_writes
     }
 
     /// How many objects of `kind` the server holds.
@@ -357,10 +514,80 @@ impl Drop for FakeApi {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Relaxed);
         self.shared.changed.notify_all();
-        if let Some(t) = self.accept.take() {
+        for t in self.accept.drain(..) {
             let _ = t.join();
         }
     }
+}
+
+/// What the API server does to a custom resource created through its main resource
+/// (`PrepareForCreate` of its strategy, with the status subresource on, and the system fields):
+/// no `status`, `generation` 1, a creation time.
+fn prepare_create(obj: &mut Value) {
+    if let Some(o) = obj.as_object_mut() {
+        o.remove("status");
+    }
+    obj["metadata"]["generation"] = json!(1);
+    if obj["metadata"]["creationTimestamp"].is_null() {
+        obj["metadata"]["creationTimestamp"] = json!(rfc3339(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs())
+        ));
+    }
+}
+
+/// What the API server does to a custom resource that replaces `old` through its main resource
+/// (`PrepareForUpdate` of its strategy, with the status subresource on, and `BeforeUpdate`):
+/// the stored `status` stays (or stays absent), `generation` is the stored one, one more if
+/// anything but metadata changed, and `creationTimestamp` is the stored one.
+fn prepare_update(obj: &mut Value, old: &Value) {
+    if let Some(o) = obj.as_object_mut() {
+        match old.get("status") {
+            Some(status) => {
+                o.insert("status".to_owned(), status.clone());
+            }
+            None => {
+                o.remove("status");
+            }
+        }
+    }
+    let but_metadata = |v: &Value| -> serde_json::Map<String, Value> {
+        v.as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(k, _)| k.as_str() != "metadata")
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    };
+    let generation = old["metadata"]["generation"].as_i64().unwrap_or(1);
+    let changed = but_metadata(obj) != but_metadata(old);
+    obj["metadata"]["generation"] = json!(generation + i64::from(changed));
+    if !old["metadata"]["creationTimestamp"].is_null() {
+        obj["metadata"]["creationTimestamp"] = old["metadata"]["creationTimestamp"].clone();
+    }
+}
+
+/// `secs` after the epoch in RFC 3339, as the API server writes a `metav1.Time`:
+/// `2026-12-02T00:00:00Z`.
+fn rfc3339(secs: u64) -> String {
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Days to a civil date (Howard Hinnant's algorithm), counting eras from 0000-03-01.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3_600,
+        rem % 3_600 / 60,
+        rem % 60
+    )
 }
 
 struct Request {
@@ -376,26 +603,64 @@ enum Route {
     /// One object.
     Object(Key),
     TokenReview,
+    /// A write of an object's status subresource.
+    Status(Key),
 }
 
 fn route(method: &str, target: &str) -> Option<Route> {
     let path = target.split_once('?').map_or(target, |(p, _)| p);
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let key = |kind, ns: &str, name: &str| (kind, ns.to_owned(), name.to_owned());
     match method {
         "POST" if path.trim_end_matches('/') == TOKEN_REVIEWS => Some(Route::TokenReview),
         "GET" => {
-            let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
-            let one = |kind, ns: &str, name: &str| {
-                Some(Route::Object((kind, ns.to_owned(), name.to_owned())))
-            };
+            let one = |kind, ns: &str, name: &str| Some(Route::Object(key(kind, ns, name)));
             match parts.as_slice() {
                 ["api", "v1", "nodes", name] => one(Kind::Node, "", name),
                 ["api", "v1", "namespaces", ns, "pods", name] => one(Kind::Pod, ns, name),
                 ["api", "v1", "namespaces", ns, "configmaps", name] => {
                     one(Kind::ConfigMap, ns, name)
                 }
+                [
+                    "apis",
+                    "portcullis.dev",
+                    "v1alpha1",
+                    "namespaces",
+                    ns,
+                    "portcullispolicies",
+                    name,
+                ] => one(Kind::Policy, ns, name),
+                [
+                    "apis",
+                    "portcullis.dev",
+                    "v1alpha1",
+                    "portcullisclusterpolicies",
+                    name,
+                ] => one(Kind::ClusterPolicy, "", name),
                 _ => parse_target(target).map(Route::Collection),
             }
         }
+        "PUT" => match parts.as_slice() {
+            [
+                "apis",
+                "portcullis.dev",
+                "v1alpha1",
+                "namespaces",
+                ns,
+                "portcullispolicies",
+                name,
+                "status",
+            ] => Some(Route::Status(key(Kind::Policy, ns, name))),
+            [
+                "apis",
+                "portcullis.dev",
+                "v1alpha1",
+                "portcullisclusterpolicies",
+                name,
+                "status",
+            ] => Some(Route::Status(key(Kind::ClusterPolicy, "", name))),
+            _ => None,
+        },
         _ => None,
     }
 }
@@ -416,6 +681,21 @@ fn parse_target(target: &str) -> Option<Request> {
         ["api", "v1", "nodes"] => (Kind::Node, None),
         ["api", "v1", "namespaces", ns, "configmaps"] => (Kind::ConfigMap, Some((*ns).to_owned())),
         ["api", "v1", "namespaces", ns, "pods"] => (Kind::Pod, Some((*ns).to_owned())),
+        ["apis", "portcullis.dev", "v1alpha1", "portcullispolicies"] => (Kind::Policy, None),
+        [
+            "apis",
+            "portcullis.dev",
+            "v1alpha1",
+            "namespaces",
+            ns,
+            "portcullispolicies",
+        ] => (Kind::Policy, Some((*ns).to_owned())),
+        [
+            "apis",
+            "portcullis.dev",
+            "v1alpha1",
+            "portcullisclusterpolicies",
+        ] => (Kind::ClusterPolicy, None),
         _ => return None,
     };
     Some(Request {
@@ -529,20 +809,27 @@ fn handle(shared: &Shared, conn: TcpStream) -> Result<()> {
         Route::Object(key) => serve_object(shared, &mut conn, &key),
         Route::TokenReview => {
             let Some(body) = read_body(&mut reader, &mut conn, &framing)? else {
-                let body = status_body(
-                    413,
-                    "RequestEntityTooLarge",
-                    &format!("Request entity too large: limit is {MAX_BODY}"),
-                );
-                return respond(
-                    &mut conn,
-                    "413 Request Entity Too Large",
-                    &[body.as_bytes()],
-                );
+                return respond_too_large(&mut conn);
             };
             serve_token_review(shared, &mut conn, &body)
         }
+        Route::Status(key) => {
+            let Some(body) = read_body(&mut reader, &mut conn, &framing)? else {
+                return respond_too_large(&mut conn);
+            };
+            serve_status_write(shared, &mut conn, &key, &body)
+        }
     }
+}
+
+/// The API server's answer to a body over [`MAX_BODY`].
+fn respond_too_large(conn: &mut TcpStream) -> Result<()> {
+    let body = status_body(
+        413,
+        "RequestEntityTooLarge",
+        &format!("Request entity too large: limit is {MAX_BODY}"),
+    );
+    respond(conn, "413 Request Entity Too Large", &[body.as_bytes()])
 }
 
 /// The request's body, by `Content-Length` or in chunks; `None` past [`MAX_BODY`].
@@ -604,11 +891,176 @@ fn serve_object(shared: &Shared, conn: &mut TcpStream, key: &Key) -> Result<()> 
         return respond(conn, "200 OK", &[object.as_bytes()]);
     }
     let (kind, _, name) = key;
-    let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-        "message": format!("{} \"{name}\" not found", kind.resource()), "reason": "NotFound",
-        "details": {"name": name, "kind": kind.resource()}, "code": 404})
-    .to_string();
+    let body = not_found(*kind, name);
     respond(conn, "404 Not Found", &[body.as_bytes()])
+}
+
+/// The `Status` of reason `NotFound` the API server answers for an object it does not hold.
+fn not_found(kind: Kind, name: &str) -> String {
+    let mut details = json!({"name": name, "kind": kind.resource()});
+    if !kind.group().is_empty() {
+        details["group"] = json!(kind.group());
+    }
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": format!("{} \"{name}\" not found", kind.qualified_resource()),
+        "reason": "NotFound", "details": details, "code": 404})
+    .to_string()
+}
+
+/// Why the API server refuses a write from a client that read an older version
+/// (`OptimisticLockErrorMsg`).
+const OPTIMISTIC_LOCK: &str =
+    "the object has been modified; please apply your changes to the latest version and try again";
+
+/// The `Status` of reason `Conflict` the API server answers for a write whose precondition
+/// (`resourceVersion`, `uid`) the stored object does not meet.
+fn conflict(kind: Kind, name: &str, why: &str) -> String {
+    let mut details = json!({"name": name, "kind": kind.resource()});
+    if !kind.group().is_empty() {
+        details["group"] = json!(kind.group());
+    }
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": format!("Operation cannot be fulfilled on {} \"{name}\": {why}",
+            kind.qualified_resource()),
+        "reason": "Conflict", "details": details, "code": 409})
+    .to_string()
+}
+
+/// Answers a write of `key`'s status subresource as the API server does for a custom resource:
+/// checks the body (see [`parse_status_write`]), then, with the stored object, its `uid` and
+/// `resourceVersion` when given, and replaces the stored `status` with the body's (or removes
+/// it, if the body has none), leaving the rest of the object alone. `200 OK` with the object
+/// as stored; a write that changes nothing makes no new version and no event.
+fn serve_status_write(shared: &Shared, conn: &mut TcpStream, key: &Key, body: &[u8]) -> Result<()> {
+    let (kind, namespace, name) = key;
+    let given = match parse_status_write(*kind, namespace, name, body) {
+        Ok(given) => given,
+        Err(message) => {
+            let body = status_body(400, "BadRequest", &message);
+            return respond(conn, "400 Bad Request", &[body.as_bytes()]);
+        }
+    };
+    let mut st = shared.state.lock().expect("fake API state");
+    let Some(stored) = st.objects.get(key).cloned() else {
+        drop(st);
+        return respond(conn, "404 Not Found", &[not_found(*kind, name).as_bytes()]);
+    };
+    let old: Value = serde_json::from_str(&stored).expect("stored JSON");
+    let meta = &given["metadata"];
+    let refusal = match (meta["uid"].as_str(), meta["resourceVersion"].as_str()) {
+        (Some(uid), _) if !uid.is_empty() && old["metadata"]["uid"] != uid => Some(format!(
+            "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+            old["metadata"]["uid"].as_str().unwrap_or_default()
+        )),
+        (_, Some(rv)) if !rv.is_empty() && old["metadata"]["resourceVersion"] != rv => {
+            Some(OPTIMISTIC_LOCK.to_owned())
+        }
+        _ => None,
+    };
+    if let Some(why) = refusal {
+        drop(st);
+        let body = conflict(*kind, name, &why);
+        return respond(conn, "409 Conflict", &[body.as_bytes()]);
+    }
+    st.status_writes += 1;
+    let mut obj = old.clone();
+    if let Some(o) = obj.as_object_mut() {
+        match given.get("status") {
+            Some(status) => {
+                o.insert("status".to_owned(), status.clone());
+            }
+            None => {
+                o.remove("status");
+            }
+        }
+    }
+    if obj == old {
+        drop(st);
+        return respond(conn, "200 OK", &[stored.as_bytes()]);
+    }
+    st.rv += 1;
+    let rv = st.rv;
+    obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+    let object: Arc<str> = obj.to_string().into();
+    st.objects.insert(key.clone(), object.clone());
+    st.events.push_back(Event {
+        rv,
+        key: key.clone(),
+        kind_of_event: "MODIFIED",
+        object: object.clone(),
+    });
+    drop(st);
+    shared.changed.notify_all();
+    respond(conn, "200 OK", &[object.as_bytes()])
+}
+
+/// The body of a status write, checked as the API server's update handler checks one before it
+/// reads the stored object, each failure a message for a `400`: JSON of an object, whose
+/// `apiVersion` and `kind`, when present, are the endpoint's, whose `metadata.name` is the
+/// path's, and whose `metadata.namespace`, when present, is the path's (ignored for a
+/// cluster-scoped kind).
+fn parse_status_write(
+    kind: Kind,
+    namespace: &str,
+    name: &str,
+    body: &[u8],
+) -> Result<Value, String> {
+    let obj: Value = serde_json::from_slice(body)
+        .map_err(|e| format!("couldn't get version/kind; json parse error: {e}"))?;
+    if !obj.is_object() {
+        return Err("couldn't get version/kind; json parse error: not an object".to_owned());
+    }
+    if let Some(v) = obj.get("apiVersion")
+        && v != kind.api_version()
+    {
+        return Err(format!(
+            "the API version in the data ({}) does not match the expected API version ({})",
+            v.as_str().unwrap_or_default(),
+            kind.api_version()
+        ));
+    }
+    if let Some(k) = obj.get("kind")
+        && k != kind.name()
+    {
+        return Err(format!(
+            "the kind in the data ({}) does not match the expected kind ({})",
+            k.as_str().unwrap_or_default(),
+            kind.name()
+        ));
+    }
+    let meta = match obj.get("metadata") {
+        None | Some(Value::Null) => &json!({}),
+        Some(m @ Value::Object(_)) => m,
+        Some(_) => {
+            return Err(
+                "json: cannot unmarshal into Go struct field .metadata of type v1.ObjectMeta"
+                    .to_owned(),
+            );
+        }
+    };
+    for field in ["name", "namespace", "uid", "resourceVersion"] {
+        if !matches!(meta.get(field), None | Some(Value::Null | Value::String(_))) {
+            return Err(format!(
+                "json: cannot unmarshal into Go struct field ObjectMeta.metadata.{field} of type string"
+            ));
+        }
+    }
+    if kind.namespaced() {
+        let given = meta["namespace"].as_str().unwrap_or_default();
+        if !given.is_empty() && given != namespace {
+            return Err(
+                "the namespace of the provided object does not match the namespace sent on the request"
+                    .to_owned(),
+            );
+        }
+    }
+    let given = meta["name"].as_str().unwrap_or_default();
+    if given != name {
+        return Err(format!(
+            "the name of the object ({given}) does not match the name on the URL ({name})"
+        ));
+    }
+    Ok(obj)
 }
 
 /// Answers a `TokenReview` as the API server does: the object echoed back (its `spec` as the
@@ -865,7 +1317,8 @@ fn serve_list(shared: &Shared, conn: &mut TcpStream, req: &Request) -> Result<()
         meta["remainingItemCount"] = json!(items.len() - end);
     }
     let head = format!(
-        "{{\"apiVersion\":\"v1\",\"kind\":\"{}List\",\"metadata\":{meta},\"items\":[",
+        "{{\"apiVersion\":\"{}\",\"kind\":\"{}List\",\"metadata\":{meta},\"items\":[",
+        req.kind.api_version(),
         req.kind.name()
     );
     let page = &items[offset.min(end)..end];
@@ -961,7 +1414,7 @@ fn serve_watch(shared: &Shared, conn: &mut TcpStream, req: &Request) -> Result<(
         from = head;
         if bookmarks && last_bookmark.elapsed() >= Duration::from_secs(1) {
             let bookmark =
-                json!({"type": "BOOKMARK", "object": {"kind": req.kind.name(), "apiVersion": "v1",
+                json!({"type": "BOOKMARK", "object": {"kind": req.kind.name(), "apiVersion": req.kind.api_version(),
                     "metadata": {"resourceVersion": head.to_string()}}})
                 .to_string();
             chunk(&mut w, &[bookmark.as_bytes()])?;
@@ -1216,6 +1669,53 @@ mod tests {
         )
         .expect("write");
         read_response(c)
+    }
+
+    fn put(api: &FakeApi, target: &str, body: &str) -> (u16, Value) {
+        let mut c = TcpStream::connect(api.addr).expect("connect");
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            c,
+            "PUT {target} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .expect("write");
+        read_response(c)
+    }
+
+    /// The events of a watch of `target` (which sets `timeoutSeconds`, bounding it), read to
+    /// its end.
+    fn watch_events(api: &FakeApi, target: &str) -> Vec<Value> {
+        let mut c = TcpStream::connect(api.addr).expect("connect");
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(c, "GET {target} HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut c, &mut text).expect("read");
+        let (head, body) = text.split_once("\r\n\r\n").expect("head");
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+        // Each chunk is one event and its newline; the chunk sizes are hex, never `{`.
+        body.lines()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| serde_json::from_str(l).expect("event JSON"))
+            .collect()
+    }
+
+    const POLICIES: &str = "/apis/portcullis.dev/v1alpha1/portcullispolicies";
+    const CLUSTER_POLICIES: &str = "/apis/portcullis.dev/v1alpha1/portcullisclusterpolicies";
+
+    fn policy_path(ns: &str, name: &str) -> String {
+        format!("/apis/portcullis.dev/v1alpha1/namespaces/{ns}/portcullispolicies/{name}")
+    }
+
+    fn policy(ns: &str, name: &str, spec: Value) -> Value {
+        json!({"apiVersion": POLICY_API_VERSION, "kind": "PortcullisPolicy",
+               "metadata": {"name": name, "namespace": ns, "labels": {"team": "shop"}},
+               "spec": spec})
+    }
+
+    fn cluster_policy(name: &str, spec: Value) -> Value {
+        json!({"apiVersion": POLICY_API_VERSION, "kind": "PortcullisClusterPolicy",
+               "metadata": {"name": name}, "spec": spec})
     }
 
     /// A review of `token` for `audiences`, as a client posts it.
@@ -1560,5 +2060,399 @@ mod tests {
         let (_, list) = get(&api, "/api/v1/namespaces/shop/pods");
         assert_eq!(list["kind"], "PodList");
         assert_eq!(list["items"].as_array().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn times_are_written_as_rfc_3339() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_825_599), "2000-02-29T11:59:59Z");
+        assert_eq!(rfc3339(1_796_169_600), "2026-12-02T00:00:00Z");
+        assert_eq!(rfc3339(4_107_542_400), "2100-03-01T00:00:00Z");
+    }
+
+    /// As the API server writes a custom resource with the status subresource through its main
+    /// resource: generation 1 on creation, one more only when the spec changes, any status
+    /// given dropped, the creation time kept.
+    #[test]
+    fn applying_a_policy_counts_generations_of_its_spec_and_drops_its_status() {
+        let api = local_api();
+        let mut given = policy("shop", "web", json!({"allow": ["api"]}));
+        given["status"] = json!({"phase": "Forged"});
+        api.apply(Kind::Policy, given.clone());
+        let (code, created) = get(&api, &policy_path("shop", "web"));
+        assert_eq!(code, 200, "{created}");
+        assert_eq!(created["kind"], "PortcullisPolicy");
+        assert_eq!(created["apiVersion"], "portcullis.dev/v1alpha1");
+        assert_eq!(created["metadata"]["generation"], 1);
+        assert_eq!(
+            created["metadata"]["uid"],
+            object_uid(Kind::Policy, "shop", "web")
+        );
+        let created_at = created["metadata"]["creationTimestamp"].as_str().unwrap();
+        assert!(
+            created_at.len() == 20
+                && created_at.ends_with('Z')
+                && created_at.as_bytes()[10] == b'T',
+            "{created_at}"
+        );
+        assert!(created.get("status").is_none(), "{created}");
+        assert_eq!(api.get(Kind::Policy, "shop", "web"), Some(created.clone()));
+
+        // The same spec again: no change, so no new generation (nor version).
+        api.apply(Kind::Policy, given.clone());
+        let same = api.get(Kind::Policy, "shop", "web").unwrap();
+        assert_eq!(same["metadata"]["generation"], 1);
+        assert_eq!(
+            same["metadata"]["resourceVersion"],
+            created["metadata"]["resourceVersion"]
+        );
+        assert!(same.get("status").is_none(), "{same}");
+        // A label is metadata: a new version, the same generation.
+        let mut relabelled = given.clone();
+        relabelled["metadata"]["labels"]["team"] = json!("payments");
+        api.apply(Kind::Policy, relabelled.clone());
+        let same = api.get(Kind::Policy, "shop", "web").unwrap();
+        assert_eq!(same["metadata"]["generation"], 1);
+        assert_eq!(same["metadata"]["labels"]["team"], "payments");
+        assert_ne!(
+            same["metadata"]["resourceVersion"],
+            created["metadata"]["resourceVersion"]
+        );
+
+        // Another spec: generation 2, the creation time kept, still no status.
+        let mut changed = relabelled;
+        changed["spec"] = json!({"allow": ["api", "db"]});
+        changed["metadata"]["creationTimestamp"] = json!("2020-01-01T00:00:00Z");
+        changed["metadata"]["generation"] = json!(7);
+        api.apply(Kind::Policy, changed);
+        let (_, updated) = get(&api, &policy_path("shop", "web"));
+        assert_eq!(updated["metadata"]["generation"], 2);
+        assert_eq!(updated["spec"], json!({"allow": ["api", "db"]}));
+        assert_eq!(updated["metadata"]["creationTimestamp"], created_at);
+        assert!(updated.get("status").is_none(), "{updated}");
+
+        // A cluster policy is the cluster's, whatever namespace it was given.
+        let mut cp = cluster_policy("deny-all", json!({"deny": ["*"]}));
+        cp["metadata"]["namespace"] = json!("shop");
+        cp["metadata"]["creationTimestamp"] = json!("2026-12-02T00:00:00Z");
+        api.apply(Kind::ClusterPolicy, cp);
+        let (code, cp) = get(&api, &format!("{CLUSTER_POLICIES}/deny-all"));
+        assert_eq!(code, 200, "{cp}");
+        assert_eq!(cp["kind"], "PortcullisClusterPolicy");
+        assert_eq!(cp["metadata"]["generation"], 1);
+        assert_eq!(cp["metadata"]["creationTimestamp"], "2026-12-02T00:00:00Z");
+        assert!(cp["metadata"].get("namespace").is_none(), "{cp}");
+        // Pods are as before: what is applied is what is stored.
+        let mut pod = pods(1).remove(0);
+        pod["status"]["phase"] = json!("Pending");
+        api.apply(Kind::Pod, pod);
+        let (_, pod) = get(&api, "/api/v1/namespaces/shop/pods/p00000");
+        assert_eq!(pod["status"]["phase"], "Pending");
+        assert!(pod["metadata"].get("generation").is_none(), "{pod}");
+    }
+
+    /// A status write with the current version replaces the status and nothing else, and is
+    /// seen by a watch as a modification.
+    #[test]
+    fn a_status_write_replaces_only_the_status_and_is_watched() {
+        let api = local_api();
+        api.apply(
+            Kind::Policy,
+            policy("shop", "web", json!({"allow": ["api"]})),
+        );
+        let before = api.get(Kind::Policy, "shop", "web").unwrap();
+        let rv0 = before["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        // As kube-rs sends it: the object read, with a status; what else it changed is ignored.
+        let mut body = before.clone();
+        body["status"] = json!({"observedGeneration": 1,
+            "conditions": [{"type": "Enforced", "status": "True", "reason": "Loaded"}]});
+        body["spec"] = json!({"allow": ["everything"]});
+        body["metadata"]["labels"]["team"] = json!("intruder");
+        let target = format!("{}/status", policy_path("shop", "web"));
+        let (code, answer) = put(&api, &target, &body.to_string());
+        assert_eq!(code, 200, "{answer}");
+        assert_eq!(answer["status"], body["status"]);
+        assert_eq!(answer["spec"], json!({"allow": ["api"]}));
+        assert_eq!(answer["metadata"]["labels"]["team"], "shop");
+        assert_eq!(answer["metadata"]["generation"], 1);
+        assert_eq!(
+            answer["metadata"]["creationTimestamp"],
+            before["metadata"]["creationTimestamp"]
+        );
+        let rv1 = answer["metadata"]["resourceVersion"].as_str().unwrap();
+        assert!(
+            rv1.parse::<u64>().unwrap() > rv0.parse::<u64>().unwrap(),
+            "{rv0} -> {rv1}"
+        );
+        assert_eq!(api.get(Kind::Policy, "shop", "web"), Some(answer.clone()));
+        assert_eq!(api.status_writes(), 1);
+        assert!(
+            api.requests().contains(&format!("PUT {target} HTTP/1.1")),
+            "{:?}",
+            api.requests()
+        );
+
+        // A watch from before the write sees it.
+        let events = watch_events(
+            &api,
+            &format!("{POLICIES}?watch=true&resourceVersion={rv0}&timeoutSeconds=1"),
+        );
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0]["type"], "MODIFIED");
+        assert_eq!(events[0]["object"], answer);
+
+        // The same status again changes nothing: no new version.
+        let (code, again) = put(&api, &target, &answer.to_string());
+        assert_eq!(code, 200, "{again}");
+        assert_eq!(again["metadata"]["resourceVersion"], rv1);
+        assert_eq!(api.status_writes(), 2);
+
+        // Applying the main resource keeps the status, whatever status it carries.
+        let mut reapplied = policy("shop", "web", json!({"allow": ["api", "db"]}));
+        reapplied["status"] = json!({});
+        api.apply(Kind::Policy, reapplied);
+        let after = api.get(Kind::Policy, "shop", "web").unwrap();
+        assert_eq!(after["status"], body["status"]);
+        assert_eq!(after["metadata"]["generation"], 2);
+
+        // Without a resourceVersion the write is unconditional; without a status, it removes it.
+        let (code, cleared) = put(
+            &api,
+            &target,
+            &json!({"metadata": {"name": "web", "namespace": "shop"}}).to_string(),
+        );
+        assert_eq!(code, 200, "{cleared}");
+        assert!(cleared.get("status").is_none(), "{cleared}");
+        assert_eq!(cleared["spec"], json!({"allow": ["api", "db"]}));
+
+        // And the same for a cluster policy.
+        api.apply(Kind::ClusterPolicy, cluster_policy("deny-all", json!({})));
+        let mut cp = api.get(Kind::ClusterPolicy, "", "deny-all").unwrap();
+        cp["status"] = json!({"nodes": 3});
+        let (code, cp) = put(
+            &api,
+            &format!("{CLUSTER_POLICIES}/deny-all/status"),
+            &cp.to_string(),
+        );
+        assert_eq!(code, 200, "{cp}");
+        assert_eq!(cp["kind"], "PortcullisClusterPolicy");
+        assert_eq!(
+            api.get(Kind::ClusterPolicy, "", "deny-all").unwrap()["status"],
+            json!({"nodes": 3})
+        );
+        assert_eq!(api.status_writes(), 4);
+    }
+
+    #[test]
+    fn a_stale_status_write_conflicts_and_one_of_a_missing_object_is_not_found() {
+        let api = local_api();
+        api.apply(
+            Kind::Policy,
+            policy("shop", "web", json!({"allow": ["api"]})),
+        );
+        let read = api.get(Kind::Policy, "shop", "web").unwrap();
+        // Another writer got there first.
+        api.apply(
+            Kind::Policy,
+            policy("shop", "web", json!({"allow": ["db"]})),
+        );
+        let mut stale = read.clone();
+        stale["status"] = json!({"phase": "Enforced"});
+        let target = format!("{}/status", policy_path("shop", "web"));
+        let (code, status) = put(&api, &target, &stale.to_string());
+        assert_eq!(code, 409, "{status}");
+        assert_eq!(status["kind"], "Status");
+        assert_eq!(status["status"], "Failure");
+        assert_eq!(status["reason"], "Conflict");
+        assert_eq!(status["code"], 409);
+        assert_eq!(
+            status["message"],
+            "Operation cannot be fulfilled on portcullispolicies.portcullis.dev \"web\": the object has been modified; please apply your changes to the latest version and try again"
+        );
+        assert_eq!(
+            status["details"],
+            json!({"name": "web", "group": "portcullis.dev", "kind": "portcullispolicies"})
+        );
+        assert!(
+            api.get(Kind::Policy, "shop", "web")
+                .unwrap()
+                .get("status")
+                .is_none()
+        );
+        // Another object of the same name (another uid) conflicts too.
+        let mut other = api.get(Kind::Policy, "shop", "web").unwrap();
+        other["metadata"]["uid"] = json!("uid-of-a-deleted-one");
+        let (code, status) = put(&api, &target, &other.to_string());
+        assert_eq!(code, 409, "{status}");
+        assert_eq!(status["reason"], "Conflict");
+
+        // An object the server does not hold.
+        let mut missing = stale.clone();
+        missing["metadata"]["name"] = json!("gone");
+        let (code, status) = put(
+            &api,
+            &format!("{}/status", policy_path("shop", "gone")),
+            &missing.to_string(),
+        );
+        assert_eq!(code, 404, "{status}");
+        assert_eq!(status["reason"], "NotFound");
+        assert_eq!(
+            status["message"],
+            "portcullispolicies.portcullis.dev \"gone\" not found"
+        );
+        assert_eq!(
+            status["details"],
+            json!({"name": "gone", "group": "portcullis.dev", "kind": "portcullispolicies"})
+        );
+        let (code, status) = put(
+            &api,
+            &format!("{CLUSTER_POLICIES}/gone/status"),
+            &cluster_policy("gone", json!({})).to_string(),
+        );
+        assert_eq!(code, 404, "{status}");
+        assert_eq!(status["details"]["kind"], "portcullisclusterpolicies");
+        let (code, status) = get(&api, &format!("{CLUSTER_POLICIES}/gone"));
+        assert_eq!(code, 404, "{status}");
+        assert_eq!(
+            status["message"],
+            "portcullisclusterpolicies.portcullis.dev \"gone\" not found"
+        );
+
+        // Bodies the API server refuses before looking.
+        let current = api.get(Kind::Policy, "shop", "web").unwrap();
+        let mut renamed = current.clone();
+        renamed["metadata"]["name"] = json!("other");
+        let mut moved = current.clone();
+        moved["metadata"]["namespace"] = json!("bank");
+        let mut unnamed = current.clone();
+        unnamed["metadata"].as_object_mut().unwrap().remove("name");
+        let mut wrong_kind = current.clone();
+        wrong_kind["kind"] = json!("Pod");
+        for body in [
+            "{not json".to_owned(),
+            "[]".to_owned(),
+            renamed.to_string(),
+            moved.to_string(),
+            unnamed.to_string(),
+            wrong_kind.to_string(),
+        ] {
+            let (code, status) = put(&api, &target, &body);
+            assert_eq!(code, 400, "{body}: {status}");
+            assert_eq!(status["reason"], "BadRequest");
+            assert_eq!(status["code"], 400);
+        }
+        assert_eq!(api.status_writes(), 0);
+        // Only the custom resources have a status subresource here, and only PUT writes it.
+        let (code, _) = put(
+            &api,
+            "/api/v1/namespaces/shop/pods/p00000/status",
+            &current.to_string(),
+        );
+        assert_eq!(code, 404);
+        let (code, _) = post(&api, &target, &current.to_string());
+        assert_eq!(code, 404);
+        let (code, _) = put(&api, &policy_path("shop", "web"), &current.to_string());
+        assert_eq!(code, 404);
+        // With the current version, the write goes through.
+        let mut fresh = current;
+        fresh["status"] = json!({"phase": "Enforced"});
+        let (code, written) = put(&api, &target, &fresh.to_string());
+        assert_eq!(code, 200, "{written}");
+        assert_eq!(written["status"]["phase"], "Enforced");
+        assert_eq!(api.status_writes(), 1);
+    }
+
+    #[test]
+    fn policies_are_listed_by_namespace_and_cluster_policies_for_the_cluster() {
+        let api = local_api();
+        api.apply_all(
+            Kind::Policy,
+            [
+                policy("shop", "web", json!({})),
+                policy("shop", "db", json!({})),
+                policy("bank", "ledger", json!({})),
+            ],
+        );
+        api.apply_all(
+            Kind::ClusterPolicy,
+            [
+                cluster_policy("deny-all", json!({})),
+                cluster_policy("allow-dns", json!({})),
+            ],
+        );
+        api.apply(Kind::Pod, pods(1).remove(0));
+        let names = |list: &Value| -> Vec<String> {
+            list["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i["metadata"]["name"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        let (code, all) = get(&api, POLICIES);
+        assert_eq!(code, 200, "{all}");
+        assert_eq!(all["kind"], "PortcullisPolicyList");
+        assert_eq!(all["apiVersion"], "portcullis.dev/v1alpha1");
+        assert_eq!(names(&all), ["ledger", "db", "web"]);
+        for item in all["items"].as_array().unwrap() {
+            assert_eq!(item["kind"], "PortcullisPolicy");
+            assert_eq!(item["apiVersion"], "portcullis.dev/v1alpha1");
+        }
+        let (_, shop) = get(
+            &api,
+            "/apis/portcullis.dev/v1alpha1/namespaces/shop/portcullispolicies",
+        );
+        assert_eq!(shop["kind"], "PortcullisPolicyList");
+        assert_eq!(names(&shop), ["db", "web"]);
+        let (_, one) = get(
+            &api,
+            "/apis/portcullis.dev/v1alpha1/namespaces/shop/portcullispolicies?fieldSelector=metadata.name%3Dweb",
+        );
+        assert_eq!(names(&one), ["web"]);
+        let (_, cluster) = get(&api, CLUSTER_POLICIES);
+        assert_eq!(cluster["kind"], "PortcullisClusterPolicyList");
+        assert_eq!(cluster["apiVersion"], "portcullis.dev/v1alpha1");
+        assert_eq!(names(&cluster), ["allow-dns", "deny-all"]);
+        let (_, page) = get(&api, &format!("{CLUSTER_POLICIES}?limit=1"));
+        assert_eq!(names(&page), ["allow-dns"]);
+        assert_eq!(page["metadata"]["remainingItemCount"], 1);
+        // Core lists are as they were.
+        let (_, pods) = get(&api, "/api/v1/pods");
+        assert_eq!(pods["kind"], "PodList");
+        assert_eq!(pods["apiVersion"], "v1");
+        assert_eq!(names(&pods), ["p00000"]);
+        // A cluster-scoped kind has no namespaced path.
+        let (code, _) = get(
+            &api,
+            "/apis/portcullis.dev/v1alpha1/namespaces/shop/portcullisclusterpolicies",
+        );
+        assert_eq!(code, 404);
+
+        // Deleted, an object leaves its lists and is not found; a watch sees it go, and its
+        // bookmarks are of its kind.
+        let rv = cluster["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        api.delete(Kind::ClusterPolicy, "", "deny-all");
+        assert_eq!(api.count(Kind::ClusterPolicy), 1);
+        assert_eq!(get(&api, &format!("{CLUSTER_POLICIES}/deny-all")).0, 404);
+        let events = watch_events(
+            &api,
+            &format!(
+                "{CLUSTER_POLICIES}?watch=true&resourceVersion={rv}&allowWatchBookmarks=true&timeoutSeconds=2"
+            ),
+        );
+        assert_eq!(events[0]["type"], "DELETED", "{events:?}");
+        assert_eq!(events[0]["object"]["metadata"]["name"], "deny-all");
+        let bookmark = events
+            .iter()
+            .find(|e| e["type"] == "BOOKMARK")
+            .expect("a bookmark");
+        assert_eq!(bookmark["object"]["kind"], "PortcullisClusterPolicy");
+        assert_eq!(bookmark["object"]["apiVersion"], "portcullis.dev/v1alpha1");
     }
 }
