@@ -53,6 +53,9 @@ enum Command {
     Doctor(doctor::Args),
     /// Validate --config and print the effective configuration as JSON.
     CheckConfig,
+    /// Print the CustomResourceDefinitions of PortcullisPolicy and PortcullisClusterPolicy
+    /// (what `deploy/crds.yaml` holds).
+    Crds,
     /// Validate a policy file and print what it says, rule by rule.
     CheckPolicy {
         /// The policy file (in Kubernetes, the `policy.yaml` key of the policy ConfigMap).
@@ -163,6 +166,10 @@ pub fn main() -> ExitCode {
         }),
         Command::Uninstall(args) => cli.target().and_then(|t| uninstall::execute(&t, args)),
         Command::CheckPolicy { file } => check_policy(file),
+        Command::Crds => {
+            print!("{}", crate::policy::crd::definitions_yaml());
+            Ok(ExitCode::SUCCESS)
+        }
     };
     match result {
         Ok(code) => code,

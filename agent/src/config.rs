@@ -56,6 +56,7 @@ pub(crate) struct KubernetesFile {
     api_server: Option<Spanned<String>>,
     trust_domain: Spanned<String>,
     policy_configmap: Option<Spanned<String>>,
+    policy_resources: Option<Spanned<bool>>,
     pod_cidrs: Option<Spanned<String>>,
 }
 
@@ -325,12 +326,12 @@ impl Config {
         }
         if kubernetes
             .as_ref()
-            .is_some_and(|k| k.policy_configmap.is_some())
+            .is_some_and(|k| k.policy_configmap.is_some() || k.policy_resources)
             && f.policy.is_some()
         {
             return Err(InputError::file(
                 path,
-                "give the policy as a file (`policy`) or as `kubernetes.policy_configmap`, not both",
+                "give the policy as a file (`policy`) or from Kubernetes (`kubernetes.policy_resources` or `kubernetes.policy_configmap`), not both",
             ));
         }
         let policy = match &f.policy {
@@ -681,6 +682,15 @@ pub(crate) fn kube_config(
             format!("`{}` is not an http:// or https:// URL", url.as_str()),
         ));
     }
+    let policy_resources = k.policy_resources.as_ref().is_some_and(|v| **v);
+    if policy_resources && let Some(cm) = &k.policy_configmap {
+        return Err(InputError::value(
+            path,
+            cm,
+            "kubernetes.policy_configmap",
+            "the policy comes from PortcullisPolicy objects (`kubernetes.policy_resources: true`) or from a ConfigMap, not both",
+        ));
+    }
     let check_pod_cidrs = match k.pod_cidrs.as_ref().map(|v| (v, v.as_str())) {
         None | Some((_, "enforce")) => true,
         Some((_, "ignore")) => false,
@@ -699,6 +709,8 @@ pub(crate) fn kube_config(
         trust_domain: k.trust_domain.to_string(),
         handshake_port,
         policy_configmap,
+        policy_resources,
+        write_policy_status: false,
     })
 }
 

@@ -105,8 +105,11 @@ pub struct Inputs {
     policy: Arc<Policy>,
     policy_file: Option<Watched<Policy>>,
     policy_error: Option<String>,
-    /// The policy comes from the Kubernetes source (a ConfigMap) rather than a file.
+    /// The policy comes from the Kubernetes source (a ConfigMap or the policy objects) rather
+    /// than a file.
     policy_from_kube: bool,
+    /// The policy objects in force and awaiting acceptance, when they are the source.
+    policy_objects: Option<String>,
 }
 
 impl Inputs {
@@ -128,8 +131,8 @@ impl Inputs {
             }
         };
         tracing::info!(policy = %policy.name, mode = policy.defaults.mode.as_str(), rules = policy.rules.len(), "policy loaded");
-        let policy_from_kube =
-            matches!(&source, ClusterSource::Kube(k) if k.config().policy_configmap.is_some());
+        let policy_from_kube = matches!(&source, ClusterSource::Kube(k)
+            if k.config().policy_configmap.is_some() || k.config().policy_resources);
         let mut index = Index::new(node);
         if let ClusterSource::Kube(k) = &source {
             index.set_trust_domain(&k.config().trust_domain);
@@ -143,6 +146,7 @@ impl Inputs {
             policy_file,
             policy_error: None,
             policy_from_kube,
+            policy_objects: None,
         })
     }
 
@@ -203,7 +207,10 @@ impl Inputs {
         }
         match &self.source {
             ClusterSource::Kube(k) if self.policy_from_kube => {
-                k.policy_label().map(|l| l.display().to_string())
+                k.policy_label().map(|l| match &self.policy_objects {
+                    Some(objects) => format!("{}: {objects}", l.display()),
+                    None => l.display().to_string(),
+                })
             }
             _ => None,
         }
@@ -212,7 +219,7 @@ impl Inputs {
     /// Takes what changed in both sources since the last call and applies it to the index.
     pub fn poll(&mut self) -> Update {
         let mut update = Update::default();
-        let mut policy_text = None;
+        let mut kube_policy = None;
         match &mut self.source {
             ClusterSource::File(file) => {
                 let started = Instant::now();
@@ -254,7 +261,7 @@ impl Inputs {
             }
             ClusterSource::Kube(kube) => {
                 let (updates, text) = kube.take();
-                policy_text = text;
+                kube_policy = text;
                 let mut ix = self
                     .index
                     .write()
@@ -300,20 +307,32 @@ impl Inputs {
                 "cluster state updated"
             );
         }
-        update.policy = self.poll_policy(policy_text);
+        update.policy = self.poll_policy(kube_policy);
         update
     }
 
-    fn poll_policy(&mut self, kube_text: Option<Option<String>>) -> bool {
+    fn poll_policy(&mut self, kube_policy: Option<kube::PolicyInput>) -> bool {
         let result = if self.policy_from_kube {
             let ClusterSource::Kube(k) = &self.source else {
                 return false;
             };
-            let Some(text) = kube_text else {
-                return false;
-            };
-            let label = k.policy_label().unwrap_or_default();
-            kube::parse_policy(&label, text)
+            match kube_policy {
+                None => return false,
+                Some(kube::PolicyInput::Text(text)) => {
+                    let label = k.policy_label().unwrap_or_default();
+                    kube::parse_policy(&label, text)
+                }
+                Some(kube::PolicyInput::Objects(objects)) => {
+                    let a =
+                        crate::policy::objects::from_objects(&objects, &k.config().trust_domain);
+                    self.policy_error = (!a.refused.is_empty()).then(|| a.refused.join("; "));
+                    for e in &a.refused {
+                        tracing::error!(error = %e, "policy object left out");
+                    }
+                    self.policy_objects = Some(a.describe());
+                    return self.replace_policy(a.policy);
+                }
+            }
         } else {
             match self.policy_file.as_mut().and_then(Watched::poll) {
                 Some(r) => r,
@@ -322,13 +341,8 @@ impl Inputs {
         };
         match result {
             Ok(p) => {
-                tracing::info!(policy = %p.name, mode = p.defaults.mode.as_str(), rules = p.rules.len(), "policy loaded");
                 self.policy_error = None;
-                if *self.policy == p {
-                    return false;
-                }
-                self.policy = Arc::new(p);
-                true
+                self.replace_policy(p)
             }
             Err(e) => {
                 tracing::error!(error = %e, "policy rejected; the last good policy stays in force");
@@ -336,6 +350,16 @@ impl Inputs {
                 false
             }
         }
+    }
+
+    /// Puts `p` in force; whether it differs from the policy in force.
+    fn replace_policy(&mut self, p: Policy) -> bool {
+        tracing::info!(policy = %p.name, mode = p.defaults.mode.as_str(), rules = p.rules.len(), "policy loaded");
+        if *self.policy == p {
+            return false;
+        }
+        self.policy = Arc::new(p);
+        true
     }
 
     /// The Kubernetes source's refusals (pods left out), if that is the source.

@@ -10,6 +10,7 @@
 pub mod config;
 pub mod decide;
 mod http;
+mod policy_status;
 pub mod protocol;
 mod review;
 mod server;
@@ -309,7 +310,10 @@ pub async fn serve(config: IssuerConfig) -> anyhow::Result<()> {
                     config.ca_dir.display()
                 );
             }
-            let kube = KubeSource::start(k.clone()).await?;
+            // The issuer is the one writer of the policy objects' status.
+            let mut k = k.clone();
+            k.write_policy_status = k.policy_resources;
+            let kube = KubeSource::start(k).await?;
             tracing::info!(
                 source = kube.description(),
                 "waiting for the first complete lists of pods and nodes"
@@ -317,6 +321,12 @@ pub async fn serve(config: IssuerConfig) -> anyhow::Result<()> {
             kube.wait_ready(Duration::from_secs(300)).await?;
             let changed = kube.changed();
             let client = kube.client();
+            if let Some(feed) = kube.status_feed() {
+                tracing::info!(
+                    "writing the status of PortcullisPolicy and PortcullisClusterPolicy objects"
+                );
+                tokio::spawn(policy_status::run(feed, client.clone(), td.clone()));
+            }
             (ClusterSource::Kube(kube), changed, Some(client))
         }
         (Some(path), None) => (

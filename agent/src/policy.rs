@@ -34,7 +34,9 @@ use std::{collections::BTreeMap, fmt, path::Path};
 use portcullis_common::{IPPROTO_TCP, IPPROTO_UDP, PortRange};
 use serde::Serialize;
 
+pub mod crd;
 mod file;
+pub mod objects;
 
 use crate::{
     identity::SpiffeId,
@@ -385,6 +387,18 @@ fn merge(mut ranges: Vec<PortRange>) -> Vec<PortRange> {
     let both: Vec<PortRange> = out.iter().filter(|r| r.proto == 0).copied().collect();
     out.retain(|r| r.proto == 0 || !both.iter().any(|b| b.first <= r.first && r.last <= b.last));
     out
+}
+
+/// A Kubernetes namespace name: lowercase letters, digits and `-`, at most 63, neither first
+/// nor last a `-`.
+#[must_use]
+pub fn valid_namespace(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
 }
 
 /// `8080`, `9000-9100`, `53/udp`, `8000-8100/tcp`.

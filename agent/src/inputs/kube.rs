@@ -1,5 +1,6 @@
-//! Cluster state from the Kubernetes API: Pods and Nodes (and, optionally, the policy
-//! ConfigMap), each through a kube-runtime watcher (list in pages, then watch with bookmarks; a
+//! Cluster state from the Kubernetes API: Pods and Nodes (and, optionally, the policy: the
+//! `PortcullisPolicy` and `PortcullisClusterPolicy` objects, or the policy ConfigMap), each
+//! through a kube-runtime watcher (list in pages, then watch with bookmarks; a
 //! watch that expires with 410 Gone is answered by a fresh list, so no update is lost).
 //!
 //! Each watch event is applied at once, on the watcher's task, to [`KubeCluster`] (the pods'
@@ -9,13 +10,14 @@
 //! pass over what changed, and a watcher's stream is never held up by the core: its store
 //! sees the end of a list only by being polled.
 //!
-//! RBAC needed: get/list/watch on pods and nodes, and on configmaps in the policy's namespace.
+//! RBAC needed: get/list/watch on pods and nodes, and on the policy objects (or on configmaps in
+//! the policy's namespace); the issuer also updates the policy objects' `status`.
 
 mod cluster;
 mod objects;
 
 use std::{
-    collections::HashSet,
+    collections::{BTreeMap, BTreeSet, HashSet},
     path::PathBuf,
     sync::{Arc, Mutex, MutexGuard},
     time::Duration,
@@ -33,7 +35,10 @@ pub use self::{
     cluster::{KubeCluster, Refusal, Refusals, Updates},
     objects::{NodeObject, PodObject},
 };
-use crate::policy::Policy;
+use crate::policy::{
+    Policy,
+    crd::{PortcullisClusterPolicy, PortcullisPolicy},
+};
 
 /// The key of the policy ConfigMap that holds the policy document.
 pub const POLICY_KEY: &str = "policy.yaml";
@@ -48,6 +53,11 @@ pub struct KubeConfig {
     pub handshake_port: u16,
     /// `(namespace, name)` of the policy ConfigMap.
     pub policy_configmap: Option<(String, String)>,
+    /// The policy comes from the `PortcullisPolicy` and `PortcullisClusterPolicy` objects.
+    pub policy_resources: bool,
+    /// This is the issuer, the one writer of the policy objects' status: queue every change of
+    /// one for [`StatusFeed`].
+    pub write_policy_status: bool,
     /// A pod's addresses must lie in its node's `spec.podCIDRs` (when it has any). Off for
     /// CNIs whose address management ignores them.
     pub check_pod_cidrs: bool,
@@ -77,13 +87,20 @@ impl Changed {
 struct Shared {
     cluster: KubeCluster,
     /// Per watcher: whether its first list is complete.
-    listed: [bool; 3],
+    listed: [bool; WATCHERS],
     /// Keys seen during the list under way, per watcher (a re-list after 410 Gone removes what
     /// it did not see).
-    relisting: [Option<HashSet<String>>; 3],
+    relisting: [Option<HashSet<String>>; WATCHERS],
     /// The policy ConfigMap's latest text (`None`: no such ConfigMap or key), when it changed
     /// since the core last took it.
     policy: Option<Option<String>>,
+    /// The policy objects.
+    objects: PolicyObjects,
+    /// The objects changed since the core last took them.
+    objects_changed: bool,
+    /// For the issuer: keys of the objects changed since the status writer last took them.
+    status_queue: Option<BTreeSet<ObjectKey>>,
+    status_changed: Arc<Notify>,
     /// A watcher stopped for good: cluster state is no longer followed.
     stopped: Option<&'static str>,
 }
@@ -91,6 +108,98 @@ struct Shared {
 const PODS: usize = 0;
 const NODES: usize = 1;
 const CONFIGMAP: usize = 2;
+const POLICIES: usize = 3;
+const CLUSTER_POLICIES: usize = 4;
+const WATCHERS: usize = 5;
+const WATCHER_NAMES: [&str; WATCHERS] = [
+    "pods",
+    "nodes",
+    "configmap",
+    "portcullispolicies",
+    "portcullisclusterpolicies",
+];
+
+/// A policy object: its namespace (`None` for a cluster policy) and name.
+pub type ObjectKey = (Option<String>, String);
+
+/// The policy objects as the API server has them, status included.
+#[derive(Debug, Clone, Default)]
+pub struct PolicyObjects {
+    pub namespaced: BTreeMap<(String, String), PortcullisPolicy>,
+    pub cluster: BTreeMap<String, PortcullisClusterPolicy>,
+}
+
+/// The policy, as the Kubernetes source last saw it.
+#[derive(Debug)]
+pub enum PolicyInput {
+    /// The ConfigMap's text (`None`: no such ConfigMap, or no such key in it).
+    Text(Option<String>),
+    Objects(PolicyObjects),
+}
+
+/// One changed policy object, for the status writer.
+#[derive(Debug)]
+pub enum ChangedObject {
+    Namespaced(PortcullisPolicy),
+    Cluster(PortcullisClusterPolicy),
+}
+
+/// The issuer's view of policy objects that changed.
+#[derive(Clone)]
+pub struct StatusFeed {
+    shared: Arc<Mutex<Shared>>,
+    changed: Arc<Notify>,
+}
+
+impl StatusFeed {
+    /// Returns at once if something changed since the last wait, else at the next change.
+    pub async fn wait(&self) {
+        self.changed.notified().await;
+    }
+
+    /// The objects changed since the last call, as they are now (deleted ones are left out).
+    #[must_use]
+    pub fn take(&self) -> Vec<ChangedObject> {
+        let mut s = self
+            .shared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let keys = s
+            .status_queue
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default();
+        keys.into_iter()
+            .filter_map(|(ns, name)| match ns {
+                Some(ns) => s
+                    .objects
+                    .namespaced
+                    .get(&(ns, name))
+                    .cloned()
+                    .map(ChangedObject::Namespaced),
+                None => s
+                    .objects
+                    .cluster
+                    .get(&name)
+                    .cloned()
+                    .map(ChangedObject::Cluster),
+            })
+            .collect()
+    }
+
+    /// Looks at `key` again at the next [`Self::take`] (a write that failed).
+    pub fn requeue(&self, key: ObjectKey) {
+        let mut s = self
+            .shared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(q) = &mut s.status_queue {
+            q.insert(key);
+        }
+        drop(s);
+        self.changed.notify_one();
+    }
+}
 
 /// The agent's handle on the watchers.
 pub struct KubeSource {
@@ -126,9 +235,19 @@ impl KubeSource {
                 config.handshake_port,
                 config.check_pod_cidrs,
             ),
-            listed: [false, false, config.policy_configmap.is_none()],
-            relisting: [None, None, None],
+            listed: [
+                false,
+                false,
+                config.policy_configmap.is_none(),
+                !config.policy_resources,
+                !config.policy_resources,
+            ],
+            relisting: Default::default(),
             policy: None,
+            objects: PolicyObjects::default(),
+            objects_changed: false,
+            status_queue: config.write_policy_status.then(BTreeSet::new),
+            status_changed: Arc::new(Notify::new()),
             stopped: None,
         }));
         let changed = Changed::default();
@@ -151,6 +270,20 @@ impl KubeSource {
             tokio::spawn(drive(
                 CONFIGMAP,
                 watcher(api, wc().fields(&format!("metadata.name={name}"))),
+                shared.clone(),
+                changed.clone(),
+            ));
+        }
+        if config.policy_resources {
+            tokio::spawn(drive(
+                POLICIES,
+                watcher(Api::<PortcullisPolicy>::all(client.clone()), wc()),
+                shared.clone(),
+                changed.clone(),
+            ));
+            tokio::spawn(drive(
+                CLUSTER_POLICIES,
+                watcher(Api::<PortcullisClusterPolicy>::all(client.clone()), wc()),
                 shared.clone(),
                 changed.clone(),
             ));
@@ -218,21 +351,48 @@ impl KubeSource {
         self.changed.raise();
         match ready {
             Ok(r) => r,
-            Err(_) => anyhow::bail!(
-                "no complete list of pods and nodes from the {} within {}s",
-                self.description,
-                limit.as_secs()
-            ),
+            Err(_) => {
+                let missing: Vec<&str> = {
+                    let s = self.lock();
+                    (0..WATCHERS)
+                        .filter(|w| !s.listed[*w])
+                        .map(|w| WATCHER_NAMES[w])
+                        .collect()
+                };
+                anyhow::bail!(
+                    "no complete list of {} from the {} within {}s",
+                    missing.join(", "),
+                    self.description,
+                    limit.as_secs()
+                )
+            }
         }
     }
 
-    /// The workload and node updates since the last call, and the policy text if it changed.
-    pub fn take(&self) -> (Updates, Option<Option<String>>) {
+    /// The workload and node updates since the last call, and the policy if it changed.
+    pub fn take(&self) -> (Updates, Option<PolicyInput>) {
         let mut s = self.lock();
         if !s.listed.iter().all(|l| *l) {
             return (Updates::default(), None);
         }
-        (s.cluster.take_updates(), s.policy.take())
+        let policy = if self.config.policy_resources {
+            std::mem::take(&mut s.objects_changed).then(|| PolicyInput::Objects(s.objects.clone()))
+        } else {
+            s.policy.take().map(PolicyInput::Text)
+        };
+        (s.cluster.take_updates(), policy)
+    }
+
+    /// The policy objects' changes, for the issuer's status writer (`None` unless
+    /// `write_policy_status`).
+    #[must_use]
+    pub fn status_feed(&self) -> Option<StatusFeed> {
+        let s = self.lock();
+        s.status_queue.as_ref()?;
+        Some(StatusFeed {
+            shared: self.shared.clone(),
+            changed: s.status_changed.clone(),
+        })
     }
 
     /// Pods left out of cluster state now, and counts since start.
@@ -247,9 +407,14 @@ impl KubeSource {
         self.lock().stopped
     }
 
-    /// Where the policy text comes from, for its errors.
+    /// Where the policy comes from, for its errors.
     #[must_use]
     pub fn policy_label(&self) -> Option<PathBuf> {
+        if self.config.policy_resources {
+            return Some(PathBuf::from(
+                "PortcullisPolicy and PortcullisClusterPolicy objects",
+            ));
+        }
         let (ns, name) = self.config.policy_configmap.as_ref()?;
         Some(PathBuf::from(format!(
             "configmap {ns}/{name} key {POLICY_KEY}"
@@ -332,6 +497,73 @@ impl Watched for ConfigMap {
     }
 }
 
+impl Shared {
+    fn object_changed(&mut self, key: ObjectKey) {
+        self.objects_changed = true;
+        if let Some(q) = &mut self.status_queue {
+            q.insert(key);
+            self.status_changed.notify_one();
+        }
+    }
+}
+
+fn policy_key(meta: &kube::api::ObjectMeta) -> (String, String) {
+    (
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+impl Watched for PortcullisPolicy {
+    fn key(&self) -> String {
+        let (ns, name) = policy_key(&self.metadata);
+        format!("{ns}/{name}")
+    }
+
+    fn apply(self, s: &mut Shared) {
+        let key = policy_key(&self.metadata);
+        s.object_changed((Some(key.0.clone()), key.1.clone()));
+        s.objects.namespaced.insert(key, self);
+    }
+
+    fn delete(self, s: &mut Shared) {
+        Self::forget(&self.key(), s);
+    }
+
+    fn forget(key: &str, s: &mut Shared) {
+        let (ns, name) = key.split_once('/').unwrap_or(("", key));
+        if s.objects
+            .namespaced
+            .remove(&(ns.to_owned(), name.to_owned()))
+            .is_some()
+        {
+            s.object_changed((Some(ns.to_owned()), name.to_owned()));
+        }
+    }
+}
+
+impl Watched for PortcullisClusterPolicy {
+    fn key(&self) -> String {
+        self.metadata.name.clone().unwrap_or_default()
+    }
+
+    fn apply(self, s: &mut Shared) {
+        let name = self.key();
+        s.object_changed((None, name.clone()));
+        s.objects.cluster.insert(name, self);
+    }
+
+    fn delete(self, s: &mut Shared) {
+        Self::forget(&self.key(), s);
+    }
+
+    fn forget(key: &str, s: &mut Shared) {
+        if s.objects.cluster.remove(key).is_some() {
+            s.object_changed((None, key.to_owned()));
+        }
+    }
+}
+
 /// Keys the cluster holds for watcher `which`, to remove at the end of a re-list those the new
 /// list did not show.
 fn known_keys(which: usize, s: &Shared) -> Vec<String> {
@@ -343,6 +575,13 @@ fn known_keys(which: usize, s: &Shared) -> Vec<String> {
             .map(|(ns, name)| format!("{ns}/{name}"))
             .collect(),
         NODES => s.cluster.node_names(),
+        POLICIES => s
+            .objects
+            .namespaced
+            .keys()
+            .map(|(ns, name)| format!("{ns}/{name}"))
+            .collect(),
+        CLUSTER_POLICIES => s.objects.cluster.keys().cloned().collect(),
         _ => Vec::new(),
     }
 }
@@ -364,6 +603,10 @@ fn on_event<K: Watched>(which: usize, ev: watcher::Event<K>, s: &mut Shared) {
             let seen = s.relisting[which].take().unwrap_or_default();
             if which == CONFIGMAP && seen.is_empty() {
                 s.policy = Some(None);
+            }
+            if which == POLICIES || which == CLUSTER_POLICIES {
+                // The first list of none is a policy too (the default).
+                s.objects_changed = true;
             }
             for key in known_keys(which, s) {
                 if !seen.contains(&key) {
@@ -389,7 +632,7 @@ where
 {
     let stream = stream.default_backoff();
     futures_util::pin_mut!(stream);
-    let name = ["pods", "nodes", "configmap"][which];
+    let name = WATCHER_NAMES[which];
     loop {
         match stream.try_next().await {
             Ok(Some(ev)) => {
@@ -413,7 +656,12 @@ where
                 return;
             }
             Err(e) => {
-                tracing::warn!(watcher = name, error = %e, "Kubernetes watch failed; retrying with backoff");
+                if (which == POLICIES || which == CLUSTER_POLICIES) && e.to_string().contains("404")
+                {
+                    tracing::error!(watcher = name, error = %e, "the policy resources are not served: install their definitions (`portcullis crds | kubectl apply -f -`, deploy/crds.yaml); retrying with backoff");
+                } else {
+                    tracing::warn!(watcher = name, error = %e, "Kubernetes watch failed; retrying with backoff");
+                }
             }
         }
         // Keep the loop from spinning if the stream yields errors back to back.
@@ -442,9 +690,13 @@ mod tests {
     fn shared() -> Arc<Mutex<Shared>> {
         Arc::new(Mutex::new(Shared {
             cluster: KubeCluster::new("cluster.local", 4181, true),
-            listed: [false, false, true],
-            relisting: [None, None, None],
+            listed: [false, false, true, true, true],
+            relisting: Default::default(),
             policy: None,
+            objects: PolicyObjects::default(),
+            objects_changed: false,
+            status_queue: None,
+            status_changed: Arc::new(Notify::new()),
             stopped: None,
         }))
     }

@@ -7,7 +7,9 @@ use marked_yaml::Spanned;
 use portcullis_common::MAX_PORT_RANGES;
 use serde::Deserialize;
 
-use super::{Enroll, MacMode, Mode, Pattern, Policy, Rule, Settings, merge, parse_ports};
+use super::{
+    Enroll, MacMode, Mode, Pattern, Policy, Rule, Settings, merge, parse_ports, valid_namespace,
+};
 use crate::input::InputError;
 
 impl Policy {
@@ -274,13 +276,7 @@ fn parse_choice(
 
 fn check_namespace(path: &Path, v: &Spanned<String>, field: &str) -> Result<(), InputError> {
     let s = v.as_str();
-    let ok = !s.is_empty()
-        && s.len() <= 63
-        && s.chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-        && !s.starts_with('-')
-        && !s.ends_with('-');
-    if ok {
+    if valid_namespace(s) {
         Ok(())
     } else {
         Err(InputError::value(
