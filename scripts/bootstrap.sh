@@ -4,7 +4,8 @@
 # toolchain with rust-src (eBPF needs build-std=core), bpf-linker, iproute2, iperf3, ping,
 # stunnel4 and nftables (benchmark baselines), podman and runc (`cargo xtask image` and the
 # image test: Debian's default runtime, crun, refuses a hybrid cgroup layout; runc does not),
-# and the reference CNI plugins (containernetworking-plugins: the testbed wires pods with them).
+# and the reference CNI plugins (containernetworking-plugins: the testbed wires pods with them);
+# from PyPI, kubernetes-validate, jsonschema and PyYAML (the manifest and schema checks).
 # Idempotent: every step checks first, so a rerun on a ready machine takes seconds.
 set -euo pipefail
 
@@ -52,5 +53,16 @@ if ! command -v kubernetes-validate >/dev/null; then
   python3 -m pip install --quiet kubernetes-validate
 else
   log "kubernetes-validate present"
+fi
+# The policy objects' schema check in the tests (tests/schema_check.py: PyYAML and jsonschema;
+# kubernetes-validate usually brings both).
+if ! python3 -c 'import jsonschema, yaml' 2>/dev/null; then
+  py_pkgs=()
+  python3 -c 'import jsonschema' 2>/dev/null || py_pkgs+=(jsonschema)
+  python3 -c 'import yaml' 2>/dev/null || py_pkgs+=(pyyaml)
+  log "installing ${py_pkgs[*]} (PyPI)"
+  python3 -m pip install --quiet "${py_pkgs[@]}"
+else
+  log "jsonschema and PyYAML present"
 fi
 log "ready"

@@ -1,10 +1,17 @@
-//! The Kubernetes deployment in `deploy/`: every manifest validates against the Kubernetes API
-//! schemas (kubernetes-validate, offline, strict), the kustomization lists them all, the agent
-//! and issuer configurations in the ConfigMaps are ones the binaries accept, and the manifests
-//! agree with each other: only the issuer mounts the CA Secret, the agents prove their node with
-//! a projected token for the issuer's audience at the path their config reads, the issuer's
-//! role writes nothing but TokenReviews, and the issuer survives a node drain. No cluster or
-//! container engine runs here: the DaemonSet and the Deployment themselves are not exercised.
+//! The Kubernetes deployment in `deploy/`: every manifest, the CustomResourceDefinitions
+//! included, validates against the Kubernetes API schemas (kubernetes-validate, offline,
+//! strict); the policy objects (`deploy/policy.yaml`, `deploy/examples/`), which it has no
+//! schema for, validate against the definitions' generated schema as the API server would check
+//! them (`tests/schema_check.py`, strict: a misspelt field or a bad enum value is refused) and
+//! pass the issuer's checks (`portcullis check-policy`); the kustomization lists every manifest,
+//! the definitions first; the agent and issuer configurations in the ConfigMaps are ones the
+//! binaries accept, both reading the policy from the custom resources; and the manifests agree
+//! with each other: only the issuer mounts the CA Secret, the agents prove their node with a
+//! projected token for the issuer's audience at the path their config reads, the agents' role
+//! only reads (pods, nodes, the policy objects), the issuer's role writes nothing but
+//! TokenReviews and the policy objects' status, and the issuer survives a node drain. No
+//! cluster or container engine runs here: the DaemonSet and the Deployment themselves are not
+//! exercised.
 
 use std::{
     path::{Path, PathBuf},
@@ -30,6 +37,17 @@ fn manifests() -> Vec<PathBuf> {
     out
 }
 
+/// The policy examples, `deploy/examples/*.yaml`.
+fn examples() -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(deploy_dir().join("examples"))
+        .expect("reading deploy/examples/")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    out.sort();
+    out
+}
+
 fn validate(paths: &[PathBuf]) -> (bool, String) {
     let out = Command::new("kubernetes-validate")
         .arg("--strict")
@@ -48,18 +66,23 @@ fn validate(paths: &[PathBuf]) -> (bool, String) {
 fn every_manifest_validates_against_the_kubernetes_schemas() {
     let files = manifests();
     assert!(
-        files.len() >= 7,
-        "expected the namespace, service account, RBAC, config maps, trust bundle, DaemonSet and issuer: {files:?}"
+        files.len() >= 9,
+        "expected the CRDs, namespace, service account, RBAC, config maps, trust bundle, DaemonSet, issuer and policy: {files:?}"
     );
+    // Every file, policy.yaml too: kubernetes-validate has no schema for a custom resource, so
+    // for each PortcullisPolicy and PortcullisClusterPolicy document it prints a WARN ("Couldn't
+    // find schema for kind ...") and checks nothing, without failing. Those documents are
+    // checked against the definitions' own schema by
+    // `the_policy_objects_validate_against_the_generated_schema` instead. The definitions
+    // themselves (CustomResourceDefinition, openAPIV3Schema included) it does check.
     let (ok, text) = validate(&files);
     assert!(ok, "validation failed:\n{text}");
     for kind in [
+        "customresourcedefinition/",
         "namespace/",
         "serviceaccount/",
         "clusterrole/",
         "clusterrolebinding/",
-        "role/",
-        "rolebinding/",
         "configmap/",
         "daemonset/",
         "deployment/",
@@ -70,6 +93,29 @@ fn every_manifest_validates_against_the_kubernetes_schemas() {
             text.lines()
                 .any(|l| l.contains("passed") && l.contains(kind)),
             "no {kind} validated:\n{text}"
+        );
+    }
+    // A WARN is not a pass: every object but the custom resources was validated (a misspelt
+    // apiVersion or kind would only be warned about).
+    let custom: Vec<String> = objects()
+        .iter()
+        .filter(|o| o["kind"] == "CustomResourceDefinition")
+        .map(|o| str_of(&o["spec"]["names"]["kind"]).to_owned())
+        .collect();
+    for o in objects() {
+        let kind = str_of(&o["kind"]);
+        if custom.iter().any(|k| k == kind) {
+            continue;
+        }
+        let resource = format!(
+            "passed for resource {}/{} ",
+            kind.to_lowercase(),
+            str_of(&o["metadata"]["name"])
+        );
+        assert!(
+            text.lines().any(|l| l.contains(&resource)),
+            "{kind} {} was not validated:\n{text}",
+            str_of(&o["metadata"]["name"])
         );
     }
 }
@@ -91,18 +137,224 @@ fn the_validator_rejects_a_broken_manifest() {
     .expect("writing");
     let (ok, out) = validate(&[broken]);
     assert!(!ok, "a misspelt field passed strict validation:\n{out}");
+    // In a definition too, up to the root of its openAPIV3Schema. (Not below it: the offline
+    // schemas leave the nested JSONSchemaProps open, so `minItem: 1` deep in a property passes
+    // here; the API server refuses it when the definition is applied.)
+    let broken = dir.path().join("crds.yaml");
+    let text = std::fs::read_to_string(deploy_dir().join("crds.yaml")).expect("reading the CRDs");
+    let title = "\n        title: PortcullisPolicy\n";
+    assert!(text.contains(title), "the CRDs changed: pick another field");
+    std::fs::write(
+        &broken,
+        text.replacen(title, "\n        titel: PortcullisPolicy\n", 1),
+    )
+    .expect("writing");
+    let (ok, out) = validate(&[broken]);
+    assert!(
+        !ok && out.contains("customresourcedefinition/portcullispolicies.portcullis.dev")
+            && out.contains("titel"),
+        "a misspelt field of a definition passed strict validation:\n{out}"
+    );
+}
+
+/// Runs `tests/schema_check.py CRDS FILES…`: whether every document passed, and what it printed.
+fn schema_check(crds: &Path, paths: &[PathBuf]) -> (bool, String) {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("schema_check.py");
+    let out = Command::new("python3")
+        .arg(&script)
+        .arg(crds)
+        .args(paths)
+        .output()
+        .expect("python3 is missing: install it (Debian: apt-get install python3 python3-pip)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    match out.status.code() {
+        Some(0) => (true, text),
+        Some(1) => (false, text),
+        Some(3) => panic!(
+            "PyYAML or jsonschema is missing: scripts/bootstrap.sh installs them (python3 -m pip install pyyaml jsonschema):\n{text}"
+        ),
+        _ => panic!("schema_check.py could not run: {}\n{text}", out.status),
+    }
+}
+
+/// Every document of a YAML file.
+fn documents(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|d| Value::deserialize(d).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// The policy objects shipped (`deploy/policy.yaml`) and shown (`deploy/examples/`).
+fn policy_files() -> Vec<PathBuf> {
+    let mut files = vec![deploy_dir().join("policy.yaml")];
+    files.extend(examples());
+    files
+}
+
+#[test]
+fn the_policy_objects_validate_against_the_generated_schema() {
+    let files = policy_files();
+    for want in [
+        "allow-namespace.yaml",
+        "least-privilege.yaml",
+        "audit-rollout.yaml",
+    ] {
+        assert!(
+            files.iter().any(|f| f.ends_with(want)),
+            "deploy/examples/{want} is missing: {files:?}"
+        );
+    }
+    let (ok, text) = schema_check(&deploy_dir().join("crds.yaml"), &files);
+    assert!(ok, "schema validation failed:\n{text}");
+    // One line per document, in order, each a pass.
+    let mut lines = text.lines();
+    for f in &files {
+        let docs = documents(f);
+        assert!(!docs.is_empty(), "{} holds no object", f.display());
+        for d in docs {
+            let kind = str_of(&d["kind"]);
+            assert!(
+                ["PortcullisPolicy", "PortcullisClusterPolicy"].contains(&kind),
+                "{}: a {kind} among the policy objects",
+                f.display()
+            );
+            let want = format!(
+                "{}: {kind}/{} passed",
+                f.display(),
+                str_of(&d["metadata"]["name"])
+            );
+            assert_eq!(lines.next(), Some(want.as_str()), "\n{text}");
+        }
+    }
+    assert_eq!(lines.next(), None, "\n{text}");
+}
+
+/// `file` from deploy/examples with `from` replaced by `to` (once), in a file of `dir`.
+fn edited_example(dir: &Path, file: &str, from: &str, to: &str) -> PathBuf {
+    let text = std::fs::read_to_string(deploy_dir().join("examples").join(file))
+        .unwrap_or_else(|e| panic!("deploy/examples/{file}: {e}"));
+    assert!(text.contains(from), "{file} has no `{from}`");
+    let path = dir.join(file);
+    std::fs::write(&path, text.replacen(from, to, 1)).expect("writing");
+    path
+}
+
+#[test]
+fn the_schema_check_rejects_a_misspelt_field() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let crds = deploy_dir().join("crds.yaml");
+    for (from, to, field) in [
+        ("      from:\n", "      form:\n", "spec.rules[0].form"),
+        (
+            "          protocol: TCP\n",
+            "          protcol: TCP\n",
+            "spec.rules[0].ports[0].protcol",
+        ),
+        (
+            "  namespace: shop\n",
+            "  namepsace: shop\n",
+            "metadata.namepsace",
+        ),
+    ] {
+        let path = edited_example(dir.path(), "least-privilege.yaml", from, to);
+        let (ok, out) = schema_check(&crds, &[path]);
+        assert!(!ok, "`{}` passed the schema check:\n{out}", to.trim());
+        assert!(
+            out.lines().any(|l| l.contains("PortcullisPolicy/api: ")
+                && l.contains(&format!("{field}: unknown field"))),
+            "the misspelt field {field} is not named:\n{out}"
+        );
+    }
+}
+
+#[test]
+fn the_schema_check_rejects_a_bad_enum_value() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let crds = deploy_dir().join("crds.yaml");
+    for (value, says) in [
+        ("strict", "Unsupported value: \"strict\""),
+        // YAML 1.1, as kubectl reads it: a boolean, not the string "off".
+        ("off", "Invalid value: false: must be of type string"),
+    ] {
+        let path = edited_example(
+            dir.path(),
+            "audit-rollout.yaml",
+            "\n  mode: audit\n",
+            &format!("\n  mode: {value}\n"),
+        );
+        let (ok, out) = schema_check(&crds, &[path]);
+        assert!(!ok, "`mode: {value}` passed the schema check:\n{out}");
+        assert!(
+            out.lines().any(|l| l.contains("PortcullisPolicy/default: ")
+                && l.contains(&format!("spec.mode: {says}"))),
+            "`mode: {value}` is not refused at spec.mode:\n{out}"
+        );
+    }
+    // And a document of a kind the definitions do not define fails the file.
+    let other = dir.path().join("other.yaml");
+    std::fs::write(
+        &other,
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: x\n",
+    )
+    .expect("writing");
+    let (ok, out) = schema_check(&crds, &[other]);
+    assert!(!ok && out.contains("unknown kind"), "{out}");
 }
 
 #[test]
 fn the_kustomization_lists_every_manifest() {
-    let k = std::fs::read_to_string(deploy_dir().join("kustomization.yaml"))
-        .expect("kustomization.yaml");
+    let k: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(deploy_dir().join("kustomization.yaml"))
+            .expect("kustomization.yaml"),
+    )
+    .expect("kustomization.yaml is YAML");
+    let resources: Vec<&str> = seq(&k["resources"]).iter().map(str_of).collect();
     for f in manifests() {
         let name = f.file_name().and_then(|n| n.to_str()).expect("file name");
         assert!(
-            k.contains(&format!("- {name}")),
-            "kustomization.yaml does not list {name}"
+            resources.contains(&name),
+            "kustomization.yaml does not list {name}: {resources:?}"
         );
+    }
+    for r in &resources {
+        assert!(
+            deploy_dir().join(r).is_file(),
+            "kustomization.yaml lists missing {r}"
+        );
+    }
+    assert_eq!(
+        resources.first().copied(),
+        Some("crds.yaml"),
+        "the definitions come first"
+    );
+    // A `namespace:` would move every object kustomize does not know to be cluster-scoped into
+    // it: the kube-system PortcullisPolicy, and the cluster-scoped PortcullisClusterPolicy.
+    if let Some(ns) = k["namespace"].as_str() {
+        for o in objects() {
+            let kind = str_of(&o["kind"]);
+            if [
+                "Namespace",
+                "ClusterRole",
+                "ClusterRoleBinding",
+                "CustomResourceDefinition",
+            ]
+            .contains(&kind)
+            {
+                continue;
+            }
+            assert_eq!(
+                str_of(&o["metadata"]["namespace"]),
+                ns,
+                "kustomization.yaml's namespace: moves {kind} {}",
+                str_of(&o["metadata"]["name"])
+            );
+        }
     }
 }
 
@@ -132,40 +384,90 @@ fn the_config_map_holds_a_config_the_agent_accepts() {
         effective["metrics_addr"], "127.0.0.1:9464",
         "the probes in daemonset.yaml expect port 9464"
     );
+    // The policy is the custom resources, not a ConfigMap (the agent's role reads none).
+    assert_eq!(
+        effective["kubernetes"]["policy_resources"], true,
+        "{effective:#}"
+    );
+    assert!(
+        effective["kubernetes"]["policy_configmap"].is_null(),
+        "{effective:#}"
+    );
+    assert!(effective["policy"].is_null(), "{effective:#}");
 }
 
 #[test]
-fn the_shipped_policy_is_one_the_agent_accepts() {
+fn the_shipped_policy_and_the_examples_pass_the_issuers_checks() {
     let bin =
         std::env::var_os("PORTCULLIS_BIN").expect("PORTCULLIS_BIN: run through `cargo xtask test`");
-    let policy = config_map_key("portcullis-policy", "policy.yaml");
-    let policy = policy.as_str();
+    // What the issuer would accept: every object of policy.yaml and of each example.
+    for f in policy_files() {
+        let out = Command::new(&bin)
+            .arg("check-policy")
+            .arg(&f)
+            .output()
+            .expect("portcullis");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "the issuer would refuse {}: {text}{}",
+            f.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            text.lines().filter(|l| l.contains(": accepted")).count(),
+            documents(&f).len(),
+            "{}: {text}",
+            f.display()
+        );
+    }
+
+    // The shipped settings: the cluster in audit, kube-system and the issuer's namespace off.
+    let policy = documents(&deploy_dir().join("policy.yaml"));
+    let find = |kind: &str, ns: Option<&str>| {
+        policy
+            .iter()
+            .find(|o| {
+                o["kind"] == kind
+                    && o["metadata"]["name"] == "default"
+                    && o["metadata"]["namespace"].as_str() == ns
+            })
+            .unwrap_or_else(|| panic!("no {kind} default in {ns:?}"))
+    };
+    let cluster = find("PortcullisClusterPolicy", None);
+    assert_eq!(cluster["spec"]["mode"], "audit", "roll out in audit first");
+    assert_eq!(cluster["spec"]["nodeTraffic"], "allow");
+    assert_eq!(cluster["spec"]["otherProtocols"], "drop");
+    let issuer = object("Deployment", "portcullis-issuer");
+    let issuer_ns = str_of(&issuer["metadata"]["namespace"]);
+    for ns in ["kube-system", issuer_ns] {
+        assert_eq!(
+            find("PortcullisPolicy", Some(ns))["spec"]["mode"],
+            "disabled",
+            "namespace {ns}"
+        );
+    }
+
+    // A bad edit is refused, naming the object and the value.
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("policy.yaml");
-    std::fs::write(&path, policy).expect("writing policy.yaml");
+    let text = std::fs::read_to_string(deploy_dir().join("policy.yaml")).expect("policy.yaml");
+    std::fs::write(
+        &path,
+        text.replacen("  mode: audit\n", "  mode: strict\n", 1),
+    )
+    .expect("edit");
     let out = Command::new(&bin)
         .arg("check-policy")
         .arg(&path)
         .output()
         .expect("portcullis");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{said}");
     assert!(
-        out.status.success(),
-        "the agent rejects the shipped policy: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("mode audit"));
-    // A bad edit names the file, line and field.
-    std::fs::write(&path, policy.replace("mode: audit", "mode: strict")).expect("edit");
-    let out = Command::new(&bin)
-        .arg("check-policy")
-        .arg(&path)
-        .output()
-        .expect("portcullis");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(
-        err.contains("policy.yaml:2") && err.contains("`mode`"),
-        "{err}"
+        said.lines()
+            .any(|l| l.contains("pccp default: refused") && l.contains("`strict`")),
+        "{said}"
     );
 }
 
@@ -211,6 +513,15 @@ fn the_issuer_config_map_holds_a_config_the_issuer_accepts() {
         effective["kubernetes"]["trust_domain"],
         str_of(&agent["kubernetes"]["trust_domain"]),
         "the issuer and the agents serve different trust domains"
+    );
+    // It watches the policy objects the agents read, and writes their status.
+    assert_eq!(
+        effective["kubernetes"]["policy_resources"], true,
+        "the issuer does not watch the policy objects: {effective:#}"
+    );
+    assert_eq!(
+        agent["kubernetes"]["policy_resources"], true,
+        "the agents do not read the policy objects"
     );
 
     // The Deployment runs this config with the image's binary, on the ports it names.
@@ -469,30 +780,49 @@ fn the_agents_reach_the_issuer_through_its_service() {
 }
 
 #[test]
-fn the_issuer_role_creates_token_reviews_and_writes_nothing_else() {
+fn the_issuer_role_writes_token_reviews_and_policy_status_only() {
     let role = object("ClusterRole", "portcullis-issuer");
     let grants = rules(&role);
+    // The writes: TokenReviews, and the policy objects' status (PUT on the status subresource:
+    // verb update). Never a spec, never a create or delete of a policy object.
+    let writes = [
+        ("authentication.k8s.io", "tokenreviews", "create"),
+        ("portcullis.dev", "portcullispolicies/status", "update"),
+        (
+            "portcullis.dev",
+            "portcullisclusterpolicies/status",
+            "update",
+        ),
+    ];
+    // The reads, cluster-wide: nothing but these.
+    let read = [
+        ("", "pods"),
+        ("", "nodes"),
+        ("portcullis.dev", "portcullispolicies"),
+        ("portcullis.dev", "portcullisclusterpolicies"),
+    ];
     for (group, resource, verb) in &grants {
         assert!(
             group != "*" && resource != "*" && verb != "*",
             "a wildcard in the issuer's role: {group}/{resource} {verb}"
         );
-        if !["get", "list", "watch"].contains(&verb.as_str()) {
-            assert_eq!(
-                (group.as_str(), resource.as_str(), verb.as_str()),
-                ("authentication.k8s.io", "tokenreviews", "create"),
-                "the issuer's role writes more than TokenReviews"
+        let grant = (group.as_str(), resource.as_str(), verb.as_str());
+        if ["get", "list", "watch"].contains(&verb.as_str()) {
+            assert!(
+                read.contains(&(grant.0, grant.1)),
+                "the issuer's role reads {group}/{resource}"
+            );
+        } else {
+            assert!(
+                writes.contains(&grant),
+                "the issuer's role writes more than TokenReviews and policy status: {grant:?}"
             );
         }
     }
-    for want in [
-        ("authentication.k8s.io", "tokenreviews", "create"),
-        ("", "pods", "get"),
-        ("", "pods", "list"),
-        ("", "pods", "watch"),
-        ("", "nodes", "list"),
-        ("", "nodes", "watch"),
-    ] {
+    let reads = read
+        .iter()
+        .flat_map(|(g, r)| ["get", "list", "watch"].map(|v| (*g, *r, v)));
+    for want in writes.into_iter().chain(reads) {
         assert!(
             grants.contains(&(want.0.to_owned(), want.1.to_owned(), want.2.to_owned())),
             "the issuer's role lacks {want:?}"
@@ -536,8 +866,9 @@ fn the_issuer_role_creates_token_reviews_and_writes_nothing_else() {
 }
 
 #[test]
-fn the_agents_rbac_only_reads_what_it_did() {
-    // Moving the CA to the issuer takes nothing from the agents and gives them nothing.
+fn the_agents_rbac_only_reads_pods_nodes_and_the_policy_objects() {
+    // Cluster-wide reads of pods, nodes and the policy objects, and nothing else: no write, no
+    // Secret, and no ConfigMap now that the policy is custom resources.
     let mut granted = Vec::new();
     for b in objects() {
         let scope = match str_of(&b["kind"]) {
@@ -565,12 +896,30 @@ fn the_agents_rbac_only_reads_what_it_did() {
             [
                 format!("cluster /nodes {v}"),
                 format!("cluster /pods {v}"),
-                format!("namespace /configmaps {v}"),
+                format!("cluster portcullis.dev/portcullispolicies {v}"),
+                format!("cluster portcullis.dev/portcullisclusterpolicies {v}"),
             ]
         })
         .collect();
     want.sort();
     assert_eq!(granted, want);
+    // What the agent reads from ConfigMaps it reads from volumes the kubelet mounts (which
+    // needs no role): its config and the trust bundle; and it watches no policy ConfigMap.
+    let ds = object("DaemonSet", "portcullis");
+    let pod = pod_spec(&ds).expect("the DaemonSet's pod");
+    let mounted: Vec<&str> = seq(&pod["volumes"])
+        .iter()
+        .filter_map(|v| v["configMap"]["name"].as_str())
+        .collect();
+    for cm in ["portcullis-config", "portcullis-trust-bundle"] {
+        assert!(mounted.contains(&cm), "{cm} is not a volume: {mounted:?}");
+    }
+    let agent: Value = serde_yaml::from_str(&config_map_key("portcullis-config", "agent.yaml"))
+        .expect("agent.yaml");
+    assert!(
+        agent["kubernetes"]["policy_configmap"].is_null(),
+        "the agent watches a policy ConfigMap, and its role cannot read it"
+    );
 }
 
 #[test]
