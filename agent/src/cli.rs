@@ -56,10 +56,15 @@ enum Command {
     /// Print the CustomResourceDefinitions of PortcullisPolicy and PortcullisClusterPolicy
     /// (what `deploy/crds.yaml` holds).
     Crds,
-    /// Validate a policy file and print what it says, rule by rule.
+    /// Validate a policy file, or a manifest of PortcullisPolicy and PortcullisClusterPolicy
+    /// objects (as the API server and then the issuer would), and print what it says.
     CheckPolicy {
-        /// The policy file (in Kubernetes, the `policy.yaml` key of the policy ConfigMap).
+        /// The policy file (in Kubernetes, the `policy.yaml` key of the policy ConfigMap), or a
+        /// manifest of policy objects.
         file: PathBuf,
+        /// The trust domain the objects' SPIFFE IDs must be of (manifests only).
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
     },
 }
 
@@ -92,9 +97,42 @@ impl Cli {
     }
 }
 
-fn check_policy(file: &std::path::Path) -> anyhow::Result<ExitCode> {
+fn check_manifest(
+    file: &std::path::Path,
+    text: &str,
+    trust_domain: &str,
+) -> anyhow::Result<ExitCode> {
+    use crate::policy::objects;
+    let checked = objects::check_manifest(text, trust_domain)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let mut failed = false;
+    for c in &checked {
+        match &c.verdict {
+            Ok(f) => println!(
+                "{}: {}: accepted, {} rules",
+                file.display(),
+                c.label,
+                f.rules.len()
+            ),
+            Err(e) => {
+                failed = true;
+                println!("{}: {}: refused: {e}", file.display(), c.label);
+            }
+        }
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn check_policy(file: &std::path::Path, trust_domain: &str) -> anyhow::Result<ExitCode> {
     let text = std::fs::read_to_string(file)
         .map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", file.display()))?;
+    if crate::policy::objects::is_manifest(&text) {
+        return check_manifest(file, &text, trust_domain);
+    }
     let p = crate::policy::Policy::parse(file, &text)?;
     let mode = |s: &crate::policy::Settings| {
         format!(
@@ -165,7 +203,7 @@ pub fn main() -> ExitCode {
             Ok(ExitCode::SUCCESS)
         }),
         Command::Uninstall(args) => cli.target().and_then(|t| uninstall::execute(&t, args)),
-        Command::CheckPolicy { file } => check_policy(file),
+        Command::CheckPolicy { file, trust_domain } => check_policy(file, trust_domain),
         Command::Crds => {
             print!("{}", crate::policy::crd::definitions_yaml());
             Ok(ExitCode::SUCCESS)

@@ -354,10 +354,11 @@ impl Inputs {
 
     /// Puts `p` in force; whether it differs from the policy in force.
     fn replace_policy(&mut self, p: Policy) -> bool {
-        tracing::info!(policy = %p.name, mode = p.defaults.mode.as_str(), rules = p.rules.len(), "policy loaded");
         if *self.policy == p {
+            tracing::debug!(policy = %p.name, "policy read again, unchanged");
             return false;
         }
+        tracing::info!(policy = %p.name, mode = p.defaults.mode.as_str(), rules = p.rules.len(), "policy loaded");
         self.policy = Arc::new(p);
         true
     }

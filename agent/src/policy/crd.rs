@@ -123,7 +123,7 @@ pub struct PortcullisClusterPolicySpec {
     #[serde(flatten)]
     pub settings: SettingsSpec,
     /// Which workloads are enforced at all. Absent: every workload. A workload not enrolled
-    /// is in mode `off`.
+    /// is in mode `disabled`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enroll: Option<EnrollSpec>,
     /// Rules over the whole cluster, for destinations in any namespace; they add to the
@@ -239,6 +239,7 @@ pub struct EnrollSpec {
 pub struct RuleSpec {
     /// Named in denials, in the audit log and in this object's status. Unique in the object.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
     pub name: Option<String>,
     /// Sources: SPIFFE IDs (`spiffe://cluster.local/ns/web/sa/frontend`), patterns ending in
     /// `/*` (`spiffe://cluster.local/ns/web/*`: every workload of namespace web), or `*` (any
@@ -292,6 +293,7 @@ pub struct PolicyStatus<S> {
     /// `Accepted`: `True` when the generation `observedGeneration` is in force; `False` with
     /// the field and value at fault, while the agents keep `acceptedGeneration`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// Rules of the accepted generation.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -244,27 +244,27 @@ fn rules(
                 patterns(&r.to, &field("to"), trust_domain)?
             }
             Scope::Namespace { prefix, ns } => {
-                if r.to.is_empty() || r.to.iter().any(|t| t == "*") {
+                // `*` (or no `to`) is the whole namespace; every other entry is checked, and
+                // must lie inside it.
+                let to = patterns(&r.to, &field("to"), trust_domain)?;
+                for (j, p) in to.iter().enumerate() {
+                    let inside = match p {
+                        Pattern::Any => true,
+                        Pattern::Exact(s) | Pattern::Prefix(s) => s.starts_with(prefix.as_str()),
+                    };
+                    if !inside {
+                        return Err(FieldError::new(
+                            field(&format!("to[{j}]")),
+                            format!(
+                                "`{}` is outside namespace `{ns}`: a PortcullisPolicy selects destinations in its own namespace (a PortcullisClusterPolicy selects any)",
+                                r.to[j]
+                            ),
+                        ));
+                    }
+                }
+                if to.is_empty() || to.contains(&Pattern::Any) {
                     vec![Pattern::Prefix(prefix.clone())]
                 } else {
-                    let to = patterns(&r.to, &field("to"), trust_domain)?;
-                    for (j, p) in to.iter().enumerate() {
-                        let inside = match p {
-                            Pattern::Any => true,
-                            Pattern::Exact(s) | Pattern::Prefix(s) => {
-                                s.starts_with(prefix.as_str())
-                            }
-                        };
-                        if !inside {
-                            return Err(FieldError::new(
-                                field(&format!("to[{j}]")),
-                                format!(
-                                    "`{}` is outside namespace `{ns}`: a PortcullisPolicy selects destinations in its own namespace (a PortcullisClusterPolicy selects any)",
-                                    r.to[j]
-                                ),
-                            ));
-                        }
-                    }
                     to
                 }
             }
@@ -491,6 +491,189 @@ pub fn from_objects(objects: &PolicyObjects, trust_domain: &str) -> Assembled {
     out
 }
 
+/// One policy object of a manifest, checked as the API server (strict field validation) and
+/// then the issuer would: `Err` names the field at fault.
+#[derive(Debug)]
+pub struct Checked {
+    /// `pcp shop/api`, `pccp default`, or the document's position when it has no name.
+    pub label: String,
+    pub verdict: Result<Fragment, FieldError>,
+}
+
+/// Whether `text` (YAML, possibly several documents) holds Kubernetes objects rather than a
+/// policy file: any document with a `kind`.
+#[must_use]
+pub fn is_manifest(text: &str) -> bool {
+    use serde::Deserialize as _;
+    serde_yaml::Deserializer::from_str(text)
+        .any(|doc| serde_json::Value::deserialize(doc).is_ok_and(|v| v.get("kind").is_some()))
+}
+
+/// Checks every document of a manifest (`kubectl apply -f` input) that should be a policy
+/// object; `Err` if the text is not YAML.
+pub fn check_manifest(text: &str, trust_domain: &str) -> Result<Vec<Checked>, String> {
+    use serde::Deserialize as _;
+    let mut out = Vec::new();
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let v =
+            serde_json::Value::deserialize(doc).map_err(|e| format!("document {}: {e}", i + 1))?;
+        if v.is_null() {
+            continue;
+        }
+        out.push(check_document(&v, i + 1, trust_domain));
+    }
+    Ok(out)
+}
+
+fn check_document(v: &serde_json::Value, n: usize, trust_domain: &str) -> Checked {
+    use super::crd::{PortcullisClusterPolicy, PortcullisPolicy};
+    let name = v["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let kind = v["kind"].as_str().unwrap_or_default();
+    let namespaced = kind == "PortcullisPolicy";
+    let ns = v["metadata"]["namespace"]
+        .as_str()
+        .unwrap_or("default")
+        .to_owned();
+    let label = match (namespaced, name.is_empty()) {
+        (_, true) => format!("document {n}"),
+        (true, false) => format!("pcp {ns}/{name}"),
+        (false, false) => format!("pccp {name}"),
+    };
+    let fail = |field: &str, message: String| Checked {
+        label: label.clone(),
+        verdict: Err(FieldError::new(field, message)),
+    };
+    if !namespaced && kind != "PortcullisClusterPolicy" {
+        return fail(
+            "kind",
+            format!("`{kind}` is not `PortcullisPolicy` or `PortcullisClusterPolicy`"),
+        );
+    }
+    let want = format!("{}/{}", super::crd::GROUP, super::crd::VERSION);
+    if v["apiVersion"] != want.as_str() {
+        return fail(
+            "apiVersion",
+            format!(
+                "`{}` is not `{want}`",
+                v["apiVersion"].as_str().unwrap_or_default()
+            ),
+        );
+    }
+    if name.is_empty() {
+        return fail("metadata.name", "is required".to_owned());
+    }
+    let spec = &v["spec"];
+    let (verdict, back) = if namespaced {
+        match serde_path_to_error::deserialize::<_, PortcullisPolicy>(v.clone()) {
+            Ok(o) => (
+                check_namespaced(&ns, &name, &o.spec, trust_domain),
+                serde_json::to_value(&o.spec),
+            ),
+            Err(e) => return decode_failure(&label, spec, e),
+        }
+    } else {
+        match serde_path_to_error::deserialize::<_, PortcullisClusterPolicy>(v.clone()) {
+            Ok(o) => (
+                check_cluster(&name, &o.spec, trust_domain),
+                serde_json::to_value(&o.spec),
+            ),
+            Err(e) => return decode_failure(&label, spec, e),
+        }
+    };
+    // A field the types do not know: the API server's strict validation refuses it.
+    if let Ok(back) = back
+        && let Some(field) = unknown_field(spec, &back, "spec")
+    {
+        return fail(
+            &field,
+            format!(
+                "unknown field `{}`",
+                field.rsplit('.').next().unwrap_or(&field)
+            ),
+        );
+    }
+    Checked { label, verdict }
+}
+
+/// A spec that does not decode, with the field at fault. (The settings are flattened into the
+/// spec, which hides their path from the decoder: they are decoded alone to find it.)
+fn decode_failure(
+    label: &str,
+    spec: &serde_json::Value,
+    e: serde_path_to_error::Error<serde_json::Error>,
+) -> Checked {
+    let mut field = e.path().to_string();
+    let mut message = e.into_inner().to_string();
+    if field == "spec"
+        && let Some(o) = spec.as_object()
+    {
+        let settings: serde_json::Map<String, serde_json::Value> = o
+            .iter()
+            .filter(|(k, _)| {
+                [
+                    "mode",
+                    "nodeTraffic",
+                    "otherProtocols",
+                    "synMac",
+                    "crossNodeUdp",
+                ]
+                .contains(&k.as_str())
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if let Err(e) =
+            serde_path_to_error::deserialize::<_, SettingsSpec>(serde_json::Value::Object(settings))
+        {
+            field = format!("spec.{}", e.path());
+            message = e.into_inner().to_string();
+        } else if let Some(Err(e)) = o
+            .get("rules")
+            .map(|r| serde_path_to_error::deserialize::<_, Vec<RuleSpec>>(r.clone()))
+        {
+            field = format!("spec.rules{}", e.path()).replace("rules.[", "rules[");
+            message = e.into_inner().to_string();
+        } else if let Some(Err(e)) = o
+            .get("enroll")
+            .map(|r| serde_path_to_error::deserialize::<_, EnrollSpec>(r.clone()))
+        {
+            field = format!("spec.enroll.{}", e.path());
+            message = e.into_inner().to_string();
+        }
+    }
+    Checked {
+        label: label.to_owned(),
+        verdict: Err(FieldError::new(field, message)),
+    }
+}
+
+/// The first field of `given` that its decoded and re-encoded form `known` lost.
+fn unknown_field(given: &serde_json::Value, known: &serde_json::Value, at: &str) -> Option<String> {
+    use serde_json::Value;
+    match (given, known) {
+        (Value::Object(g), Value::Object(k)) => g.iter().find_map(|(key, gv)| {
+            let path = format!("{at}.{key}");
+            match k.get(key) {
+                Some(kv) => unknown_field(gv, kv, &path),
+                None => {
+                    let empty = gv.is_null()
+                        || gv.as_array().is_some_and(Vec::is_empty)
+                        || gv.as_object().is_some_and(serde_json::Map::is_empty);
+                    (!empty).then_some(path)
+                }
+            }
+        }),
+        (Value::Array(g), Value::Array(k)) => g
+            .iter()
+            .zip(k)
+            .enumerate()
+            .find_map(|(i, (gv, kv))| unknown_field(gv, kv, &format!("{at}[{i}]"))),
+        _ => None,
+    }
+}
+
 /// The status the issuer writes for generation `generation` of an object whose check gave
 /// `verdict`, given the status it has (`old`): accepted, it becomes the generation in force;
 /// refused, the generation in force stays the old one. The condition's transition time moves
@@ -593,6 +776,11 @@ mod tests {
                 "rules: [{from: [\"*\"], to: [\"spiffe://cluster.local/ns/other/sa/db\"]}]",
                 "spec.rules[0].to[0]",
                 "`spiffe://cluster.local/ns/other/sa/db` is outside namespace `shop`",
+            ),
+            (
+                "rules: [{from: [\"*\"], to: [\"*\", \"spiffe://cluster.local/ns/other/*\"]}]",
+                "spec.rules[0].to[1]",
+                "is outside namespace `shop`",
             ),
             (
                 "rules: [{from: [\"*\"], ports: [{port: 9100, endPort: 9000}]}]",
@@ -720,6 +908,48 @@ mod tests {
             p.settings("other", &id("ns/other/sa/x")),
             Settings::default()
         );
+    }
+
+    #[test]
+    fn a_manifest_is_checked_object_by_object_and_an_unknown_field_is_named() {
+        let text = "\
+apiVersion: portcullis.dev/v1alpha1
+kind: PortcullisPolicy
+metadata: {name: api, namespace: shop}
+spec:
+  rules:
+    - from: [\"spiffe://cluster.local/ns/web/*\"]
+      ports: [{port: 8080, endPrt: 8090}]
+---
+apiVersion: portcullis.dev/v1alpha1
+kind: PortcullisClusterPolicy
+metadata: {name: default}
+spec: {mode: strict}
+---
+apiVersion: portcullis.dev/v1alpha1
+kind: PortcullisClusterPolicy
+metadata: {name: default}
+spec: {mode: audit, rules: [{from: [\"*\"], to: [\"*\"]}]}
+";
+        assert!(is_manifest(text));
+        assert!(!is_manifest("mode: audit\nrules: []\n"));
+        let checked = check_manifest(text, TD).unwrap();
+        assert_eq!(checked.len(), 3);
+        assert_eq!(checked[0].label, "pcp shop/api");
+        let e = checked[0].verdict.as_ref().unwrap_err();
+        assert_eq!(e.field, "spec.rules[0].ports[0].endPrt", "{e}");
+        let e = checked[1].verdict.as_ref().unwrap_err();
+        assert!(e.message.contains("strict"), "{e}");
+        assert_eq!(e.field, "spec.mode", "{e}");
+        assert_eq!(checked[2].verdict.as_ref().unwrap().rules.len(), 1);
+        let missing = check_manifest(
+            "apiVersion: portcullis.dev/v1alpha1\nkind: PortcullisPolicy\nmetadata: {name: a}\nspec: {rules: [{to: [\"*\"]}, {form: [\"*\"]}]}\n",
+            TD,
+        )
+        .unwrap();
+        let e = missing[0].verdict.as_ref().unwrap_err();
+        assert_eq!(e.field, "spec.rules[0]", "{e}");
+        assert!(e.message.contains("missing field `from`"), "{e}");
     }
 
     #[test]
