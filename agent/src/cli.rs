@@ -65,6 +65,9 @@ enum Command {
         /// The trust domain the objects' SPIFFE IDs must be of (manifests only).
         #[arg(long, default_value = "cluster.local")]
         trust_domain: String,
+        /// The namespace of objects that name none, as `kubectl apply -n` (manifests only).
+        #[arg(long, short = 'n', default_value = "default")]
+        namespace: String,
     },
 }
 
@@ -101,9 +104,10 @@ fn check_manifest(
     file: &std::path::Path,
     text: &str,
     trust_domain: &str,
+    namespace: &str,
 ) -> anyhow::Result<ExitCode> {
     use crate::policy::objects;
-    let checked = objects::check_manifest(text, trust_domain)
+    let checked = objects::check_manifest(text, namespace, trust_domain)
         .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
     let mut failed = false;
     for c in &checked {
@@ -127,11 +131,15 @@ fn check_manifest(
     })
 }
 
-fn check_policy(file: &std::path::Path, trust_domain: &str) -> anyhow::Result<ExitCode> {
+fn check_policy(
+    file: &std::path::Path,
+    trust_domain: &str,
+    namespace: &str,
+) -> anyhow::Result<ExitCode> {
     let text = std::fs::read_to_string(file)
         .map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", file.display()))?;
     if crate::policy::objects::is_manifest(&text) {
-        return check_manifest(file, &text, trust_domain);
+        return check_manifest(file, &text, trust_domain, namespace);
     }
     let p = crate::policy::Policy::parse(file, &text)?;
     let mode = |s: &crate::policy::Settings| {
@@ -203,7 +211,11 @@ pub fn main() -> ExitCode {
             Ok(ExitCode::SUCCESS)
         }),
         Command::Uninstall(args) => cli.target().and_then(|t| uninstall::execute(&t, args)),
-        Command::CheckPolicy { file, trust_domain } => check_policy(file, trust_domain),
+        Command::CheckPolicy {
+            file,
+            trust_domain,
+            namespace,
+        } => check_policy(file, trust_domain, namespace),
         Command::Crds => {
             print!("{}", crate::policy::crd::definitions_yaml());
             Ok(ExitCode::SUCCESS)

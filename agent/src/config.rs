@@ -326,7 +326,7 @@ impl Config {
         }
         if kubernetes
             .as_ref()
-            .is_some_and(|k| k.policy_configmap.is_some() || k.policy_resources)
+            .is_some_and(crate::inputs::KubeConfig::policy_from_kube)
             && f.policy.is_some()
         {
             return Err(InputError::file(

@@ -131,8 +131,8 @@ impl Inputs {
             }
         };
         tracing::info!(policy = %policy.name, mode = policy.defaults.mode.as_str(), rules = policy.rules.len(), "policy loaded");
-        let policy_from_kube = matches!(&source, ClusterSource::Kube(k)
-            if k.config().policy_configmap.is_some() || k.config().policy_resources);
+        let policy_from_kube =
+            matches!(&source, ClusterSource::Kube(k) if k.config().policy_from_kube());
         let mut index = Index::new(node);
         if let ClusterSource::Kube(k) = &source {
             index.set_trust_domain(&k.config().trust_domain);
@@ -325,12 +325,22 @@ impl Inputs {
                 Some(kube::PolicyInput::Objects(objects)) => {
                     let a =
                         crate::policy::objects::from_objects(&objects, &k.config().trust_domain);
-                    self.policy_error = (!a.refused.is_empty()).then(|| a.refused.join("; "));
-                    for e in &a.refused {
-                        tracing::error!(error = %e, "policy object left out");
+                    if a.unusable.is_empty() {
+                        self.policy_objects = Some(a.describe());
+                        self.policy_error = None;
+                        return self.replace_policy(a.policy);
                     }
-                    self.policy_objects = Some(a.describe());
-                    return self.replace_policy(a.policy);
+                    // Leaving an object out could open what its rules close: the policy in
+                    // force (and its description) stays until every object is usable again.
+                    let error = format!(
+                        "the policy in force stays unchanged; unusable here: {}",
+                        a.unusable.join("; ")
+                    );
+                    if self.policy_error.as_ref() != Some(&error) {
+                        tracing::error!(error = %error, "policy objects this agent cannot use");
+                    }
+                    self.policy_error = Some(error);
+                    return false;
                 }
             }
         } else {

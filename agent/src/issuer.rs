@@ -316,7 +316,7 @@ pub async fn serve(config: IssuerConfig) -> anyhow::Result<()> {
             let kube = KubeSource::start(k).await?;
             tracing::info!(
                 source = kube.description(),
-                "waiting for the first complete lists of pods and nodes"
+                "waiting for the first complete lists from the API server"
             );
             kube.wait_ready(Duration::from_secs(300)).await?;
             let changed = kube.changed();

@@ -1,7 +1,9 @@
 //! The authorization policy: who may open connections to whom, on which ports, and how strictly
 //! each namespace is enforced.
 //!
-//! A YAML document (a file, or the policy ConfigMap in Kubernetes):
+//! In Kubernetes, the `PortcullisPolicy` and `PortcullisClusterPolicy` objects ([`crd`],
+//! [`objects`]) merge into one [`Policy`]; elsewhere (and from the compatibility ConfigMap) it
+//! is a YAML document:
 //!
 //! ```yaml
 //! name: shop-policy            # named in every denial
@@ -399,6 +401,25 @@ pub fn valid_namespace(s: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
         && !s.starts_with('-')
         && !s.ends_with('-')
+}
+
+/// A rule's port list, merged: refused when it is empty (it would admit nothing: leaving the
+/// list out is how every port is said) or holds more distinct ranges than one auth entry.
+pub(crate) fn rule_ports(ranges: Vec<PortRange>) -> Result<Vec<PortRange>, String> {
+    if ranges.is_empty() {
+        return Err(
+            "an empty port list admits nothing; leave `ports` out to admit every port".to_owned(),
+        );
+    }
+    let merged = merge(ranges);
+    if merged.len() > portcullis_common::MAX_PORT_RANGES {
+        return Err(format!(
+            "{} distinct port ranges; at most {} fit one auth entry",
+            merged.len(),
+            portcullis_common::MAX_PORT_RANGES
+        ));
+    }
+    Ok(merged)
 }
 
 /// `8080`, `9000-9100`, `53/udp`, `8000-8100/tcp`.

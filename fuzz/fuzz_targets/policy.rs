@@ -12,7 +12,7 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {
         let _ = Policy::parse(Path::new("policy.yaml"), text);
         if objects::is_manifest(text) {
-            let _ = objects::check_manifest(text, "cluster.local");
+            let _ = objects::check_manifest(text, "default", "cluster.local");
         }
     }
 });

@@ -4,7 +4,11 @@
 //! the agents, watching the same objects, enforce the accepted generations in the kernel.
 //! Privileged: run as root (`cargo xtask test`).
 
-use std::{net::TcpListener, path::PathBuf, time::Duration};
+use std::{
+    net::TcpListener,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use serde_json::{Value, json};
 use testbed::{
@@ -77,6 +81,21 @@ fn wait_agents(s: &Scenario<'_>, fragment: &str) {
             }),
             "{node}'s agent does not show `{fragment}`: {}",
             s.status(node)["agent"]["policy"]
+        );
+    }
+}
+
+/// Waits until both agents' status reports `fragment` in its policy error.
+fn wait_agents_error(s: &Scenario<'_>, fragment: &str) {
+    for node in ["node-1", "node-2"] {
+        assert!(
+            eventually(Duration::from_secs(10), || {
+                s.status(node)["agent"]["policy_error"]
+                    .as_str()
+                    .is_some_and(|p| p.contains(fragment))
+            }),
+            "{node}'s agent does not report `{fragment}`: {}",
+            s.status(node)["agent"]
         );
     }
 }
@@ -202,7 +221,9 @@ fn policy_objects_are_checked_by_the_issuer_and_their_accepted_generations_enfor
                               "ports": [{"port": PORT, "protocol": "TCP"}]}]}),
         ),
     );
+    let applied = Instant::now();
     let c = wait_accepted(&api, Kind::Policy, "shop", "api", 1);
+    let to_status = applied.elapsed();
     assert_eq!(
         (c["status"].as_str(), c["reason"].as_str()),
         (Some("True"), Some("Accepted")),
@@ -212,6 +233,13 @@ fn policy_objects_are_checked_by_the_issuer_and_their_accepted_generations_enfor
     assert_eq!(obj["status"]["rules"], 1, "{obj}");
     assert_eq!(obj["status"]["acceptedGeneration"], 1, "{obj}");
     wait_agents(&s, "pcp shop/api gen 1");
+    // Measured, not asserted (to the 100 ms of the polls above): apply → status written by the
+    // issuer → in force on both agents.
+    eprintln!(
+        "apply → Accepted in status: {} ms; → in force on both agents: {} ms",
+        to_status.as_millis(),
+        applied.elapsed().as_millis()
+    );
     assert!(
         eventually(Duration::from_secs(10), || !connects(
             &s, "intruder", "server", PORT
@@ -255,7 +283,7 @@ fn policy_objects_are_checked_by_the_issuer_and_their_accepted_generations_enfor
     );
     let obj = api.get(Kind::Policy, "shop", "api").expect("object");
     assert_eq!(obj["status"]["acceptedGeneration"], 1, "{obj}");
-    wait_agents(&s, "awaiting acceptance: pcp shop/api gen 2");
+    wait_agents(&s, "refused: pcp shop/api gen 2");
     tb.stop_agent("node-2").expect("stopping node-2's agent");
     tb.start_agent("node-2").expect("restarting node-2's agent");
     let s = scenario(&tb);
@@ -306,6 +334,33 @@ fn policy_objects_are_checked_by_the_issuer_and_their_accepted_generations_enfor
         !connects(&s, "intruder", "server", PORT),
         "the second namespace's object opened the first's"
     );
+
+    // An object of a newer definition than these agents know (a real API server serving that
+    // newer definition would store it): the watch goes on, and the policy in force stays,
+    // since leaving the object out could open what it closes.
+    api.apply(
+        Kind::Policy,
+        policy(
+            "payments",
+            "lockdown",
+            json!({"rules": [{"from": ["*"], "ports": [{"port": PORT, "protocol": "SCTP"}]}]}),
+        ),
+    );
+    wait_agents_error(&s, "pcp payments/lockdown: cannot be read");
+    assert!(
+        !connects(&s, "intruder", "server", PORT),
+        "an unreadable object changed the policy in force"
+    );
+    api.delete(Kind::Policy, "payments", "lockdown");
+    for node in ["node-1", "node-2"] {
+        assert!(
+            eventually(Duration::from_secs(10), || {
+                s.status(node)["agent"]["policy_error"].is_null()
+            }),
+            "{node}'s agent did not follow the deletion: {}",
+            s.status(node)["agent"]
+        );
+    }
 
     // Deleting shop's object: back to the cluster's defaults.
     api.delete(Kind::Policy, "shop", "api");

@@ -17,7 +17,7 @@ mod cluster;
 mod objects;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashSet},
+    collections::{BTreeSet, HashSet},
     path::PathBuf,
     sync::{Arc, Mutex, MutexGuard},
     time::Duration,
@@ -37,7 +37,8 @@ pub use self::{
 };
 use crate::policy::{
     Policy,
-    crd::{PortcullisClusterPolicy, PortcullisPolicy},
+    crd::{Decoded, ObjectKey, PolicyResource, PortcullisClusterPolicy, PortcullisPolicy, key_of},
+    objects::PolicyObjects,
 };
 
 /// The key of the policy ConfigMap that holds the policy document.
@@ -56,11 +57,20 @@ pub struct KubeConfig {
     /// The policy comes from the `PortcullisPolicy` and `PortcullisClusterPolicy` objects.
     pub policy_resources: bool,
     /// This is the issuer, the one writer of the policy objects' status: queue every change of
-    /// one for [`StatusFeed`].
+    /// one for [`StatusFeed`]. Not a setting of the file.
+    #[serde(skip)]
     pub write_policy_status: bool,
     /// A pod's addresses must lie in its node's `spec.podCIDRs` (when it has any). Off for
     /// CNIs whose address management ignores them.
     pub check_pod_cidrs: bool,
+}
+
+impl KubeConfig {
+    /// The policy comes from the API server (the policy objects or a ConfigMap).
+    #[must_use]
+    pub fn policy_from_kube(&self) -> bool {
+        self.policy_resources || self.policy_configmap.is_some()
+    }
 }
 
 /// Tells the core that something changed. Raising it never waits, and any number of raises
@@ -119,16 +129,6 @@ const WATCHER_NAMES: [&str; WATCHERS] = [
     "portcullisclusterpolicies",
 ];
 
-/// A policy object: its namespace (`None` for a cluster policy) and name.
-pub type ObjectKey = (Option<String>, String);
-
-/// The policy objects as the API server has them, status included.
-#[derive(Debug, Clone, Default)]
-pub struct PolicyObjects {
-    pub namespaced: BTreeMap<(String, String), PortcullisPolicy>,
-    pub cluster: BTreeMap<String, PortcullisClusterPolicy>,
-}
-
 /// The policy, as the Kubernetes source last saw it.
 #[derive(Debug)]
 pub enum PolicyInput {
@@ -169,20 +169,19 @@ impl StatusFeed {
             .as_mut()
             .map(std::mem::take)
             .unwrap_or_default();
+        fn object<K: PolicyResource>(s: &Shared, key: &ObjectKey) -> Option<K> {
+            match &K::stored(&s.objects).get(key)?.object {
+                Ok(o) => Some(o.clone()),
+                Err(e) => {
+                    tracing::warn!(object = %crate::policy::crd::label(key), error = %e, "a policy object this version cannot read: no status written");
+                    None
+                }
+            }
+        }
         keys.into_iter()
-            .filter_map(|(ns, name)| match ns {
-                Some(ns) => s
-                    .objects
-                    .namespaced
-                    .get(&(ns, name))
-                    .cloned()
-                    .map(ChangedObject::Namespaced),
-                None => s
-                    .objects
-                    .cluster
-                    .get(&name)
-                    .cloned()
-                    .map(ChangedObject::Cluster),
+            .filter_map(|key| match key.0 {
+                Some(_) => object(&s, &key).map(ChangedObject::Namespaced),
+                None => object(&s, &key).map(ChangedObject::Cluster),
             })
             .collect()
     }
@@ -277,13 +276,16 @@ impl KubeSource {
         if config.policy_resources {
             tokio::spawn(drive(
                 POLICIES,
-                watcher(Api::<PortcullisPolicy>::all(client.clone()), wc()),
+                watcher(Api::<Decoded<PortcullisPolicy>>::all(client.clone()), wc()),
                 shared.clone(),
                 changed.clone(),
             ));
             tokio::spawn(drive(
                 CLUSTER_POLICIES,
-                watcher(Api::<PortcullisClusterPolicy>::all(client.clone()), wc()),
+                watcher(
+                    Api::<Decoded<PortcullisClusterPolicy>>::all(client.clone()),
+                    wc(),
+                ),
                 shared.clone(),
                 changed.clone(),
             ));
@@ -507,23 +509,33 @@ impl Shared {
     }
 }
 
-fn policy_key(meta: &kube::api::ObjectMeta) -> (String, String) {
-    (
-        meta.namespace.clone().unwrap_or_default(),
-        meta.name.clone().unwrap_or_default(),
-    )
+/// The watcher's key of a policy object: `namespace/name`, or `name` (cluster-scoped: a
+/// namespaced key always has a `/`, a name never does).
+fn key_string((ns, name): &ObjectKey) -> String {
+    match ns {
+        Some(ns) => format!("{ns}/{name}"),
+        None => name.clone(),
+    }
 }
 
-impl Watched for PortcullisPolicy {
+fn parse_key(key: &str) -> ObjectKey {
+    match key.split_once('/') {
+        Some((ns, name)) => (Some(ns.to_owned()), name.to_owned()),
+        None => (None, key.to_owned()),
+    }
+}
+
+/// Both kinds of policy object, decoded or not (one this version cannot read is kept, and
+/// keeps the policy in force from changing: see `objects::Assembled::unusable`).
+impl<K: PolicyResource> Watched for Decoded<K> {
     fn key(&self) -> String {
-        let (ns, name) = policy_key(&self.metadata);
-        format!("{ns}/{name}")
+        key_string(&key_of(&self.meta))
     }
 
     fn apply(self, s: &mut Shared) {
-        let key = policy_key(&self.metadata);
-        s.object_changed((Some(key.0.clone()), key.1.clone()));
-        s.objects.namespaced.insert(key, self);
+        let key = key_of(&self.meta);
+        s.object_changed(key.clone());
+        K::stored_mut(&mut s.objects).insert(key, self);
     }
 
     fn delete(self, s: &mut Shared) {
@@ -531,35 +543,9 @@ impl Watched for PortcullisPolicy {
     }
 
     fn forget(key: &str, s: &mut Shared) {
-        let (ns, name) = key.split_once('/').unwrap_or(("", key));
-        if s.objects
-            .namespaced
-            .remove(&(ns.to_owned(), name.to_owned()))
-            .is_some()
-        {
-            s.object_changed((Some(ns.to_owned()), name.to_owned()));
-        }
-    }
-}
-
-impl Watched for PortcullisClusterPolicy {
-    fn key(&self) -> String {
-        self.metadata.name.clone().unwrap_or_default()
-    }
-
-    fn apply(self, s: &mut Shared) {
-        let name = self.key();
-        s.object_changed((None, name.clone()));
-        s.objects.cluster.insert(name, self);
-    }
-
-    fn delete(self, s: &mut Shared) {
-        Self::forget(&self.key(), s);
-    }
-
-    fn forget(key: &str, s: &mut Shared) {
-        if s.objects.cluster.remove(key).is_some() {
-            s.object_changed((None, key.to_owned()));
+        let key = parse_key(key);
+        if K::stored_mut(&mut s.objects).remove(&key).is_some() {
+            s.object_changed(key);
         }
     }
 }
@@ -575,13 +561,8 @@ fn known_keys(which: usize, s: &Shared) -> Vec<String> {
             .map(|(ns, name)| format!("{ns}/{name}"))
             .collect(),
         NODES => s.cluster.node_names(),
-        POLICIES => s
-            .objects
-            .namespaced
-            .keys()
-            .map(|(ns, name)| format!("{ns}/{name}"))
-            .collect(),
-        CLUSTER_POLICIES => s.objects.cluster.keys().cloned().collect(),
+        POLICIES => s.objects.namespaced.keys().map(key_string).collect(),
+        CLUSTER_POLICIES => s.objects.cluster.keys().map(key_string).collect(),
         _ => Vec::new(),
     }
 }
@@ -656,8 +637,10 @@ where
                 return;
             }
             Err(e) => {
-                if (which == POLICIES || which == CLUSTER_POLICIES) && e.to_string().contains("404")
-                {
+                let not_served = matches!(&e,
+                    watcher::Error::InitialListFailed(kube::Error::Api(s))
+                    | watcher::Error::WatchStartFailed(kube::Error::Api(s)) if s.code == 404);
+                if (which == POLICIES || which == CLUSTER_POLICIES) && not_served {
                     tracing::error!(watcher = name, error = %e, "the policy resources are not served: install their definitions (`portcullis crds | kubectl apply -f -`, deploy/crds.yaml); retrying with backoff");
                 } else {
                     tracing::warn!(watcher = name, error = %e, "Kubernetes watch failed; retrying with backoff");

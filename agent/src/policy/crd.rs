@@ -14,12 +14,17 @@
 // duplicated attributes.
 #![allow(clippy::duplicated_attributes)]
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::{CustomResource, CustomResourceExt as _};
-use schemars::JsonSchema;
-use serde::{Deserialize, Serialize};
+use std::{borrow::Cow, collections::BTreeMap, fmt::Debug};
 
-use super::{MacMode, Mode};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{Api, Client, CustomResource, CustomResourceExt, Resource, api::ObjectMeta};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+use super::{
+    MacMode, Mode,
+    objects::{self, FieldError, Fragment, PolicyObjects},
+};
 
 /// The API group of both resources.
 pub const GROUP: &str = "portcullis.dev";
@@ -45,8 +50,8 @@ pub const VERSION: &str = "v1alpha1";
     printcolumn(
         name = "Mode",
         type_ = "string",
-        json_path = ".spec.mode",
-        description = "The namespace's mode (set in the object named default; empty: the cluster's)"
+        json_path = ".status.acceptedSpec.mode",
+        description = "The namespace's mode in force (set in the object named default; empty: the cluster's)"
     ),
     printcolumn(
         name = "Rules",
@@ -75,6 +80,7 @@ pub struct PortcullisPolicySpec {
     /// accepts any authenticated peer of the trust domain; a destination some rule selects
     /// accepts only the sources, ports and protocols those rules allow.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
     pub rules: Vec<RuleSpec>,
 }
 
@@ -96,8 +102,8 @@ pub struct PortcullisPolicySpec {
     printcolumn(
         name = "Mode",
         type_ = "string",
-        json_path = ".spec.mode",
-        description = "The default mode (set in the object named default)"
+        json_path = ".status.acceptedSpec.mode",
+        description = "The default mode in force (set in the object named default)"
     ),
     printcolumn(
         name = "Rules",
@@ -129,6 +135,7 @@ pub struct PortcullisClusterPolicySpec {
     /// Rules over the whole cluster, for destinations in any namespace; they add to the
     /// namespaces' own rules.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
     pub rules: Vec<RuleSpec>,
 }
 
@@ -226,10 +233,12 @@ pub enum Passage {
 pub struct EnrollSpec {
     /// Namespaces whose every workload is enrolled.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1024), inner(length(max = 63)))]
     pub namespaces: Vec<String>,
     /// SPIFFE IDs or patterns (`spiffe://td/ns/legacy/sa/batch`, `spiffe://td/ns/web/*`) of
     /// workloads enrolled wherever they run.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1024), inner(length(max = 2048)))]
     pub workloads: Vec<String>,
 }
 
@@ -237,23 +246,24 @@ pub struct EnrollSpec {
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RuleSpec {
-    /// Named in denials, in the audit log and in this object's status. Unique in the object.
+    /// Named in denials and in the audit log (`pcp shop/api#name`). Unique in the object.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = 253))]
     pub name: Option<String>,
     /// Sources: SPIFFE IDs (`spiffe://cluster.local/ns/web/sa/frontend`), patterns ending in
     /// `/*` (`spiffe://cluster.local/ns/web/*`: every workload of namespace web), or `*` (any
     /// authenticated workload).
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = 64), inner(length(max = 2048)))]
     pub from: Vec<String>,
     /// Destinations, as `from`. In a PortcullisPolicy they must lie in the object's namespace,
     /// and `*` or leaving `to` out selects every workload of it; in a PortcullisClusterPolicy
     /// `to` is required.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(max = 2048)))]
     pub to: Vec<String>,
     /// The ports `to` may be reached on. Absent: every port of TCP and UDP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = 64))]
     pub ports: Option<Vec<PortSpec>>,
 }
 
@@ -315,6 +325,178 @@ impl<S> Default for PolicyStatus<S> {
             accepted_generation: None,
             accepted_spec: None,
         }
+    }
+}
+
+fn spec_schema_of(
+    crd: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+) -> serde_json::Value {
+    let v = serde_json::to_value(crd).unwrap_or_default();
+    v["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"].clone()
+}
+
+/// A policy object's namespace (`None`: cluster-scoped) and name.
+pub type ObjectKey = (Option<String>, String);
+
+#[must_use]
+pub fn key_of(meta: &ObjectMeta) -> ObjectKey {
+    (
+        meta.namespace.clone(),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+/// What a policy object is called in the status, the logs and denials: `pcp shop/api`,
+/// `pccp default` (kubectl's short names).
+#[must_use]
+pub fn label((ns, name): &ObjectKey) -> String {
+    match ns {
+        Some(ns) => format!("pcp {ns}/{name}"),
+        None => format!("pccp {name}"),
+    }
+}
+
+/// What the watchers, the agents' merge, the issuer's status writer and `check-policy` need of
+/// either kind: one code path for both.
+pub trait PolicyResource:
+    Resource<DynamicType = ()>
+    + CustomResourceExt
+    + Clone
+    + Debug
+    + Serialize
+    + DeserializeOwned
+    + Send
+    + Sync
+    + 'static
+{
+    type Spec: Clone + PartialEq + Debug + Serialize + DeserializeOwned + Send + Sync;
+    fn spec(&self) -> &Self::Spec;
+    fn status(&self) -> Option<&PolicyStatus<Self::Spec>>;
+    fn status_mut(&mut self) -> &mut Option<PolicyStatus<Self::Spec>>;
+    /// The issuer's check of `spec` for the object `key` names.
+    fn check(
+        key: &ObjectKey,
+        spec: &Self::Spec,
+        trust_domain: &str,
+    ) -> Result<Fragment, FieldError>;
+    /// An API handle on the collection of the object `key` names.
+    fn api(client: Client, key: &ObjectKey) -> Api<Self>;
+    /// The generated OpenAPI schema of `spec`, made once.
+    fn spec_schema() -> &'static serde_json::Value;
+    /// The objects of this kind in the store.
+    fn stored(objects: &PolicyObjects) -> &BTreeMap<ObjectKey, Decoded<Self>>;
+    fn stored_mut(objects: &mut PolicyObjects) -> &mut BTreeMap<ObjectKey, Decoded<Self>>;
+}
+
+impl PolicyResource for PortcullisPolicy {
+    fn spec_schema() -> &'static serde_json::Value {
+        static SCHEMA: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
+        SCHEMA.get_or_init(|| spec_schema_of(&Self::crd()))
+    }
+    type Spec = PortcullisPolicySpec;
+    fn spec(&self) -> &Self::Spec {
+        &self.spec
+    }
+    fn status(&self) -> Option<&PolicyStatus<Self::Spec>> {
+        self.status.as_ref()
+    }
+    fn status_mut(&mut self) -> &mut Option<PolicyStatus<Self::Spec>> {
+        &mut self.status
+    }
+    fn check(
+        (ns, name): &ObjectKey,
+        spec: &Self::Spec,
+        trust_domain: &str,
+    ) -> Result<Fragment, FieldError> {
+        objects::check_namespaced(ns.as_deref().unwrap_or_default(), name, spec, trust_domain)
+    }
+    fn api(client: Client, (ns, _): &ObjectKey) -> Api<Self> {
+        Api::namespaced(client, ns.as_deref().unwrap_or_default())
+    }
+    fn stored(objects: &PolicyObjects) -> &BTreeMap<ObjectKey, Decoded<Self>> {
+        &objects.namespaced
+    }
+    fn stored_mut(objects: &mut PolicyObjects) -> &mut BTreeMap<ObjectKey, Decoded<Self>> {
+        &mut objects.namespaced
+    }
+}
+
+impl PolicyResource for PortcullisClusterPolicy {
+    fn spec_schema() -> &'static serde_json::Value {
+        static SCHEMA: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
+        SCHEMA.get_or_init(|| spec_schema_of(&Self::crd()))
+    }
+    type Spec = PortcullisClusterPolicySpec;
+    fn spec(&self) -> &Self::Spec {
+        &self.spec
+    }
+    fn status(&self) -> Option<&PolicyStatus<Self::Spec>> {
+        self.status.as_ref()
+    }
+    fn status_mut(&mut self) -> &mut Option<PolicyStatus<Self::Spec>> {
+        &mut self.status
+    }
+    fn check(
+        (_, name): &ObjectKey,
+        spec: &Self::Spec,
+        trust_domain: &str,
+    ) -> Result<Fragment, FieldError> {
+        objects::check_cluster(name, spec, trust_domain)
+    }
+    fn api(client: Client, _: &ObjectKey) -> Api<Self> {
+        Api::all(client)
+    }
+    fn stored(objects: &PolicyObjects) -> &BTreeMap<ObjectKey, Decoded<Self>> {
+        &objects.cluster
+    }
+    fn stored_mut(objects: &mut PolicyObjects) -> &mut BTreeMap<ObjectKey, Decoded<Self>> {
+        &mut objects.cluster
+    }
+}
+
+/// An object as a watcher delivers it: decoded, or, when this version cannot decode it (an
+/// object of a newer definition), its metadata and why. One object that does not decode must
+/// not stop the list of all the others.
+#[derive(Debug, Clone)]
+pub struct Decoded<K> {
+    pub meta: ObjectMeta,
+    pub object: Result<K, String>,
+}
+
+impl<'de, K: DeserializeOwned> Deserialize<'de> for Decoded<K> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = serde_json::Value::deserialize(d)?;
+        let meta = v
+            .get("metadata")
+            .map(|m| serde_json::from_value::<ObjectMeta>(m.clone()))
+            .transpose()
+            .map_err(serde::de::Error::custom)?
+            .unwrap_or_default();
+        let object = serde_json::from_value::<K>(v).map_err(|e| e.to_string());
+        Ok(Self { meta, object })
+    }
+}
+
+impl<K: Resource<DynamicType = ()>> Resource for Decoded<K> {
+    type DynamicType = ();
+    type Scope = K::Scope;
+    fn kind(dt: &()) -> Cow<'_, str> {
+        K::kind(dt)
+    }
+    fn group(dt: &()) -> Cow<'_, str> {
+        K::group(dt)
+    }
+    fn version(dt: &()) -> Cow<'_, str> {
+        K::version(dt)
+    }
+    fn plural(dt: &()) -> Cow<'_, str> {
+        K::plural(dt)
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.meta
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.meta
     }
 }
 

@@ -4,11 +4,11 @@
 use std::{collections::BTreeMap, path::Path};
 
 use marked_yaml::Spanned;
-use portcullis_common::MAX_PORT_RANGES;
 use serde::Deserialize;
 
 use super::{
-    Enroll, MacMode, Mode, Pattern, Policy, Rule, Settings, merge, parse_ports, valid_namespace,
+    Enroll, MacMode, Mode, Pattern, Policy, Rule, Settings, parse_ports, rule_ports,
+    valid_namespace,
 };
 use crate::input::InputError;
 
@@ -120,27 +120,10 @@ impl Policy {
                             InputError::value(path, p, field(&format!("ports[{j}]")), e)
                         })?);
                     }
-                    if out.is_empty() {
-                        return Err(InputError::value(
-                            path,
-                            &r.to,
-                            field("ports"),
-                            "an empty port list admits nothing; leave `ports` out to admit every port",
-                        ));
-                    }
-                    let merged = merge(out);
-                    if merged.len() > MAX_PORT_RANGES {
-                        return Err(InputError::value(
-                            path,
-                            &r.to,
-                            field("ports"),
-                            format!(
-                                "{} distinct port ranges; at most {MAX_PORT_RANGES} fit one auth entry",
-                                merged.len()
-                            ),
-                        ));
-                    }
-                    Some(merged)
+                    Some(
+                        rule_ports(out)
+                            .map_err(|e| InputError::value(path, &r.to, field("ports"), e))?,
+                    )
                 }
             };
             rules.push(Rule {

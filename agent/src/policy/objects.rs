@@ -13,24 +13,33 @@
 
 use std::{collections::BTreeMap, fmt};
 
-use crate::inputs::kube::PolicyObjects;
 use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::{Condition, Time},
     jiff::Timestamp,
 };
-use portcullis_common::{IPPROTO_TCP, IPPROTO_UDP, MAX_PORT_RANGES, PortRange};
+use portcullis_common::{IPPROTO_TCP, IPPROTO_UDP, PortRange};
 
 use super::{
     Enroll, Pattern, Policy, Rule, Settings,
     crd::{
-        Allowance, EnrollSpec, Passage, PolicyStatus, PortSpec, PortcullisClusterPolicySpec,
-        PortcullisPolicySpec, Protocol, RuleSpec, SettingsSpec,
+        Allowance, Decoded, EnrollSpec, ObjectKey, Passage, PolicyResource, PolicyStatus, PortSpec,
+        PortcullisClusterPolicy, PortcullisClusterPolicySpec, PortcullisPolicy,
+        PortcullisPolicySpec, Protocol, RuleSpec, SettingsSpec, label,
     },
-    merge, valid_namespace,
+    rule_ports, valid_namespace,
 };
 
 /// The object that holds settings (and, for the cluster, enrollment).
 pub const SETTINGS_OBJECT: &str = "default";
+
+/// The settings' fields, as the objects name them.
+const SETTINGS_FIELDS: [&str; 5] = [
+    "mode",
+    "nodeTraffic",
+    "otherProtocols",
+    "synMac",
+    "crossNodeUdp",
+];
 
 /// The condition type the issuer writes.
 pub const ACCEPTED: &str = "Accepted";
@@ -82,7 +91,7 @@ pub fn check_namespaced(
         enroll: None,
         rules: rules(
             &spec.rules,
-            &format!("pcp {ns}/{name}"),
+            &label(&(Some(ns.to_owned()), name.to_owned())),
             &scope,
             trust_domain,
         )?,
@@ -119,7 +128,7 @@ pub fn check_cluster(
         enroll,
         rules: rules(
             &spec.rules,
-            &format!("pccp {name}"),
+            &label(&(None, name.to_owned())),
             &Scope::Cluster,
             trust_domain,
         )?,
@@ -284,12 +293,6 @@ fn rules(
 }
 
 fn ports(list: &[PortSpec], field: &str) -> Result<Vec<PortRange>, FieldError> {
-    if list.is_empty() {
-        return Err(FieldError::new(
-            field,
-            "an empty port list admits nothing; leave `ports` out to admit every port",
-        ));
-    }
     let mut out = Vec::with_capacity(list.len());
     for (j, p) in list.iter().enumerate() {
         let at = format!("{field}[{j}]");
@@ -322,17 +325,7 @@ fn ports(list: &[PortSpec], field: &str) -> Result<Vec<PortRange>, FieldError> {
             _pad: [0; 3],
         });
     }
-    let merged = merge(out);
-    if merged.len() > MAX_PORT_RANGES {
-        return Err(FieldError::new(
-            field,
-            format!(
-                "{} distinct port ranges; at most {MAX_PORT_RANGES} fit one auth entry",
-                merged.len()
-            ),
-        ));
-    }
-    Ok(merged)
+    rule_ports(out).map_err(|e| FieldError::new(field, e))
 }
 
 /// `base` with the fields `s` sets.
@@ -386,21 +379,31 @@ pub fn assemble(
     }
 }
 
+/// The policy objects as the API server has them, status included, by namespace and name.
+#[derive(Debug, Clone, Default)]
+pub struct PolicyObjects {
+    pub namespaced: BTreeMap<ObjectKey, Decoded<PortcullisPolicy>>,
+    pub cluster: BTreeMap<ObjectKey, Decoded<PortcullisClusterPolicy>>,
+}
+
 /// The policy the agents enforce, and what it is made of.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Assembled {
     pub policy: Policy,
     /// The objects in force, with their generations: `pcp shop/api gen 2`.
     pub in_force: Vec<String>,
-    /// Objects whose current generation is not (yet) the accepted one.
+    /// Objects whose current generation the issuer has not checked yet.
     pub pending: Vec<String>,
-    /// Objects whose accepted spec fails this agent's own check (an issuer of another
-    /// version), left out, with why.
+    /// Objects whose current generation the issuer refused (an earlier one may be in force).
     pub refused: Vec<String>,
+    /// Objects this agent cannot use, with why: it cannot decode them (a newer definition), or
+    /// their accepted spec fails its own check (an issuer of another version). While there are
+    /// any, the policy in force stays: leaving one out could open what its rules close.
+    pub unusable: Vec<String>,
 }
 
 impl Assembled {
-    /// For the status: what is in force and what waits.
+    /// For the status: what is in force, what waits, what was refused.
     #[must_use]
     pub fn describe(&self) -> String {
         let list = |v: &[String]| {
@@ -411,41 +414,63 @@ impl Assembled {
             }
         };
         format!(
-            "in force: {}; awaiting acceptance: {}",
+            "in force: {}; awaiting acceptance: {}; refused: {}",
             list(&self.in_force),
-            list(&self.pending)
+            list(&self.pending),
+            list(&self.refused)
         )
     }
-}
 
-/// What an object contributes: its accepted spec, checked again, and its bookkeeping.
-fn take<S>(
-    label: String,
-    generation: Option<i64>,
-    status: Option<&PolicyStatus<S>>,
-    check: impl FnOnce(&S) -> Result<Fragment, FieldError>,
-    out: &mut Assembled,
-) -> Option<Fragment> {
-    let accepted = status.and_then(|s| s.accepted_generation);
-    if accepted != generation {
-        out.pending.push(format!(
-            "{label} gen {}",
-            generation.map_or_else(|| "?".to_owned(), |g| g.to_string())
-        ));
-    }
-    let spec = status.and_then(|s| s.accepted_spec.as_ref())?;
-    match check(spec) {
-        Ok(f) => {
-            out.in_force.push(format!(
-                "{label} gen {}",
-                accepted.map_or_else(|| "?".to_owned(), |g| g.to_string())
-            ));
-            Some(f)
+    /// Adds the objects of one kind; returns their fragments.
+    fn add<K: PolicyResource>(
+        &mut self,
+        objects: &PolicyObjects,
+        trust_domain: &str,
+    ) -> BTreeMap<ObjectKey, Fragment> {
+        let generation = |g: Option<i64>| g.map_or_else(|| "?".to_owned(), |g| g.to_string());
+        let mut out = BTreeMap::new();
+        for (key, d) in K::stored(objects) {
+            let label = label(key);
+            let o = match &d.object {
+                Ok(o) => o,
+                Err(e) => {
+                    self.unusable.push(format!("{label}: cannot be read: {e}"));
+                    continue;
+                }
+            };
+            let current = d.meta.generation;
+            let status = o.status();
+            let accepted = status.and_then(|s| s.accepted_generation);
+            if accepted != current {
+                let refused = status.is_some_and(|s| {
+                    s.observed_generation == current
+                        && s.conditions
+                            .iter()
+                            .any(|c| c.type_ == ACCEPTED && c.status == "False")
+                });
+                let line = format!("{label} gen {}", generation(current));
+                if refused {
+                    self.refused.push(line);
+                } else {
+                    self.pending.push(line);
+                }
+            }
+            let Some(spec) = status.and_then(|s| s.accepted_spec.as_ref()) else {
+                continue;
+            };
+            match K::check(key, spec, trust_domain) {
+                Ok(f) => {
+                    self.in_force
+                        .push(format!("{label} gen {}", generation(accepted)));
+                    out.insert(key.clone(), f);
+                }
+                Err(e) => self.unusable.push(format!(
+                    "{label} gen {}: its accepted spec fails this agent's check: {e}",
+                    generation(accepted)
+                )),
+            }
         }
-        Err(e) => {
-            out.refused.push(format!("{label}: {e}"));
-            None
-        }
+        out
     }
 }
 
@@ -453,40 +478,17 @@ fn take<S>(
 /// checked again here, merged. Objects the issuer has not accepted are not in it.
 #[must_use]
 pub fn from_objects(objects: &PolicyObjects, trust_domain: &str) -> Assembled {
-    let mut out = Assembled {
-        policy: Policy::default(),
-        in_force: Vec::new(),
-        pending: Vec::new(),
-        refused: Vec::new(),
-    };
-    let mut cluster = BTreeMap::new();
-    for (name, o) in &objects.cluster {
-        let check = |spec: &_| check_cluster(name, spec, trust_domain);
-        let label = format!("pccp {name}");
-        if let Some(f) = take(
-            label,
-            o.metadata.generation,
-            o.status.as_ref(),
-            check,
-            &mut out,
-        ) {
-            cluster.insert(name.clone(), f);
-        }
-    }
-    let mut namespaced = BTreeMap::new();
-    for ((ns, name), o) in &objects.namespaced {
-        let check = |spec: &_| check_namespaced(ns, name, spec, trust_domain);
-        let label = format!("pcp {ns}/{name}");
-        if let Some(f) = take(
-            label,
-            o.metadata.generation,
-            o.status.as_ref(),
-            check,
-            &mut out,
-        ) {
-            namespaced.insert((ns.clone(), name.clone()), f);
-        }
-    }
+    let mut out = Assembled::default();
+    let cluster = out
+        .add::<PortcullisClusterPolicy>(objects, trust_domain)
+        .into_iter()
+        .map(|((_, name), f)| (name, f))
+        .collect();
+    let namespaced = out
+        .add::<PortcullisPolicy>(objects, trust_domain)
+        .into_iter()
+        .map(|((ns, name), f)| ((ns.unwrap_or_default(), name), f))
+        .collect();
     out.policy = assemble(&cluster, &namespaced);
     out
 }
@@ -505,13 +507,26 @@ pub struct Checked {
 #[must_use]
 pub fn is_manifest(text: &str) -> bool {
     use serde::Deserialize as _;
-    serde_yaml::Deserializer::from_str(text)
-        .any(|doc| serde_json::Value::deserialize(doc).is_ok_and(|v| v.get("kind").is_some()))
+    for doc in serde_yaml::Deserializer::from_str(text) {
+        // After a document that does not parse, the iterator yields that error again for
+        // ever: stop at the first.
+        match serde_json::Value::deserialize(doc) {
+            Ok(v) if v.get("kind").is_some() => return true,
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+    }
+    false
 }
 
 /// Checks every document of a manifest (`kubectl apply -f` input) that should be a policy
-/// object; `Err` if the text is not YAML.
-pub fn check_manifest(text: &str, trust_domain: &str) -> Result<Vec<Checked>, String> {
+/// object, those without `metadata.namespace` as of `namespace` (`kubectl apply -n`); `Err`
+/// if the text is not YAML.
+pub fn check_manifest(
+    text: &str,
+    namespace: &str,
+    trust_domain: &str,
+) -> Result<Vec<Checked>, String> {
     use serde::Deserialize as _;
     let mut out = Vec::new();
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
@@ -520,91 +535,102 @@ pub fn check_manifest(text: &str, trust_domain: &str) -> Result<Vec<Checked>, St
         if v.is_null() {
             continue;
         }
-        out.push(check_document(&v, i + 1, trust_domain));
+        out.push(check_document(&v, i + 1, namespace, trust_domain));
     }
     Ok(out)
 }
 
-fn check_document(v: &serde_json::Value, n: usize, trust_domain: &str) -> Checked {
-    use super::crd::{PortcullisClusterPolicy, PortcullisPolicy};
+fn check_document(v: &serde_json::Value, n: usize, namespace: &str, trust_domain: &str) -> Checked {
     let name = v["metadata"]["name"]
         .as_str()
         .unwrap_or_default()
         .to_owned();
     let kind = v["kind"].as_str().unwrap_or_default();
-    let namespaced = kind == "PortcullisPolicy";
-    let ns = v["metadata"]["namespace"]
-        .as_str()
-        .unwrap_or("default")
-        .to_owned();
-    let label = match (namespaced, name.is_empty()) {
-        (_, true) => format!("document {n}"),
-        (true, false) => format!("pcp {ns}/{name}"),
-        (false, false) => format!("pccp {name}"),
-    };
-    let fail = |field: &str, message: String| Checked {
-        label: label.clone(),
-        verdict: Err(FieldError::new(field, message)),
-    };
-    if !namespaced && kind != "PortcullisClusterPolicy" {
-        return fail(
-            "kind",
-            format!("`{kind}` is not `PortcullisPolicy` or `PortcullisClusterPolicy`"),
-        );
-    }
-    let want = format!("{}/{}", super::crd::GROUP, super::crd::VERSION);
-    if v["apiVersion"] != want.as_str() {
-        return fail(
-            "apiVersion",
-            format!(
-                "`{}` is not `{want}`",
-                v["apiVersion"].as_str().unwrap_or_default()
+    let key = match kind {
+        "PortcullisPolicy" => (
+            Some(
+                v["metadata"]["namespace"]
+                    .as_str()
+                    .unwrap_or(namespace)
+                    .to_owned(),
             ),
-        );
-    }
-    if name.is_empty() {
-        return fail("metadata.name", "is required".to_owned());
-    }
-    let spec = &v["spec"];
-    let (verdict, back) = if namespaced {
-        match serde_path_to_error::deserialize::<_, PortcullisPolicy>(v.clone()) {
-            Ok(o) => (
-                check_namespaced(&ns, &name, &o.spec, trust_domain),
-                serde_json::to_value(&o.spec),
-            ),
-            Err(e) => return decode_failure(&label, spec, e),
-        }
+            name.clone(),
+        ),
+        _ => (None, name.clone()),
+    };
+    let label = if name.is_empty() {
+        format!("document {n}")
     } else {
-        match serde_path_to_error::deserialize::<_, PortcullisClusterPolicy>(v.clone()) {
-            Ok(o) => (
-                check_cluster(&name, &o.spec, trust_domain),
-                serde_json::to_value(&o.spec),
-            ),
-            Err(e) => return decode_failure(&label, spec, e),
-        }
+        label(&key)
     };
-    // A field the types do not know: the API server's strict validation refuses it.
-    if let Ok(back) = back
-        && let Some(field) = unknown_field(spec, &back, "spec")
-    {
-        return fail(
-            &field,
-            format!(
-                "unknown field `{}`",
-                field.rsplit('.').next().unwrap_or(&field)
-            ),
-        );
-    }
+    let verdict = (|| {
+        let want = format!("{}/{}", super::crd::GROUP, super::crd::VERSION);
+        if v["apiVersion"] != want.as_str() {
+            return Err(FieldError::new(
+                "apiVersion",
+                format!(
+                    "`{}` is not `{want}`",
+                    v["apiVersion"].as_str().unwrap_or_default()
+                ),
+            ));
+        }
+        if name.is_empty() {
+            return Err(FieldError::new("metadata.name", "is required"));
+        }
+        match kind {
+            "PortcullisPolicy" => check_as::<PortcullisPolicy>(v, &key, trust_domain),
+            "PortcullisClusterPolicy" => check_as::<PortcullisClusterPolicy>(v, &key, trust_domain),
+            other => Err(FieldError::new(
+                "kind",
+                format!("`{other}` is not `PortcullisPolicy` or `PortcullisClusterPolicy`"),
+            )),
+        }
+    })();
     Checked { label, verdict }
 }
 
+/// Strict field validation against the generated schema, then decoding, then the issuer's
+/// check.
+fn check_as<K: PolicyResource>(
+    v: &serde_json::Value,
+    key: &ObjectKey,
+    trust_domain: &str,
+) -> Result<Fragment, FieldError> {
+    if let Some(o) = v.as_object()
+        && let Some(extra) = o
+            .keys()
+            .find(|k| !["apiVersion", "kind", "metadata", "spec", "status"].contains(&k.as_str()))
+    {
+        return Err(FieldError::new(extra, format!("unknown field `{extra}`")));
+    }
+    if let Some(field) = unknown_field(&v["spec"], K::spec_schema(), "spec") {
+        let last = field.rsplit('.').next().unwrap_or(&field).to_owned();
+        return Err(FieldError::new(field, format!("unknown field `{last}`")));
+    }
+    let o: K =
+        serde_path_to_error::deserialize(v.clone()).map_err(|e| decode_failure(&v["spec"], e))?;
+    K::check(key, o.spec(), trust_domain)
+}
+
+/// `prefix` followed by a decoder's path (`.` when it is empty, `[0].from`, `mode`).
+fn join(prefix: &str, path: &serde_path_to_error::Path) -> String {
+    let p = path.to_string();
+    if p == "." || p.is_empty() {
+        prefix.to_owned()
+    } else if p.starts_with('[') {
+        format!("{prefix}{p}")
+    } else {
+        format!("{prefix}.{p}")
+    }
+}
+
 /// A spec that does not decode, with the field at fault. (The settings are flattened into the
-/// spec, which hides their path from the decoder: they are decoded alone to find it.)
+/// spec, which hides the path inside the spec from the decoder: its parts are decoded alone to
+/// find it.)
 fn decode_failure(
-    label: &str,
     spec: &serde_json::Value,
     e: serde_path_to_error::Error<serde_json::Error>,
-) -> Checked {
+) -> FieldError {
     let mut field = e.path().to_string();
     let mut message = e.into_inner().to_string();
     if field == "spec"
@@ -612,64 +638,59 @@ fn decode_failure(
     {
         let settings: serde_json::Map<String, serde_json::Value> = o
             .iter()
-            .filter(|(k, _)| {
-                [
-                    "mode",
-                    "nodeTraffic",
-                    "otherProtocols",
-                    "synMac",
-                    "crossNodeUdp",
-                ]
-                .contains(&k.as_str())
-            })
+            .filter(|(k, _)| SETTINGS_FIELDS.contains(&k.as_str()))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        if let Err(e) =
-            serde_path_to_error::deserialize::<_, SettingsSpec>(serde_json::Value::Object(settings))
-        {
-            field = format!("spec.{}", e.path());
-            message = e.into_inner().to_string();
-        } else if let Some(Err(e)) = o
-            .get("rules")
-            .map(|r| serde_path_to_error::deserialize::<_, Vec<RuleSpec>>(r.clone()))
-        {
-            field = format!("spec.rules{}", e.path()).replace("rules.[", "rules[");
-            message = e.into_inner().to_string();
-        } else if let Some(Err(e)) = o
-            .get("enroll")
-            .map(|r| serde_path_to_error::deserialize::<_, EnrollSpec>(r.clone()))
-        {
-            field = format!("spec.enroll.{}", e.path());
+        let part = |key: &str| o.get(key).cloned().unwrap_or(serde_json::Value::Null);
+        let found = serde_path_to_error::deserialize::<_, SettingsSpec>(serde_json::Value::Object(
+            settings,
+        ))
+        .err()
+        .map(|e| ("spec", e))
+        .or_else(|| {
+            o.contains_key("rules")
+                .then(|| serde_path_to_error::deserialize::<_, Vec<RuleSpec>>(part("rules")).err())
+                .flatten()
+                .map(|e| ("spec.rules", e))
+        })
+        .or_else(|| {
+            o.contains_key("enroll")
+                .then(|| serde_path_to_error::deserialize::<_, EnrollSpec>(part("enroll")).err())
+                .flatten()
+                .map(|e| ("spec.enroll", e))
+        });
+        if let Some((prefix, e)) = found {
+            field = join(prefix, e.path());
             message = e.into_inner().to_string();
         }
     }
-    Checked {
-        label: label.to_owned(),
-        verdict: Err(FieldError::new(field, message)),
-    }
+    FieldError::new(field, message)
 }
 
-/// The first field of `given` that its decoded and re-encoded form `known` lost.
-fn unknown_field(given: &serde_json::Value, known: &serde_json::Value, at: &str) -> Option<String> {
-    use serde_json::Value;
-    match (given, known) {
-        (Value::Object(g), Value::Object(k)) => g.iter().find_map(|(key, gv)| {
-            let path = format!("{at}.{key}");
-            match k.get(key) {
-                Some(kv) => unknown_field(gv, kv, &path),
-                None => {
-                    let empty = gv.is_null()
-                        || gv.as_array().is_some_and(Vec::is_empty)
-                        || gv.as_object().is_some_and(serde_json::Map::is_empty);
-                    (!empty).then_some(path)
+/// The first field of `given` that `schema` (an OpenAPI schema) has no property for: what the
+/// API server's strict field validation refuses.
+fn unknown_field(
+    given: &serde_json::Value,
+    schema: &serde_json::Value,
+    at: &str,
+) -> Option<String> {
+    match given {
+        serde_json::Value::Object(g) => {
+            let props = schema.get("properties")?.as_object()?;
+            g.iter().find_map(|(k, gv)| {
+                let path = format!("{at}.{k}");
+                match props.get(k) {
+                    None => Some(path),
+                    Some(ps) => unknown_field(gv, ps, &path),
                 }
-            }
-        }),
-        (Value::Array(g), Value::Array(k)) => g
-            .iter()
-            .zip(k)
-            .enumerate()
-            .find_map(|(i, (gv, kv))| unknown_field(gv, kv, &format!("{at}[{i}]"))),
+            })
+        }
+        serde_json::Value::Array(a) => {
+            let items = schema.get("items")?;
+            a.iter()
+                .enumerate()
+                .find_map(|(i, v)| unknown_field(v, items, &format!("{at}[{i}]")))
+        }
         _ => None,
     }
 }
@@ -932,8 +953,12 @@ metadata: {name: default}
 spec: {mode: audit, rules: [{from: [\"*\"], to: [\"*\"]}]}
 ";
         assert!(is_manifest(text));
+        // What the fuzzer found: a document that does not parse used to spin for ever.
+        assert!(!is_manifest(include_str!(
+            "../../tests/data/unparsable-manifest.yaml"
+        )));
         assert!(!is_manifest("mode: audit\nrules: []\n"));
-        let checked = check_manifest(text, TD).unwrap();
+        let checked = check_manifest(text, "default", TD).unwrap();
         assert_eq!(checked.len(), 3);
         assert_eq!(checked[0].label, "pcp shop/api");
         let e = checked[0].verdict.as_ref().unwrap_err();
@@ -942,14 +967,71 @@ spec: {mode: audit, rules: [{from: [\"*\"], to: [\"*\"]}]}
         assert!(e.message.contains("strict"), "{e}");
         assert_eq!(e.field, "spec.mode", "{e}");
         assert_eq!(checked[2].verdict.as_ref().unwrap().rules.len(), 1);
-        let missing = check_manifest(
-            "apiVersion: portcullis.dev/v1alpha1\nkind: PortcullisPolicy\nmetadata: {name: a}\nspec: {rules: [{to: [\"*\"]}, {form: [\"*\"]}]}\n",
-            TD,
-        )
-        .unwrap();
-        let e = missing[0].verdict.as_ref().unwrap_err();
+        let doc = |spec: &str| {
+            format!(
+                "apiVersion: portcullis.dev/v1alpha1\nkind: PortcullisPolicy\nmetadata: {{name: a}}\nspec: {spec}\n"
+            )
+        };
+        let first = |spec: &str| check_manifest(&doc(spec), "shop", TD).unwrap().remove(0);
+        let c = first("{rules: [{from: [\"*\"]}, {form: [\"*\"]}]}");
+        assert_eq!(c.label, "pcp shop/a");
+        let e = c.verdict.unwrap_err();
+        assert_eq!(
+            (e.field.as_str(), e.message.as_str()),
+            ("spec.rules[1].form", "unknown field `form`")
+        );
+        // Empty, still unknown: the API server refuses it too.
+        let e = first("{rulez: []}").verdict.unwrap_err();
+        assert_eq!(e.field, "spec.rulez", "{e}");
+        let e = first("{rules: [{to: [\"*\"]}]}").verdict.unwrap_err();
         assert_eq!(e.field, "spec.rules[0]", "{e}");
         assert!(e.message.contains("missing field `from`"), "{e}");
+        let e = first("{rules: 5}").verdict.unwrap_err();
+        assert_eq!(e.field, "spec.rules", "{e}");
+        // Destinations are checked in the namespace `-n` names.
+        assert!(
+            first("{rules: [{from: [\"*\"], to: [\"spiffe://cluster.local/ns/shop/sa/api\"]}]}")
+                .verdict
+                .is_ok()
+        );
+    }
+
+    /// An object of a newer definition (a value this version does not know) is kept, marked
+    /// unusable, rather than failing the list of every other object; while one is unusable the
+    /// agents keep the policy in force (`Inputs`).
+    #[test]
+    fn an_object_this_version_cannot_read_is_reported_not_dropped() {
+        let newer: Decoded<PortcullisPolicy> = serde_json::from_value(serde_json::json!({
+            "apiVersion": "portcullis.dev/v1alpha1", "kind": "PortcullisPolicy",
+            "metadata": {"name": "default", "namespace": "shop", "generation": 3},
+            "spec": {"mode": "lockdown"}
+        }))
+        .unwrap();
+        assert_eq!(newer.meta.name.as_deref(), Some("default"));
+        assert!(newer.object.as_ref().unwrap_err().contains("lockdown"));
+        let good: Decoded<PortcullisPolicy> = serde_json::from_value(serde_json::json!({
+            "apiVersion": "portcullis.dev/v1alpha1", "kind": "PortcullisPolicy",
+            "metadata": {"name": "api", "namespace": "shop", "generation": 1},
+            "spec": {"rules": [{"from": ["*"]}]},
+            "status": {"acceptedGeneration": 1, "acceptedSpec": {"rules": [{"from": ["*"]}]}}
+        }))
+        .unwrap();
+        let mut objects = PolicyObjects::default();
+        objects
+            .namespaced
+            .insert((Some("shop".into()), "api".into()), good);
+        let a = from_objects(&objects, TD);
+        assert!(a.unusable.is_empty(), "{a:?}");
+        assert_eq!(a.in_force, ["pcp shop/api gen 1"]);
+        objects
+            .namespaced
+            .insert((Some("shop".into()), "default".into()), newer);
+        let a = from_objects(&objects, TD);
+        assert_eq!(a.unusable.len(), 1, "{a:?}");
+        assert!(
+            a.unusable[0].contains("pcp shop/default: cannot be read"),
+            "{a:?}"
+        );
     }
 
     #[test]
