@@ -106,8 +106,8 @@ fn check_manifest(
     trust_domain: &str,
     namespace: &str,
 ) -> anyhow::Result<ExitCode> {
-    use crate::policy::objects;
-    let checked = objects::check_manifest(text, namespace, trust_domain)
+    use crate::policy::manifest;
+    let checked = manifest::check_manifest(text, namespace, trust_domain)
         .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
     let mut failed = false;
     for c in &checked {
@@ -138,7 +138,7 @@ fn check_policy(
 ) -> anyhow::Result<ExitCode> {
     let text = std::fs::read_to_string(file)
         .map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", file.display()))?;
-    if crate::policy::objects::is_manifest(&text) {
+    if crate::policy::manifest::is_manifest(&text) {
         return check_manifest(file, &text, trust_domain, namespace);
     }
     let p = crate::policy::Policy::parse(file, &text)?;

@@ -38,6 +38,7 @@ use serde::Serialize;
 
 pub mod crd;
 mod file;
+pub mod manifest;
 pub mod objects;
 
 use crate::{

@@ -6,13 +6,13 @@
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use portcullis_agent::policy::{Policy, objects};
+use portcullis_agent::policy::{Policy, manifest};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {
         let _ = Policy::parse(Path::new("policy.yaml"), text);
-        if objects::is_manifest(text) {
-            let _ = objects::check_manifest(text, "default", "cluster.local");
+        if manifest::is_manifest(text) {
+            let _ = manifest::check_manifest(text, "default", "cluster.local");
         }
     }
 });

@@ -72,29 +72,23 @@ fn wait_accepted(api: &FakeApi, kind: Kind, ns: &str, name: &str, generation: i6
 
 /// Waits until both agents' status names `fragment` in the policy in force.
 fn wait_agents(s: &Scenario<'_>, fragment: &str) {
-    for node in ["node-1", "node-2"] {
-        assert!(
-            eventually(Duration::from_secs(10), || {
-                s.status(node)["agent"]["policy"]
-                    .as_str()
-                    .is_some_and(|p| p.contains(fragment))
-            }),
-            "{node}'s agent does not show `{fragment}`: {}",
-            s.status(node)["agent"]["policy"]
-        );
-    }
+    wait_agents_field(s, "policy", fragment);
 }
 
 /// Waits until both agents' status reports `fragment` in its policy error.
 fn wait_agents_error(s: &Scenario<'_>, fragment: &str) {
+    wait_agents_field(s, "policy_error", fragment);
+}
+
+fn wait_agents_field(s: &Scenario<'_>, field: &str, fragment: &str) {
     for node in ["node-1", "node-2"] {
         assert!(
             eventually(Duration::from_secs(10), || {
-                s.status(node)["agent"]["policy_error"]
+                s.status(node)["agent"][field]
                     .as_str()
                     .is_some_and(|p| p.contains(fragment))
             }),
-            "{node}'s agent does not report `{fragment}`: {}",
+            "{node}'s agent does not show `{fragment}` in its {field}: {}",
             s.status(node)["agent"]
         );
     }
